@@ -1,0 +1,201 @@
+"""Run a model over token sequences and capture its KV cache.
+
+The cache comes from transformers' own cache object (`DynamicCache.layers[i].keys/values`,
+shape [batch, n_kv_heads, seq, head_dim], keys after RoPE), so what is stored is exactly
+what the model attends to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvcore.errors import KvcoreError, UsageError
+
+
+def forward_cache(model, input_ids, attention_mask=None):
+    """(logits, [keys per layer], [values per layer]) of one forward pass."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    cache = out.past_key_values
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return out.logits, keys, values
+
+
+def predictions_table(tokenizer, logits, lengths: list[int], seq_ids: list[int], top_k: int):
+    """Next-token top-k after the last real token of each sequence."""
+    import pyarrow as pa
+    import torch
+
+    last = logits[torch.arange(len(lengths)), torch.tensor(lengths) - 1].float()
+    probs = torch.softmax(last, dim=-1)
+    top_p, top_i = probs.topk(top_k, dim=-1)
+    top_logit = last.gather(1, top_i)
+    ids = top_i.cpu().tolist()
+    flat = [t for row in ids for t in row]
+    words = dict(zip(sorted(set(flat)), tokenizer.batch_decode([[t] for t in sorted(set(flat))])))
+    return pa.table({
+        "seq_id": pa.array([s for s in seq_ids for _ in range(top_k)], pa.int32()),
+        "rank": pa.array(list(range(top_k)) * len(seq_ids), pa.int16()),
+        "token_id": pa.array(flat, pa.int32()),
+        "token": pa.array([words[t] for t in flat], pa.string()),
+        "probability": pa.array(top_p.cpu().reshape(-1).tolist(), pa.float32()),
+        "logit": pa.array(top_logit.cpu().reshape(-1).tolist(), pa.float32()),
+    })
+
+
+def batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def run_meta(model, model_name: str, dataset_name: str, seq_len: int) -> dict:
+    from kvcore.model import kv_shape
+
+    return {"model": model_name, "dataset": dataset_name, "seq_len": seq_len,
+            "dtype": str(model.dtype).replace("torch.", ""), **kv_shape(model.config)}
+
+
+def extract_sequences(model, tokenizer, sequences: dict[int, list[int]], writer, batch_size: int, top_k: int,
+                      device: str, progress: str | None = None) -> None:
+    """Forward every sequence (batched, right-padded) and hand each batch to `writer.add`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    seq_ids = sorted(sequences)
+    bar = tqdm(total=sum(len(sequences[s]) for s in seq_ids), unit="tok", desc=progress, disable=progress is None)
+    for batch in batches(seq_ids, batch_size):
+        rows = [sequences[s] for s in batch]
+        lengths = [len(r) for r in rows]
+        width = max(lengths)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        uniform = min(lengths) == width  # no padding: skip the mask, the fast path
+        logits, keys, values = forward_cache(model, ids.to(device), None if uniform else mask.to(device))
+        writer.add(batch, rows, keys, values, predictions_table(tokenizer, logits, lengths, batch, top_k))
+        bar.update(sum(lengths))
+    bar.close()
+
+
+def extract_shard(model_dir: str | Path, tokens_parquet: str | Path, run_dir: str | Path, shard: int,
+                  shard_size: int, batch_size: int = 8, device: str = "auto", dtype: str = "auto", top_k: int = 10,
+                  model_name: str | None = None, dataset_name: str | None = None) -> dict:
+    """Extract sequences [shard*shard_size, (shard+1)*shard_size) of a tokens table into run_dir."""
+    from kvcore.model import load_model
+    from kvcore.storage import ShardWriter
+    from kvcore.tokens import read_sequences
+
+    seq_ids = list(range(shard * shard_size, (shard + 1) * shard_size))
+    sequences = read_sequences(tokens_parquet, seq_ids)
+    if not sequences:
+        raise KvcoreError(f"{tokens_parquet}: no sequences for shard {shard} (seq_ids {seq_ids[0]}..{seq_ids[-1]})")
+    model, tokenizer, device = load_model(model_dir, device, dtype)
+    seq_len = max(len(v) for v in sequences.values())
+    meta = run_meta(model, model_name or Path(model_dir).name, dataset_name or Path(tokens_parquet).parent.name,
+                    seq_len)
+    writer = ShardWriter(run_dir, shard, meta)
+    extract_sequences(model, tokenizer, sequences, writer, batch_size, top_k, device, progress=f"shard {shard}")
+    return writer.close()
+
+
+@dataclass
+class Extraction:
+    """The KV cache of one text: what `Extractor.extract` returns."""
+
+    tokens: list[str]
+    token_ids: list[int]
+    keys: list  # per layer, torch tensor [n_kv_heads, seq, head_dim]
+    values: list
+    prediction: dict
+    meta: dict = field(default_factory=dict)
+
+    def _check(self, layer: int, head: int, token: int) -> None:
+        n_layers, n_kv, n_tok = len(self.keys), self.keys[0].shape[0], len(self.tokens)
+        if not (0 <= layer < n_layers and 0 <= head < n_kv and 0 <= token < n_tok):
+            raise UsageError(f"coordinate ({layer}, {head}, {token}) out of range: layer 0..{n_layers - 1}, "
+                             f"head 0..{n_kv - 1}, token 0..{n_tok - 1}")
+
+    def coordinate(self, layer: int, head: int, token: int) -> dict:
+        """Key and value vectors (and their L2 norms) at one (layer, KV head, token)."""
+        self._check(layer, head, token)
+        k = self.keys[layer][head, token].float()
+        v = self.values[layer][head, token].float()
+        return {"layer": layer, "head": head, "token": token, "token_text": self.tokens[token],
+                "key": k.tolist(), "value": v.tolist(), "key_norm": float(k.norm()), "value_norm": float(v.norm())}
+
+    def stats(self) -> dict:
+        """Shape, size and value statistics of the whole cache."""
+        import torch
+
+        k = torch.stack([x.float() for x in self.keys])
+        v = torch.stack([x.float() for x in self.values])
+        both = torch.cat([k.reshape(-1), v.reshape(-1)])
+        return {**self.meta, "seq_len": len(self.tokens), "total_elements": both.numel(),
+                "total_bytes": both.numel() * self.keys[0].element_size(),
+                "key_mean": float(k.mean()), "key_std": float(k.std()), "value_mean": float(v.mean()),
+                "value_std": float(v.std()), "min": float(both.min()), "max": float(both.max()),
+                "key_norm_mean": float(k.norm(dim=-1).mean()), "value_norm_mean": float(v.norm(dim=-1).mean())}
+
+    def to_dict(self, max_elements: int = 2_000_000) -> dict:
+        """Nested JSON-ready form (the old extractor's format); refused for large caches."""
+        total = 2 * sum(x.numel() for x in self.keys)
+        if total > max_elements:
+            raise UsageError(f"{total} cache elements is too many for JSON (limit {max_elements}); "
+                             "save to Parquet/safetensors with .save(run_dir) instead")
+        return {"meta": self.meta, "tokens": self.tokens, "token_ids": self.token_ids, "prediction": self.prediction,
+                "kv_cache": {f"layer_{i}": {f"head_{h}": {"key": k[h].float().tolist(), "value": v[h].float().tolist()}
+                                            for h in range(k.shape[0])}
+                             for i, (k, v) in enumerate(zip(self.keys, self.values))}}
+
+
+class Extractor:
+    """One-off extraction: `Extractor(model_dir).extract("The quick brown fox")`."""
+
+    def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto"):
+        from kvcore.model import load_model
+
+        self.model_dir = Path(model)
+        self.model, self.tokenizer, self.device = load_model(self.model_dir, device, dtype)
+
+    def extract(self, text: str, top_k: int = 10) -> Extraction:
+        import torch
+
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UsageError("the text has no tokens")
+        logits, keys, values = forward_cache(self.model, torch.tensor([ids], device=self.device))
+        pred = predictions_table(self.tokenizer, logits, [len(ids)], [0], top_k).to_pylist()
+        prediction = {"token": pred[0]["token"], "token_id": pred[0]["token_id"], "probability": pred[0]["probability"],
+                      "top_k": [{k: p[k] for k in ("token", "token_id", "probability", "logit")} for p in pred]}
+        meta = run_meta(self.model, self.model_dir.name, "text", len(ids))
+        return Extraction(tokens=self.tokenizer.batch_decode([[i] for i in ids]), token_ids=ids,
+                          keys=[k[0].cpu() for k in keys], values=[v[0].cpu() for v in values],
+                          prediction=prediction, meta=meta)
+
+    def extract_to_run(self, texts: list[str], run_dir: str | Path, top_k: int = 10, batch_size: int = 8,
+                       dataset_name: str = "text") -> dict:
+        """Extract several texts (one sequence each) into a run directory the query tools read."""
+        import pyarrow.parquet as pq
+
+        from kvcore.atomic import atomic_path
+        from kvcore.storage import ShardWriter, finalize_run
+        from kvcore.tokens import make_sequences, tokens_table
+
+        sequences = make_sequences(self.tokenizer, texts, 1 << 30, len(texts), mode="documents")
+        if not sequences:
+            raise UsageError("none of the texts has any tokens")
+        run_dir = Path(run_dir)
+        with atomic_path(run_dir / "tokens.parquet") as tmp:
+            pq.write_table(tokens_table(self.tokenizer, sequences), tmp)
+        seqs = {i: ids for i, (ids, _) in enumerate(sequences)}
+        meta = run_meta(self.model, self.model_dir.name, dataset_name, max(len(s) for s in seqs.values()))
+        writer = ShardWriter(run_dir, 0, meta)
+        extract_sequences(self.model, self.tokenizer, seqs, writer, batch_size, top_k, self.device, progress="extract")
+        writer.close()
+        return finalize_run(run_dir, 1)
