@@ -117,8 +117,10 @@ class ShardWriter:
 
         name = shard_name(self.shard)
         kv_dir, shards_dir = self.run_dir / "kv", self.run_dir / "shards"
-        tensors = {k: torch.cat(v).contiguous() for k, v in self.tensors.items()}
         lengths = [len(t) for t in self.token_ids]
+        width = max(lengths)  # batches of prompts differ in length: right-pad with zeros
+        tensors = {k: torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2])) for t in v]).contiguous()
+                   for k, v in self.tensors.items()}
         staging = self.run_dir / ".staging" / name
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

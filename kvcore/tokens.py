@@ -26,9 +26,13 @@ def _schema():
 def encode_joined(tokenizer, docs: list[str], max_tokens: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the blank-line-joined documents and the document each token came from."""
     text = "\n\n".join(docs)
-    if max_tokens:  # tokenizing a prefix is enough; ~1 token per 2+ characters in practice
-        text = text[: max(4 * max_tokens, 1024)]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = None
+    if max_tokens:  # tokenizing a prefix is enough when it clearly yields more than needed
+        enc = tokenizer(text[: 8 * max_tokens], add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) < max_tokens + 64 and len(text) > 8 * max_tokens:
+            enc = None
+    if enc is None:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     starts, pos = [], 0
     for doc in docs:
         starts.append(pos)

@@ -1,0 +1,346 @@
+"""How fast `kvcore query` answers, on a synthetic SmolLM2-shaped run, against plain DuckDB.
+
+For each size (KV rows; 30 layers x 3 KV heads x 64 dims, seq_len 512, 8 sequences per
+shard as config.yaml extracts them) this writes a run with kvcore's own writer
+(`layer_table` + `write_parquet`, kvcore/query/synthetic.py) and the same rows "the naive
+way" (one file, pyarrow defaults: snappy, 1Mi-row groups, a `layer` column, rows in
+extraction order), then reports medians over repeats, warm (files in the page cache):
+
+  lookup     --coordinate (one row) via kvcore.open_run, vs plain duckdb on the naive file
+             and plain duckdb on kvcore's files with the DESIGN.md glob query;
+  norm       --search-norm 0.5 1.0 key over every row (the result joined to token text);
+  layer      --layer-summary over one layer (norm and element statistics, reads the vectors);
+  nearest    --nearest --k 10 over one (layer, head): DuckDB brute force vs numpy
+             (end to end from Parquet, and on vectors already in memory);
+  layout     (--layout) one layer rewritten with other row-group sizes: lookup and scan.
+
+Throughput: rows/s counts the rows the question is about (every row for norm, the layer's
+rows for layer), GB/s the same rows times the in-memory width of the columns the query reads
+(norm: seq_id, pos, head, token_id, key_norm, value_norm = 22 B; layer: head, norms, key,
+value = 522 B), so kvcore and naive are divided by the same work.
+
+    python benchmarks/query_bench.py --quick                 # ~1 minute: 0.2M and 1M rows
+    python benchmarks/query_bench.py --sizes 2e6,2e7 --layout  # the figures in docs/query.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+LAYERS, KV_HEADS, HEADS, DIM, SEQ_LEN, SHARD_SIZE = 30, 3, 9, 64, 512, 8
+NORM_BYTES = 4 + 4 + 2 + 4 + 4 + 4
+LAYER_BYTES = 2 + 4 + 4 + DIM * 4 * 2
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds over `repeats` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def median_over(fn, args: list, warmup: int = 2) -> float:
+    """Median seconds of fn(*a) over a list of argument tuples (each a different lookup)."""
+    for a in args[:warmup]:
+        fn(*a)
+    times = []
+    for a in args:
+        t = time.perf_counter()
+        fn(*a)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- building the data ----------------------------------------------------------------------
+
+def build(root: Path, rows: int, seed: int) -> tuple[Path, Path, float, float]:
+    from kvcore.query.synthetic import write_synthetic_run
+
+    n_seq = max(SHARD_SIZE, round(rows / (LAYERS * KV_HEADS * SEQ_LEN)))
+    run_dir, naive = root / "run", root / "naive.parquet"
+    t = time.perf_counter()
+    write_synthetic_run(run_dir, num_layers=LAYERS, num_kv_heads=KV_HEADS, num_heads=HEADS, head_dim=DIM,
+                        n_sequences=n_seq, seq_len=SEQ_LEN, shard_size=SHARD_SIZE, seed=seed,
+                        progress=lambda i, n: log(f"  kvcore layout: shard {i}/{n}") if i % 10 == 0 else None)
+    t_kv = time.perf_counter() - t
+    t = time.perf_counter()
+    write_naive(run_dir, naive)
+    return run_dir, naive, t_kv, time.perf_counter() - t
+
+
+def write_naive(run_dir: Path, out: Path, group: int = 1 << 20) -> None:
+    """Every shard's layers concatenated into one file with pyarrow's defaults (1Mi-row groups)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kvcore.query.synthetic import manifest_files
+
+    files = manifest_files(run_dir)
+    writer, pending, n_pending = None, [], 0
+    for f in files:  # manifest order: shard by shard, layer by layer, as extraction produces them
+        t = pq.read_table(f)
+        layer = int(f.parent.name.split("=")[1])
+        t = t.add_column(0, "layer", pa.array(np.full(t.num_rows, layer, np.int32)))
+        if writer is None:
+            writer = pq.ParquetWriter(out, t.schema)  # pyarrow defaults: snappy, dictionary, statistics
+        pending.append(t)
+        n_pending += t.num_rows
+        while n_pending >= group:  # whole 1Mi-row groups, as pq.write_table(all_rows) would cut them
+            big = pa.concat_tables(pending)
+            writer.write_table(big.slice(0, group))
+            pending, n_pending = [big.slice(group)], big.num_rows - group
+    if n_pending:
+        writer.write_table(pa.concat_tables(pending))
+    writer.close()
+
+
+# ---- the measurements -------------------------------------------------------------------------
+
+def plain(threads: int | None):
+    import duckdb
+
+    return duckdb.connect(config={"threads": threads} if threads else {})
+
+
+def bench_size(root: Path, rows: int, args) -> dict:
+    import kvcore
+    from kvcore.query.verbs import _stats
+
+    root.mkdir(parents=True, exist_ok=True)
+    log(f"building {rows:,} rows under {root}")
+    run_dir, naive, t_kv, t_naive = build(root, rows, args.seed)
+    run = kvcore.open_run(run_dir, threads=args.threads)
+    info = run.info().iloc[0]
+    n_rows, n_seq = int(info.n_kv_rows), int(info.n_sequences)
+    res = {"rows": n_rows, "sequences": n_seq, "shards": int(info.n_shards), "files": len(run.runs[0].kv_files),
+           "kvcore_bytes": du(run_dir / "kv"), "naive_bytes": naive.stat().st_size,
+           "build_kvcore_s": t_kv, "build_naive_s": t_naive}
+    log(f"  built: {res}")
+    rng = np.random.default_rng(args.seed)
+    coords = [(int(rng.integers(LAYERS)), int(rng.integers(KV_HEADS)), int(rng.integers(SEQ_LEN)),
+               int(rng.integers(n_seq))) for _ in range(args.lookups)]
+    con = plain(args.threads)
+    tokens = str(run_dir / "tokens.parquet")
+
+    # lookup
+    res["lookup_kvcore_ms"] = 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s, arrow=True), coords)
+    res["lookup_kvcore_pandas_ms"] = 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s), coords)
+    naive_sql = f"SELECT * FROM read_parquet('{naive}') WHERE layer = ? AND head = ? AND pos = ? AND seq_id = ?"
+    res["lookup_naive_ms"] = 1e3 * median_over(
+        lambda *c: con.sql(naive_sql, params=list(c)).to_arrow_table(), coords[: max(5, args.lookups // 3)])
+    glob_sql = (f"SELECT * FROM read_parquet('{run_dir}/kv/*/*.parquet', hive_partitioning=true) "
+                "WHERE layer = ? AND head = ? AND pos = ? AND seq_id = ?")
+    res["lookup_plain_glob_ms"] = 1e3 * median_over(
+        lambda *c: con.sql(glob_sql, params=list(c)).to_arrow_table(), coords[: max(5, args.lookups // 3)])
+    scan = [s for s in run.scans(run.query("coordinate", *coords[0])) if "key" in s["projections"]][0]
+    res["lookup_files"] = f"{scan['files_scanned']}/{scan['files_total']}"
+    res["lookup_row_groups"] = f"{scan['row_groups_scanned']}/{scan['row_groups_total']}"
+    log(f"  lookup: {res['lookup_kvcore_ms']:.1f} ms kvcore, {res['lookup_naive_ms']:.1f} ms naive")
+
+    # norm-range search over every row
+    q = run.query("search_norm", 0.5, 1.0, "key")
+    res["norm_hits"] = run.arrow(q).num_rows
+    res["norm_kvcore_s"] = timed(lambda: run.arrow(q), args.repeats)
+    naive_norm = f"""SELECT k.layer, k.head, k.seq_id, k.pos, k.token_id, t.token, k.key_norm, k.value_norm
+FROM read_parquet('{naive}') k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id AND k.pos = t.pos
+WHERE k.key_norm BETWEEN 0.5 AND 1.0 ORDER BY k.layer, k.seq_id, k.pos, k.head"""
+    assert con.sql(naive_norm).to_arrow_table().num_rows == res["norm_hits"]
+    res["norm_naive_s"] = timed(lambda: con.sql(naive_norm).to_arrow_table(), args.repeats)
+    for side in ("kvcore", "naive"):
+        res[f"norm_{side}_rows_per_s"] = n_rows / res[f"norm_{side}_s"]
+        res[f"norm_{side}_GBps"] = n_rows * NORM_BYTES / res[f"norm_{side}_s"] / 1e9
+    log(f"  norm: {res['norm_kvcore_s']:.3f} s kvcore, {res['norm_naive_s']:.3f} s naive")
+
+    # layer summary
+    layer = 5
+    q = run.query("layer_summary", layer)
+    res["layer_kvcore_s"] = timed(lambda: run.arrow(q), args.repeats)
+    naive_layer = f"""SELECT layer, head, {_stats()} FROM read_parquet('{naive}') WHERE layer = {layer}
+GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
+    want = run.arrow(q).column("key_mean").to_pylist()
+    got = con.sql(naive_layer).to_arrow_table().column("key_mean").to_pylist()
+    assert np.allclose(want, got, rtol=1e-6), (want, got)
+    res["layer_naive_s"] = timed(lambda: con.sql(naive_layer).to_arrow_table(), args.repeats)
+    layer_rows = n_rows // LAYERS
+    for side in ("kvcore", "naive"):
+        res[f"layer_{side}_rows_per_s"] = layer_rows / res[f"layer_{side}_s"]
+        res[f"layer_{side}_GBps"] = layer_rows * LAYER_BYTES / res[f"layer_{side}_s"] / 1e9
+    log(f"  layer: {res['layer_kvcore_s']:.3f} s kvcore, {res['layer_naive_s']:.3f} s naive")
+
+    # nearest neighbours in one (layer, head)
+    la, h, p, s = coords[0]
+    q = run.query("nearest", la, h, p, k=10, seq=s)
+    res["nearest_candidates"] = n_rows // (LAYERS * KV_HEADS)
+    res["nearest_duckdb_ms"] = 1e3 * timed(lambda: run.arrow(q), args.repeats)
+    files = [f for f in run.runs[0].kv_files if f.parent.name == f"layer={la}"]
+    res["nearest_numpy_e2e_ms"] = 1e3 * timed(lambda: numpy_nearest(files, h, s, p, 10), args.repeats)
+    keys, ids = load_head(files, h)
+    res["nearest_numpy_inmem_ms"] = 1e3 * timed(lambda: top_k(keys, ids, s, p, 10), args.repeats)
+    duck = run.arrow(q)
+    assert list(zip(duck.column("seq_id").to_pylist(), duck.column("pos").to_pylist())) == \
+        numpy_nearest(files, h, s, p, 10), "DuckDB and numpy disagree"
+    log(f"  nearest: {res['nearest_duckdb_ms']:.1f} ms duckdb, {res['nearest_numpy_e2e_ms']:.1f} ms numpy e2e")
+
+    if args.layout:
+        res["layout"] = layout_experiment(root, files, coords, args)
+    run.close()
+    return res
+
+
+def load_head(files, head: int):
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    t = ds.dataset([str(f) for f in files], format="parquet").to_table(
+        columns=["seq_id", "pos", "key"], filter=pc.field("head") == head)
+    keys = t.column("key").combine_chunks().values.to_numpy().reshape(-1, DIM)
+    ids = np.stack([t.column("seq_id").to_numpy(), t.column("pos").to_numpy()], axis=1)
+    return keys, ids
+
+
+def top_k(keys: np.ndarray, ids: np.ndarray, seq: int, pos: int, k: int) -> list[tuple[int, int]]:
+    me = np.flatnonzero((ids[:, 0] == seq) & (ids[:, 1] == pos))[0]
+    q = keys[me]
+    sims = keys @ q / (np.linalg.norm(keys, axis=1) * np.linalg.norm(q))
+    sims[me] = -np.inf
+    best = np.argpartition(-sims, k)[:k]
+    best = best[np.lexsort((ids[best, 1], ids[best, 0], -sims[best]))]
+    return [(int(ids[i, 0]), int(ids[i, 1])) for i in best]
+
+
+def numpy_nearest(files, head, seq, pos, k):
+    keys, ids = load_head(files, head)
+    return top_k(keys, ids, seq, pos, k)
+
+
+def layout_experiment(root: Path, files, coords, args) -> list[dict]:
+    """One layer's rows rewritten with other row-group sizes (zstd as kvcore writes), then the
+    same point lookup and layer scan through plain duckdb."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kvcore.query.verbs import _stats
+
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    layer = int(files[0].parent.name.split("=")[1])
+    out = []
+    for group in args.row_groups:
+        path = root / f"layout-{group}.parquet"
+        pq.write_table(table, path, row_group_size=group, compression="zstd", write_statistics=True)
+        con = plain(args.threads)
+        con.execute("SET parquet_metadata_cache = true")
+        lookups = [(h, p, s) for la, h, p, s in coords]
+        sql = f"SELECT * FROM read_parquet('{path}') WHERE head = ? AND pos = ? AND seq_id = ?"
+        lookup = median_over(lambda *c: con.sql(sql, params=list(c)).to_arrow_table(), lookups)
+        scan_sql = f"SELECT head, {_stats()} FROM read_parquet('{path}') GROUP BY head"
+        scan = timed(lambda: con.sql(scan_sql).to_arrow_table(), args.repeats)
+        out.append({"row_group_rows": group, "bytes": path.stat().st_size, "lookup_ms": 1e3 * lookup,
+                    "layer_scan_s": scan, "layer_scan_GBps": table.num_rows * LAYER_BYTES / scan / 1e9})
+        log(f"  layout layer {layer}, row groups of {group}: {out[-1]}")
+        path.unlink()
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+ROWS = [  # (label, format, key) of the results table
+    ("shards / Parquet files", "{}", "shards_files"), ("kvcore layout on disk (GB)", "{:.2f}", "kvcore_gb"),
+    ("naive file on disk (GB)", "{:.2f}", "naive_gb"),
+    ("coordinate lookup, kvcore.open_run, Arrow (ms)", "{:.1f}", "lookup_kvcore_ms"),
+    ("coordinate lookup, kvcore.open_run, pandas (ms)", "{:.1f}", "lookup_kvcore_pandas_ms"),
+    ("  read: files / row groups", "{}", "lookup_scan"),
+    ("coordinate lookup, plain duckdb, naive file (ms)", "{:.1f}", "lookup_naive_ms"),
+    ("coordinate lookup, plain duckdb, kvcore files via glob (ms)", "{:.1f}", "lookup_plain_glob_ms"),
+    ("norm search 0.5-1.0 key: hits", "{:,}", "norm_hits"),
+    ("  kvcore (s)", "{:.3f}", "norm_kvcore_s"), ("  naive (s)", "{:.3f}", "norm_naive_s"),
+    ("  kvcore Mrows/s, GB/s", "{}", "norm_kvcore_tp"), ("  naive Mrows/s, GB/s", "{}", "norm_naive_tp"),
+    ("layer summary: rows in the layer", "{:,}", "layer_rows"),
+    ("  kvcore (s)", "{:.3f}", "layer_kvcore_s"), ("  naive (s)", "{:.3f}", "layer_naive_s"),
+    ("  kvcore Mrows/s, GB/s", "{}", "layer_kvcore_tp"), ("  naive Mrows/s, GB/s", "{}", "layer_naive_tp"),
+    ("nearest k=10 in one (layer, head): candidates", "{:,}", "nearest_candidates"),
+    ("  DuckDB brute force (ms)", "{:.1f}", "nearest_duckdb_ms"),
+    ("  numpy, from Parquet (ms)", "{:.1f}", "nearest_numpy_e2e_ms"),
+    ("  numpy, vectors already in memory (ms)", "{:.1f}", "nearest_numpy_inmem_ms"),
+]
+
+
+def report(results: list[dict]) -> str:
+    """A Markdown table, one column per size."""
+    for r in results:
+        r["shards_files"] = f"{r['shards']} / {r['files']}"
+        r["layer_rows"] = r["rows"] // LAYERS
+        r["kvcore_gb"], r["naive_gb"] = r["kvcore_bytes"] / 1e9, r["naive_bytes"] / 1e9
+        r["lookup_scan"] = f"{r['lookup_files']} / {r['lookup_row_groups']}"
+        for q in ("norm", "layer"):
+            for side in ("kvcore", "naive"):
+                r[f"{q}_{side}_tp"] = f"{r[f'{q}_{side}_rows_per_s'] / 1e6:.1f}, {r[f'{q}_{side}_GBps']:.2f}"
+    lines = ["| | " + " | ".join(f"{r['rows'] / 1e6:.1f}M rows" for r in results) + " |",
+             "|---|" + "---:|" * len(results)]
+    lines += [f"| {label} | " + " | ".join(fmt.format(r[key]) for r in results) + " |" for label, fmt, key in ROWS]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="2e6,2e7", help="KV rows per run, comma separated (default 2e6,2e7)")
+    p.add_argument("--quick", action="store_true", help="sizes 2e5,1e6 and fewer repeats (about a minute)")
+    p.add_argument("--dir", type=Path, default=Path("/tmp/kvcore-query-bench"), help="scratch directory")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lookups", type=int, default=30, help="random coordinates per lookup median")
+    p.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    p.add_argument("--layout", action="store_true", help="also time one layer at other row-group sizes")
+    p.add_argument("--row-groups", default="4096,8192,32768,131072")
+    p.add_argument("--keep", action="store_true", help="keep the data under --dir")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.quick:
+        args.sizes, args.repeats, args.lookups = "2e5,1e6", 3, 15
+    args.row_groups = [int(x) for x in args.row_groups.split(",")]
+    results = []
+    for size in [int(float(s)) for s in args.sizes.split(",")]:
+        root = args.dir / f"rows-{size}"
+        shutil.rmtree(root, ignore_errors=True)
+        try:
+            res = bench_size(root, size, args)
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        results.append(res)
+    print(f"duckdb threads: {args.threads or os.cpu_count()}, cpu cores: {os.cpu_count()}, repeats: {args.repeats}, "
+          f"lookups: {args.lookups}")
+    print(report(results))
+    for r in results:
+        for lay in r.get("layout", []):
+            print(f"layout ({r['rows'] / 1e6:.1f}M rows, one layer): row groups {lay['row_group_rows']:>6}: "
+                  f"{lay['bytes'] / 1e6:.0f} MB, lookup {lay['lookup_ms']:.1f} ms, layer scan {lay['layer_scan_s']:.3f} s "
+                  f"({lay['layer_scan_GBps']:.2f} GB/s)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

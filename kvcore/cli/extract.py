@@ -1,0 +1,77 @@
+"""`kvcore extract`: the KV cache of a few texts into a run directory (outside the workflow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvcore.errors import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("extract", help="extract the KV cache of prompts, a text file or random text")
+    p.add_argument("--model", required=True,
+                   help="a model directory, or a model name from --config (downloaded if needed)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable): one sequence each")
+    src.add_argument("--text-file", help="a text file: one sequence per non-empty line")
+    src.add_argument("--random", type=int, metavar="N", help="N random word sequences")
+    p.add_argument("--out", required=True, help="run directory to write (must not exist)")
+    p.add_argument("--config", default="config.yaml", help="config naming models (default: config.yaml)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="seed for --random")
+    p.add_argument("--json", metavar="FILE", help="also write the old nested JSON format (small inputs only)")
+    p.set_defaults(func=run)
+
+
+def _texts(args) -> list[str]:
+    if args.prompt:
+        return args.prompt
+    if args.text_file:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise UsageError(f"--text-file {path} does not exist")
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.random < 1:
+        raise UsageError("--random needs a positive number of sequences")
+    from kvcore.sources.datasets import _random_documents
+
+    docs, _ = _random_documents({"n_documents": args.random, "seed": args.seed}, Path("."), Path("."))
+    return [text for _, text in docs]
+
+
+def _model_dir(args) -> Path:
+    path = Path(args.model)
+    if (path / "config.json").is_file():
+        return path
+    from kvcore.cli.download import load_config, pick
+    from kvcore.sources import prepare_model
+
+    if not Path(args.config).is_file():
+        raise UsageError(f"--model {args.model!r} is neither a model directory nor a name (no {args.config})")
+    config = load_config(args.config)
+    (name,) = pick(config, "models", [args.model])
+    out = Path("resources/models") / name
+    if not (out / "manifest.json").is_file():
+        prepare_model(name, config["models"][name], out)
+    return out
+
+
+def run(args) -> int:
+    from kvcore.atomic import write_json
+    from kvcore.extract import Extractor
+
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"--out {out} already exists; choose a new run directory")
+    texts = _texts(args)
+    if not texts:
+        raise UsageError("no text to extract")
+    extractor = Extractor(_model_dir(args), args.device, args.dtype)
+    meta = extractor.extract_to_run(texts, out, top_k=args.top_k)
+    if args.json:
+        write_json(args.json, [extractor.extract(t, args.top_k).to_dict() for t in texts])
+    print(json.dumps(meta, indent=2))
+    return 0

@@ -1,0 +1,55 @@
+"""Which kvcore source files a module depends on, so a rule reruns when they change.
+
+Snakemake does not notice edits to an imported package; each rule declares the files of
+the kvcore modules it uses (transitively, from their import statements) as inputs.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _module_file(module: str) -> Path | None:
+    rel = Path(*module.split(".")[1:])
+    for candidate in (PACKAGE_DIR / rel.with_suffix(".py"), PACKAGE_DIR / rel / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    found = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    # The package root only holds lazy re-exports and the version: not a code dependency.
+    return {m for m in found if m.startswith("kvcore.")}
+
+
+@lru_cache(maxsize=None)
+def module_files(*modules: str) -> tuple[str, ...]:
+    """Source files of `modules` and every kvcore module they import, transitively."""
+    seen: dict[str, Path] = {}
+    todo = list(modules)
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        path = _module_file(module)
+        if path is None:
+            continue
+        seen[module] = path
+        todo.extend(_imports(path, module))
+    return tuple(sorted(str(p) for p in set(seen.values())))

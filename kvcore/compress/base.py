@@ -1,0 +1,272 @@
+"""The common interface of every compression method, and parameter validation.
+
+A family subclasses `Method`, declares its parameters in `params` and implements
+`_encode` (tensor -> unpacked fields) and `_decode` (fields -> tensor); `_pack` and
+`_unpack` turn fields into the stored form where that differs (bit packing). The
+public `compress`, `decompress` and `fake` are written once here, so
+`fake(x) == decompress(compress(x))` holds by construction: both end in the same
+`_decode`, and packing is an exact identity on the fields.
+
+Every packed form carries `header`: int64 [n_seq, n_kv, seq, dim, dtype code], so
+`decompress` needs nothing but the method and the packed tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+
+from kvcore.errors import UsageError
+
+KINDS = ("key", "value")
+HEADER_NBYTES = 5 * 8  # the int64 header above
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+_REQUIRED = object()
+
+
+# --------------------------------------------------------------------------- params
+
+
+@dataclass(frozen=True)
+class Param:
+    """One key of a method spec: its default, a checker and its JSON Schema."""
+
+    default: Any
+    check: Callable[[Any], Any]  # returns the normalised value or raises ValueError
+    schema: dict = field(default_factory=dict)
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+def _fmt(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def choice(default, values: tuple, doc: str = "") -> Param:
+    def check(v):
+        # bool is an int in Python; `bits: true` must not pass as 1.
+        if isinstance(v, bool) != isinstance(values[0], bool) or v not in values:
+            raise ValueError(f"must be one of {_fmt(values)}")
+        return v
+
+    return Param(default, check, {"enum": list(values)}, doc)
+
+
+def flag(default: bool, doc: str = "") -> Param:
+    def check(v):
+        if not isinstance(v, bool):
+            raise ValueError("must be true or false")
+        return v
+
+    return Param(default, check, {"type": "boolean"}, doc)
+
+
+def count(default: int, doc: str = "") -> Param:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError("must be an integer >= 0")
+        return v
+
+    return Param(default, check, {"type": "integer", "minimum": 0}, doc)
+
+
+def fraction(default, low: float, high: float, low_open: bool, doc: str = "") -> Param:
+    """A number in (low, high] or [low, high]."""
+    bracket = "(" if low_open else "["
+
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"must be a number in {bracket}{low}, {high}]")
+        if v > high or v < low or (low_open and v == low):
+            raise ValueError(f"must be a number in {bracket}{low}, {high}]")
+        return float(v)
+
+    key = "exclusiveMinimum" if low_open else "minimum"
+    return Param(default, check, {"type": "number", key: low, "maximum": high}, doc)
+
+
+def name(doc: str = "") -> Param:
+    def check(v):
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError("must be a non-empty string")
+        return v
+
+    return Param(_REQUIRED, check, {"type": "string", "minLength": 1}, doc)
+
+
+def index_list(doc: str = "") -> Param:
+    def check(v):
+        if not isinstance(v, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in v
+        ):
+            raise ValueError("must be a list of integers >= 0, e.g. [0, 5]")
+        return sorted(set(v))
+
+    item = {"type": "integer", "minimum": 0}
+    return Param([], check, {"type": "array", "items": item}, doc)
+
+
+def pair_list(doc: str = "") -> Param:
+    def check(v):
+        ok = isinstance(v, (list, tuple)) and all(
+            isinstance(p, (list, tuple))
+            and len(p) == 2
+            and all(not isinstance(i, bool) and isinstance(i, int) and i >= 0 for i in p)
+            for p in v
+        )
+        if not ok:
+            raise ValueError("must be a list of [layer, head] pairs of integers >= 0, e.g. [[0, 1]]")
+        return [list(p) for p in sorted({(a, b) for a, b in v})]
+
+    item = {"type": "integer", "minimum": 0}
+    pair = {"type": "array", "items": item, "minItems": 2, "maxItems": 2}
+    return Param([], check, {"type": "array", "items": pair}, doc)
+
+
+# --------------------------------------------------------------------------- header
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPE_CODES[dtype]
+
+
+def make_header(x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([*x.shape, dtype_code(x.dtype)], dtype=torch.int64, device=x.device)
+
+
+def read_header(packed: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype, torch.device]:
+    header = packed.get("header")
+    if header is None or header.dtype != torch.int64 or header.numel() != 5:
+        raise ValueError("packed form has no valid 'header' (int64 [n_seq, n_kv, seq, dim, dtype])")
+    *shape, code = header.tolist()
+    if code not in _CODE_DTYPES or min(shape) < 0:
+        raise ValueError(f"packed form has a corrupt header {header.tolist()}")
+    return tuple(shape), _CODE_DTYPES[code], header.device
+
+
+# --------------------------------------------------------------------------- method
+
+
+class Method:
+    """A named, validated compression method. Subclasses implement one family."""
+
+    family: ClassVar[str] = ""
+    params: ClassVar[dict[str, Param]] = {}
+    needs_scores: ClassVar[bool] = False  # evict: compress needs a keep mask
+
+    def __init__(self, name: str, spec: Mapping[str, Any]):
+        self.name = name
+        unknown = sorted(set(spec) - set(self.params) - {"family"})
+        if unknown:
+            valid = ", ".join(["family", *self.params])
+            raise UsageError(
+                f"method {name!r}: unknown key {unknown[0]!r} for family {self.family} (valid: {valid})"
+            )
+        values = {}
+        for key, param in self.params.items():
+            if key not in spec:
+                if param.required:
+                    raise UsageError(f"method {name!r}: missing required key {key!r} for family {self.family}")
+                values[key] = param.default
+                continue
+            try:
+                values[key] = param.check(spec[key])
+            except ValueError as exc:
+                raise UsageError(f"method {name!r}: {key} {exc} (got {spec[key]!r})") from None
+        for key, value in values.items():
+            setattr(self, key, value)
+        self.validate()
+
+    # ---- public API -----------------------------------------------------------
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The full spec, defaults filled in, JSON-serialisable (stored in the file)."""
+        return {"family": self.family, **{key: getattr(self, key) for key in self.params}}
+
+    def compress(self, x: torch.Tensor, kind: str, keep: torch.Tensor | None = None, *,
+                 layer: int | None = None) -> dict[str, torch.Tensor]:
+        """x [n_seq, n_kv, seq, dim] -> packed tensors (all contiguous, on x's device)."""
+        self._check_input(x, kind, keep, layer)
+        packed = self._pack(self._encode(x, kind, keep, layer), tuple(x.shape), kind)
+        packed = {k: v.contiguous() for k, v in packed.items()}
+        packed["header"] = make_header(x)
+        return packed
+
+    def decompress(self, packed: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
+        """Packed tensors -> dense tensor in the original shape and dtype."""
+        self._check_kind(kind)
+        shape, dtype, device = read_header(packed)
+        fields = self._unpack(dict(packed), shape, kind)
+        return self._decode(fields, shape, dtype, device, kind)
+
+    def fake(self, x: torch.Tensor, kind: str, keep: torch.Tensor | None = None, *,
+             layer: int | None = None) -> torch.Tensor:
+        """Exactly decompress(compress(x)), without the (lossless) bit packing.
+
+        Works on any [batch, n_kv, seq, dim] tensor, e.g. one layer's cache inside
+        a cache `update()`. May return `x` itself when the method is lossless.
+        """
+        self._check_input(x, kind, keep, layer)
+        fields = self._encode(x, kind, keep, layer)
+        return self._decode(fields, tuple(x.shape), x.dtype, x.device, kind)
+
+    def check_shape(self, shape: tuple[int, ...], layer: int | None = None) -> None:
+        """Raise UsageError if this method cannot compress a tensor of `shape`.
+
+        Call it at config time with a model's shape to fail before any job runs.
+        """
+
+    def packed_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype, kind: str = "key", *,
+                      layer: int | None = None) -> int:
+        """Payload bytes of `compress` for this shape: the documented size formula."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Checks across several keys; raise UsageError."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.spec})"
+
+    # ---- what a family implements -----------------------------------------------
+
+    def _encode(self, x, kind, keep, layer) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _decode(self, fields, shape, dtype, device, kind) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _pack(self, fields, shape, kind) -> dict[str, torch.Tensor]:
+        return fields
+
+    def _unpack(self, packed, shape, kind) -> dict[str, torch.Tensor]:
+        return packed
+
+    # ---- helpers ------------------------------------------------------------------
+
+    def error(self, message: str) -> UsageError:
+        return UsageError(f"method {self.name!r}: {message}")
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in KINDS:
+            raise self.error(f"kind must be 'key' or 'value' (got {kind!r})")
+
+    def _check_input(self, x, kind, keep, layer) -> None:
+        self._check_kind(kind)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in _DTYPE_CODES:
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise self.error(
+                f"expected a float tensor [n_seq, n_kv, seq, dim] (float32/float16/bfloat16), got {got}"
+            )
+        if keep is not None and not self.needs_scores:
+            raise self.error(f"family {self.family} takes no keep mask")
+        self.check_shape(tuple(x.shape), layer)

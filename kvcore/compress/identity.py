@@ -1,0 +1,22 @@
+"""Family `none`: the baseline. Stores the tensor as it is, in its own dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from kvcore.compress.base import HEADER_NBYTES, Method
+
+
+class Identity(Method):
+    family = "none"
+    params = {}
+
+    def _encode(self, x, kind, keep, layer):
+        return {"data": x}
+
+    def _decode(self, fields, shape, dtype, device, kind):
+        return fields["data"]
+
+    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None):
+        n, h, t, d = shape
+        return HEADER_NBYTES + n * h * t * d * dtype.itemsize

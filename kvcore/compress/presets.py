@@ -1,0 +1,104 @@
+"""Preset method names: a method spelled as its name alone (see GRAMMAR).
+
+A preset name expands to a spec dict; `parse_method` then validates it like any spec
+from config.yaml, so `int5` fails with "bits must be one of 2, 3, 4, 8 (got 5)".
+"""
+
+from __future__ import annotations
+
+import re
+
+from kvcore.errors import UsageError
+
+GRAMMAR = """\
+baseline | none                                   no compression (family none)
+int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32]
+                                                  quant: B bits, group G (default 64),
+                                                  symmetric, per-token (default) or
+                                                  per-channel for keys and values,
+                                                  S sink and R recent tokens in full
+                                                  precision, outlier fraction F,
+                                                  float32 scales (default float16)
+kivi{B}[-g{G}][-sym][-s{S}][-r{R}][-o{F}][-f32]   as int, but keys per channel and
+                                                  values per token (KIVI)
+sparse-{F}                                        sparsify: keep fraction F per vector
+evict-{SCORER}-{R}[-s{S}][-r{R}][-global]         evict: keep ratio R by SCORER
+prune[-l{L},{L}..][-h{L}.{H},{L}.{H}..]           prune: layers L, [layer, head] pairs
+examples: int4-g64  int2-g32-sym  kivi2-g32-r128  int4-g128-ch-s4-o0.01
+          sparse-0.5  evict-knorm-0.5-s4-r64-global  prune-l0,1-h5.2"""
+
+_QUANT_OPTIONS = [
+    (r"g(\d+)", lambda m: {"group_size": int(m[1])}),
+    (r"sym", lambda m: {"symmetric": True}),
+    (r"asym", lambda m: {"symmetric": False}),
+    (r"s(\d+)", lambda m: {"sink_tokens": int(m[1])}),
+    (r"r(\d+)", lambda m: {"recent_tokens": int(m[1])}),
+    (r"o(\d*\.?\d+)", lambda m: {"outlier_fraction": float(m[1])}),
+    (r"f32", lambda m: {"scale_dtype": "float32"}),
+    (r"f16", lambda m: {"scale_dtype": "float16"}),
+]
+_AXIS_OPTIONS = [
+    (r"tok", lambda m: {"key_axis": "token", "value_axis": "token"}),
+    (r"ch", lambda m: {"key_axis": "channel", "value_axis": "channel"}),
+]
+_EVICT_OPTIONS = [
+    (r"s(\d+)", lambda m: {"sink_tokens": int(m[1])}),
+    (r"r(\d+)", lambda m: {"recent_tokens": int(m[1])}),
+    (r"global", lambda m: {"budget": "global"}),
+    (r"uniform", lambda m: {"budget": "uniform"}),
+]
+_PRUNE_OPTIONS = [
+    (r"l(\d+(?:,\d+)*)", lambda m: {"layers": [int(i) for i in m[1].split(",")]}),
+    (r"h(\d+\.\d+(?:,\d+\.\d+)*)",
+     lambda m: {"heads": [[int(i) for i in p.split(".")] for p in m[1].split(",")]}),
+]
+
+
+def _not_a_preset(name: str, why: str) -> UsageError:
+    return UsageError(
+        f"method {name!r}: {why}; a preset is baseline, int{{B}}[-g{{G}}][-sym][-tok|-ch][-s{{S}}]"
+        f"[-r{{R}}][-o{{F}}][-f32], kivi{{B}}[...], sparse-{{F}}, evict-{{SCORER}}-{{R}}[-s{{S}}][-r{{R}}]"
+        f"[-global] or prune-l{{L,..}}-h{{L.H,..}} (e.g. int4-g64), or give a spec with 'family'"
+    )
+
+
+def _options(name: str, tokens: list[str], table) -> dict:
+    spec: dict = {}
+    for token in tokens:
+        for pattern, make in table:
+            m = re.fullmatch(pattern, token)
+            if m:
+                spec.update(make(m))
+                break
+        else:
+            raise _not_a_preset(name, f"unknown preset option {token!r}")
+    return spec
+
+
+def _number(name: str, text: str, what: str) -> float:
+    if not re.fullmatch(r"\d*\.?\d+", text):
+        raise _not_a_preset(name, f"{what} must be a number (got {text!r})")
+    return float(text)
+
+
+def preset_spec(name: str) -> dict:
+    """The spec dict a preset name stands for; UsageError if it is not one."""
+    tokens = name.split("-")
+    head, rest = tokens[0], tokens[1:]
+    if name in ("baseline", "none"):
+        return {"family": "none"}
+    m = re.fullmatch(r"(int|kivi)(\d+)", head)
+    if m:
+        spec = {"family": "quant", "bits": int(m[2])}
+        if m[1] == "kivi":
+            spec.update(key_axis="channel", value_axis="token")
+            return {**spec, **_options(name, rest, _QUANT_OPTIONS)}
+        return {**spec, **_options(name, rest, _QUANT_OPTIONS + _AXIS_OPTIONS)}
+    if head == "sparse" and len(rest) == 1:
+        return {"family": "sparsify", "keep_fraction": _number(name, rest[0], "keep fraction")}
+    if head == "evict" and len(rest) >= 2 and re.fullmatch(r"[A-Za-z0-9_]+", rest[0]):
+        spec = {"family": "evict", "scorer": rest[0], "keep_ratio": _number(name, rest[1], "keep ratio")}
+        return {**spec, **_options(name, rest[2:], _EVICT_OPTIONS)}
+    if head == "prune" and rest:
+        return {"family": "prune", **_options(name, rest, _PRUNE_OPTIONS)}
+    raise _not_a_preset(name, "not a preset name and no spec given")

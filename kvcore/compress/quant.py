@@ -1,0 +1,250 @@
+"""Family `quant`: group-wise integer quantization (KIVI / KVQuant style).
+
+Axis, as KIVI names it (what gets its own scale):
+- `token`: per-token. Each token's head_dim vector is cut into groups of
+  `group_size` consecutive channels; group_size must divide head_dim.
+- `channel`: per-channel. Each channel is quantized over groups of `group_size`
+  consecutive tokens. When the token count is not a multiple of group_size, the last
+  group is partial and gets its own scale over the tokens it has (so any length works,
+  one token at a time included).
+KIVI's recipe is keys per channel, values per token.
+
+Asymmetric: q = clamp(round((x - zero) / scale), 0, 2^b - 1), x' = q * scale + zero,
+with zero = the group minimum (a float offset, so min and max are reachable) and
+scale = (max - zero) / (2^b - 1). Symmetric: q = clamp(round(x / scale), -m, m) with
+m = 2^(b-1) - 1, scale = max|x| / m, stored offset by 2^(b-1); no zero is stored
+(2-bit symmetric has only the levels -scale, 0, +scale).
+
+Scales and zeros are rounded to `scale_dtype` *before* the codes are computed: the
+zero downwards (so no value falls below code 0), the scale to nearest (a float16 scale
+is off by at most 2^-11 relative, so the top value lands within qmax * 2^-11 < 1/2 step
+of code qmax). Hence |x - x'| <= stored scale / 2 for every value, up to float32
+arithmetic and the final rounding to the tensor's dtype.
+
+float16 scales hold |x| up to 65504; beyond, the scale overflows to inf (not checked
+here, to keep cache updates free of device syncs; `compress_file` and `measure` reject
+it): use scale_dtype float32 for such data.
+
+Windows: the first `sink_tokens` and the last `recent_tokens` tokens of the tensor
+given are stored untouched (bit-exact, original dtype); only the tokens between are
+quantized. Outliers (dense-and-sparse, as KVQuant): the floor(outlier_fraction * N)
+values of largest |x| among the N quantized values of the tensor are stored exactly
+(flat int32 index, int64 beyond 2^31 elements, + original-dtype value), and are left
+out of the group ranges so they stop stretching the scales.
+
+Stored fields: codes (uint8, bit-packed, b * ceil(N / 8) bytes), scale and zero
+(scale_dtype, one per group), sink / recent (original dtype), outlier_idx /
+outlier_val. Fields that would be empty are not stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvcore.compress.base import HEADER_NBYTES, Method, choice, count, flag, fraction
+from kvcore.compress.packing import pack_bits, packed_nbytes, unpack_bits
+
+_SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """v in `dtype`, never above v: nudged down by 2^-10 relative (twice float16's rounding
+    error) plus 2^-24 (float16's subnormal step) before rounding to nearest."""
+    if dtype == torch.float32:
+        return v
+    return torch.sub(v, v.abs(), alpha=2**-10).sub_(2**-24).to(dtype)
+
+
+class Quant(Method):
+    family = "quant"
+    params = {
+        "bits": choice(4, (2, 3, 4, 8), "bits per stored code"),
+        "group_size": choice(64, (32, 64, 128), "values sharing one scale (and zero)"),
+        "symmetric": flag(False, "scale only (true) or scale and zero point (false)"),
+        "key_axis": choice("token", ("token", "channel"), "keys quantized per token or per channel"),
+        "value_axis": choice("token", ("token", "channel"), "values quantized per token or per channel"),
+        "sink_tokens": count(0, "first tokens kept in full precision"),
+        "recent_tokens": count(0, "last tokens kept in full precision"),
+        "outlier_fraction": fraction(0.0, 0.0, 0.5, False, "largest-|x| fraction stored exactly"),
+        "scale_dtype": choice("float16", ("float16", "float32"), "dtype of stored scales and zeros"),
+    }
+
+    # ---- geometry -------------------------------------------------------------------
+
+    def axis(self, kind: str) -> str:
+        return self.key_axis if kind == "key" else self.value_axis
+
+    def window(self, seq: int) -> tuple[int, int]:
+        """[start, stop) of the quantized tokens; the rest are the sink/recent windows."""
+        start = min(self.sink_tokens, seq)
+        stop = seq - min(self.recent_tokens, seq - start)
+        return start, stop
+
+    def n_outliers(self, n_values: int) -> int:
+        return math.floor(self.outlier_fraction * n_values + 1e-9)
+
+    def check_shape(self, shape, layer=None):
+        dim = shape[-1]
+        token_kinds = [k for k in ("key", "value") if self.axis(k) == "token"]
+        if token_kinds and dim % self.group_size:
+            keys = " and ".join(f"{k}_axis" for k in token_kinds) + (" are" if len(token_kinds) > 1 else " is")
+            valid = [g for g in (32, 64, 128) if dim % g == 0]
+            hint = f"use group_size {' or '.join(map(str, valid))}" if valid else "use axis 'channel'"
+            raise self.error(
+                f"group_size {self.group_size} must divide head_dim {dim} when {keys} 'token' ({hint})"
+            )
+
+    def _groups(self, t: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
+        """[n, h, T, d] -> a view with one group along the returned dim (T padded for 'channel').
+
+        No transpose: reducing over dim -2 of [n, h, T/G, G, d] keeps memory order.
+        """
+        n, h, T, d = t.shape
+        g = self.group_size
+        if self.axis(kind) == "token":
+            return t.reshape(n, h, T, d // g, g), -1
+        return t.reshape(n, h, T // g, g, d), -2
+
+    def _pad(self, t: torch.Tensor, kind: str, value) -> torch.Tensor:
+        """Pad the token axis to a multiple of group_size ('channel' axis only)."""
+        pad = -t.shape[2] % self.group_size if self.axis(kind) == "channel" else 0
+        if not pad:
+            return t
+        n, h, _, d = t.shape
+        return torch.cat([t, t.new_full((n, h, pad, d), value)], dim=2)
+
+    # ---- encode / decode ------------------------------------------------------------
+
+    def _encode(self, x, kind, keep, layer):
+        start, stop = self.window(x.shape[2])
+        fields = {}
+        if start:
+            fields["sink"] = x[:, :, :start].clone()
+        if stop < x.shape[2]:
+            fields["recent"] = x[:, :, stop:].clone()
+        mid = x[:, :, start:stop]
+        if mid.numel() == 0:
+            return fields
+        xf = mid.float()
+
+        # `ignore` marks values left out of the group ranges: outliers and padding.
+        ignore = None
+        k = self.n_outliers(mid.numel())
+        if k:
+            idx = xf.abs().reshape(-1).topk(k).indices.sort().values
+            fields["outlier_idx"] = idx.to(torch.int32 if mid.numel() < 2**31 else torch.int64)
+            fields["outlier_val"] = mid.reshape(-1)[idx]
+            ignore = torch.zeros(xf.shape, dtype=torch.bool, device=x.device)
+            ignore.view(-1)[idx] = True
+        padded = self._pad(xf, kind, 0.0)
+        if padded.shape != xf.shape and ignore is None:
+            ignore = torch.zeros(xf.shape, dtype=torch.bool, device=x.device)
+        groups, dim = self._groups(padded, kind)
+        ignored = None if ignore is None else self._groups(self._pad(ignore, kind, True), kind)[0]
+
+        scale, zero, scale32, zero32 = self._ranges(groups, ignored, dim)
+        codes = self._quantize(groups, scale32, zero32, dim)
+        fields["codes"] = codes.reshape(padded.shape)[:, :, : mid.shape[2]]
+        fields["scale"] = scale
+        if zero is not None:
+            fields["zero"] = zero
+        return fields
+
+    def _ranges(self, groups: torch.Tensor, ignored: torch.Tensor | None, dim: int):
+        """Per-group stored scale and zero (zero None if symmetric), and their float32 values.
+
+        No device sync here (this runs inside cache updates): a float16 overflow shows up
+        as an infinite scale, which the file level rejects.
+        """
+        sdtype = _SCALE_DTYPES[self.scale_dtype]
+        tiny = torch.finfo(sdtype).tiny  # a floor so constant groups do not divide by 0
+        if self.symmetric:
+            amax = groups.abs() if ignored is None else groups.abs().masked_fill(ignored, 0.0)
+            scale = (amax.amax(dim) / (2 ** (self.bits - 1) - 1)).clamp_min_(tiny).to(sdtype)
+            return scale, None, scale.float(), None
+        if ignored is None:
+            lo, hi = torch.aminmax(groups, dim=dim)
+        else:
+            lo = groups.masked_fill(ignored, math.inf).amin(dim)
+            hi = groups.masked_fill(ignored, -math.inf).amax(dim)
+            empty = torch.isinf(lo)  # a group made only of outliers/padding
+            lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+        zero = _round_down(lo, sdtype)
+        zero32 = zero.float()
+        scale = ((hi - zero32) / (2**self.bits - 1)).clamp_min_(tiny).to(sdtype)
+        return scale, zero, scale.float(), zero32
+
+    def _quantize(self, groups, scale32, zero32, dim) -> torch.Tensor:
+        s = scale32.unsqueeze(dim)
+        if self.symmetric:
+            m = 2 ** (self.bits - 1) - 1
+            q = (groups / s).round_().clamp_(-m, m).add_(2 ** (self.bits - 1))
+        else:
+            q = (groups - zero32.unsqueeze(dim)).div_(s).round_().clamp_(0, 2**self.bits - 1)
+        return q.to(torch.uint8)
+
+    def _dequantize(self, codes, scale, zero, dim) -> torch.Tensor:
+        q = codes.float()
+        s = scale.float().unsqueeze(dim)
+        if self.symmetric:
+            return q.sub_(2 ** (self.bits - 1)).mul_(s)
+        return torch.addcmul(zero.float().unsqueeze(dim), q, s)  # zero + q * s, one kernel
+
+    def _decode(self, fields, shape, dtype, device, kind):
+        n, h, seq, d = shape
+        start, stop = self.window(seq)
+        parts = []
+        if "sink" in fields:
+            parts.append(fields["sink"])
+        if stop > start:
+            codes = fields["codes"]
+            padded = self._pad(codes, kind, 0)
+            groups, dim = self._groups(padded, kind)
+            mid = self._dequantize(groups, fields["scale"], fields.get("zero"), dim)
+            mid = mid.reshape(padded.shape)[:, :, : stop - start].to(dtype).contiguous()
+            if "outlier_idx" in fields:
+                mid.view(-1)[fields["outlier_idx"].long()] = fields["outlier_val"]
+            parts.append(mid)
+        if "recent" in fields:
+            parts.append(fields["recent"])
+        if not parts:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    # ---- storage --------------------------------------------------------------------
+
+    def _pack(self, fields, shape, kind):
+        if "codes" in fields:
+            fields = {**fields, "codes": pack_bits(fields["codes"], self.bits)}
+        return fields
+
+    def _unpack(self, packed, shape, kind):
+        n, h, seq, d = shape
+        start, stop = self.window(seq)
+        if stop > start:
+            codes = unpack_bits(packed["codes"], self.bits, n * h * (stop - start) * d)
+            packed = {**packed, "codes": codes.view(n, h, stop - start, d)}
+        return packed
+
+    def n_groups(self, shape, kind) -> int:
+        n, h, seq, d = shape
+        start, stop = self.window(seq)
+        g = self.group_size
+        if self.axis(kind) == "token":
+            return n * h * (stop - start) * (d // g)
+        return n * h * -(-(stop - start) // g) * d
+
+    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None):
+        """header + b*ceil(N/8) codes + groups*(1 or 2)*scale bytes + windows + outliers."""
+        n, h, seq, d = shape
+        start, stop = self.window(seq)
+        n_quant = n * h * (stop - start) * d
+        size = HEADER_NBYTES + (seq - (stop - start)) * n * h * d * dtype.itemsize
+        if n_quant:
+            per_group = (1 if self.symmetric else 2) * _SCALE_DTYPES[self.scale_dtype].itemsize
+            size += packed_nbytes(n_quant, self.bits) + self.n_groups(shape, kind) * per_group
+            k = self.n_outliers(n_quant)
+            size += k * ((4 if n_quant < 2**31 else 8) + dtype.itemsize)
+        return size

@@ -1,0 +1,74 @@
+"""Check a workflow configuration and explain the first problem in one line.
+
+The Snakefile validates with Snakemake's `validate` (JSON Schema, which also fills in
+defaults); when that fails it asks `explain` for a message that names the key. Method
+parameters are then checked by the compression library, so a bad method fails before
+any job runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvcore.errors import UsageError
+
+SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load_schema(path: str | Path = SCHEMA) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _where(error) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _leaf(error):
+    """The most specific error: dig into if/then and oneOf branches to the failing key."""
+    while error.context:
+        error = max(error.context, key=lambda e: len(e.absolute_path))
+    return error
+
+
+def explain(config: dict, schema: dict | None = None) -> str | None:
+    """One line naming the first invalid key, or None when the config is valid."""
+    import jsonschema
+
+    schema = schema or load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (-len(e.absolute_path), e.path))
+    if not errors:
+        return None
+    error = _leaf(jsonschema.exceptions.best_match(errors) or errors[0])
+    where = _where(error)
+    if error.validator == "additionalProperties":
+        allowed = sorted((error.schema.get("properties") or {}).keys())
+        hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+        return f"config: unknown key under {where}: {error.message.split('(')[-1].rstrip(')')}{hint}"
+    if error.validator == "enum":
+        return f"config: {where} must be one of {', '.join(map(str, error.validator_value))} (got {error.instance!r})"
+    return f"config: {where}: {error.message}"
+
+
+def check_methods(config: dict) -> None:
+    """Validate every method's parameters with the library that will run them."""
+    try:
+        from kvcore.compress import parse_method
+    except ImportError:  # compression library not present: only the schema applies
+        return
+    for name, spec in (config.get("methods") or {}).items():
+        parse_method(name, spec)
+
+
+def check(config: dict) -> None:
+    """Raise UsageError with one line if the config is invalid."""
+    problem = explain(config)
+    if problem:
+        raise UsageError(problem)
+    check_methods(config)
+    pp = config["perplexity"]
+    if pp["stride"] > pp["max_length"]:
+        raise UsageError(f"config: perplexity.stride ({pp['stride']}) must not exceed perplexity.max_length "
+                         f"({pp['max_length']})")

@@ -1,0 +1,187 @@
+"""`open_run(path)`: a run (or a results/ grid) as a read-only DuckDB connection with views.
+
+    run = kvcore.open_run("results/smollm2-135m/enwiki-sample")
+    run.coordinate(5, 2, 17)                    # pandas DataFrame
+    run.search_norm(0.5, 1.0, "key", arrow=True)  # pyarrow Table
+    run.sql("SELECT layer, avg(key_norm) FROM kv GROUP BY layer")
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from kvcore.query import verbs
+from kvcore.query.discover import RunFiles, load_runs
+from kvcore.query.sandbox import QueryError, connect, statements, translate
+from kvcore.query.verbs import Query
+from kvcore.query.views import view_statements
+
+
+class Run:
+    """The views of one run or of every run under a directory, queried with SQL.
+
+    Verb methods return a pandas DataFrame, or a pyarrow Table with `arrow=True`.
+    """
+
+    def __init__(self, path: str | Path, model: str | None = None, dataset: str | None = None,
+                 threads: int | None = None):
+        self.path = Path(path)
+        self.runs: list[RunFiles] = load_runs(path, model, dataset)
+        views = view_statements(self.runs)
+        self.views = [name for name, _ in views]
+        files = [f for r in self.runs for f in r.all_files]
+        self._con = connect(files, views, threads)
+        self._column_cache: dict[str, list[str]] = {}
+
+    # ---- raw SQL ----------------------------------------------------------------------
+
+    def execute(self, query: str | Query, params: list | None = None):
+        """Run read-only SQL; returns a DuckDB relation for the last statement's result."""
+        import duckdb
+
+        if isinstance(query, Query):
+            query, params = query.sql, query.params
+        parts = statements(query)
+        if params and len(parts) > 1:
+            raise QueryError("parameters need a single SQL statement")
+        try:
+            for part in parts[:-1]:
+                self._con.execute(part)
+            return self._con.sql(parts[-1], params=params or None)
+        except duckdb.Error as exc:
+            raise translate(exc, self.views, self._columns_named_in(query)) from None
+
+    def columns(self, view: str) -> list[str]:
+        """Column names of a view."""
+        if view not in self._column_cache:
+            self._column_cache[view] = [c[0] for c in self._con.execute(f"DESCRIBE {view}").fetchall()]
+        return self._column_cache[view]
+
+    def _columns_named_in(self, sql: str) -> dict[str, list[str]]:
+        words = set(re.findall(r"\w+", sql.lower()))
+        return {v: self.columns(v) for v in self.views if v in words}
+
+    def sql(self, query: str | Query, params: list | None = None):
+        """Result as a pandas DataFrame."""
+        return self._fetch(query, params, lambda rel: rel.df())
+
+    def arrow(self, query: str | Query, params: list | None = None):
+        """Result as a pyarrow Table."""
+        return self._fetch(query, params, lambda rel: rel.to_arrow_table())
+
+    def reader(self, query: str | Query, params: list | None = None, batch_rows: int = 65536):
+        """Result as a pyarrow RecordBatchReader, streamed (for exports of any size)."""
+        return self._fetch(query, params, lambda rel: rel.to_arrow_reader(batch_rows))
+
+    def _fetch(self, query, params, how):
+        import duckdb
+
+        rel = self.execute(query, params)
+        try:
+            return how(rel)
+        except duckdb.Error as exc:  # errors can surface while rows are produced
+            sql = query.sql if isinstance(query, Query) else query
+            raise translate(exc, self.views, self._columns_named_in(sql)) from None
+
+    def explain(self, query: str | Query, params: list | None = None, analyze: bool = True) -> str:
+        """DuckDB's plan (with rows, files and row groups scanned when `analyze`)."""
+        if isinstance(query, Query):
+            query, params = query.sql, query.params
+        prefix = "EXPLAIN ANALYZE " if analyze else "EXPLAIN "
+        rows = self.execute(prefix + query, params).fetchall()
+        return "\n".join(r[-1] for r in rows)
+
+    def profile(self, query: str | Query, params: list | None = None) -> dict:
+        """EXPLAIN ANALYZE as JSON: the operator tree with rows and row groups scanned."""
+        if isinstance(query, Query):
+            query, params = query.sql, query.params
+        return json.loads(self.execute("EXPLAIN (ANALYZE, FORMAT json) " + query, params).fetchall()[0][1])
+
+    def scans(self, query: str | Query, params: list | None = None) -> list[dict]:
+        """What each Parquet scan of the query touched: files, row groups, rows, bytes (EXPLAIN ANALYZE)."""
+        found = []
+
+        def walk(node):
+            if node.get("type") == "TABLE_SCAN":
+                info = node.get("extra_info", {})
+                files = str(info.get("Scanning Files", "")).split("/")
+                found.append({"function": info.get("Function"), "projections": info.get("Projections", []),
+                              "files_scanned": int(files[0]) if len(files) == 2 else None,
+                              "files_total": int(files[1]) if len(files) == 2 else None,
+                              "filenames": [f.strip() for f in str(info.get("Filename(s)", "")).split(",") if f],
+                              "row_groups_scanned": node.get("row_groups_scanned"),
+                              "row_groups_total": node.get("total_row_groups_to_scan"),
+                              "rows_out": node.get("rows_scanned")})
+            for child in node.get("children", []):
+                walk(child)
+
+        for op in self.profile(query, params)["operator"]:
+            walk(op)
+        return found
+
+    # ---- verbs --------------------------------------------------------------------------
+
+    def _verb(self, name: str, *args, arrow: bool = False, **kwargs):
+        query = getattr(verbs, name)(self.runs, *args, **kwargs)
+        return self.arrow(query) if arrow else self.sql(query)
+
+    def query(self, verb: str, *args, **kwargs) -> Query:
+        """The Query (SQL and parameters) a verb runs, e.g. run.query("coordinate", 5, 2, 17)."""
+        if verb not in verbs.VERBS:
+            raise QueryError(f"unknown verb {verb!r}; verbs: {', '.join(verbs.VERBS)}")
+        return getattr(verbs, verb)(self.runs, *args, **kwargs)
+
+    def info(self, *, arrow: bool = False):
+        """One row per run: shape, sizes, views present."""
+        return self._verb("info", arrow=arrow)
+
+    def coordinate(self, layer: int, head: int, token: int, seq: int = 0, *, arrow: bool = False):
+        """Key and value vectors and norms at (layer, KV head, token position) of one sequence."""
+        return self._verb("coordinate", layer, head, token, seq, arrow=arrow)
+
+    def list_tokens(self, seq: int | None = None, *, arrow: bool = False):
+        return self._verb("list_tokens", seq, arrow=arrow)
+
+    def token_search(self, text: str, layer: int | None = None, head: int | None = None, *, arrow: bool = False):
+        """Every (position, layer, head) where a token's text matches, with K/V norms."""
+        return self._verb("token_search", text, layer, head, arrow=arrow)
+
+    def layer_summary(self, layer: int, *, arrow: bool = False):
+        return self._verb("layer_summary", layer, arrow=arrow)
+
+    def head_summary(self, layer: int, head: int, *, arrow: bool = False):
+        return self._verb("head_summary", layer, head, arrow=arrow)
+
+    def token_summary(self, token: int, seq: int = 0, *, arrow: bool = False):
+        return self._verb("token_summary", token, seq, arrow=arrow)
+
+    def search_norm(self, low: float, high: float, kind: str = "key", layer: int | None = None,
+                    head: int | None = None, *, arrow: bool = False):
+        return self._verb("search_norm", low, high, kind, layer, head, arrow=arrow)
+
+    def nearest(self, layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",
+                metric: str = "cosine", *, arrow: bool = False):
+        return self._verb("nearest", layer, head, token, k, seq, by, metric, arrow=arrow)
+
+    # ---- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        names = ", ".join(r.name for r in self.runs[:3]) + (", ..." if len(self.runs) > 3 else "")
+        return f"<kvcore Run {self.path} ({len(self.runs)} run(s): {names}); views: {', '.join(self.views)}>"
+
+
+def open_run(path: str | Path, model: str | None = None, dataset: str | None = None,
+             threads: int | None = None) -> Run:
+    """Open a run directory, or a directory of runs (results/), for read-only queries."""
+    return Run(path, model=model, dataset=dataset, threads=threads)

@@ -1,0 +1,97 @@
+"""A read-only DuckDB connection confined to a run's files.
+
+Three locks, each DuckDB's own:
+  * `allowed_paths` lists exactly the files the views read, and `enable_external_access =
+    false` makes those the only files the engine opens: no /etc/passwd, no ATTACH, no COPY TO,
+    no extension downloads;
+  * `lock_configuration` refuses the SET that would undo either;
+  * only SELECT statements (and EXPLAIN of one) run, checked on DuckDB's own parse, so
+    CREATE / INSERT / COPY never reach the in-memory catalog or a listed file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from kvcore.errors import KvcoreError, one_line
+
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s*(?:ANALY[SZ]E\b\s*)?(?:\([^)]*\)\s*)?", re.IGNORECASE)
+
+
+class QueryError(KvcoreError):
+    """A query that DuckDB (or the read-only guard) refused: exit code 1."""
+
+
+def connect(files: list[Path], views: list[tuple[str, str]], threads: int | None = None):
+    import duckdb
+
+    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    if threads:
+        config["threads"] = threads
+    con = duckdb.connect(":memory:", config=config)
+    # Warm point lookups reuse the Parquet footers instead of re-reading them per query.
+    con.execute("SET parquet_metadata_cache = true")
+    con.execute("SET python_enable_replacements = false")  # SQL cannot reach Python variables
+    con.execute("SET allowed_paths = ?", [sorted({str(f) for f in files})])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    for name, sql in views:
+        try:
+            con.execute(f"CREATE VIEW {name} AS {sql}")
+        except duckdb.Error as exc:
+            raise KvcoreError(f"could not open the {name} view: {one_line(exc)}") from None
+    return con
+
+
+def statements(sql: str) -> list[str]:
+    """The SQL split into statements, each checked to be read-only; raises QueryError otherwise."""
+    import duckdb
+
+    try:
+        parsed = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(one_line(exc)) from None
+    if not parsed:
+        raise QueryError("no SQL statement given")
+    for st in parsed:
+        _check(st)
+    return [st.query for st in parsed]
+
+
+def _check(st) -> None:
+    import duckdb
+
+    kind = st.type
+    if kind == duckdb.StatementType.EXPLAIN:
+        inner = _EXPLAIN.sub("", st.query, count=1)
+        try:
+            inner_parsed = duckdb.extract_statements(inner)
+        except duckdb.Error:
+            inner_parsed = []
+        if len(inner_parsed) == 1 and inner_parsed[0].type == duckdb.StatementType.SELECT:
+            return
+        kind_name = inner_parsed[0].type.name if len(inner_parsed) == 1 else "an unrecognised statement"
+        raise QueryError(f"read-only: EXPLAIN of {kind_name} refused; kvcore query runs SELECT statements "
+                         "(and EXPLAIN of one) only")
+    if kind != duckdb.StatementType.SELECT:
+        raise QueryError(f"read-only: {kind.name} statements are refused; kvcore query runs SELECT statements "
+                         "(and EXPLAIN of one) only; write results with --export-csv or --export-parquet")
+
+
+def translate(exc: Exception, views: list[str], columns: dict[str, list[str]] | None = None) -> QueryError:
+    """DuckDB's message on one line, with a hint where the user can act on it.
+
+    `columns`: the columns of the views the query names, listed when a column is unknown.
+    """
+    import duckdb
+
+    msg = one_line(exc)
+    if isinstance(exc, duckdb.BinderException) and "not found" in msg and columns:
+        msg += " (" + "; ".join(f"{view} columns: {', '.join(cols)}" for view, cols in columns.items()) + ")"
+    if isinstance(exc, duckdb.PermissionException):
+        msg = (f"refused: {msg} (kvcore query is read-only and reads only the run's own files "
+               "through the views)")
+    elif isinstance(exc, duckdb.CatalogException) and "does not exist" in msg:
+        msg = f"{msg} (views: {', '.join(views)})"
+    return QueryError(msg)

@@ -1,0 +1,32 @@
+# Models and datasets from their sources into resources/ (checked by sha256).
+
+
+rule download_model:
+    output:
+        manifest="resources/models/{model}/manifest.json",
+    input:
+        code=code("kvcore.sources.models"),
+    params:
+        spec=lambda wc: config["models"][wc.model],
+    log:
+        "logs/download_model/{model}.log",
+    benchmark:
+        "logs/benchmarks/download_model/{model}.tsv"
+    script:
+        "../scripts/download_model.py"
+
+
+rule download_dataset:
+    output:
+        text="resources/datasets/{dataset}/text.parquet",
+        manifest="resources/datasets/{dataset}/manifest.json",
+    input:
+        code=code("kvcore.sources.datasets"),
+    params:
+        spec=lambda wc: config["datasets"][wc.dataset],
+    log:
+        "logs/download_dataset/{dataset}.log",
+    benchmark:
+        "logs/benchmarks/download_dataset/{dataset}.tsv"
+    script:
+        "../scripts/download_dataset.py"
