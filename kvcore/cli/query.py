@@ -147,7 +147,7 @@ def _norm_range(values: list[str]) -> tuple[float, float, str]:
 
 def run(args) -> int:
     from kvcore.query import Query, open_run
-    from kvcore.query.printing import export, show
+    from kvcore.query.printing import export, show, single_select
     from kvcore.query.views import literal
 
     verb = chosen_verb(args)
@@ -171,8 +171,9 @@ def run(args) -> int:
         if args.explain:
             print(r.explain(query))
             return 0
-        if args.limit is not None and _single_select(query.sql):
-            query = query.limited(args.limit)
+        select = single_select(query.sql) if args.limit is not None else None
+        if select:
+            query = Query(select, query.params, query.vertical).limited(args.limit)
         exports = [(f, "csv") for f in [args.export_csv] if f] + [(f, "parquet") for f in [args.export_parquet] if f]
         for path, fmt in exports:
             n = export(r, query, path, fmt)
@@ -181,9 +182,3 @@ def run(args) -> int:
             show(r, query, args.format, args.limit)
     return 0
 
-
-def _single_select(sql: str) -> bool:
-    from kvcore.query.sandbox import statements
-
-    parts = statements(sql)
-    return len(parts) == 1 and not parts[0].lstrip().upper().startswith("EXPLAIN")

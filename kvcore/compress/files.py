@@ -74,6 +74,7 @@ def decompress_file(in_path, out_path, *, device: str | None = None) -> dict:
     from kvcore.compress import parse_method
 
     _check_paths(in_path, out_path)
+    dev = _device(device)
     start = time.perf_counter()
     with _open(in_path) as f:
         meta = f.metadata() or {}
@@ -91,12 +92,12 @@ def decompress_file(in_path, out_path, *, device: str | None = None) -> dict:
         for tname in f.keys():
             m = _PACKED_NAME.fullmatch(tname)
             if m:
-                groups.setdefault((int(m[1]), m[2]), {})[m[3]] = _get(f, in_path, tname).to(_device(device))
+                groups.setdefault((int(m[1]), m[2]), {})[m[3]] = _get(f, in_path, tname).to(dev)
         out = {}
         for (layer, kind), packed in sorted(groups.items()):
             try:
                 out[f"layer_{layer}_{kind}"] = method.decompress(packed, kind).cpu()
-            except (ValueError, RuntimeError, KeyError) as exc:
+            except (ValueError, RuntimeError, KeyError, IndexError) as exc:  # damaged file
                 raise KvcoreError(f"{in_path}: cannot decompress layer_{layer}_{kind} ({exc})") from None
     if not out:
         raise KvcoreError(f"{in_path} holds no compressed layer_{{i}}_{{key,value}} tensors")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from kvcore.compress.base import HEADER_NBYTES, Method
 
 

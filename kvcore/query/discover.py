@@ -41,6 +41,9 @@ class RunFiles:
         extra = [self.tokens] if self.tokens else []
         return self.kv_files + extra + self.predictions + self.stats + self.compress + self.ppl
 
+    def layer_files(self, layer: int) -> list[Path]:
+        return [f for f in self.kv_files if f.parent.name == f"layer={layer}"]
+
     @property
     def name(self) -> str:
         return f"{self.model}/{self.dataset}"

@@ -63,7 +63,13 @@ def show(run, query: Query, fmt: str, limit: int | None, stream=None) -> int:
         return output.write_json(run.reader(query), stream)
     if fmt == "csv":
         return output.write_csv(run.reader(flat(run, query)), _TextSink(stream))
-    table, more = head(run.reader(query), limit if limit is not None else output.TABLE_ROWS)
+    cap = limit if limit is not None else output.TABLE_ROWS
+    select = single_select(query.sql)
+    if select:  # LIMIT in SQL lets DuckDB stop early (top-N for ORDER BY)
+        table = run.arrow(Query(select, query.params).limited(cap + 1))
+        table, more = table.slice(0, cap), table.num_rows > cap
+    else:
+        table, more = head(run.reader(query), cap)
     if query.vertical or (table.num_rows == 1 and has_long_vectors(table)):
         text = output.render_vertical(table)
         if more:
@@ -72,6 +78,16 @@ def show(run, query: Query, fmt: str, limit: int | None, stream=None) -> int:
         text = output.render_table(table, more and limit is None)
     stream.write(text + "\n")
     return table.num_rows
+
+
+def single_select(sql: str) -> str | None:
+    """The statement without its ';' when `sql` is one SELECT (so it can be wrapped), else None."""
+    from kvcore.query.sandbox import statements
+
+    parts = statements(sql)
+    if len(parts) == 1 and not parts[0].lstrip().upper().startswith("EXPLAIN"):
+        return parts[0]
+    return None
 
 
 def export(run, query: Query, path: str, fmt: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 from kvcore.query import verbs
@@ -30,7 +31,7 @@ class Run:
         self.path = Path(path)
         self.runs: list[RunFiles] = load_runs(path, model, dataset)
         views = view_statements(self.runs)
-        self.views = [name for name, _ in views]
+        self.views = [name for name, _ in views if "." not in name]  # by_layer.* are per-layer copies of kv
         files = [f for r in self.runs for f in r.all_files]
         self._con = connect(files, views, threads)
         self._column_cache: dict[str, list[str]] = {}
@@ -38,7 +39,10 @@ class Run:
     # ---- raw SQL ----------------------------------------------------------------------
 
     def execute(self, query: str | Query, params: list | None = None):
-        """Run read-only SQL; returns a DuckDB relation for the last statement's result."""
+        """Run read-only SQL; returns a DuckDB relation over the last statement's result (streamed)."""
+        return self._run(query, params, lazy=True)
+
+    def _run(self, query: str | Query, params: list | None, lazy: bool):
         import duckdb
 
         if isinstance(query, Query):
@@ -49,7 +53,11 @@ class Run:
         try:
             for part in parts[:-1]:
                 self._con.execute(part)
-            return self._con.sql(parts[-1], params=params or None)
+            if lazy:
+                return self._con.sql(parts[-1], params=params or None)
+            # The DB-API path binds the query once; a relation binds it twice, which costs
+            # milliseconds per query when a view lists hundreds of files (point lookups).
+            return self._con.execute(parts[-1], params or [])
         except duckdb.Error as exc:
             raise translate(exc, self.views, self._columns_named_in(query)) from None
 
@@ -65,22 +73,25 @@ class Run:
 
     def sql(self, query: str | Query, params: list | None = None):
         """Result as a pandas DataFrame."""
-        return self._fetch(query, params, lambda rel: rel.df())
+        return self._fetch(query, params, lambda res: res.df())
 
     def arrow(self, query: str | Query, params: list | None = None):
         """Result as a pyarrow Table."""
-        return self._fetch(query, params, lambda rel: rel.to_arrow_table())
+        return self._fetch(query, params, lambda res: res.to_arrow_table())
 
     def reader(self, query: str | Query, params: list | None = None, batch_rows: int = 65536):
         """Result as a pyarrow RecordBatchReader, streamed (for exports of any size)."""
-        return self._fetch(query, params, lambda rel: rel.to_arrow_reader(batch_rows))
+        return self._fetch(query, params, lambda rel: rel.to_arrow_reader(batch_rows), lazy=True)
 
-    def _fetch(self, query, params, how):
+    def _fetch(self, query, params, how, lazy: bool = False):
         import duckdb
 
-        rel = self.execute(query, params)
+        result = self._run(query, params, lazy)
         try:
-            return how(rel)
+            with warnings.catch_warnings():
+                # "extra copy" on DB-API Arrow results: small next to binding twice (see _run)
+                warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
+                return how(result)
         except duckdb.Error as exc:  # errors can surface while rows are produced
             sql = query.sql if isinstance(query, Query) else query
             raise translate(exc, self.views, self._columns_named_in(sql)) from None
@@ -90,14 +101,14 @@ class Run:
         if isinstance(query, Query):
             query, params = query.sql, query.params
         prefix = "EXPLAIN ANALYZE " if analyze else "EXPLAIN "
-        rows = self.execute(prefix + query, params).fetchall()
+        rows = self._run(prefix + query, params, lazy=False).fetchall()
         return "\n".join(r[-1] for r in rows)
 
     def profile(self, query: str | Query, params: list | None = None) -> dict:
         """EXPLAIN ANALYZE as JSON: the operator tree with rows and row groups scanned."""
         if isinstance(query, Query):
             query, params = query.sql, query.params
-        return json.loads(self.execute("EXPLAIN (ANALYZE, FORMAT json) " + query, params).fetchall()[0][1])
+        return json.loads(self._run("EXPLAIN (ANALYZE, FORMAT json) " + query, params, lazy=False).fetchall()[0][1])
 
     def scans(self, query: str | Query, params: list | None = None) -> list[dict]:
         """What each Parquet scan of the query touched: files, row groups, rows, bytes (EXPLAIN ANALYZE)."""

@@ -36,6 +36,7 @@ def connect(files: list[Path], views: list[tuple[str, str]], threads: int | None
     con.execute("SET allowed_paths = ?", [sorted({str(f) for f in files})])
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
+    con.execute("CREATE SCHEMA by_layer")
     for name, sql in views:
         try:
             con.execute(f"CREATE VIEW {name} AS {sql}")
@@ -56,7 +57,7 @@ def statements(sql: str) -> list[str]:
         raise QueryError("no SQL statement given")
     for st in parsed:
         _check(st)
-    return [st.query for st in parsed]
+    return [st.query.strip().rstrip(";").rstrip() for st in parsed]
 
 
 def _check(st) -> None:

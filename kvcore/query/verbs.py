@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kvcore.errors import UsageError
 from kvcore.query.discover import RunFiles
-from kvcore.query.views import vector_type
+from kvcore.query.views import layer_view, vector_type
 
 VERBS = ("info", "coordinate", "list_tokens", "token_search", "layer_summary", "head_summary", "token_summary",
          "search_norm", "nearest")
@@ -103,10 +103,10 @@ def info(runs: list[RunFiles]) -> Query:
 
 def coordinate(runs: list[RunFiles], layer: int, head: int, token: int, seq: int = 0) -> Query:
     check_coordinate(runs, layer, head, token, seq)
-    return Query("""SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm, key, value
-FROM kv
-WHERE layer = ? AND head = ? AND seq_id = ? AND pos = ?
-ORDER BY model, dataset""", [layer, head, seq, token], vertical=True)
+    return Query(f"""SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm, key, value
+FROM {layer_view(layer)}
+WHERE head = ? AND seq_id = ? AND pos = ?
+ORDER BY model, dataset""", [head, seq, token], vertical=True)
 
 
 def list_tokens(runs: list[RunFiles], seq: int | None = None) -> Query:
@@ -119,15 +119,16 @@ def list_tokens(runs: list[RunFiles], seq: int | None = None) -> Query:
                  "ORDER BY model, dataset, seq_id, pos", params)
 
 
-def _filters(runs, layer: int | None, head: int | None, alias: str = "") -> tuple[str, list]:
-    sql, params = "", []
+def _filters(runs, layer: int | None, head: int | None, alias: str = "") -> tuple[str, str, list]:
+    """(view, extra WHERE terms, parameters): one layer reads its own view, not all of kv."""
+    source, sql, params = "kv", "", []
     if layer is not None:
         check_layer(runs, layer)
-        sql, params = sql + f" AND {alias}layer = ?", params + [layer]
+        source = layer_view(layer)
     if head is not None:
         check_head(runs, head)
         sql, params = sql + f" AND {alias}head = ?", params + [head]
-    return sql, params
+    return source, sql, params
 
 
 def token_search(runs: list[RunFiles], text: str, layer: int | None = None, head: int | None = None) -> Query:
@@ -135,46 +136,51 @@ def token_search(runs: list[RunFiles], text: str, layer: int | None = None, head
     _need_tokens(runs)
     if not text.strip():
         raise UsageError("--token-search needs some text, e.g. --token-search fox")
-    extra, params = _filters(runs, layer, head, "k.")
+    source, extra, params = _filters(runs, layer, head, "k.")
     # Find the positions in the small tokens table first, then fetch only their kv rows.
     return Query(f"""WITH hits AS (
   SELECT model, dataset, seq_id, pos, token FROM tokens WHERE lower(trim(token)) = lower(trim(?))
 )
 SELECT k.model, k.dataset, k.seq_id, k.pos, k.token_id, h.token, k.layer, k.head, k.key_norm, k.value_norm
-FROM kv k
+FROM {source} k
 JOIN hits h ON k.model = h.model AND k.dataset = h.dataset AND k.seq_id = h.seq_id AND k.pos = h.pos
 WHERE true{extra}
 ORDER BY k.model, k.dataset, k.seq_id, k.pos, k.layer, k.head""", [text] + params)
 
 
-def _stats(prefix: str = "") -> str:
+def _stats(dim: int | None = None) -> str:
     """Norm statistics and element statistics of key and value vectors.
 
-    Element variance comes from the stored norms (sum of squares = norm^2), so only
-    list_sum/min/max touch the vectors.
+    Element variance comes from the stored norms (sum of squares = norm^2). With one head_dim
+    the element sum is a dot product with ones, which DuckDB computes several times faster
+    than list_sum; min/max need list_min/list_max.
     """
     cols = ["count(*) AS n_vectors"]
     for kind in KINDS:
-        n = f"{prefix}{kind}_norm"
-        v = f"{prefix}{kind}"
-        cols += [f"avg({n}) AS {kind}_norm_mean", f"stddev_pop({n}) AS {kind}_norm_std",
-                 f"min({n}) AS {kind}_norm_min", f"max({n}) AS {kind}_norm_max",
-                 f"sum(list_sum({v})) / sum(len({v})) AS {kind}_mean",
-                 f"sqrt(greatest(sum({n}::DOUBLE * {n}) / sum(len({v})) - "
-                 f"pow(sum(list_sum({v})) / sum(len({v})), 2), 0)) AS {kind}_std",
-                 f"min(list_min({v})) AS {kind}_min", f"max(list_max({v})) AS {kind}_max"]
+        n = kind + "_norm"
+        total = (f"sum(array_inner_product({kind}, repeat([1::FLOAT], {dim})::FLOAT[{dim}]))" if dim
+                 else f"sum(list_sum({kind}))")
+        count = f"(count(*) * {dim})" if dim else f"sum(len({kind}))"
+        cols += [f"avg({n}) AS {n}_mean", f"stddev_pop({n}) AS {n}_std", f"min({n}) AS {n}_min",
+                 f"max({n}) AS {n}_max", f"{total} / {count} AS {kind}_mean",
+                 f"sqrt(greatest(sum({n}::DOUBLE * {n}) / {count} - pow({total} / {count}, 2), 0)) AS {kind}_std",
+                 f"min(list_min({kind})) AS {kind}_min", f"max(list_max({kind})) AS {kind}_max"]
     return ",\n       ".join(cols)
+
+
+def _dim(runs: list[RunFiles]) -> int | None:
+    vec = vector_type(runs)
+    return int(vec[6:-1]) if vec != "FLOAT[]" else None
 
 
 def layer_summary(runs: list[RunFiles], layer: int) -> Query:
     """Per KV head of one layer, plus an all-heads row (head NULL)."""
     check_layer(runs, layer)
     return Query(f"""SELECT model, dataset, layer, head,
-       {_stats()}
-FROM kv
-WHERE layer = ?
+       {_stats(_dim(runs))}
+FROM {layer_view(layer)}
 GROUP BY GROUPING SETS ((model, dataset, layer, head), (model, dataset, layer))
-ORDER BY model, dataset, head NULLS LAST""", [layer])
+ORDER BY model, dataset, head NULLS LAST""")
 
 
 def head_summary(runs: list[RunFiles], layer: int, head: int) -> Query:
@@ -183,11 +189,11 @@ def head_summary(runs: list[RunFiles], layer: int, head: int) -> Query:
     check_head(runs, head)
     return Query(f"""WITH s AS (
   SELECT model, dataset, layer, head,
-       {_stats()},
+       {_stats(_dim(runs))},
        arg_max({{'seq_id': seq_id, 'pos': pos}}, key_norm) AS key_norm_argmax,
        arg_max({{'seq_id': seq_id, 'pos': pos}}, value_norm) AS value_norm_argmax
-  FROM kv
-  WHERE layer = ? AND head = ?
+  FROM {layer_view(layer)}
+  WHERE head = ?
   GROUP BY ALL
 )
 SELECT s.* EXCLUDE (key_norm_argmax, value_norm_argmax),
@@ -203,7 +209,7 @@ LEFT JOIN tokens tk ON tk.model = s.model AND tk.dataset = s.dataset
      AND tk.seq_id = s.key_norm_argmax.seq_id AND tk.pos = s.key_norm_argmax.pos
 LEFT JOIN tokens tv ON tv.model = s.model AND tv.dataset = s.dataset
      AND tv.seq_id = s.value_norm_argmax.seq_id AND tv.pos = s.value_norm_argmax.pos
-ORDER BY s.model, s.dataset""", [layer, head], vertical=len(runs) == 1)
+ORDER BY s.model, s.dataset""", [head], vertical=len(runs) == 1)
 
 
 def token_summary(runs: list[RunFiles], token: int, seq: int = 0) -> Query:
@@ -227,9 +233,9 @@ def search_norm(runs: list[RunFiles], low: float, high: float, kind: str = "key"
         raise UsageError(f"norm kind must be key or value (got {kind!r})")
     if low > high:
         raise UsageError(f"empty norm range: low {low} is above high {high}")
-    extra, params = _filters(runs, layer, head)
+    source, extra, params = _filters(runs, layer, head)
     return Query(f"""SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm
-FROM kv
+FROM {source}
 WHERE {kind}_norm BETWEEN ? AND ?{extra}
 ORDER BY model, dataset, layer, seq_id, pos, head""", [low, high] + params)
 
@@ -245,19 +251,25 @@ def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10
     if k < 1:
         raise UsageError(f"--k must be at least 1 (got {k})")
     fn = "array" if vector_type(runs) != "FLOAT[]" else "list"  # array_* needs a fixed size
-    score, order = ((f"{fn}_cosine_similarity(c.{by}, q.v)", "DESC") if metric == "cosine"
-                    else (f"{fn}_distance(c.{by}, q.v)", "ASC"))
-    name = "cosine_similarity" if metric == "cosine" else "l2_distance"
+    name, score, best = (("cosine_similarity", f"{fn}_cosine_similarity(c.{by}, q.v)", "max_by") if metric == "cosine"
+                         else ("l2_distance", f"{fn}_distance(c.{by}, q.v)", "min_by"))
+    order = "DESC" if metric == "cosine" else "ASC"
+    # max_by/min_by with a count keeps a k-heap per run: no sort of the whole (layer, head).
     return Query(f"""WITH q AS (
-  SELECT model, dataset, {by} AS v FROM kv WHERE layer = ? AND head = ? AND seq_id = ? AND pos = ?
+  SELECT model, dataset, {by} AS v FROM {layer_view(layer)} WHERE head = ? AND seq_id = ? AND pos = ?
 ), top AS (
-  SELECT c.model, c.dataset, c.layer, c.head, c.seq_id, c.pos, c.token_id, c.{by}_norm, {score} AS {name},
-         row_number() OVER (PARTITION BY c.model, c.dataset ORDER BY {name} {order}, c.seq_id, c.pos) AS rank
-  FROM kv c JOIN q ON c.model = q.model AND c.dataset = q.dataset
-  WHERE c.layer = ? AND c.head = ? AND NOT (c.seq_id = ? AND c.pos = ?)
-  QUALIFY rank <= ?
+  SELECT c.model, c.dataset,
+         unnest({best}({{'seq_id': c.seq_id, 'pos': c.pos, 'token_id': c.token_id, 'norm': c.{by}_norm,
+                          'score': {score}}}, {score}, ?)) AS hit
+  FROM {layer_view(layer)} c JOIN q ON c.model = q.model AND c.dataset = q.dataset
+  WHERE c.head = ? AND NOT (c.seq_id = ? AND c.pos = ?)
+  GROUP BY c.model, c.dataset
 )
-SELECT top.model, top.dataset, rank, layer, head, top.seq_id, top.pos, top.token_id, t.token, {name}, {by}_norm
+SELECT top.model, top.dataset,
+       row_number() OVER (PARTITION BY top.model, top.dataset
+                          ORDER BY hit.score {order}, hit.seq_id, hit.pos) AS rank,
+       {layer} AS layer, {head} AS head, hit.seq_id AS seq_id, hit.pos AS pos, hit.token_id AS token_id, t.token,
+       hit.score AS {name}, hit.norm AS {by}_norm
 FROM top
-LEFT JOIN tokens t ON t.model = top.model AND t.dataset = top.dataset AND t.seq_id = top.seq_id AND t.pos = top.pos
-ORDER BY top.model, top.dataset, rank""", [layer, head, seq, token, layer, head, seq, token, k])
+LEFT JOIN tokens t ON t.model = top.model AND t.dataset = top.dataset AND t.seq_id = hit.seq_id AND t.pos = hit.pos
+ORDER BY top.model, top.dataset, rank""", [head, seq, token, k, head, seq, token])

@@ -1,0 +1,80 @@
+"""The analysis plots of a run, one function per PNG; each returns the data it drew.
+
+Stat plots take the statistics tables (`kvcore.stats.compute_stats` or `read_stats`);
+result plots also take result records (`kvcore.report.collect_results`). `write_plots`
+draws a whole set for a run directory; the workflow calls it twice, once for STAT_PLOTS
+(inputs: stats/*.parquet) and once for RESULT_PLOTS (inputs: stats plus every
+ppl/{method}.json and compress/{method}.json of the run), so that adding a method does not
+redraw the cache plots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvcore.plots.cache import (plot_channel_outliers, plot_cross_layer_similarity, plot_head_sparsity,
+                                plot_key_norm_by_position, plot_layer_statistics,
+                                plot_weight_magnitude_distribution)
+from kvcore.plots.pruning import plot_head_pruning_potential, plot_layer_pruning_potential, plot_pruning_heatmap
+from kvcore.plots.results import plot_attention_sinks, plot_compression_tradeoff
+
+STAT_PLOTS = {
+    "layer_statistics": plot_layer_statistics,
+    "head_sparsity": plot_head_sparsity,
+    "weight_magnitude_distribution": plot_weight_magnitude_distribution,
+    "channel_outliers": plot_channel_outliers,
+    "key_norm_by_position": plot_key_norm_by_position,
+    "cross_layer_similarity": plot_cross_layer_similarity,
+}
+RESULT_PLOTS = {
+    "pruning_heatmap_by_layer_head": plot_pruning_heatmap,
+    "layer_pruning_potential": plot_layer_pruning_potential,
+    "head_pruning_potential": plot_head_pruning_potential,
+    "compression_tradeoff": plot_compression_tradeoff,
+}
+# Drawn only where their inputs exist (not fixed workflow outputs):
+#   attention_sinks.png   from {run}/attention/sinks.parquet (layer, head, key_pos, attention)
+#   task_accuracy.png     owned by the task-evaluation stage
+OPTIONAL_PLOTS = ("attention_sinks", "task_accuracy")
+ALL_PLOTS = {**STAT_PLOTS, **RESULT_PLOTS}
+
+__all__ = ["STAT_PLOTS", "RESULT_PLOTS", "ALL_PLOTS", "OPTIONAL_PLOTS", "write_plots", "plot_attention_sinks",
+           "plot_compression_tradeoff", *[f.__name__ for f in ALL_PLOTS.values()]]
+
+
+def write_plots(run_dir: str | Path, out_dir: str | Path | None = None, names=None, stats_dir=None,
+                methods: dict | None = None) -> dict:
+    """Draw `names` (default: every plot in STAT_PLOTS and RESULT_PLOTS) into out_dir (default run_dir/plots).
+
+    `methods`: the config's `methods:` mapping, so result records know each method's family and
+    parameters (pruned layers/heads) even where the result JSON does not say. Also draws
+    attention_sinks.png when {run_dir}/attention/sinks.parquet exists. Returns {name: data drawn}.
+    """
+    from kvcore.errors import UsageError
+    from kvcore.report import collect_results
+    from kvcore.stats import read_stats, stats_meta
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    names = list(ALL_PLOTS) if names is None else list(names)
+    unknown = [n for n in names if n not in ALL_PLOTS]
+    if unknown:
+        raise UsageError(f"unknown plot(s) {', '.join(unknown)}; valid: {', '.join(ALL_PLOTS)}")
+    stats = read_stats(stats_dir or run_dir / "stats")
+    meta = stats_meta(stats)
+    records = collect_results(run_dir, methods) if any(n in RESULT_PLOTS for n in names) else []
+    out = {}
+    for name in names:
+        png = out_dir / f"{name}.png"
+        if name == "compression_tradeoff":
+            out[name] = plot_compression_tradeoff(records, png, meta)
+        elif name in RESULT_PLOTS:
+            out[name] = RESULT_PLOTS[name](stats, png, records)
+        else:
+            out[name] = STAT_PLOTS[name](stats, png)
+    sinks = run_dir / "attention" / "sinks.parquet"
+    if sinks.is_file():
+        import pyarrow.parquet as pq
+
+        out["attention_sinks"] = plot_attention_sinks(pq.read_table(sinks), out_dir / "attention_sinks.png", meta)
+    return out

@@ -1,0 +1,365 @@
+"""Markdown reports: one per run (plots, statistics, compression and perplexity tables) and one
+across the grid, plus `results/summary.parquet` (every ppl + compress result of every run).
+
+Results are read as DESIGN.md lays them out: {run}/ppl/{method}.json (one object, or a list of
+objects, e.g. one per protocol) joined on the method name with {run}/compress/{method}.json.
+Missing stages are left out, never an error: a report can be written after extraction alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from kvcore.errors import KvcoreError
+
+CAPTIONS = {
+    "layer_statistics": "Per layer: sparsity (entries below 1% of the head's RMS), key–value correlation, "
+                        "std, mean magnitude, excess kurtosis and outlier-channel ratio of keys and values.",
+    "head_sparsity": "Sparsity of keys and values per layer and KV head (threshold relative to each head's "
+                     "own RMS, so massive activations elsewhere do not decide it).",
+    "pruning_heatmap_by_layer_head": "Pruning potential per layer and KV head, 1 − mean‖v‖ ÷ the largest head's "
+                                     "mean‖v‖; boxed cells carry the measured perplexity change of pruning runs.",
+    "layer_pruning_potential": "Pruning potential per layer from the statistics, with the measured perplexity "
+                               "change of single-layer pruning runs on the right axis where configured.",
+    "head_pruning_potential": "Pruning potential per KV-head index across layers, and the top (layer, head) "
+                              "candidates.",
+    "weight_magnitude_distribution": "Distribution of |K| and |V| entries on log axes, whole cache and "
+                                     "first/middle/last layer, with the band of sparsity thresholds.",
+    "channel_outliers": "Mean |x| per channel for keys and values in every layer: keys concentrate in a few "
+                        "outlier channels (why keys are quantized per channel), values do not.",
+    "key_norm_by_position": "Key and value norms against token position: attention sinks stand out at the "
+                            "first positions, RoPE and depth shape the rest.",
+    "cross_layer_similarity": "Mean cosine similarity of the same token's keys (values) between every pair of "
+                              "layers, and between neighbouring layers.",
+    "compression_tradeoff": "Perplexity change against bits per element for every method: colour = family, "
+                            "marker = protocol, hollow = failed the threshold; lines join each family's best points.",
+    "attention_sinks": "Mean attention each key position receives per layer, and the share on position 0.",
+    "task_accuracy": "Task accuracy (needle / QA) against keep ratio for each method.",
+}
+PLOT_ORDER = ("layer_statistics", "head_sparsity", "weight_magnitude_distribution", "channel_outliers",
+              "key_norm_by_position", "cross_layer_similarity", "pruning_heatmap_by_layer_head",
+              "layer_pruning_potential", "head_pruning_potential", "compression_tradeoff", "attention_sinks",
+              "task_accuracy")
+TITLES = {n: n.replace("_", " ").capitalize().replace("Kv", "KV") for n in PLOT_ORDER}
+
+SUMMARY_COLUMNS = (
+    ("model", "string"), ("dataset", "string"), ("method", "string"), ("family", "string"), ("protocol", "string"),
+    ("bits_per_element", "float64"), ("compression_ratio", "float64"), ("original_size_bytes", "int64"),
+    ("compressed_size_bytes", "int64"), ("rmse", "float64"), ("snr_db", "float64"), ("cosine_similarity", "float64"),
+    ("max_error", "float64"), ("quality_level", "string"), ("compress_passed", "bool_"),
+    ("processing_time_ms", "float64"), ("baseline_perplexity", "float64"), ("compressed_perplexity", "float64"),
+    ("delta", "float64"), ("delta_percent", "float64"), ("passed", "bool_"), ("threshold", "float64"),
+    ("max_length", "int64"), ("stride", "int64"), ("n_tokens", "int64"), ("dtype", "string"),
+    ("seconds", "float64"), ("tokens_per_second", "float64"),
+)
+_COMPRESS_FIRST = ("bits_per_element", "compression_ratio", "original_size_bytes", "compressed_size_bytes", "rmse",
+                   "snr_db", "cosine_similarity", "max_error", "quality_level", "processing_time_ms")
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KvcoreError(f"{path}: not a readable JSON result ({exc})") from None
+
+
+def collect_results(run_dir: str | Path, methods: dict | None = None) -> list[dict]:
+    """One record per (method, protocol) with perplexity results, plus one per method with compression
+    metrics only. Fields: those of SUMMARY_COLUMNS (None where unknown), `params` (the method's
+    parameters: from the JSON's `params`, else the config `methods` entry), `compress_passed`."""
+    run_dir = Path(run_dir)
+    methods = methods or {}
+    compress = {p.stem: _load(p) for p in sorted((run_dir / "compress").glob("*.json"))}
+    records, seen = [], set()
+    for path in sorted((run_dir / "ppl").glob("*.json")):
+        data = _load(path)
+        for item in data if isinstance(data, list) else [data]:
+            records.append(_record(item.get("method") or path.stem, item, compress.get(path.stem, {}), methods))
+            seen.add(path.stem)
+    for stem, c in compress.items():
+        if stem not in seen:
+            records.append(_record(c.get("method") or stem, {}, c, methods))
+    return records
+
+
+def _record(method: str, ppl: dict, comp: dict, methods: dict) -> dict:
+    spec = dict(methods.get(method) or {})
+    rec = {name: None for name, _ in SUMMARY_COLUMNS}
+    for key in rec:
+        first, second = (comp, ppl) if key in _COMPRESS_FIRST else (ppl, comp)
+        rec[key] = first.get(key, second.get(key))
+    rec["method"] = method
+    rec["family"] = ppl.get("family") or comp.get("family") or spec.get("family") or (
+        "none" if method == "baseline" else None)
+    rec["passed"] = ppl.get("passed")
+    rec["compress_passed"] = comp.get("passed")
+    rec["quality_level"] = comp.get("quality_level")
+    spec.pop("family", None)
+    rec["params"] = ppl.get("params") or comp.get("params") or spec or None
+    return rec
+
+
+def find_runs(results_dir: str | Path) -> list[Path]:
+    """results/{model}/{dataset} directories holding a run (metadata, stats, ppl or compress results)."""
+    results_dir = Path(results_dir)
+    runs = []
+    for d in sorted(results_dir.glob("*/*")):
+        if d.is_dir() and d.name != "tasks" and any((d / x).exists() for x in ("metadata.json", "stats", "ppl",
+                                                                                "compress")):
+            runs.append(d)
+    return runs
+
+
+def summary_table(results_dir: str | Path, methods: dict | None = None):
+    """pyarrow Table of every result record of every run (schema SUMMARY_COLUMNS, possibly empty)."""
+    import pyarrow as pa
+
+    rows = []
+    for run in find_runs(results_dir):
+        for rec in collect_results(run, methods):
+            rec.update(model=run.parent.name, dataset=run.name)
+            rows.append(rec)
+    schema = pa.schema([(name, getattr(pa, typ)()) for name, typ in SUMMARY_COLUMNS])
+    cols = {}
+    for name, typ in SUMMARY_COLUMNS:
+        values = [_coerce(r.get(name), typ) for r in rows]
+        cols[name] = pa.array(values, type=schema.field(name).type)
+    return pa.table(cols, schema=schema)
+
+
+def _coerce(v, typ: str):
+    if v is None:
+        return None
+    try:
+        if typ == "float64":
+            return float(v)
+        if typ == "int64":
+            return int(v)
+        if typ == "bool_":
+            return bool(v)
+    except (TypeError, ValueError):
+        return None
+    return str(v)
+
+
+def write_summary(results_dir: str | Path, out_parquet: str | Path, methods: dict | None = None) -> Path:
+    """Write `summary.parquet`: one row per (model, dataset, method, protocol) result, atomically."""
+    import pyarrow.parquet as pq
+
+    from kvcore.atomic import atomic_path
+
+    table = summary_table(results_dir, methods)
+    with atomic_path(out_parquet) as tmp:
+        pq.write_table(table, tmp)
+    return Path(out_parquet)
+
+
+# ---------------------------------------------------------------- markdown helpers
+
+def _fmt(v, spec: str = ".4g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "✅" if v else "❌"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v).replace("|", "\\|")
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) if not isinstance(v, str) else v.replace("|", "\\|") for v in row) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def _rel(target: Path, out_md: Path) -> str:
+    return Path(os.path.relpath(target, out_md.parent)).as_posix()
+
+
+def _ppl_rows(records):
+    rows = []
+    for r in sorted((r for r in records if r.get("compressed_perplexity") is not None or r.get("delta") is not None),
+                    key=lambda r: (r["family"] != "none", r.get("family") or "", r["method"], r.get("protocol") or "")):
+        rows.append([r["method"], r.get("family") or "–", r.get("protocol") or "–", _fmt(r.get("bits_per_element"), ".3g"),
+                     _fmt(r.get("compression_ratio"), ".3g"), _fmt(r.get("baseline_perplexity"), ".3f"),
+                     _fmt(r.get("compressed_perplexity"), ".3f"), _fmt(r.get("delta"), "+.3f"),
+                     _fmt(r.get("delta_percent"), "+.2f"), _fmt(r.get("passed")),
+                     _fmt(r.get("tokens_per_second"), ".4g")])
+    return rows
+
+
+PPL_HEADER = ["method", "family", "protocol", "bits/elem", "ratio", "baseline ppl", "ppl", "Δ", "Δ %", "passed",
+              "tokens/s"]
+COMPRESS_HEADER = ["method", "family", "bits/elem", "ratio", "bytes written", "RMSE", "SNR dB", "cosine",
+                   "max error", "quality", "passed"]
+
+
+def _compress_rows(records):
+    seen, rows = set(), []
+    for r in sorted(records, key=lambda r: (r.get("family") or "", r["method"])):
+        if r["method"] in seen or r.get("compressed_size_bytes") is None and r.get("rmse") is None \
+                and r.get("quality_level") is None:
+            continue
+        seen.add(r["method"])
+        rows.append([r["method"], r.get("family") or "–", _fmt(r.get("bits_per_element"), ".3g"),
+                     _fmt(r.get("compression_ratio"), ".3g"),
+                     _fmt(None if r.get("compressed_size_bytes") is None else f"{int(r['compressed_size_bytes']):,}"),
+                     _fmt(r.get("rmse"), ".3g"), _fmt(r.get("snr_db"), ".1f"), _fmt(r.get("cosine_similarity"), ".5f"),
+                     _fmt(r.get("max_error"), ".3g"), _fmt(r.get("quality_level")), _fmt(r.get("compress_passed"))])
+    return rows
+
+
+def _stats_section(run_dir: Path, stats_dir: Path | None) -> list[str]:
+    from kvcore.stats import SPARSITY_REL, read_stats
+
+    stats_dir = stats_dir or run_dir / "stats"
+    if not (stats_dir / "heads.parquet").is_file():
+        return []
+    layers = read_stats(stats_dir)["layers"].to_pandas()
+    k = layers[layers.kind == "key"].set_index("layer").sort_index()
+    v = layers[layers.kind == "value"].set_index("layer").sort_index()
+    rows = []
+    for layer in k.index:
+        a, b = k.loc[layer], v.loc[layer]
+        rows.append([str(layer), f"{a['std']:.3g}", f"{b['std']:.3g}", f"{a['mean_abs']:.3g}", f"{b['mean_abs']:.3g}",
+                     f"{100 * a['sparsity']:.2f}", f"{100 * b['sparsity']:.2f}", f"{a['kurtosis']:.3g}",
+                     f"{b['kurtosis']:.3g}", f"{a['outlier_ratio']:.3g}", f"{b['outlier_ratio']:.3g}",
+                     f"{a['kv_correlation']:+.3f}", f"{a['norm_mean']:.3g}", f"{b['norm_mean']:.3g}",
+                     _fmt(float(a["cos_next_layer"]), "+.3f"), _fmt(float(b["cos_next_layer"]), "+.3f")])
+    header = ["layer", "K std", "V std", "K mean\\|x\\|", "V mean\\|x\\|", "K sparsity %", "V sparsity %",
+              "K kurtosis", "V kurtosis", "K outlier", "V outlier", "K–V corr", "mean ‖k‖", "mean ‖v‖",
+              "K cos→L+1", "V cos→L+1"]
+    return ["## Statistics per layer", "",
+            f"Pooled over KV heads and tokens; per-head values in `{_rel(stats_dir, run_dir / 'x')}/heads.parquet`. "
+            f"Sparsity: entries with |x| < {SPARSITY_REL:g} × the head's RMS. Kurtosis: excess (0 for a Gaussian). "
+            "Outlier: largest ÷ median channel mean |x|. K–V corr: Pearson over (token, channel) entries. "
+            "cos→L+1: mean cosine of the same token's vector in the next layer.", "",
+            md_table(header, rows), ""]
+
+
+def _run_meta_line(run_dir: Path) -> tuple[str, str]:
+    path = run_dir / "metadata.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    model, dataset = meta.get("model") or run_dir.parent.name, meta.get("dataset") or run_dir.name
+    if not meta:
+        return f"{model} on {dataset}", "Not extracted yet (no metadata.json)."
+    gqa = f" ({meta['num_heads']} query heads)" if meta.get("num_heads") not in (None, meta.get("num_kv_heads")) else ""
+    line = (f"{meta.get('n_sequences', '?')} sequences, {meta.get('n_tokens', 0):,} tokens · "
+            f"{meta.get('num_layers')} layers × {meta.get('num_kv_heads')} KV heads{gqa} × head_dim "
+            f"{meta.get('head_dim')} · {meta.get('dtype')} · kvcore {meta.get('kvcore_version', '?')}")
+    return f"{model} on {dataset}", line
+
+
+def _tasks_section(task_root: Path, out_md: Path) -> list[str]:
+    files = sorted(task_root.glob("*/*.json")) if task_root.is_dir() else []
+    if not files:
+        return []
+    rows, keys = [], []
+    loaded = []
+    for f in files:
+        d = _load(f)
+        flat = {k: v for k, v in (d.items() if isinstance(d, dict) else []) if isinstance(v, (int, float, str, bool))}
+        loaded.append((f.parent.name, f.stem, flat))
+        keys += [k for k in flat if k not in keys and k not in ("task", "method")]
+    keys = keys[:8]
+    for task, method, flat in loaded:
+        rows.append([task, method] + [_fmt(flat.get(k)) for k in keys])
+    return ["## Tasks", "", f"From `{_rel(task_root, out_md)}/`.", "", md_table(["task", "method"] + keys, rows), ""]
+
+
+def write_run_report(run_dir: str | Path, out_md: str | Path | None = None, plots_dir: str | Path | None = None,
+                     stats_dir: str | Path | None = None, methods: dict | None = None) -> Path:
+    """Write a run's report.md (default run_dir/report.md): plots with captions and relative links,
+    perplexity, compression and per-layer statistics tables. Sections without inputs are left out."""
+    from kvcore.atomic import write_text
+
+    run_dir = Path(run_dir)
+    out_md = Path(out_md) if out_md is not None else run_dir / "report.md"
+    plots_dir = Path(plots_dir) if plots_dir is not None else run_dir / "plots"
+    title, meta_line = _run_meta_line(run_dir)
+    records = collect_results(run_dir, methods)
+    lines = [f"# KV cache report: {title}", "", meta_line, ""]
+    grid = run_dir.parent.parent / "report.md"
+    lines += [f"[All runs]({_rel(grid, out_md)}) · data: `metadata.json`, `stats/*.parquet`, `ppl/*.json`, "
+              "`compress/*.json`", ""]
+    ppl = _ppl_rows(records)
+    lines += ["## Perplexity", ""]
+    lines += [md_table(PPL_HEADER, ppl), ""] if ppl else ["No perplexity results yet.", ""]
+    comp = _compress_rows(records)
+    lines += ["## Compression", ""]
+    lines += [md_table(COMPRESS_HEADER, comp), ""] if comp else ["No compression methods configured.", ""]
+    present = [n for n in PLOT_ORDER if (plots_dir / f"{n}.png").is_file()]
+    if present:
+        lines += ["## Plots", ""]
+        for name in present:
+            caption = CAPTIONS[name]
+            if name == "compression_tradeoff" and not any(r.get("family") not in (None, "none") for r in records):
+                caption += " No compression method is configured yet, so the plot says so."
+            lines += [f"### {TITLES[name]}", "", caption, "",
+                      f"![{name}]({_rel(plots_dir / f'{name}.png', out_md)})", ""]
+    lines += _stats_section(run_dir, Path(stats_dir) if stats_dir else None)
+    lines += _tasks_section(run_dir.parent / "tasks", out_md)
+    from kvcore.plots.pruning import FORMULA
+
+    lines += ["## Definitions", "",
+              f"- Pruning potential (a heuristic from the statistics): {FORMULA}. An attention head's output is a "
+              "convex combination of its value vectors, so small values write little into the residual stream; "
+              "it ignores the output projection and the attention pattern, so check it against measured pruning runs.",
+              "- Δ % = (compressed − baseline perplexity) ÷ baseline × 100; `passed` = Δ below the threshold.",
+              "- Protocols: `fake-quant` compresses every K/V on cache update; `prefill-compress` compresses the "
+              "prefilled context once per window, then scores the stride tokens against it.", ""]
+    write_text(out_md, "\n".join(lines))
+    return out_md
+
+
+def write_grid_report(results_dir: str | Path, out_md: str | Path | None = None, methods: dict | None = None) -> Path:
+    """Write results/report.md: every run side by side, every result row, and links to the run reports."""
+    from kvcore.atomic import write_text
+
+    results_dir = Path(results_dir)
+    out_md = Path(out_md) if out_md is not None else results_dir / "report.md"
+    runs = find_runs(results_dir)
+    lines = ["# kvcore results across the grid", ""]
+    if not runs:
+        write_text(out_md, "\n".join(lines + ["No runs under this directory yet.", ""]))
+        return out_md
+    summary = results_dir / "summary.parquet"
+    lines += [f"{len(runs)} run(s). Every result row is also in `{_rel(summary, out_md)}` "
+              "(`SELECT * FROM 'results/summary.parquet'` in DuckDB).", "", "## Runs", ""]
+    run_rows, all_rows = [], []
+    for run in runs:
+        records = collect_results(run, methods)
+        meta_path = run / "metadata.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        base = next((r.get("baseline_perplexity") for r in records if r.get("baseline_perplexity") is not None), None)
+        tried = [r for r in records if r.get("family") not in (None, "none") and r.get("passed") is not None]
+        ok = [r for r in tried if r["passed"] and r.get("bits_per_element") is not None]
+        best = min(ok, key=lambda r: (r["bits_per_element"], r.get("delta_percent") or 0)) if ok else None
+        report = run / "report.md"
+        link = f"[report]({_rel(report, out_md)})" if report.is_file() else "–"
+        shape = (f"{meta['num_layers']}×{meta['num_kv_heads']}×{meta['head_dim']}" if meta else "–")
+        run_rows.append([run.parent.name, run.name, _fmt(meta.get("n_sequences")),
+                         _fmt(None if not meta else f"{meta.get('n_tokens', 0):,}"), shape, _fmt(meta.get("dtype")),
+                         _fmt(base, ".3f"), f"{sum(1 for r in tried if r['passed'])}/{len(tried)}",
+                         "–" if best is None else f"{best['method']} ({best['bits_per_element']:.3g} bits, "
+                                                  f"{best.get('delta_percent') or 0:+.2f}%)", link])
+        for row in _ppl_rows(records):
+            all_rows.append([run.parent.name, run.name] + row)
+    lines += [md_table(["model", "dataset", "sequences", "tokens", "layers×KV heads×dim", "dtype", "baseline ppl",
+                        "passing", "fewest bits passing", "report"], run_rows), ""]
+    lines += ["## Perplexity across the grid", ""]
+    lines += [md_table(["model", "dataset"] + PPL_HEADER, all_rows), ""] if all_rows else ["No results yet.", ""]
+    plots = [(run, run / "plots" / "compression_tradeoff.png") for run in runs]
+    plots = [(r, p) for r, p in plots if p.is_file()]
+    if plots:
+        lines += ["## Compression trade-off per run", ""]
+        for run, png in plots:
+            lines += [f"### {run.parent.name} · {run.name}", "", f"![compression_tradeoff]({_rel(png, out_md)})", ""]
+    for model_dir in sorted({run.parent for run in runs}):
+        lines += _tasks_section(model_dir / "tasks", out_md)
+    write_text(out_md, "\n".join(lines))
+    return out_md

