@@ -10,6 +10,7 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/compress.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -155,7 +155,7 @@ def bench_size(root: Path, rows: int, args) -> dict:
     res["lookup_plain_glob_ms"] = 1e3 * median_over(
         lambda *c: con.sql(glob_sql, params=list(c)).to_arrow_table(), coords[: max(5, args.lookups // 3)])
     scan = [s for s in run.scans(run.query("coordinate", *coords[0])) if "key" in s["projections"]][0]
-    res["lookup_files"] = f"{scan['files_scanned']}/{scan['files_total']}"
+    res["lookup_files"] = f"{scan['files_read']}/{len(run.runs[0].kv_files)}"
     res["lookup_row_groups"] = f"{scan['row_groups_scanned']}/{scan['row_groups_total']}"
     log(f"  lookup: {res['lookup_kvcore_ms']:.1f} ms kvcore, {res['lookup_naive_ms']:.1f} ms naive")
 
@@ -206,7 +206,58 @@ GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
     if args.layout:
         res["layout"] = layout_experiment(root, files, coords, args)
     run.close()
+    if rows <= args.compact_max:
+        res["compact"] = compact_experiment(root, run_dir, coords, args)
     return res
+
+
+def compact_experiment(root: Path, run_dir: Path, coords, args) -> dict:
+    """The same run rewritten as one file per layer with 4096-row groups, through kvcore.open_run."""
+    import kvcore
+
+    out = root / "compact"
+    compact(run_dir, out, args.compact_rows)
+    run = kvcore.open_run(out, threads=args.threads)
+    res = {"row_group_rows": args.compact_rows, "files": len(run.runs[0].kv_files), "bytes": du(out / "kv"),
+           "lookup_ms": 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s, arrow=True), coords)}
+    q = run.query("search_norm", 0.5, 1.0, "key")
+    res["norm_s"] = timed(lambda: run.arrow(q), args.repeats)
+    q = run.query("layer_summary", 5)
+    res["layer_s"] = timed(lambda: run.arrow(q), args.repeats)
+    la, h, p, s = coords[0]
+    q = run.query("nearest", la, h, p, k=10, seq=s)
+    res["nearest_ms"] = 1e3 * timed(lambda: run.arrow(q), args.repeats)
+    run.close()
+    shutil.rmtree(out)
+    log(f"  compacted: {res}")
+    return res
+
+
+def compact(run_dir: Path, out: Path, row_group: int) -> None:
+    """One shard holding every sequence: kv/layer=L/part-00000.parquet per layer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kvcore.atomic import write_json
+    from kvcore.query.synthetic import manifest_files
+
+    manifests = [json.loads(p.read_text()) for p in sorted((run_dir / "shards").glob("kv-*.json"))]
+    files = manifest_files(run_dir)
+    for layer in range(LAYERS):
+        table = pa.concat_tables([pq.read_table(f) for f in files if f.parent.name == f"layer={layer}"])
+        (out / "kv" / f"layer={layer}").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out / "kv" / f"layer={layer}" / "part-00000.parquet", row_group_size=row_group,
+                       compression="zstd", write_statistics=True)
+    (out / "shards").mkdir()
+    for name in ("tokens.parquet", "predictions.parquet", "metadata.json"):
+        shutil.copy(run_dir / name, out / name)
+    first = manifests[0]
+    write_json(out / "shards" / "kv-00000.json", {
+        **first, "shard": 0, "seq_ids": [s for m in manifests for s in m["seq_ids"]],
+        "seq_lengths": [n for m in manifests for n in m["seq_lengths"]],
+        "n_tokens": sum(m["n_tokens"] for m in manifests),
+        "n_rows_per_layer": sum(m["n_rows_per_layer"] for m in manifests),
+        "files": [f"kv/layer={i}/part-00000.parquet" for i in range(LAYERS)]})
 
 
 def load_head(files, head: int):
@@ -312,12 +363,15 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
     p.add_argument("--layout", action="store_true", help="also time one layer at other row-group sizes")
     p.add_argument("--row-groups", default="4096,8192,32768,131072")
+    p.add_argument("--compact-max", type=float, default=2e6,
+                   help="sizes up to this many rows are also timed compacted: one file per layer")
+    p.add_argument("--compact-rows", type=int, default=4096, help="row-group rows of the compacted copy")
     p.add_argument("--keep", action="store_true", help="keep the data under --dir")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
-        args.sizes, args.repeats, args.lookups = "2e5,1e6", 3, 15
+        args.sizes, args.repeats, args.lookups, args.compact_max = "2e5,1e6", 3, 15, 1e6
     args.row_groups = [int(x) for x in args.row_groups.split(",")]
     results = []
     for size in [int(float(s)) for s in args.sizes.split(",")]:
@@ -333,6 +387,11 @@ def main() -> int:
           f"lookups: {args.lookups}")
     print(report(results))
     for r in results:
+        if "compact" in r:
+            c = r["compact"]
+            print(f"compacted ({r['rows'] / 1e6:.1f}M rows, {c['files']} files, {c['row_group_rows']}-row groups, "
+                  f"{c['bytes'] / 1e9:.2f} GB): lookup {c['lookup_ms']:.1f} ms, norm search {c['norm_s']:.3f} s, "
+                  f"layer summary {c['layer_s']:.3f} s, nearest {c['nearest_ms']:.1f} ms")
         for lay in r.get("layout", []):
             print(f"layout ({r['rows'] / 1e6:.1f}M rows, one layer): row groups {lay['row_group_rows']:>6}: "
                   f"{lay['bytes'] / 1e6:.0f} MB, lookup {lay['lookup_ms']:.1f} ms, layer scan {lay['layer_scan_s']:.3f} s "

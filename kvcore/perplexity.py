@@ -8,7 +8,13 @@ text this is a plain forward pass's perplexity.
 
 Compression protocols plug in as a `score_window` function (see `plain_window`); the
 result records every window's NLL sum so shards of windows merge to the same number and
-methods can be compared window by window.
+methods can be compared window by window. The two protocols of DESIGN.md (fake-quant,
+prefill-compress) live in `kvcore.protocols`; `run_perplexity` writes ppl/{method}.json
+with the method's primary protocol at top level and every protocol under `protocols`.
+
+Layouts: `sliding` is the HF guide (above); `chunks` cuts the text into disjoint windows
+of max_length tokens and scores the last `stride` of each (kvpress's protocol), so 8192
+tokens at 1024/512 make 8 windows of 512 context + 512 scored tokens.
 """
 
 from __future__ import annotations
@@ -45,6 +51,27 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
     return out
 
 
+def chunk_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
+    """Disjoint full windows of max_length tokens, each scoring its last `stride` tokens."""
+    if max_length < 2 or stride < 1 or stride >= max_length:
+        raise UsageError(f"the chunks layout needs max_length >= 2 and 1 <= stride < max_length "
+                         f"(got max_length={max_length}, stride={stride})")
+    if n_tokens < max_length:
+        raise UsageError(f"the chunks layout needs at least max_length={max_length} tokens (got {n_tokens})")
+    return [Window(b, b + max_length, stride) for b in range(0, n_tokens - max_length + 1, max_length)]
+
+
+LAYOUTS = ("sliding", "chunks")
+
+
+def layout_windows(n_tokens: int, max_length: int, stride: int, layout: str = "sliding") -> list[Window]:
+    if layout == "sliding":
+        return windows(n_tokens, max_length, stride)
+    if layout == "chunks":
+        return chunk_windows(n_tokens, max_length, stride)
+    raise UsageError(f"perplexity layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
+
+
 def scored_nll(logits, labels) -> tuple[float, int]:
     """Sum of next-token NLL over labels != -100 (logits[t] predicts labels[t + 1]), and the count."""
     import torch
@@ -71,12 +98,13 @@ ScoreWindow = Callable[..., tuple[float, int]]
 
 
 def evaluate(model, token_ids: list[int], max_length: int, stride: int, score_window: ScoreWindow = plain_window,
-             device: str = "cpu", selected: list[int] | None = None, progress: str | None = None) -> dict:
+             device: str = "cpu", selected: list[int] | None = None, progress: str | None = None,
+             layout: str = "sliding") -> dict:
     """Perplexity of `token_ids`; `selected` evaluates only those window indices (a shard)."""
     import torch
     from tqdm.auto import tqdm
 
-    all_windows = windows(len(token_ids), max_length, stride)
+    all_windows = layout_windows(len(token_ids), max_length, stride, layout)
     chosen = range(len(all_windows)) if selected is None else selected
     ids = torch.tensor([token_ids], device=device)
     per_window, started = [], time.perf_counter()
@@ -104,13 +132,36 @@ def eval_token_ids(tokenizer, text: str, max_tokens: int | None) -> list[int]:
     return ids
 
 
+def paired_differences(windows: list[dict]) -> dict:
+    """Per-window paired differences (compressed - baseline) of the mean NLL per scored token.
+
+    delta_percent_ci95 turns mean +- 1.96 standard errors into a perplexity change in %,
+    so a small pooled delta can be told from window-to-window noise.
+    """
+    diffs = [(w["nll_sum"] - w["baseline_nll_sum"]) / w["n_scored"] for w in windows if w["n_scored"]]
+    n = len(diffs)
+    if not n:
+        return {"n_windows": 0}
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None
+    out = {"n_windows": n, "mean_nll_delta": mean, "stderr_nll_delta": se,
+           "windows_worse": sum(d > 0 for d in diffs),
+           "delta_percent_per_window": [100.0 * math.expm1(d) for d in diffs]}
+    if se is not None:
+        out["delta_percent_ci95"] = [100.0 * math.expm1(mean - 1.96 * se), 100.0 * math.expm1(mean + 1.96 * se)]
+    return out
+
+
 def result_record(base: dict, compressed: dict | None, *, method: str, protocol: str, max_length: int,
-                  stride: int, dtype: str, threshold: float, metrics: dict | None = None) -> dict:
-    """The ppl/{method}.json fields (DESIGN.md)."""
+                  stride: int, dtype: str, threshold: float, metrics: dict | None = None,
+                  extra: dict | None = None) -> dict:
+    """The ppl/{method}.json fields (DESIGN.md), plus latency and paired per-window differences."""
     compressed = compressed or base
     metrics = metrics or {}
     delta = compressed["perplexity"] - base["perplexity"]
-    return {
+    windows_ = [{"index": w["index"], "baseline_nll_sum": b["nll_sum"], "nll_sum": w["nll_sum"],
+                 "n_scored": w["n_scored"]} for b, w in zip(base["windows"], compressed["windows"])]
+    record = {
         "method": method,
         "baseline_perplexity": base["perplexity"],
         "compressed_perplexity": compressed["perplexity"],
@@ -121,6 +172,7 @@ def result_record(base: dict, compressed: dict | None, *, method: str, protocol:
         "rmse": metrics.get("rmse", 0.0),
         "snr_db": metrics.get("snr_db"),
         "cosine_similarity": metrics.get("cosine_similarity", 1.0),
+        "quality_level": metrics.get("quality_level", "EXCELLENT"),
         "passed": bool(delta < threshold),
         "threshold": threshold,
         "protocol": protocol,
@@ -131,27 +183,84 @@ def result_record(base: dict, compressed: dict | None, *, method: str, protocol:
         "seconds": compressed["seconds"],
         "tokens_per_second": compressed["tokens_per_second"],
         "baseline_seconds": base["seconds"],
-        "windows": [{"index": w["index"], "baseline_nll_sum": b["nll_sum"], "nll_sum": w["nll_sum"],
-                     "n_scored": w["n_scored"]} for b, w in zip(base["windows"], compressed["windows"])],
     }
+    if "scored_seconds" in compressed and "scored_seconds" in base:
+        c, b = compressed["scored_seconds"], base["scored_seconds"]
+        record.update({
+            "scored_forward_seconds": c,
+            "baseline_scored_forward_seconds": b,
+            "latency_ratio": c / b if b else None,
+            "scored_tokens_per_second": compressed["n_scored"] / c if c else None,
+            "baseline_scored_tokens_per_second": base["n_scored"] / b if b else None,
+        })
+    record["paired"] = paired_differences(windows_)
+    record.update(extra or {})
+    record["windows"] = windows_
+    return record
 
 
-def run_perplexity(model_dir, text_parquet, method: str, spec: dict, settings: dict, out_path) -> dict:
-    """Evaluate one method on a dataset and write ppl/{method}.json (the workflow's job)."""
+def protocol_record(run: dict, name: str | None, *, method: str, max_length: int, stride: int, dtype: str,
+                    threshold: float) -> dict:
+    """The record of one method (None: the baseline against itself) from `protocols.evaluate_methods`."""
+    base = run["baseline"]
+    compressed = run["methods"][name] if name is not None else base
+    return result_record(base, compressed, method=method, protocol=run["protocol"], max_length=max_length,
+                         stride=stride, dtype=dtype, threshold=threshold, metrics=compressed.get("metrics"),
+                         extra={"layout": run["layout"], "n_windows": len(compressed["windows"])})
+
+
+def run_perplexity(model_dir, text_parquet, method: str, spec: dict, settings: dict, out_path,
+                   options: dict | None = None) -> dict:
+    """Evaluate one method on a dataset and write ppl/{method}.json (the workflow's job).
+
+    Every protocol that makes sense for the method's family runs (kvcore.protocols
+    FAMILY_PROTOCOLS); the first is the primary: its record is the file's top level, and
+    `protocols` holds each protocol's full record.
+    """
     from pathlib import Path
 
     from kvcore.atomic import write_json
-    from kvcore.model import load_model
     from kvcore.sources.datasets import joined_text
 
-    if spec.get("family", "none") != "none":
-        raise UsageError(f"method '{method}': family {spec.get('family')!r} has no perplexity protocol yet")
-    model, tokenizer, device = load_model(Path(model_dir), settings.get("device", "auto"),
-                                          settings.get("dtype", "float32"))
-    ids = eval_token_ids(tokenizer, joined_text(text_parquet), settings.get("max_tokens"))
-    base = evaluate(model, ids, settings["max_length"], settings["stride"], device=device, progress=method)
-    record = result_record(base, None, method=method, protocol="none", max_length=settings["max_length"],
-                           stride=settings["stride"], dtype=str(model.dtype).replace("torch.", ""),
-                           threshold=settings.get("threshold", 0.5))
+    record = validate_method(model_dir, joined_text(text_parquet), method, spec, settings, options=options)
     write_json(out_path, record)
     return record
+
+
+def validate_method(model_dir, text_or_ids, method: str, spec: dict | None, settings: dict,
+                    options: dict | None = None, protocols: list[str] | None = None, loaded=None) -> dict:
+    """Baseline and compressed perplexity of one method under its protocols: the ppl record."""
+    from pathlib import Path
+
+    from kvcore.compress import parse_method
+    from kvcore.model import load_model
+    from kvcore.protocols import FAMILY_PROTOCOLS, evaluate_methods
+
+    m = parse_method(method, spec)
+    allowed = FAMILY_PROTOCOLS[m.family]
+    protocols = list(protocols or allowed)
+    bad = [p for p in protocols if p not in allowed]
+    if bad:
+        raise UsageError(f"method {method!r}: family {m.family} has no {bad[0]} protocol (valid: {', '.join(allowed)})")
+    if loaded is None:  # (model, tokenizer, device) from load_model, to reuse a loaded model
+        loaded = load_model(Path(model_dir), settings.get("device", "auto"), settings.get("dtype", "float32"))
+    model, tokenizer, device = loaded
+    ids = (eval_token_ids(tokenizer, text_or_ids, settings.get("max_tokens")) if isinstance(text_or_ids, str)
+           else list(text_or_ids))
+    dtype = str(model.dtype).replace("torch.", "")
+    threshold = settings.get("threshold", 0.5)
+    records = {}
+    for protocol in protocols:
+        run = evaluate_methods(model, ids, {} if m.family == "none" else {method: m}, protocol=protocol,
+                               max_length=settings["max_length"], stride=settings["stride"],
+                               layout=settings.get("layout", "sliding"), tokenizer=tokenizer, device=device,
+                               options=options, progress=f"{method} {protocol}")
+        name = None if m.family == "none" else method
+        records[protocol] = protocol_record(run, name, method=method, max_length=settings["max_length"],
+                                            stride=settings["stride"], dtype=dtype, threshold=threshold)
+        if m.family == "none":
+            records[protocol]["bits_per_element"] = 16.0  # counted as a float16 cache, like every method
+    top = dict(records[protocols[0]])
+    top["spec"] = m.spec
+    top["protocols"] = records
+    return top

@@ -41,7 +41,13 @@ Tables (all `stats/{name}.parquet`, plain Parquet that DuckDB reads directly):
                [0, 10^HIST_LO) including exact zeros, the last bin [10^HIST_HI, inf);
                binned in float32, so an entry within float32 rounding of an edge may
                land in the neighbouring bin);
-  cross_layer  per (kind, head, layer_a, layer_b): mean cosine of the same token's vectors.
+  cross_layer  per (kind, head, layer_a, layer_b): mean cosine of the same token's vectors;
+  layer_cka    per (kind, layer_a, layer_b): linear CKA between the two layers' caches (all KV
+               heads concatenated per token), with the unbiased HSIC estimator (Song et al.
+               2012; "debiased CKA"), on CKA_TOKENS tokens taken every k-th token over the run.
+               Cosine needs the two layers to share a basis, which they need not (each layer
+               has its own projections): CKA compares the geometry of the tokens instead,
+               whatever the basis, so it shows redundancy between layers that cosine cannot.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ from kvcore.errors import KvcoreError
 KINDS = ("key", "value")
 SPARSITY_REL = 0.01
 HIST_LO, HIST_HI, HIST_PER_DECADE = -6, 4, 20
-STATS_TABLES = ("heads", "layers", "channels", "positions", "histograms", "cross_layer")
+STATS_TABLES = ("heads", "layers", "channels", "positions", "histograms", "cross_layer", "layer_cka")
+CKA_TOKENS = 512  # tokens sampled (evenly over the run) for the layer-to-layer CKA
 CHUNK_BYTES = 32 << 20  # float32 K/V of all layers per chunk; peak memory is ~4x this plus imports
 
 
@@ -125,10 +132,12 @@ class _Acc:
     n_kv: int
     dim: int
     seq_len: int
+    sample_stride: int = 1
 
     def __post_init__(self):
         import torch
 
+        self.samples = [[[] for _ in range(self.n_layers)] for _ in KINDS]
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         K, L, H, D, P = 2, self.n_layers, self.n_kv, self.dim, self.seq_len
         self.pilot = None
@@ -156,6 +165,10 @@ class _Acc:
         import torch
 
         n, L, H, D = pos.shape[0], self.n_layers, self.n_kv, self.dim
+        picked = torch.nonzero((torch.arange(n) + self.n_tok) % self.sample_stride == 0).squeeze(1)
+        for k, xs in enumerate((keys, values)):
+            for layer, x in enumerate(xs):
+                self.samples[k][layer].append(x[picked].reshape(len(picked), H * D).double())
         self.n_tok += n
         self.grow_positions(int(pos.max()) + 1)
         self.pos_n.index_add_(0, pos, torch.ones(n, dtype=torch.float64))
@@ -255,10 +268,16 @@ def _compute(run_dir, chunk_bytes, sparsity_rel):
     import torch
     from safetensors import safe_open
 
-    with safe_open(str(shard_paths(run_dir)[0]), framework="pt") as f:
-        n_layers = sum(1 for n in f.keys() if n.endswith("_key"))
-        _, n_kv, seq_len, dim = f.get_slice("layer_0_key").get_shape()
-    acc = _Acc(n_layers, n_kv, dim, seq_len)
+    total = 0
+    for i, path in enumerate(shard_paths(run_dir)):
+        with safe_open(str(path), framework="pt") as f:
+            shape = f.get_slice("layer_0_key").get_shape()
+            meta = f.metadata() or {}
+            total += sum(json.loads(meta["seq_lengths"])) if "seq_lengths" in meta else shape[0] * shape[2]
+            if i == 0:
+                n_layers = sum(1 for n in f.keys() if n.endswith("_key"))
+                _, n_kv, seq_len, dim = shape
+    acc = _Acc(n_layers, n_kv, dim, seq_len, sample_stride=max(1, math.ceil(total / CKA_TOKENS)))
     with torch.inference_mode():
         for keys, values, pos in iter_chunks(run_dir, chunk_bytes):
             acc.first_pass(keys, values, pos)
@@ -405,8 +424,44 @@ def _tables(acc: _Acc, mom: _Moments, threshold):
                       "layer_a": pa.array(idx[2], pa.int16()), "layer_b": pa.array(idx[3], pa.int16()),
                       "cosine_mean": (acc.gram / nt).reshape(-1).numpy(),
                       "n_tokens": pa.array(np.full(idx.shape[1], nt))})
+    cka, n_sample = layer_cka(acc.samples)
+    idx = np.indices((K, L, L)).reshape(3, -1)
+    layer_cka_table = pa.table({"kind": pa.array(kinds[idx[0]]), "layer_a": pa.array(idx[1], pa.int16()),
+                                "layer_b": pa.array(idx[2], pa.int16()), "cka": cka.reshape(-1).numpy(),
+                                "n_tokens": pa.array(np.full(idx.shape[1], n_sample))})
     return dict(heads=heads, layers=layers, channels=channels, positions=positions, histograms=histograms,
-                cross_layer=cross)
+                cross_layer=cross, layer_cka=layer_cka_table)
+
+
+def layer_cka(samples):
+    """Debiased linear CKA between every pair of layers, per kind: ([K, L, L] tensor, n tokens).
+
+    samples[kind][layer]: list of float64 [n_i, features] blocks (the same tokens for every layer).
+    HSIC_u(K, L) = [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1 / ((n−1)(n−2)) − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3)), K̃ the
+    linear Gram matrix with its diagonal set to zero; CKA = HSIC_u(a, b) / sqrt(HSIC_u(a, a) HSIC_u(b, b)).
+    """
+    import torch
+
+    out = []
+    n = 0
+    for per_layer in samples:
+        grams, rows = [], []
+        for blocks in per_layer:
+            x = torch.cat(blocks)
+            n = x.shape[0]
+            g = x @ x.T
+            g.fill_diagonal_(0)
+            grams.append(g.reshape(-1))
+            rows.append(g.sum(1))
+        if n < 4:
+            out.append(torch.full((len(per_layer), len(per_layer)), math.nan, dtype=torch.float64))
+            continue
+        G, R = torch.stack(grams), torch.stack(rows)  # [L, n*n], [L, n]
+        S = R.sum(1)
+        hsic = (G @ G.T + S[:, None] * S[None, :] / ((n - 1) * (n - 2)) - 2 / (n - 2) * (R @ R.T)) / (n * (n - 3))
+        d = hsic.diagonal().clamp_min(1e-300).sqrt()
+        out.append(hsic / (d[:, None] * d[None, :]))
+    return torch.stack(out), n
 
 
 def write_stats(run_dir: str | Path, out_dir: str | Path | None = None, **kwargs) -> dict[str, Path]:

@@ -187,6 +187,33 @@ def test_detail_tables_match_numpy(run):
                     assert cross.loc[(kind, h, layer, lb), "cosine_mean"] == pytest.approx(cos, rel=1e-9, abs=1e-12)
 
 
+def hsic_u(k, l):
+    n = k.shape[0]
+    k, l = k.copy(), l.copy()
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(l, 0)
+    return (np.sum(k * l) + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * k.sum(0) @ l.sum(1)) / (n * (n - 3))
+
+
+@pytest.mark.parametrize("sample", [10, 512])
+def test_layer_cka_matches_numpy(run, sample, monkeypatch):
+    monkeypatch.setattr(stats, "CKA_TOKENS", sample)  # 10: every k-th token across chunks and shards
+    tables = stats.compute_stats(run, chunk_bytes=3000)
+    ref, _ = reference(run)
+    n_layers, n_tok = len(ref["key"]), ref["key"][0].shape[0]
+    stride = -(-n_tok // stats.CKA_TOKENS)
+    cka = tables["layer_cka"].to_pandas().set_index(["kind", "layer_a", "layer_b"]).sort_index()
+    for kind in stats.KINDS:
+        x = [ref[kind][i][::stride].reshape(-1, ref[kind][i].shape[1] * ref[kind][i].shape[2]) for i in range(n_layers)]
+        grams = [a @ a.T for a in x]
+        for a in range(n_layers):
+            for b in range(n_layers):
+                exp = hsic_u(grams[a], grams[b]) / np.sqrt(hsic_u(grams[a], grams[a]) * hsic_u(grams[b], grams[b]))
+                assert cka.loc[(kind, a, b), "cka"] == pytest.approx(exp, rel=1e-8, abs=1e-10)
+                assert cka.loc[(kind, a, b), "n_tokens"] == len(x[0])
+            assert cka.loc[(kind, a, a), "cka"] == pytest.approx(1.0)
+
+
 def test_padding_is_masked(run):
     """The shards hold right padding (batched prompts of different lengths); no padded token counts."""
     from safetensors import safe_open

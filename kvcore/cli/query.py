@@ -36,11 +36,24 @@ OPTION_VERBS = {
 }
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows --search-norm as LOW HIGH [key|value] (argparse has no 2-or-3 nargs)."""
+
+    def _format_args(self, action, default_metavar):
+        if action.dest == "search_norm":
+            return "LOW HIGH [key|value]"
+        return super()._format_args(action, default_metavar)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "query", help="SQL over extracted KV caches (DuckDB, read-only)",
-        description=__doc__.split("\n\n")[0], epilog="Verbs: " + ", ".join(VERB_FLAGS),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        usage="kvcore query RUN [VERB] [options]", description=__doc__,
+        epilog="Examples:\n"
+               "  kvcore query results/smollm2-135m/enwiki-sample --coordinate 5 2 17 --seq 0\n"
+               "  kvcore query RUN --search-norm 0.5 1.0 key --layer 3 --export-csv hits.csv\n"
+               "  kvcore query results/ --sql 'SELECT model, layer, avg(key_norm) FROM kv GROUP BY ALL'",
+        formatter_class=_Formatter)
     p.add_argument("path", metavar="RUN", help="run directory (results/MODEL/DATASET) or results/ for every run")
     verbs = p.add_argument_group("verbs (one; --info when none is given)").add_mutually_exclusive_group()
     verbs.add_argument("--info", action="store_true", help="shape, sizes and views of each run")
@@ -53,7 +66,7 @@ def register(subparsers) -> None:
     verbs.add_argument("--head-summary", nargs=2, type=int, metavar=("LAYER", "HEAD"),
                        help="statistics of one KV head, its query heads, where its norms peak")
     verbs.add_argument("--token-summary", type=int, metavar="TOKEN", help="one position across all layers and heads")
-    verbs.add_argument("--search-norm", nargs="+", metavar="LOW HIGH [key|value]",
+    verbs.add_argument("--search-norm", nargs="+",
                        help="vectors whose L2 norm is in [LOW, HIGH] (key norms unless 'value')")
     verbs.add_argument("--nearest", nargs=3, type=int, metavar=("LAYER", "HEAD", "TOKEN"),
                        help="the --k nearest vectors in the same (layer, head): exact brute force")

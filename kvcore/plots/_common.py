@@ -22,11 +22,33 @@ STYLE = {
 
 
 def figure(nrows: int = 1, ncols: int = 1, size=(10, 6), **kwargs):
+    """A constrained-layout figure and a 2-D array of styled axes."""
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(nrows, ncols, figsize=size, dpi=DPI, squeeze=False, **kwargs)
+        fig, axes = plt.subplots(nrows, ncols, figsize=size, dpi=DPI, squeeze=False, layout="constrained", **kwargs)
     for ax in axes.flat:
         _style(ax)
     return fig, axes
+
+
+def blank_figure(size=(15, 10)):
+    """A constrained-layout figure for gridspec layouts (add axes with `axis(fig, spec)`)."""
+    return plt.figure(figsize=size, dpi=DPI, layout="constrained")
+
+
+def axis(fig, spec, heatmap: bool = False):
+    ax = fig.add_subplot(spec)
+    heatmap_axes(ax) if heatmap else _style(ax)
+    return ax
+
+
+def plain_log(ax, axis_name: str = "y") -> None:
+    """Log axis labelled 1, 2, 5, 10, 20 ... instead of 10^0 and 6×10^0 (readable for narrow ranges)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    target = ax.yaxis if axis_name == "y" else ax.xaxis
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(NullFormatter())
 
 
 def _style(ax) -> None:
@@ -78,9 +100,9 @@ def series(table, value: str, index: str = "layer", **where) -> np.ndarray:
     return np.asarray([v for _, v in sel], dtype=float)
 
 
-def layer_ticks(ax, n_layers: int, axis: str = "x") -> None:
-    """Integer layer ticks, thinned so that they never overlap."""
-    step = max(1, int(np.ceil(n_layers / 16)))
+def layer_ticks(ax, n_layers: int, axis: str = "x", dense: bool = False) -> None:
+    """Integer layer ticks, thinned so that they never overlap (every layer up to 48 when `dense`)."""
+    step = 1 if dense and n_layers <= 48 else max(1, int(np.ceil(n_layers / 16)))
     ticks = np.arange(0, n_layers, step)
     (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks)
 

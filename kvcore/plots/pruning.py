@@ -52,78 +52,102 @@ def _potential_matrix(stats):
     return p, m
 
 
+def _describe(r: dict) -> str:
+    heads = f" heads {','.join(map(str, r['heads']))}" if r["heads"] is not None else ""
+    return f"{r['method']}: layers {','.join(map(str, r['layers']))}{heads} → Δppl {r['delta_percent']:+.2f}%"
+
+
 def plot_pruning_heatmap(stats: dict, out_png, records=None) -> dict:
-    """Heatmap layer × KV head of the pruning potential; cells of measured head-pruning runs annotated."""
+    """Heatmap layer × KV head of the pruning potential. Measured runs: one head → in its cell (red box);
+    one whole layer → at the row's right end; several layers → listed under the plot."""
+    from matplotlib.patches import Rectangle
+
     meta = stats_meta(stats)
     p, m = _potential_matrix(stats)
     measured = measured_pruning(records)
     n_layers, n_heads = m.shape
-    fig, axes = figure(1, 1, size=(max(7, 1.8 * n_heads + 4), max(6, 0.28 * n_layers + 2)))
+    cells = {(r["layers"][0], r["heads"][0]): r["delta_percent"] for r in measured
+             if len(r["layers"]) == 1 and r["heads"] is not None and len(r["heads"]) == 1}
+    rows = {r["layers"][0]: r["delta_percent"] for r in measured if len(r["layers"]) == 1 and r["heads"] is None}
+    other = [r for r in measured if (r["layers"][0], (r["heads"] or [None])[0]) not in cells
+             and not (len(r["layers"]) == 1 and r["heads"] is None)]
+    fig, axes = figure(1, 1, size=(max(8, 1.8 * n_heads + 6), max(6, 0.3 * n_layers + 2.5)))
     ax = axes[0, 0]
     heatmap_axes(ax)
     im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    cells = {}
-    for rec in measured:
-        for layer in rec["layers"]:
-            for h in rec["heads"] if rec["heads"] is not None else range(n_heads):
-                cells.setdefault((layer, h), []).append(rec["delta_percent"])
     for (r, c), v in np.ndenumerate(m):
         if m.size <= 400 and np.isfinite(v):
-            text = f"{v:.2f}"
-            if (r, c) in cells:
-                text += f"\nΔppl {min(cells[(r, c)]):+.1f}%"
+            text = f"{v:.2f}" + (f"\nΔppl {cells[(r, c)]:+.1f}%" if (r, c) in cells else "")
             ax.text(c, r, text, ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white")
     for (r, c) in cells:
-        ax.add_patch(__import__("matplotlib").patches.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+        ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    for r, d in rows.items():
+        ax.add_patch(Rectangle((-0.5, r - 0.5), n_heads, 1, fill=False, ec="red", lw=2))
+        ax.text(n_heads - 0.4, r, f"layer pruned: Δppl {d:+.1f}%", va="center", fontsize=8, color="tab:red",
+                clip_on=False)
     ax.set_xticks(range(n_heads), [kv_head_label(meta, h) for h in range(n_heads)], fontsize=8)
-    layer_ticks(ax, n_layers, "y")
-    ax.set(xlabel="KV head", ylabel="layer",
-           title=FORMULA + ("\nred boxes: measured perplexity change when pruned" if cells else ""))
-    cb = fig.colorbar(im, ax=ax)
-    cb.set_label("pruning potential (0 = largest values, 1 = negligible values)")
+    layer_ticks(ax, n_layers, "y", dense=True)
+    xlabel = "KV head"
+    if other:
+        xlabel += "\n\nmeasured, several layers at once:\n" + "\n".join(_describe(r) for r in other[:8])
+    ax.set(xlabel=xlabel, ylabel="layer", title=FORMULA + ("\nred boxes: measured perplexity change when pruned"
+                                                            if cells or rows else ""))
+    fig.colorbar(im, ax=ax, pad=0.2 if rows else 0.02).set_label(
+        "pruning potential (0 = largest values, 1 = negligible values)")
     fig.suptitle(run_title(meta, "Pruning potential by layer and KV head"))
     save(fig, out_png)
     return {"potential": m, "measured": measured}
 
 
 def plot_layer_pruning_potential(stats: dict, out_png, records=None) -> dict:
-    """Bars: pruning potential per layer; markers (right axis): measured Δppl % of single-layer pruning."""
+    """Top: pruning potential per layer (bars). Bottom: the measured perplexity change of pruning runs
+    (one layer: a marker; several layers: a segment over them; single heads: hollow markers)."""
     meta = stats_meta(stats)
     p = pruning_potential(stats)
     pot = p["layer_potential"]
     n_layers = len(pot)
     measured = measured_pruning(records)
-    single = [r for r in measured if len(r["layers"]) == 1 and r["heads"] is None]
-    multi = [r for r in measured if r not in single]
-    fig, axes = figure(1, 1, size=(max(10, 0.35 * n_layers + 4), 6))
+    fig, axes = figure(2, 1, size=(max(11, 0.35 * n_layers + 4), 8), sharex=True,
+                       gridspec_kw={"height_ratios": [3, 2]})
     ax = axes[0, 0]
     x = np.arange(n_layers)
     ax.bar(x, pot, color="tab:green", alpha=0.8, label="pruning potential (statistics)")
     ax.axhline(pot.mean(), color="tab:green", ls="--", lw=1, label=f"mean {pot.mean():.2f}")
-    ax.set(xlabel="layer", ylabel="pruning potential (0–1)", ylim=(0, 1.05),
-           title="1 − mean‖v‖ of the layer ÷ largest layer mean‖v‖ (higher = values contribute less)")
-    layer_ticks(ax, n_layers)
-    handles, labels = ax.get_legend_handles_labels()
-    if single:
-        ax2 = ax.twinx()
-        for proto, marker in (("prefill-compress", "s"), ("fake-quant", "o")):
-            pts = [(r["layers"][0], r["delta_percent"]) for r in single if r["protocol"] == proto]
-            pts += [(r["layers"][0], r["delta_percent"]) for r in single
-                    if proto == "fake-quant" and r["protocol"] not in ("prefill-compress", "fake-quant")]
-            if pts:
-                xs, ys = zip(*pts)
-                ax2.plot(xs, ys, marker, color="tab:red", ms=7, ls="none", label=f"measured Δppl % ({proto})")
-        ax2.set_ylabel("measured perplexity change when the layer is pruned (%)", color="tab:red")
-        ax2.axhline(0, color="tab:red", lw=0.5, alpha=0.5)
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    if multi:
-        text = "\n".join(f"{r['method']}: layers {','.join(map(str, r['layers']))}"
-                         + (f" heads {','.join(map(str, r['heads']))}" if r["heads"] is not None else "")
-                         + f" → Δppl {r['delta_percent']:+.2f}%" for r in multi[:8])
-        ax.text(0.01, 0.98, text, transform=ax.transAxes, va="top", fontsize=8,
-                bbox=dict(facecolor="white", alpha=0.8, edgecolor="#cccccc"))
-    ax.legend(handles, labels, loc="upper right")
+    ax.set(ylabel="pruning potential (0–1)", ylim=(0, 1.05),
+           title="Statistics: 1 − layer mean‖v‖ ÷ largest layer mean‖v‖ (higher = the layer's values contribute less)")
+    ax.legend(loc="upper right")
+    ax = axes[1, 0]
+    if not measured:
+        ax.text(0.5, 0.5, "No pruning runs yet: add methods with `family: prune` and `layers: [...]`\n"
+                "(optionally `heads: [...]`) to config.yaml to measure the perplexity change here.",
+                ha="center", va="center", transform=ax.transAxes, fontsize=10,
+                bbox=dict(boxstyle="round,pad=0.6", facecolor="#f4f4f4", edgecolor="#bbbbbb"))
+        ax.set_yticks([])
+    for r in measured:
+        proto_marker = "s" if r.get("protocol") == "prefill-compress" else "o"
+        if len(r["layers"]) == 1 and r["heads"] is None:
+            ax.plot(r["layers"], [r["delta_percent"]], proto_marker, color="tab:red", ms=8)
+        elif len(r["layers"]) == 1:
+            ax.plot(r["layers"], [r["delta_percent"]], proto_marker, mfc="white", mec="tab:red", mew=1.5, ms=8)
+            ax.annotate(f"heads {','.join(map(str, r['heads']))}", (r["layers"][0], r["delta_percent"]), fontsize=7,
+                        xytext=(5, 3), textcoords="offset points")
+        else:
+            lo, hi = min(r["layers"]), max(r["layers"])
+            ax.hlines(r["delta_percent"], lo - 0.4, hi + 0.4, color="tab:purple", lw=3)
+            ax.annotate(f"{r['method']} (layers {','.join(map(str, r['layers']))})", (hi + 0.4, r["delta_percent"]),
+                        fontsize=7, xytext=(4, 0), textcoords="offset points", va="center")
+    if measured:
+        from matplotlib.lines import Line2D
+
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.legend(handles=[Line2D([], [], marker="s", color="tab:red", ls="none", label="one layer pruned"),
+                           Line2D([], [], marker="s", mfc="white", mec="tab:red", ls="none", label="heads of one layer"),
+                           Line2D([], [], color="tab:purple", lw=3, label="several layers at once")],
+                  loc="upper right", fontsize=8)
+    ax.set(xlabel="layer", ylabel="measured Δ perplexity (%)",
+           title="Measured: perplexity change when pruned (■ prefill-compress, ● fake-quant)")
+    layer_ticks(ax, n_layers, dense=True)
+    ax.set_xlim(-0.7, n_layers - 0.3)
     fig.suptitle(run_title(meta, "Layer pruning potential"))
     save(fig, out_png)
     return {"layer": x, "potential": pot, "measured": measured}

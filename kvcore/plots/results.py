@@ -36,7 +36,7 @@ def plot_compression_tradeoff(records, out_png, meta: dict | None = None) -> dic
            and r.get("bits_per_element") is not None and r.get("delta_percent") is not None]
     skipped = sorted({r.get("method") for r in records or [] if r.get("family") not in (None, "none")} -
                      {r.get("method") for r in pts})
-    fig, axes = figure(1, 1, size=(11, 6.5))
+    fig, axes = figure(1, 1, size=(13, 6.5))
     ax = axes[0, 0]
     data = {"points": [], "frontiers": {}}
     if not pts:
@@ -47,7 +47,8 @@ def plot_compression_tradeoff(records, out_png, meta: dict | None = None) -> dic
     families = sorted({r["family"] for r in pts})
     cycle = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"])
     colors = {f: FAMILY_COLORS.get(f) or next(cycle, "tab:gray") for f in families}
-    for r in pts:
+    labelled = set()
+    for r in sorted(pts, key=lambda r: r["delta_percent"], reverse=True):
         proto = r.get("protocol") or "unknown"
         marker = PROTOCOL_MARKERS.get(proto, ("^", ":"))[0]
         passed = r.get("passed")
@@ -55,7 +56,8 @@ def plot_compression_tradeoff(records, out_png, meta: dict | None = None) -> dic
                 mfc=colors[r["family"]] if passed is not False else "white", mew=1.5, ls="none", zorder=3)
         data["points"].append({k: r.get(k) for k in ("method", "family", "protocol", "bits_per_element",
                                                      "delta_percent", "passed")})
-        if len(pts) <= 40:
+        if len(pts) <= 40 and r.get("method") not in labelled:
+            labelled.add(r.get("method"))
             ax.annotate(str(r.get("method")), (r["bits_per_element"], r["delta_percent"]), fontsize=7,
                         xytext=(4, 3), textcoords="offset points", color="#444444")
     for fam in families:
@@ -84,11 +86,17 @@ def plot_compression_tradeoff(records, out_png, meta: dict | None = None) -> dic
         handles.append(Line2D([], [], color="red", ls=":", label=f"pass threshold: Δppl {b['threshold']:g} "
                                                                   f"(≈{pct:.2g}% of {float(b['baseline_perplexity']):.2f})"))
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_yscale("symlog", linthresh=1)
+    ax.axvline(16, color="grey", ls="--", lw=0.8)
+    handles.append(Line2D([], [], color="grey", ls="--", lw=0.8, label="16 bits: an fp16 cache"))
+    ax.set_yscale("symlog", linthresh=0.1, linscale=0.5)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlim(left=0)
     ax.set(xlabel="bits per element (incl. scales, zero points, indices)",
-           ylabel="perplexity change vs uncompressed (%, symlog)",
+           ylabel="perplexity change vs uncompressed (%; symlog, linear within ±0.1)",
            title="Lower-left is better; lines join each family's best points per protocol")
-    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     if skipped:
         ax.text(0.01, 0.01, f"not plotted (no bits per element or Δ): {', '.join(map(str, skipped))}",
                 transform=ax.transAxes, fontsize=7, color="#666666")

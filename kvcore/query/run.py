@@ -121,7 +121,10 @@ class Run:
                 found.append({"function": info.get("Function"), "projections": info.get("Projections", []),
                               "files_scanned": int(files[0]) if len(files) == 2 else None,
                               "files_total": int(files[1]) if len(files) == 2 else None,
-                              "filenames": [f.strip() for f in str(info.get("Filename(s)", "")).split(",") if f],
+                              "files_read": int(info.get("Total Files Read", 0)),
+                              # DuckDB shortens long lists with "..."
+                              "filenames": [f.strip() for f in str(info.get("Filename(s)", "")).split(",")
+                                            if f.strip() not in ("", "...")],
                               "row_groups_scanned": node.get("row_groups_scanned"),
                               "row_groups_total": node.get("total_row_groups_to_scan"),
                               "rows_out": node.get("rows_scanned")})

@@ -18,6 +18,9 @@ except (WorkflowError, UsageError) as error:
 MODELS = list(config["models"])
 DATASETS = list(config["datasets"])
 METHODS = list(config["methods"])
+# Eviction needs attention scores from the model, so its stored form is made by the
+# perplexity job; every other method is compressed from the extracted safetensors.
+COMPRESSIBLE = [m for m in METHODS if (config["methods"][m] or {}).get("family") != "evict"]
 RUN = "results/{model}/{dataset}"
 
 
@@ -64,4 +67,5 @@ def all_outputs():
             run = RUN.format(model=model, dataset=dataset)
             outputs.append(f"{run}/metadata.json")
             outputs += [f"{run}/ppl/{method}.json" for method in METHODS]
+            outputs += [f"{run}/compress/{method}.json" for method in COMPRESSIBLE]
     return outputs

@@ -1,0 +1,52 @@
+"""Token eviction scorers: which cached tokens matter, per (layer, KV head, token).
+
+A scorer implements only `score()` (see `base.Scorer`); the shared top-k that turns
+scores into a keep mask is `kvcore.compress.evict.select_keep` (via an `evict` method's
+`select`), so sink tokens, the recent window and the per-head budget (uniform, or one
+threshold per layer) behave the same for every scorer.
+
+    name          scores a token by                                    attention it reads
+    kvzip         max attention from a "repeat the context" pass       reconstruction queries
+    h2o           mean attention received from later context tokens    every context query
+    snapkv        mean attention from the last `window` context        last `window` queries
+                  tokens, smoothed by an average pool of `kernel`
+    streamingllm  its position (most recent first); sinks come from    none
+                  the method's sink_tokens
+    knorm         minus its key norm (low-norm keys are kept)          none
+    random        a seeded uniform draw (the floor)                    none
+
+Attention weights are computed by kvcore itself from Q and K inside the attention call
+(`kvcore.protocols`), in query chunks, so memory stays bounded (heads x chunk x keys
+floats) however long the context; no eager attention pass and no stored attention maps.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from kvcore.errors import UsageError
+
+# name -> "module:Class", imported on first use
+_SCORERS = {
+    "kvzip": "kvzip:KVzip",
+    "h2o": "h2o:H2O",
+    "snapkv": "snapkv:SnapKV",
+    "streamingllm": "streamingllm:StreamingLLM",
+    "knorm": "knorm:KNorm",
+    "random": "random:Random",
+}
+SCORERS = tuple(_SCORERS)
+
+__all__ = ["SCORERS", "scorer_class", "make_scorer"]
+
+
+def scorer_class(name: str):
+    if name not in _SCORERS:
+        raise UsageError(f"unknown eviction scorer {name!r} (valid: {', '.join(SCORERS)})")
+    module, cls = _SCORERS[name].split(":")
+    return getattr(importlib.import_module(f"kvcore.eviction.{module}"), cls)
+
+
+def make_scorer(name: str, **options):
+    """A scorer instance by name; options override its defaults (UsageError on unknown keys)."""
+    return scorer_class(name)(**options)
