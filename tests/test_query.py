@@ -465,3 +465,24 @@ def test_not_a_run_directory(tmp_path, capsys):
 def test_default_verb_is_info(grid, capsys):
     code, out, _ = cli(capsys, grid[1]["gpt2"])
     assert code == 0 and "num_kv_heads : 4" in out and "views        : [kv, tokens, predictions]" in out
+
+
+def test_show_sql_runs_as_printed(grid, capsys):
+    run_dir = grid[1]["llama"]
+    code, sql, _ = cli(capsys, run_dir, "--nearest", 1, 0, 2, "--seq", 1, "--k", 4, "--show-sql")
+    assert code == 0
+    _, by_verb, _ = cli(capsys, run_dir, "--nearest", 1, 0, 2, "--seq", 1, "--k", 4, "--format", "csv")
+    _, by_sql, _ = cli(capsys, run_dir, "--sql", sql, "--format", "csv")
+    assert by_verb == by_sql and len(by_verb.splitlines()) == 5
+
+
+def test_runs_with_the_same_name_are_refused(tmp_path, capsys):
+    from kvcore.query.synthetic import write_synthetic_run
+
+    for d in ("a", "b"):
+        write_synthetic_run(tmp_path / "results" / d, num_layers=1, num_kv_heads=1, num_heads=1, head_dim=4,
+                            n_sequences=1, seq_len=4, shard_size=1)
+    code, _, err = cli(capsys, tmp_path / "results")
+    assert code == 2 and "two runs are both synthetic/random" in err
+    code, _, _ = cli(capsys, tmp_path / "results" / "a")
+    assert code == 0

@@ -132,4 +132,10 @@ def load_runs(path: str | Path, model: str | None = None, dataset: str | None = 
         have = ", ".join(r.name for r in runs)
         raise UsageError(f"no run matches model={model or '*'} dataset={dataset or '*'} under {path}; "
                          f"runs there: {have}")
+    seen: dict[str, Path] = {}
+    for r in chosen:  # the views tell runs apart by (model, dataset) only
+        if r.name in seen:
+            raise UsageError(f"two runs are both {r.name}: {seen[r.name]} and {r.path}; "
+                             "open one of them, or pick with --model/--dataset")
+        seen[r.name] = r.path
     return chosen

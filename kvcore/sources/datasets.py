@@ -38,11 +38,12 @@ def prepare_dataset(name: str, spec: dict, out_dir: str | Path, cache_dir: str |
         raise UsageError(f"dataset '{name}': source must be one of {', '.join(SOURCES)} (got {source!r})")
     with tempfile.TemporaryDirectory() as work:
         docs, provenance = readers[source](spec, Path(work), Path(cache_dir))
-        docs = [(title, text) for title, text in docs if text.strip()]
+        if source != "hf":  # hub rows are kept as they are, so the text matches the HF guide's join
+            docs = [(title, text) for title, text in docs if text.strip()]
     limit = spec.get("max_documents")
     if limit:
         docs = docs[: int(limit)]
-    if not docs:
+    if not any(text.strip() for _, text in docs):
         raise KvcoreError(f"dataset '{name}': no documents with text")
     table = pa.table({
         "doc_id": pa.array(range(len(docs)), pa.int32()),
