@@ -1,4 +1,4 @@
-# kvcore workflow: download -> tokenize -> extract -> perplexity (see README.md).
+# kvcore workflow: download -> tokenize -> extract -> compress -> perplexity -> stats, plots, reports.
 from snakemake.utils import min_version
 
 min_version("8.20")
@@ -12,9 +12,11 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/compress.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/tasks.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
-        all_outputs(),
+        all_outputs() + task_outputs(),
     default_target: True

@@ -6,6 +6,11 @@ Random-weight models built from a config (no hub): `gpt2` (GPT-2 small) and `tin
 (TinyLlama-1.1B shape). Prints medians over repeats, tokens/s, and ratios to forward-only.
 Modes: forward only (the ceiling); kvcore's extraction (safetensors + Parquet, the
 workflow's writer); a naive extractor (forward, .cpu(), one pyarrow table written per batch).
+
+    python benchmarks/extract_bench.py --codecs --shape tinyllama --batch 8 --seq-len 512
+
+writes one layer's rows of that batch with each Parquet codec/encoding tried (no model) and
+prints write speed, file size and a point lookup's time: the table in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -59,6 +64,45 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
+CODECS = [("zstd (default level)", dict(compression="zstd")),
+          ("zstd level 1", dict(compression="zstd", compression_level=1)),
+          ("zstd level 1 + byte_stream_split", dict(compression="zstd", compression_level=1,
+                                                    use_byte_stream_split=["key.list.element",
+                                                                           "value.list.element"])),
+          ("lz4", dict(compression="lz4")),
+          ("snappy", dict(compression="snappy")),
+          ("none", dict(compression="none"))]
+
+
+def codec_table(args):
+    """One layer's rows (random normal K/V as a model writes them) per codec: write MB/s, size, lookup ms."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from kvcore.storage import ROW_GROUP_ROWS, layer_table
+
+    cfg = SHAPES[args.shape]
+    n_kv = cfg.get("num_key_value_heads", cfg.get("n_head"))
+    dim = (cfg.get("hidden_size") or cfg["n_embd"]) // (cfg.get("num_attention_heads") or cfg["n_head"])
+    n_seq = args.batch * args.batches
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((n_seq, n_kv, args.seq_len, dim), dtype=np.float32)
+    v = rng.standard_normal((n_seq, n_kv, args.seq_len, dim), dtype=np.float32)
+    table = layer_table(k, v, list(range(n_seq)), rng.integers(0, 30000, (n_seq, args.seq_len)).tolist())
+    raw = table.nbytes
+    print(f"{args.shape}: one layer, {table.num_rows} rows, {raw / 1e6:.1f} MB in Arrow, row groups of {ROW_GROUP_ROWS}")
+    print(f"{'codec':36s} {'write MB/s':>10s} {'size MB':>8s} {'ratio':>6s} {'lookup ms':>9s}")
+    with tempfile.TemporaryDirectory(dir=".") as d:
+        for name, opts in CODECS:
+            path = f"{d}/t.parquet"
+            w = timed(lambda: pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, write_statistics=True,
+                                             **opts), "cpu", args.repeats)
+            size = Path(path).stat().st_size
+            look = timed(lambda: pq.read_table(path, filters=[("seq_id", "=", n_seq // 2), ("pos", "=", 7),
+                                                              ("head", "=", 1)]), "cpu", args.repeats)
+            print(f"{name:36s} {raw / w / 1e6:10.0f} {size / 1e6:8.1f} {raw / size:6.2f} {look * 1e3:9.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=SHAPES, default="smollm2")
@@ -68,7 +112,10 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batches", type=int, default=4, help="batches per extraction run (one shard)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--codecs", action="store_true", help="only the Parquet codec table (no model)")
     args = ap.parse_args()
+    if args.codecs:
+        return codec_table(args)
 
     from kvcore.extract import extract_sequences, forward_cache, run_meta
     from kvcore.storage import ShardWriter, layer_table

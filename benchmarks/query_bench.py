@@ -129,14 +129,21 @@ def bench_size(root: Path, rows: int, args) -> dict:
     from kvcore.query.verbs import _stats
 
     root.mkdir(parents=True, exist_ok=True)
-    log(f"building {rows:,} rows under {root}")
-    run_dir, naive, t_kv, t_naive = build(root, rows, args.seed)
+    if args.reuse and (root / "run" / "metadata.json").is_file() and (root / "naive.parquet").is_file():
+        log(f"reusing {root}")
+        run_dir, naive, t_kv, t_naive = root / "run", root / "naive.parquet", float("nan"), float("nan")
+    else:
+        log(f"building {rows:,} rows under {root}")
+        run_dir, naive, t_kv, t_naive = build(root, rows, args.seed)
+    load_before = os.getloadavg()[0]
+    t = time.perf_counter()
     run = kvcore.open_run(run_dir, threads=args.threads)
+    t_open = time.perf_counter() - t
     info = run.info().iloc[0]
     n_rows, n_seq = int(info.n_kv_rows), int(info.n_sequences)
     res = {"rows": n_rows, "sequences": n_seq, "shards": int(info.n_shards), "files": len(run.runs[0].kv_files),
            "kvcore_bytes": du(run_dir / "kv"), "naive_bytes": naive.stat().st_size,
-           "build_kvcore_s": t_kv, "build_naive_s": t_naive}
+           "build_kvcore_s": t_kv, "build_naive_s": t_naive, "open_run_ms": 1e3 * t_open}
     log(f"  built: {res}")
     rng = np.random.default_rng(args.seed)
     coords = [(int(rng.integers(LAYERS)), int(rng.integers(KV_HEADS)), int(rng.integers(SEQ_LEN)),
@@ -206,6 +213,7 @@ GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
     if args.layout:
         res["layout"] = layout_experiment(root, files, coords, args)
     run.close()
+    res["load_avg"] = f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     if rows <= args.compact_max:
         res["compact"] = compact_experiment(root, run_dir, coords, args)
     return res
@@ -317,7 +325,8 @@ def layout_experiment(root: Path, files, coords, args) -> list[dict]:
 # ---- report ---------------------------------------------------------------------------------
 
 ROWS = [  # (label, format, key) of the results table
-    ("shards / Parquet files", "{}", "shards_files"), ("kvcore layout on disk (GB)", "{:.2f}", "kvcore_gb"),
+    ("load average (1 min) before -> after", "{}", "load_avg"),
+    ("shards / Parquet files", "{}", "shards_files"), ("open_run (ms)", "{:.0f}", "open_run_ms"), ("kvcore layout on disk (GB)", "{:.2f}", "kvcore_gb"),
     ("naive file on disk (GB)", "{:.2f}", "naive_gb"),
     ("coordinate lookup, kvcore.open_run, Arrow (ms)", "{:.1f}", "lookup_kvcore_ms"),
     ("coordinate lookup, kvcore.open_run, pandas (ms)", "{:.1f}", "lookup_kvcore_pandas_ms"),
@@ -367,6 +376,7 @@ def main() -> int:
                    help="sizes up to this many rows are also timed compacted: one file per layer")
     p.add_argument("--compact-rows", type=int, default=4096, help="row-group rows of the compacted copy")
     p.add_argument("--keep", action="store_true", help="keep the data under --dir")
+    p.add_argument("--reuse", action="store_true", help="reuse (and keep) data left under --dir by an earlier --keep run")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -376,11 +386,12 @@ def main() -> int:
     results = []
     for size in [int(float(s)) for s in args.sizes.split(",")]:
         root = args.dir / f"rows-{size}"
-        shutil.rmtree(root, ignore_errors=True)
+        if not args.reuse:
+            shutil.rmtree(root, ignore_errors=True)
         try:
             res = bench_size(root, size, args)
         finally:
-            if not args.keep:
+            if not (args.keep or args.reuse):
                 shutil.rmtree(root, ignore_errors=True)
         results.append(res)
     print(f"duckdb threads: {args.threads or os.cpu_count()}, cpu cores: {os.cpu_count()}, repeats: {args.repeats}, "

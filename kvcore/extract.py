@@ -100,7 +100,11 @@ def extract_shard(model_dir: str | Path, tokens_parquet: str | Path, run_dir: st
     meta = run_meta(model, model_name or Path(model_dir).name, dataset_name or Path(tokens_parquet).parent.name,
                     seq_len)
     writer = ShardWriter(run_dir, shard, meta)
-    extract_sequences(model, tokenizer, sequences, writer, batch_size, top_k, device, progress=f"shard {shard}")
+    try:
+        extract_sequences(model, tokenizer, sequences, writer, batch_size, top_k, device, progress=f"shard {shard}")
+    except BaseException:
+        writer.abort()  # stop the writer threads, leave nothing staged
+        raise
     return writer.close()
 
 
@@ -196,6 +200,11 @@ class Extractor:
         seqs = {i: ids for i, (ids, _) in enumerate(sequences)}
         meta = run_meta(self.model, self.model_dir.name, dataset_name, max(len(s) for s in seqs.values()))
         writer = ShardWriter(run_dir, 0, meta)
-        extract_sequences(self.model, self.tokenizer, seqs, writer, batch_size, top_k, self.device, progress="extract")
+        try:
+            extract_sequences(self.model, self.tokenizer, seqs, writer, batch_size, top_k, self.device,
+                              progress="extract")
+        except BaseException:
+            writer.abort()
+            raise
         writer.close()
         return finalize_run(run_dir, 1)

@@ -264,3 +264,5 @@ def validate_method(model_dir, text_or_ids, method: str, spec: dict | None, sett
     top["spec"] = m.spec
     top["protocols"] = records
     return top
+
+# edited by tests/test_workflow.py

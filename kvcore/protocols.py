@@ -71,11 +71,15 @@ FAMILY_PROTOCOLS = {
 }
 
 DEFAULT_OPTIONS = {
-    "pre_rope": False,  # quantize keys before RoPE (undone and redone around method.fake)
+    "pre_rope": False,  # quantize keys before RoPE (undone and redone around method.fake): true, or method names
     "seed": 0,  # the random scorer's seed
     "scorers": {},  # scorer name -> options, e.g. {"snapkv": {"window": 64}}
     "attention_floats": 1 << 24,  # scorer attention computed in chunks of at most this many floats
+    # budget `global`: one threshold per layer ("layer", as kvcore.compress documents it) or one
+    # across every layer and head ("model", KVzip's and kvpress's default); both via select_keep
+    "global_scope": "layer",
 }
+GLOBAL_SCOPES = ("layer", "model")
 
 
 def protocols_for(family: str) -> tuple[str, ...]:
@@ -87,7 +91,10 @@ def check_options(options: dict | None) -> dict:
     unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
     if unknown:
         raise UsageError(f"unknown perplexity option {unknown[0]!r} (valid: {', '.join(DEFAULT_OPTIONS)})")
-    return {**DEFAULT_OPTIONS, **options}
+    options = {**DEFAULT_OPTIONS, **options}
+    if options["global_scope"] not in GLOBAL_SCOPES:
+        raise UsageError(f"global_scope must be one of {', '.join(GLOBAL_SCOPES)} (got {options['global_scope']!r})")
+    return options
 
 
 # --------------------------------------------------------------------------- attention
@@ -392,7 +399,10 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
             raise UsageError(f"method {name!r}: family {family} has no {protocol} protocol "
                              f"(valid: {', '.join(FAMILY_PROTOCOLS[family])})")
     _check_shapes(model, methods)
-    rope = _Rope(model) if options["pre_rope"] else None
+    pre_rope = options["pre_rope"]
+    rope = _Rope(model) if pre_rope else None
+    ropes = {name: rope if pre_rope is True or (not isinstance(pre_rope, bool) and name in pre_rope) else None
+             for name in methods}
     scorers = _scorers(methods, options)
     if any(s.queries == "repeat" for s in scorers.values()) and tokenizer is None:
         raise UsageError("the kvzip scorer needs the model's tokenizer (to build its reconstruction prompt)")
@@ -400,7 +410,7 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
     all_windows = layout_windows(len(token_ids), max_length, stride, layout)
     chosen = range(len(all_windows)) if selected is None else selected
     ids = torch.tensor([token_ids], device=device)
-    run = _Run(recorders={name: _Recorder() for name, m in methods.items() if hasattr(m, "family")})
+    run = _Run(recorders={name: _Recorder() for name, m in methods.items() if not _external(m)})
     started = time.perf_counter()
     model.eval()
     with torch.inference_mode():
@@ -409,9 +419,9 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
             key = (i, w.begin, w.end)
             window_ids = ids[:, w.begin:w.end]
             if protocol == "fake-quant":
-                _fake_quant_window(model, window_ids, w.target_len, key, methods, run, rope, device)
+                _fake_quant_window(model, window_ids, w.target_len, key, methods, run, ropes, device)
             else:
-                _prefill_compress_window(model, window_ids, w.target_len, key, methods, run, rope, device,
+                _prefill_compress_window(model, window_ids, w.target_len, key, methods, run, ropes, device,
                                          max_length, stride, scorers, tokenizer, options)
     seconds = time.perf_counter() - started
 
@@ -428,6 +438,11 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
         if name in run.recorders:
             result["methods"][name]["metrics"] = run.recorders[name].metrics()
     return result
+
+
+def _external(method) -> bool:
+    """A peer that builds its own cache from the prefilled keys and values (prefill-compress)."""
+    return hasattr(method, "build_cache")
 
 
 def _check_shapes(model, methods):
@@ -451,7 +466,7 @@ def _scorers(methods, options) -> dict:
     return out
 
 
-def _fake_quant_window(model, window_ids, target_len, key, methods, run, rope, device):
+def _fake_quant_window(model, window_ids, target_len, key, methods, run, ropes, device):
     from kvcore.perplexity import scored_nll
 
     labels = window_ids.clone()
@@ -465,13 +480,13 @@ def _fake_quant_window(model, window_ids, target_len, key, methods, run, rope, d
     nll, count, seconds = forward(_cache_from(model, [], []))
     run.add(None, key, nll, count, seconds)
     for name, method in methods.items():
-        if not hasattr(method, "family"):
+        if _external(method):
             raise UsageError(f"method {name!r}: external caches are measured under prefill-compress only")
-        nll, count, seconds = forward(_fake_quant_cache(model, method, run.recorders[name], rope))
+        nll, count, seconds = forward(_fake_quant_cache(model, method, run.recorders[name], ropes[name]))
         run.add(name, key, nll, count, seconds)
 
 
-def _prefill_compress_window(model, window_ids, target_len, key, methods, run, rope, device, max_length, stride,
+def _prefill_compress_window(model, window_ids, target_len, key, methods, run, ropes, device, max_length, stride,
                              scorers, tokenizer, options):
     import torch
 
@@ -520,9 +535,9 @@ def _prefill_compress_window(model, window_ids, target_len, key, methods, run, r
     scores_cache: dict = {}
     for name, method in methods.items():
         with _Timer(device) as t_compress:
-            if hasattr(method, "family"):
+            if not _external(method):
                 ckeys, cvalues, hidden = _compress(method, keys, values, scorers, stats, scores_cache, key[0],
-                                                   run.recorders[name], rope, options)
+                                                   run.recorders[name], ropes[name], options)
                 cache_ = _cache_from(model, ckeys, cvalues)
             else:
                 cache_, hidden = method.build_cache(model, keys, values), {}
@@ -584,9 +599,14 @@ def _compress(method, keys, values, scorers, stats, scores_cache, window_index, 
         scorer = scorers[method.scorer]
         if method.scorer not in scores_cache:
             scores_cache[method.scorer] = _layer_scores(scorer, keys, values, stats, window_index, options)
+        layer_scores = scores_cache[method.scorer]
+        if method.budget == "global" and options["global_scope"] == "model":
+            # one threshold across every layer and head: the layers' heads side by side
+            keeps = method.select(torch.cat(layer_scores, dim=1)).split(keys[0].shape[1], dim=1)
+        else:
+            keeps = [method.select(s) for s in layer_scores]
         out_k, out_v, hidden = [], [], {}
-        for i, (k, v, s) in enumerate(zip(keys, values, scores_cache[method.scorer])):
-            keep = method.select(s)
+        for i, (k, v, keep) in enumerate(zip(keys, values, keeps)):
             recorder.add(method, k, method.fake(k, "key", keep), "key", i)
             recorder.add(method, v, method.fake(v, "value", keep), "value", i)
             k2, v2, mask = gather_kept(k, v, keep)

@@ -1,8 +1,9 @@
 """Markdown reports: one per run (plots, statistics, compression and perplexity tables) and one
 across the grid, plus `results/summary.parquet` (every ppl + compress result of every run).
 
-Results are read as DESIGN.md lays them out: {run}/ppl/{method}.json (one object, or a list of
-objects, e.g. one per protocol) joined on the method name with {run}/compress/{method}.json.
+Results are read as DESIGN.md lays them out: {run}/ppl/{method}.json joined on the method name with
+{run}/compress/{method}.json. A ppl file is one record, a record whose `protocols` maps each protocol
+to its full record (kvcore.perplexity: one row per protocol is reported), or a list of records.
 Missing stages are left out, never an error: a report can be written after extraction alone.
 """
 
@@ -53,7 +54,7 @@ SUMMARY_COLUMNS = (
     ("processing_time_ms", "float64"), ("baseline_perplexity", "float64"), ("compressed_perplexity", "float64"),
     ("delta", "float64"), ("delta_percent", "float64"), ("passed", "bool_"), ("threshold", "float64"),
     ("max_length", "int64"), ("stride", "int64"), ("n_tokens", "int64"), ("dtype", "string"),
-    ("seconds", "float64"), ("tokens_per_second", "float64"),
+    ("seconds", "float64"), ("tokens_per_second", "float64"), ("latency_ratio", "float64"),
 )
 _COMPRESS_FIRST = ("bits_per_element", "compression_ratio", "original_size_bytes", "compressed_size_bytes", "rmse",
                    "snr_db", "cosine_similarity", "max_error", "quality_level", "processing_time_ms")
@@ -76,7 +77,11 @@ def collect_results(run_dir: str | Path, methods: dict | None = None) -> list[di
     records, seen = [], set()
     for path in sorted((run_dir / "ppl").glob("*.json")):
         data = _load(path)
-        for item in data if isinstance(data, list) else [data]:
+        if isinstance(data, dict) and isinstance(data.get("protocols"), dict) and data["protocols"]:
+            items = [{"spec": data.get("spec"), **rec} for rec in data["protocols"].values()]
+        else:
+            items = data if isinstance(data, list) else [data]
+        for item in items:
             records.append(_record(item.get("method") or path.stem, item, compress.get(path.stem, {}), methods))
             seen.add(path.stem)
     for stem, c in compress.items():
@@ -91,14 +96,16 @@ def _record(method: str, ppl: dict, comp: dict, methods: dict) -> dict:
     for key in rec:
         first, second = (comp, ppl) if key in _COMPRESS_FIRST else (ppl, comp)
         rec[key] = first.get(key, second.get(key))
+    stored = dict(ppl.get("spec") or {})  # the parsed spec kvcore.perplexity writes
     rec["method"] = method
-    rec["family"] = ppl.get("family") or comp.get("family") or spec.get("family") or (
-        "none" if method == "baseline" else None)
+    rec["family"] = (ppl.get("family") or stored.get("family") or comp.get("family") or spec.get("family")
+                     or ("none" if method == "baseline" else None))
     rec["passed"] = ppl.get("passed")
     rec["compress_passed"] = comp.get("passed")
-    rec["quality_level"] = comp.get("quality_level")
-    spec.pop("family", None)
-    rec["params"] = ppl.get("params") or comp.get("params") or spec or None
+    rec["has_compress_json"] = bool(comp)
+    for source in (stored, spec):
+        source.pop("family", None)
+    rec["params"] = ppl.get("params") or comp.get("params") or stored or spec or None
     return rec
 
 
@@ -188,12 +195,12 @@ def _ppl_rows(records):
                      _fmt(r.get("compression_ratio"), ".3g"), _fmt(r.get("baseline_perplexity"), ".3f"),
                      _fmt(r.get("compressed_perplexity"), ".3f"), _fmt(r.get("delta"), "+.3f"),
                      _fmt(r.get("delta_percent"), "+.2f"), _fmt(r.get("passed")),
-                     _fmt(r.get("tokens_per_second"), ".4g")])
+                     _fmt(r.get("tokens_per_second"), ".4g"), _fmt(r.get("latency_ratio"), ".3g")])
     return rows
 
 
 PPL_HEADER = ["method", "family", "protocol", "bits/elem", "ratio", "baseline ppl", "ppl", "Δ", "Δ %", "passed",
-              "tokens/s"]
+              "tokens/s", "latency ×"]
 COMPRESS_HEADER = ["method", "family", "bits/elem", "ratio", "bytes written", "RMSE", "SNR dB", "cosine",
                    "max error", "quality", "passed"]
 
@@ -201,8 +208,7 @@ COMPRESS_HEADER = ["method", "family", "bits/elem", "ratio", "bytes written", "R
 def _compress_rows(records):
     seen, rows = set(), []
     for r in sorted(records, key=lambda r: (r.get("family") or "", r["method"])):
-        if r["method"] in seen or r.get("compressed_size_bytes") is None and r.get("rmse") is None \
-                and r.get("quality_level") is None:
+        if r["method"] in seen or not r.get("has_compress_json"):
             continue
         seen.add(r["method"])
         rows.append([r["method"], r.get("family") or "–", _fmt(r.get("bits_per_element"), ".3g"),
@@ -309,7 +315,8 @@ def write_run_report(run_dir: str | Path, out_md: str | Path | None = None, plot
               f"- Pruning potential (a heuristic from the statistics): {FORMULA}. An attention head's output is a "
               "convex combination of its value vectors, so small values write little into the residual stream; "
               "it ignores the output projection and the attention pattern, so check it against measured pruning runs.",
-              "- Δ % = (compressed − baseline perplexity) ÷ baseline × 100; `passed` = Δ below the threshold.",
+              "- Δ % = (compressed − baseline perplexity) ÷ baseline × 100; `passed` = Δ below the threshold; "
+              "latency × = time of the scored forward with the compressed cache ÷ the uncompressed one.",
               "- Protocols: `fake-quant` compresses every K/V on cache update; `prefill-compress` compresses the "
               "prefilled context once per window, then scores the stride tokens against it.", ""]
     write_text(out_md, "\n".join(lines))

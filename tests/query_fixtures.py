@@ -52,13 +52,11 @@ class Reference:
         return arr[self.seq_ids.index(seq), head, pos]
 
 
-def build_run(root: Path, arch: str) -> Path:
+def build_run(root: Path, model_dir: Path) -> Path:
+    """results/{model}/text under root, extracted by kvcore from the model at model_dir."""
     from kvcore.extract import Extractor
-    from kvcore.sources import prepare_model
 
-    model_dir = prepare_model(f"tiny-{arch}", {"source": "random-init", "architecture": arch},
-                              root / "models" / f"tiny-{arch}")
-    run_dir = root / "results" / f"tiny-{arch}" / "text"
+    run_dir = root / "results" / Path(model_dir).name / "text"
     Extractor(model_dir, device="cpu", dtype="float32").extract_to_run(TEXTS, run_dir, dataset_name="text")
     return run_dir
 

@@ -26,8 +26,10 @@ RECORDS = [
      "delta_percent": 0.3, "passed": True},
     {"method": "prune-l1", "family": "prune", "protocol": "prefill-compress", "delta_percent": 5.0,
      "params": {"layers": [1]}},
-    {"method": "prune-l0h1", "family": "prune", "protocol": "prefill-compress", "delta_percent": 1.0,
-     "params": {"layers": 0, "heads": [1]}},
+    {"method": "prune-h0.1", "family": "prune", "protocol": "prefill-compress", "delta_percent": 1.0,
+     "params": {"layers": [], "heads": [[0, 1]]}},
+    {"method": "prune-h3.0-3.1", "family": "prune", "protocol": "prefill-compress", "delta_percent": 2.0,
+     "params": {"heads": [[3, 0], [3, 1]]}},
     {"method": "prune-l0-2", "family": "prune", "protocol": "prefill-compress", "delta_percent": 9.0,
      "params": {"layers": [0, 2]}},
 ]
@@ -45,6 +47,20 @@ def tables(run):
     return stats.read_stats(run / "stats")
 
 
+@pytest.fixture(scope="module")
+def drawn(run, tmp_path_factory):
+    """write_plots once over the run, with result records and an attention table: (plots dir, data)."""
+    (run / "ppl").mkdir(exist_ok=True)
+    for r in RECORDS:
+        (run / "ppl" / f"{r['method']}-{r['protocol']}.json").write_text(json.dumps(r))
+    attention = pa.table({"layer": [0, 0, 1, 1], "head": [0, 0, 0, 0], "key_pos": [0, 1, 0, 1],
+                          "attention": [0.6, 0.4, 0.9, 0.1]})
+    (run / "attention").mkdir(exist_ok=True)
+    pq.write_table(attention, run / "attention" / "sinks.parquet")
+    out = tmp_path_factory.mktemp("drawn") / "plots"
+    return out, plots.write_plots(run, out)
+
+
 def check_png(path):
     raw = path.read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n", path
@@ -58,9 +74,9 @@ def pandas(tables, name):
     return tables[name].to_pandas()
 
 
-def test_layer_statistics(tables, tmp_path):
-    data = plots.plot_layer_statistics(tables, tmp_path / "a.png")
-    check_png(tmp_path / "a.png")
+def test_layer_statistics(tables, drawn):
+    data = drawn[1]["layer_statistics"]
+    check_png(drawn[0] / "layer_statistics.png")
     layers = pandas(tables, "layers")
     for kind in stats.KINDS:
         rows = layers[layers.kind == kind].sort_values("layer")
@@ -70,16 +86,16 @@ def test_layer_statistics(tables, tmp_path):
                                   layers[layers.kind == "key"].sort_values("layer")["kv_correlation"].to_numpy())
 
 
-def test_head_sparsity(tables, tmp_path):
-    data = plots.plot_head_sparsity(tables, tmp_path / "a.png")
-    check_png(tmp_path / "a.png")
+def test_head_sparsity(tables, drawn):
+    data = drawn[1]["head_sparsity"]
+    check_png(drawn[0] / "head_sparsity.png")
     for row in pandas(tables, "heads").itertuples():
         assert data[row.kind][row.layer, row.head] == pytest.approx(100 * row.sparsity)
 
 
-def test_weight_magnitude_distribution(tables, tmp_path):
-    data = plots.plot_weight_magnitude_distribution(tables, tmp_path / "a.png")
-    check_png(tmp_path / "a.png")
+def test_weight_magnitude_distribution(tables, drawn):
+    data = drawn[1]["weight_magnitude_distribution"]
+    check_png(drawn[0] / "weight_magnitude_distribution.png")
     hist = pandas(tables, "histograms")
     heads = pandas(tables, "heads")
     for kind in stats.KINDS:
@@ -91,9 +107,9 @@ def test_weight_magnitude_distribution(tables, tmp_path):
     assert len(data["edges"]) == len(data["key_counts"]) - 1
 
 
-def test_channel_outliers(tables, tmp_path):
-    data = plots.plot_channel_outliers(tables, tmp_path / "a.png")
-    check_png(tmp_path / "a.png")
+def test_channel_outliers(tables, drawn):
+    data = drawn[1]["channel_outliers"]
+    check_png(drawn[0] / "channel_outliers.png")
     ch = pandas(tables, "channels")
     dim = ch["channel"].max() + 1
     for row in ch.itertuples():
@@ -104,9 +120,9 @@ def test_channel_outliers(tables, tmp_path):
                                   .sort_values("layer")["outlier_ratio"].to_numpy())
 
 
-def test_key_norm_by_position(tables, tmp_path):
-    data = plots.plot_key_norm_by_position(tables, tmp_path / "a.png")
-    check_png(tmp_path / "a.png")
+def test_key_norm_by_position(tables, drawn):
+    data = drawn[1]["key_norm_by_position"]
+    check_png(drawn[0] / "key_norm_by_position.png")
     ps = pandas(tables, "positions")
     exp = ps.groupby(["kind", "layer", "pos"])["norm_mean"].mean()
     for (kind, layer, pos), v in exp.items():
@@ -116,9 +132,9 @@ def test_key_norm_by_position(tables, tmp_path):
     np.testing.assert_allclose(data["key_binned"][:, -1], data["key"][:, edges[-2]:].mean(1))
 
 
-def test_cross_layer_similarity(tables, tmp_path):
-    data = plots.plot_cross_layer_similarity(tables, tmp_path / "a.png")
-    check_png(tmp_path / "a.png")
+def test_cross_layer_similarity(tables, drawn):
+    data = drawn[1]["cross_layer_similarity"]
+    check_png(drawn[0] / "cross_layer_similarity.png")
     cross = pandas(tables, "cross_layer").groupby(["kind", "layer_a", "layer_b"])["cosine_mean"].mean()
     for (kind, a, b), v in cross.items():
         assert data[kind][a, b] == pytest.approx(v)
@@ -129,19 +145,19 @@ def test_cross_layer_similarity(tables, tmp_path):
     np.testing.assert_allclose(data["key_next_layer"], nxt.to_numpy())
 
 
-def test_pruning_plots(tables, tmp_path):
+def test_pruning_plots(tables, drawn, tmp_path):
     pot = stats.pruning_potential(tables)
-    data = plots.plot_pruning_heatmap(tables, tmp_path / "a.png", RECORDS)
-    check_png(tmp_path / "a.png")
+    data = drawn[1]["pruning_heatmap_by_layer_head"]
+    check_png(drawn[0] / "pruning_heatmap_by_layer_head.png")
     for layer, head, p in zip(pot["layer"], pot["head"], pot["potential"]):
         assert data["potential"][layer, head] == p
-    assert {(tuple(r["layers"]), None if r["heads"] is None else tuple(r["heads"])) for r in data["measured"]} == \
-        {((1,), None), ((0,), (1,)), ((0, 2), None)}
-    data = plots.plot_layer_pruning_potential(tables, tmp_path / "b.png", RECORDS)
-    check_png(tmp_path / "b.png")
+    assert {(tuple(r["layers"]), tuple(r["heads"])) for r in data["measured"]} == \
+        {((1,), ()), ((), ((0, 1),)), ((), ((3, 0), (3, 1))), ((0, 2), ())}
+    data = drawn[1]["layer_pruning_potential"]
+    check_png(drawn[0] / "layer_pruning_potential.png")
     np.testing.assert_array_equal(data["potential"], pot["layer_potential"])
-    data = plots.plot_head_pruning_potential(tables, tmp_path / "c.png", RECORDS)
-    check_png(tmp_path / "c.png")
+    data = drawn[1]["head_pruning_potential"]
+    check_png(drawn[0] / "head_pruning_potential.png")
     assert data["top"][0][2] == pytest.approx(pot["potential"].max())
     np.testing.assert_allclose(data["head_mean"], [pot["potential"][pot["head"] == h].mean() for h in range(2)])
     # without any pruning runs the plots still draw, with nothing measured
@@ -149,9 +165,9 @@ def test_pruning_plots(tables, tmp_path):
     check_png(tmp_path / "d.png")
 
 
-def test_compression_tradeoff(tmp_path):
-    data = plots.plot_compression_tradeoff(RECORDS, tmp_path / "a.png", {"model": "m", "dataset": "d"})
-    check_png(tmp_path / "a.png")
+def test_compression_tradeoff(drawn):
+    data = drawn[1]["compression_tradeoff"]
+    check_png(drawn[0] / "compression_tradeoff.png")
     got = {(p["method"], p["protocol"]): (p["bits_per_element"], p["delta_percent"]) for p in data["points"]}
     assert got == {(r["method"], r["protocol"]): (r["bits_per_element"], r["delta_percent"]) for r in RECORDS
                    if r.get("bits_per_element") is not None and r["family"] != "none"}
@@ -176,21 +192,19 @@ def test_attention_sinks(tmp_path):
     assert data["matrix"][1, 0] == pytest.approx(0.75)
 
 
-def test_write_plots_draws_every_plot(run, tmp_path):
-    run_dir = run
-    (run_dir / "ppl").mkdir(exist_ok=True)
-    for r in RECORDS:
-        (run_dir / "ppl" / f"{r['method']}-{r['protocol']}.json").write_text(json.dumps(r))
-    attention = pa.table({"layer": [0, 0, 1, 1], "head": [0, 0, 0, 0], "key_pos": [0, 1, 0, 1],
-                          "attention": [0.6, 0.4, 0.9, 0.1]})
-    (run_dir / "attention").mkdir(exist_ok=True)
-    pq.write_table(attention, run_dir / "attention" / "sinks.parquet")
-    out = plots.write_plots(run_dir, tmp_path / "plots")
+def test_write_plots_draws_every_plot(run, drawn, tmp_path):
+    out_dir, out = drawn
     assert set(out) == set(plots.ALL_PLOTS) | {"attention_sinks"}
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(f"{name}.png" for name in out)
     for name in out:
-        check_png(tmp_path / "plots" / f"{name}.png")
-    assert len(out["compression_tradeoff"]["points"]) == 4
-    only = plots.write_plots(run_dir, tmp_path / "some", names=["head_sparsity"])
-    assert set(only) == {"head_sparsity", "attention_sinks"}
+        check_png(out_dir / f"{name}.png")
+    assert out["attention_sinks"]["sink_fraction"] == pytest.approx([0.6, 0.9])
+    only = plots.write_plots(run, tmp_path / "some", names=["head_sparsity"])
+    assert set(only) == {"head_sparsity"} and [p.name for p in (tmp_path / "some").iterdir()] == ["head_sparsity.png"]
+    (run / "attention" / "sinks.parquet").rename(run / "attention" / "away.parquet")
+    try:  # named but absent: skipped
+        assert plots.write_plots(run, tmp_path / "none", names=["attention_sinks"]) == {}
+    finally:
+        (run / "attention" / "away.parquet").rename(run / "attention" / "sinks.parquet")
     with pytest.raises(UsageError, match="unknown plot"):
-        plots.write_plots(run_dir, tmp_path / "x", names=["nope"])
+        plots.write_plots(run, tmp_path / "x", names=["nope"])

@@ -171,16 +171,18 @@ def test_record_has_design_fields_and_both_protocols(tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_two_bits_worse_than_four_bits():
-    """Sanity ordering on real weights (SmolLM2-135M, Lee corpus, 4 windows of 256 tokens)."""
+    """Sanity ordering on real weights (SmolLM2-135M, Lee corpus, 2 windows of 256 tokens,
+    128 scored each; 4-bit may land a hair under the baseline, so only the ordering is checked)."""
     if not (SMOLLM2 / "config.json").is_file() or not LEE.is_file():
         pytest.skip(f"needs the embedded model and corpus ({SMOLLM2}, {LEE}): run `snakemake` (make run) first")
     from kvcore.perplexity import eval_token_ids
     from kvcore.sources.datasets import joined_text
 
     model, tokenizer, _ = load_model(SMOLLM2, "cpu", "float32")
-    ids = eval_token_ids(tokenizer, joined_text(LEE), 1024)
+    ids = eval_token_ids(tokenizer, joined_text(LEE), 512)
     result = run(model, ids, ["kivi2-g64", "kivi4-g64"], "fake-quant", max_length=256, stride=128, layout="chunks")
     base = result["baseline"]["perplexity"]
     two, four = (result["methods"][n]["perplexity"] for n in ("kivi2-g64", "kivi4-g64"))
-    assert base < four < two, (base, four, two)
+    assert two > four and two > base * 1.02, (base, four, two)
+    assert abs(four / base - 1) < 0.05, (base, four)
     assert math.isfinite(two)

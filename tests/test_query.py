@@ -21,10 +21,10 @@ ARCHS = ("gpt2", "llama")
 
 
 @pytest.fixture(scope="session")
-def grid(tmp_path_factory):
-    """results/tiny-gpt2/text and results/tiny-llama/text, extracted by kvcore itself."""
+def grid(tmp_path_factory, tiny_models):
+    """results/gpt2/text and results/llama/text, extracted by kvcore from conftest's tiny models."""
     root = tmp_path_factory.mktemp("query")
-    runs = {arch: build_run(root, arch) for arch in ARCHS}
+    runs = {arch: build_run(root, tiny_models[arch]) for arch in ARCHS}
     return root / "results", runs
 
 
@@ -194,6 +194,8 @@ def test_sql_and_arrow(case):
     np.testing.assert_allclose(df.m, want, rtol=1e-5)
     table = run.coordinate(0, 0, 0, arrow=True)
     assert table.num_rows == 1 and str(table.schema.field("key").type).startswith("fixed_size_list<")
+    per_layer = run.sql("SELECT count(*) AS n, min(layer) AS lo, max(layer) AS hi FROM BY_LAYER.kv_1")
+    assert (per_layer.n[0], per_layer.lo[0], per_layer.hi[0]) == (sum(ref.lengths) * ref.num_kv, 1, 1)
 
 
 # ---- one run or the whole grid -----------------------------------------------------------
@@ -203,22 +205,22 @@ def test_grid_spans_runs(grid, refs):
 
     results, _ = grid
     with kvcore.open_run(results) as run:
-        assert sorted(run.info().model) == ["tiny-gpt2", "tiny-llama"]
+        assert sorted(run.info().model) == ["gpt2", "llama"]
         counts = run.sql("SELECT model, dataset, count(*) AS n FROM kv GROUP BY ALL ORDER BY model")
         assert list(counts.dataset) == ["text", "text"]
         assert list(counts.n) == [sum(refs[a].lengths) * refs[a].num_layers * refs[a].num_kv for a in ARCHS]
         both = run.coordinate(0, 1, 2)
-        assert list(both.model) == ["tiny-gpt2", "tiny-llama"]
-    with kvcore.open_run(results, model="tiny-llama") as run:
-        assert list(run.info().model) == ["tiny-llama"]
+        assert list(both.model) == ["gpt2", "llama"]
+    with kvcore.open_run(results, model="llama") as run:
+        assert list(run.info().model) == ["llama"]
 
 
 def test_cli_grid_and_model_filter(grid, capsys):
     results, _ = grid
     code, out, _ = cli(capsys, results, "--sql", "SELECT DISTINCT model FROM kv ORDER BY 1", "--format", "csv")
-    assert code == 0 and list(csv.reader(io.StringIO(out))) == [["model"], ["tiny-gpt2"], ["tiny-llama"]]
+    assert code == 0 and list(csv.reader(io.StringIO(out))) == [["model"], ["gpt2"], ["llama"]]
     code, _, err = cli(capsys, results, "--model", "gpt3")
-    assert code == 2 and "no run matches model=gpt3" in err and "tiny-gpt2/text" in err
+    assert code == 2 and "no run matches model=gpt3" in err and "gpt2/text" in err
 
 
 def test_stats_compress_and_ppl_views(grid, tmp_path):
@@ -226,7 +228,7 @@ def test_stats_compress_and_ppl_views(grid, tmp_path):
 
     import kvcore
 
-    run_dir = tmp_path / "results" / "tiny-gpt2" / "text"
+    run_dir = tmp_path / "results" / "gpt2" / "text"
     shutil.copytree(grid[1]["gpt2"], run_dir)
     (run_dir / "stats").mkdir()
     pq.write_table(pa.table({"layer": [0, 1], "kind": ["key", "key"], "kurtosis": [0.1, 0.2]}),
@@ -354,7 +356,7 @@ def test_other_runs_files_are_outside_a_filtered_grid(grid):
     import kvcore
 
     results, runs = grid
-    with kvcore.open_run(results, model="tiny-gpt2") as run, pytest.raises(kvcore.query.QueryError, match="refused"):
+    with kvcore.open_run(results, model="gpt2") as run, pytest.raises(kvcore.query.QueryError, match="refused"):
         run.sql(f"SELECT count(*) FROM read_parquet('{runs['llama']}/tokens.parquet')")
 
 
@@ -422,7 +424,7 @@ SELECT count(*) AS tokens FROM tokens
 
 @pytest.mark.parametrize("argv,code,message", [
     (["--coordinate", 9, 0, 0], 2, "layer 9 out of range: valid layers 0..1"),
-    (["--coordinate", 0, 2, 0], 2, "head 2 out of range: valid KV heads 0..1; heads are KV heads: tiny-llama/text "
+    (["--coordinate", 0, 2, 0], 2, "head 2 out of range: valid KV heads 0..1; heads are KV heads: llama/text "
                                    "has 4 query heads sharing 2 KV heads, query head h reads KV head h // 2"),
     (["--coordinate", 0, 0, 99], 2, "token 99 out of range for seq 0: valid positions 0..9"),
     (["--coordinate", 0, 0, 0, "--seq", 42], 2, "seq 42 not found: valid seq ids 0..4"),

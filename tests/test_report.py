@@ -38,9 +38,11 @@ def grid(tmp_path_factory):
     (run / "ppl").mkdir()
     (run / "compress").mkdir()
     (run / "ppl" / "baseline.json").write_text(json.dumps(ppl("baseline", "none", "fake-quant", 0.0)))
-    (run / "ppl" / "int4-g64.json").write_text(json.dumps([ppl("int4-g64", "quant", "fake-quant", 0.1),
-                                                           ppl("int4-g64", "quant", "prefill-compress", 0.05)]))
-    (run / "ppl" / "int2-g64.json").write_text(json.dumps(ppl("int2-g64", None, "fake-quant", 2.0)))
+    # kvcore.perplexity's layout: the primary protocol's record on top, every protocol under `protocols`
+    fq, pc = ppl("int4-g64", None, "fake-quant", 0.1), ppl("int4-g64", None, "prefill-compress", 0.05)
+    (run / "ppl" / "int4-g64.json").write_text(json.dumps({**fq, "spec": {"family": "quant", "bits": 4},
+                                                           "protocols": {"fake-quant": fq, "prefill-compress": pc}}))
+    (run / "ppl" / "int2-g64.json").write_text(json.dumps([ppl("int2-g64", None, "fake-quant", 2.0)]))
     (run / "ppl" / "drop-l1.json").write_text(json.dumps(ppl("drop-l1", "prune", "prefill-compress", 0.3)))
     for name, bits in (("int4-g64", 4.5), ("int2-g64", 2.5)):
         (run / "compress" / f"{name}.json").write_text(json.dumps({
@@ -67,6 +69,8 @@ def test_collect_results(grid):
     assert r["bits_per_element"] == 4.5 and r["delta_percent"] == pytest.approx(0.25) and r["compress_passed"]
     assert records[("int2-g64", "fake-quant")]["family"] == "quant"  # from compress json / config
     assert records[("drop-l1", "prefill-compress")]["params"] == {"layers": [1]}  # from the config
+    assert records[("int4-g64", "fake-quant")]["params"] == {"bits": 4}  # from the ppl file's spec
+    assert records[("int4-g64", "fake-quant")]["family"] == "quant"
     assert records[("topk-10", None)]["compressed_perplexity"] is None
 
 

@@ -52,11 +52,18 @@ def test_the_workflow_produces_every_output(workdir):
             run = workdir / "results" / model / dataset
             assert (run / "metadata.json").is_file() and (run / "predictions.parquet").is_file()
             assert len(list(run.glob("kv/layer=*/part-*.parquet"))) == 2 * 2  # layers x shards
-            assert (run / "ppl" / "baseline.json").is_file()
+            assert (run / "ppl" / "baseline.json").is_file() and (run / "ppl" / "kivi4-g32.json").is_file()
+            assert (run / "compress" / "kivi4-g32.safetensors").is_file()
+            assert (run / "report.md").is_file() and len(list(run.glob("plots/*.png"))) >= 10
+    assert (workdir / "results" / "report.md").is_file() and (workdir / "results" / "summary.parquet").is_file()
 
 
 def test_a_second_run_does_nothing(workdir):
     assert planned_jobs(workdir) == {}
+
+
+# Perplexity jobs, and only the plots and reports that read their results.
+PERPLEXITY_AND_READERS = {"all": 1, "perplexity": 4, "plots_results": 2, "run_report": 2, "grid_report": 1}
 
 
 def test_changing_the_stride_reruns_only_perplexity(workdir):
@@ -66,7 +73,7 @@ def test_changing_the_stride_reruns_only_perplexity(workdir):
     config["perplexity"]["stride"] = 16
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     try:
-        assert planned_jobs(workdir) == {"all": 1, "perplexity": 2}
+        assert planned_jobs(workdir) == PERPLEXITY_AND_READERS
     finally:
         config_path.write_text(original)
 
@@ -78,7 +85,7 @@ def test_editing_a_perplexity_module_reruns_only_perplexity(workdir):
     text, before = module.read_text(), module.stat()
     module.write_text(text + "\n# edited by tests/test_workflow.py\n")
     try:
-        assert planned_jobs(workdir) == {"all": 1, "perplexity": 2}
+        assert planned_jobs(workdir) == PERPLEXITY_AND_READERS
     finally:
         module.write_text(text)
         os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
@@ -93,3 +100,9 @@ def test_an_invalid_config_fails_before_any_job_naming_the_key(tmp_path):
     assert done.returncode != 0
     assert "unknown key under extract: 'seq_lenght'" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_snakemake_report_builds_the_html(workdir):
+    snakemake(workdir, "--report", "report.html")
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000 and "layer_statistics" in html and "compression_tradeoff" in html

@@ -167,6 +167,8 @@ def run(args) -> int:
     positional, keywords = verb_arguments(verb, args)
     if args.limit is not None and args.limit < 0:
         raise UsageError(f"--limit must be 0 or more (got {args.limit})")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be 1 or more (got {args.threads})")
     if verb == "shell" and (args.export_csv or args.export_parquet or args.show_sql or args.explain):
         raise UsageError("--shell takes no --export-*, --show-sql or --explain; use SQL at the prompt")
     with open_run(args.path, args.model, args.dataset, args.threads) as r:

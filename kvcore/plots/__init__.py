@@ -44,11 +44,12 @@ __all__ = ["STAT_PLOTS", "RESULT_PLOTS", "ALL_PLOTS", "OPTIONAL_PLOTS", "write_p
 
 def write_plots(run_dir: str | Path, out_dir: str | Path | None = None, names=None, stats_dir=None,
                 methods: dict | None = None) -> dict:
-    """Draw `names` (default: every plot in STAT_PLOTS and RESULT_PLOTS) into out_dir (default run_dir/plots).
+    """Draw `names` into out_dir (default run_dir/plots). Default names: every plot in STAT_PLOTS and
+    RESULT_PLOTS, plus attention_sinks when {run_dir}/attention/sinks.parquet exists ("attention_sinks"
+    may also be named explicitly; it is skipped, not an error, while that file is absent).
 
     `methods`: the config's `methods:` mapping, so result records know each method's family and
-    parameters (pruned layers/heads) even where the result JSON does not say. Also draws
-    attention_sinks.png when {run_dir}/attention/sinks.parquet exists. Returns {name: data drawn}.
+    parameters (pruned layers/heads) even where the result JSON does not say. Returns {name: data drawn}.
     """
     from kvcore.errors import UsageError
     from kvcore.report import collect_results
@@ -56,8 +57,9 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None, names=No
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
-    names = list(ALL_PLOTS) if names is None else list(names)
-    unknown = [n for n in names if n not in ALL_PLOTS]
+    sinks = run_dir / "attention" / "sinks.parquet"
+    names = list(ALL_PLOTS) + ["attention_sinks"] if names is None else list(names)
+    unknown = [n for n in names if n not in ALL_PLOTS and n != "attention_sinks"]
     if unknown:
         raise UsageError(f"unknown plot(s) {', '.join(unknown)}; valid: {', '.join(ALL_PLOTS)}")
     stats = read_stats(stats_dir or run_dir / "stats")
@@ -66,15 +68,15 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None, names=No
     out = {}
     for name in names:
         png = out_dir / f"{name}.png"
-        if name == "compression_tradeoff":
+        if name == "attention_sinks":
+            if sinks.is_file():
+                import pyarrow.parquet as pq
+
+                out[name] = plot_attention_sinks(pq.read_table(sinks), png, meta)
+        elif name == "compression_tradeoff":
             out[name] = plot_compression_tradeoff(records, png, meta)
         elif name in RESULT_PLOTS:
             out[name] = RESULT_PLOTS[name](stats, png, records)
         else:
             out[name] = STAT_PLOTS[name](stats, png)
-    sinks = run_dir / "attention" / "sinks.parquet"
-    if sinks.is_file():
-        import pyarrow.parquet as pq
-
-        out["attention_sinks"] = plot_attention_sinks(pq.read_table(sinks), out_dir / "attention_sinks.png", meta)
     return out

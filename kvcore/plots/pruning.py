@@ -3,7 +3,7 @@
 The potential is `kvcore.stats.pruning_potential`: 1 − (mean ‖v‖ of the head) / (largest
 mean ‖v‖ of any head). Measured values come from result records (see
 `kvcore.report.collect_results`) of family `prune`, whose method parameters name the
-pruned `layers` (and `heads`; absent = every KV head of those layers).
+pruned `layers` and `heads` ([layer, kv_head] pairs), as kvcore.compress.prune defines them.
 """
 
 from __future__ import annotations
@@ -16,32 +16,55 @@ from kvcore.stats import pruning_potential, stats_meta
 FORMULA = "potential = 1 − mean‖v‖(layer, head) ÷ max over heads of mean‖v‖"
 
 
-def prune_targets(record: dict) -> tuple[list[int] | None, list[int] | None]:
-    """(layers, heads) a prune record removed, from its params (`layers`/`heads`, or `prune_layers`/...)."""
+def prune_targets(record: dict) -> tuple[list[int], list[tuple[int, int]]]:
+    """(whole layers, [(layer, kv_head)] pairs) a prune record removed, from its params.
+
+    kvcore.compress.prune's spec: `layers` (dropped entirely) and `heads` ([layer, kv_head] pairs).
+    Also accepted: `heads` as plain head indices together with exactly one layer in `layers`.
+    """
     params = record.get("params") or {}
 
-    def get(*names):
-        for name in names:
-            v = params.get(name, record.get(name))
-            if v is not None:
-                return [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
-        return None
+    def get(name):
+        v = params.get(name, record.get(name))
+        return [] if v is None else (list(v) if isinstance(v, (list, tuple)) else [v])
 
-    return get("layers", "prune_layers", "layer"), get("heads", "prune_heads", "head")
+    layers, heads = [int(x) for x in get("layers")], get("heads")
+    if heads and all(isinstance(h, int) for h in heads):
+        if len(layers) != 1:
+            return layers, []
+        return [], [(layers[0], int(h)) for h in heads]
+    return layers, [(int(p[0]), int(p[1])) for p in heads]
 
 
 def measured_pruning(records) -> list[dict]:
-    """Prune records reduced to {method, protocol, layers, heads, delta_percent}."""
+    """Prune records reduced to {method, protocol, layers, heads, delta_percent}: `layers` dropped whole,
+    `heads` the (layer, kv_head) pairs dropped, `span` every layer touched."""
     out = []
     for r in records or []:
         if r.get("family") != "prune" or r.get("delta_percent") is None:
             continue
         layers, heads = prune_targets(r)
-        if layers is None:
+        if not layers and not heads:
             continue
         out.append({"method": r.get("method"), "protocol": r.get("protocol"), "layers": layers, "heads": heads,
+                    "span": sorted(set(layers) | {layer for layer, _ in heads}),
                     "delta_percent": float(r["delta_percent"])})
     return out
+
+
+def _describe(r: dict) -> str:
+    parts = [f"layers {','.join(map(str, r['layers']))}"] if r["layers"] else []
+    if r["heads"]:
+        parts.append("heads " + ",".join(f"L{layer}.H{h}" for layer, h in r["heads"]))
+    return f"{r['method']}: {' + '.join(parts)} → Δppl {r['delta_percent']:+.2f}%"
+
+
+def _one_layer(r: dict) -> bool:
+    return len(r["layers"]) == 1 and not r["heads"]
+
+
+def _one_head(r: dict) -> bool:
+    return not r["layers"] and len(r["heads"]) == 1
 
 
 def _potential_matrix(stats):
@@ -50,11 +73,6 @@ def _potential_matrix(stats):
     m = np.full((n_layers, n_heads), np.nan)
     m[p["layer"], p["head"]] = p["potential"]
     return p, m
-
-
-def _describe(r: dict) -> str:
-    heads = f" heads {','.join(map(str, r['heads']))}" if r["heads"] is not None else ""
-    return f"{r['method']}: layers {','.join(map(str, r['layers']))}{heads} → Δppl {r['delta_percent']:+.2f}%"
 
 
 def plot_pruning_heatmap(stats: dict, out_png, records=None) -> dict:
@@ -66,11 +84,9 @@ def plot_pruning_heatmap(stats: dict, out_png, records=None) -> dict:
     p, m = _potential_matrix(stats)
     measured = measured_pruning(records)
     n_layers, n_heads = m.shape
-    cells = {(r["layers"][0], r["heads"][0]): r["delta_percent"] for r in measured
-             if len(r["layers"]) == 1 and r["heads"] is not None and len(r["heads"]) == 1}
-    rows = {r["layers"][0]: r["delta_percent"] for r in measured if len(r["layers"]) == 1 and r["heads"] is None}
-    other = [r for r in measured if (r["layers"][0], (r["heads"] or [None])[0]) not in cells
-             and not (len(r["layers"]) == 1 and r["heads"] is None)]
+    cells = {r["heads"][0]: r["delta_percent"] for r in measured if _one_head(r)}
+    rows = {r["layers"][0]: r["delta_percent"] for r in measured if _one_layer(r)}
+    other = [r for r in measured if not _one_head(r) and not _one_layer(r)]
     fig, axes = figure(1, 1, size=(max(8, 1.8 * n_heads + 6), max(6, 0.3 * n_layers + 2.5)))
     ax = axes[0, 0]
     heatmap_axes(ax)
@@ -125,16 +141,16 @@ def plot_layer_pruning_potential(stats: dict, out_png, records=None) -> dict:
         ax.set_yticks([])
     for r in measured:
         proto_marker = "s" if r.get("protocol") == "prefill-compress" else "o"
-        if len(r["layers"]) == 1 and r["heads"] is None:
+        if _one_layer(r):
             ax.plot(r["layers"], [r["delta_percent"]], proto_marker, color="tab:red", ms=8)
-        elif len(r["layers"]) == 1:
-            ax.plot(r["layers"], [r["delta_percent"]], proto_marker, mfc="white", mec="tab:red", mew=1.5, ms=8)
-            ax.annotate(f"heads {','.join(map(str, r['heads']))}", (r["layers"][0], r["delta_percent"]), fontsize=7,
-                        xytext=(5, 3), textcoords="offset points")
+        elif len(r["span"]) == 1:  # some heads of one layer
+            ax.plot(r["span"], [r["delta_percent"]], proto_marker, mfc="white", mec="tab:red", mew=1.5, ms=8)
+            ax.annotate(f"heads {','.join(str(h) for _, h in r['heads'])}", (r["span"][0], r["delta_percent"]),
+                        fontsize=7, xytext=(5, 3), textcoords="offset points")
         else:
-            lo, hi = min(r["layers"]), max(r["layers"])
-            ax.hlines(r["delta_percent"], lo - 0.4, hi + 0.4, color="tab:purple", lw=3)
-            ax.annotate(f"{r['method']} (layers {','.join(map(str, r['layers']))})", (hi + 0.4, r["delta_percent"]),
+            hi = r["span"][-1]
+            ax.plot(r["span"], [r["delta_percent"]] * len(r["span"]), "D-", color="tab:purple", lw=1.2, ms=5)
+            ax.annotate(_describe(r).split(" → ")[0], (hi + 0.2, r["delta_percent"]),
                         fontsize=7, xytext=(4, 0), textcoords="offset points", va="center")
     if measured:
         from matplotlib.lines import Line2D
@@ -142,7 +158,8 @@ def plot_layer_pruning_potential(stats: dict, out_png, records=None) -> dict:
         ax.axhline(0, color="grey", lw=0.8)
         ax.legend(handles=[Line2D([], [], marker="s", color="tab:red", ls="none", label="one layer pruned"),
                            Line2D([], [], marker="s", mfc="white", mec="tab:red", ls="none", label="heads of one layer"),
-                           Line2D([], [], color="tab:purple", lw=3, label="several layers at once")],
+                           Line2D([], [], color="tab:purple", marker="D", lw=1.2,
+                                  label="one run touching several layers (◆ = layers touched)")],
                   loc="upper right", fontsize=8)
     ax.set(xlabel="layer", ylabel="measured Δ perplexity (%)",
            title="Measured: perplexity change when pruned (■ prefill-compress, ● fake-quant)")
@@ -160,8 +177,7 @@ def plot_head_pruning_potential(stats: dict, out_png, records=None, top: int = 1
     p, m = _potential_matrix(stats)
     n_layers, n_heads = m.shape
     measured = measured_pruning(records)
-    exact = {(r["layers"][0], r["heads"][0]): r["delta_percent"] for r in measured
-             if len(r["layers"]) == 1 and r["heads"] is not None and len(r["heads"]) == 1}
+    exact = {r["heads"][0]: r["delta_percent"] for r in measured if _one_head(r)}
     fig, axes = figure(1, 2, size=(15, 6), gridspec_kw={"width_ratios": [1, 1.2]})
     ax = axes[0, 0]
     mean, std = np.nanmean(m, 0), np.nanstd(m, 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import IO
 
@@ -19,14 +18,15 @@ def _number(x: float) -> str:
     return f"{x:.6g}"
 
 
-def cell(value, full: bool = False) -> str:
+def cell(value) -> str:
+    """One value as table text: 6 significant digits, vectors shortened to their first elements."""
     if value is None:
         return "NULL"
     if isinstance(value, float):
         return _number(value)
     if isinstance(value, (list, tuple)):
         items = [cell(v) for v in value]
-        if full or len(items) <= VECTOR_PREVIEW + 1:
+        if len(items) <= VECTOR_PREVIEW + 1:
             return "[" + ", ".join(items) + "]"
         return "[" + ", ".join(items[:VECTOR_PREVIEW]) + f", … ({len(items)} values)]"
     if isinstance(value, dict):
@@ -135,6 +135,3 @@ def export(reader, path: str | Path, fmt: str) -> int:
                 n += batch.num_rows
         return n
 
-
-def stdout_binary():
-    return sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None

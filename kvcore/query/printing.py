@@ -13,13 +13,22 @@ NESTED = ("list", "array", "struct", "map", "union")
 
 
 def flat(run, query: Query) -> Query:
-    """The query with nested columns (vectors, structs) as text, for CSV."""
-    rel = run.execute(query)
+    """The query with nested columns (vectors, structs) as text, for CSV.
+
+    Only the last statement is kept: earlier ones are SELECTs (the guard allows nothing
+    else) whose results would be dropped anyway.
+    """
+    from kvcore.query.sandbox import statements
+
+    last = statements(query.sql)[-1]
+    if last.lstrip().upper().startswith("EXPLAIN"):
+        return Query(last, query.params, query.vertical)
+    rel = run.execute(last, query.params)
     exprs = []
     for name, type_ in zip(rel.columns, rel.types):
         quoted = '"' + name.replace('"', '""') + '"'
         exprs.append(f"CAST({quoted} AS VARCHAR) AS {quoted}" if type_.id in NESTED else quoted)
-    return Query(f"SELECT {', '.join(exprs)} FROM (\n{query.sql}\n)", query.params, query.vertical)
+    return Query(f"SELECT {', '.join(exprs)} FROM (\n{last}\n)", query.params, query.vertical)
 
 
 class _TextSink(io.RawIOBase):
@@ -51,9 +60,9 @@ def head(reader, n: int):
 
 
 def has_long_vectors(table) -> bool:
-    import pyarrow as pa
-
-    return any((pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)) for f in table.schema)
+    """Whether some cell holds a list too long for a table cell (a K/V vector, say)."""
+    return any(isinstance(v, list) and len(v) > output.VECTOR_PREVIEW + 1
+               for row in table.to_pylist() for v in row.values())
 
 
 def show(run, query: Query, fmt: str, limit: int | None, stream=None) -> int:

@@ -31,9 +31,12 @@ class Run:
         self.path = Path(path)
         self.runs: list[RunFiles] = load_runs(path, model, dataset)
         views = view_statements(self.runs)
-        self.views = [name for name, _ in views if "." not in name]  # by_layer.* are per-layer copies of kv
+        self.views = [name for name, _ in views if "." not in name]
+        # by_layer.kv_{L} views are created when a query first names them: each costs a bind
+        # over that layer's files, which would add up on every `kvcore query` start.
+        self._lazy_views = {name: sql for name, sql in views if "." in name}
         files = [f for r in self.runs for f in r.all_files]
-        self._con = connect(files, views, threads)
+        self._con = connect(files, [v for v in views if v[0] in self.views], threads)
         self._column_cache: dict[str, list[str]] = {}
 
     # ---- raw SQL ----------------------------------------------------------------------
@@ -51,6 +54,7 @@ class Run:
         if params and len(parts) > 1:
             raise QueryError("parameters need a single SQL statement")
         try:
+            self._create_named_views(query)
             for part in parts[:-1]:
                 self._con.execute(part)
             if lazy:
@@ -60,6 +64,11 @@ class Run:
             return self._con.execute(parts[-1], params or [])
         except duckdb.Error as exc:
             raise translate(exc, self.views, self._columns_named_in(query)) from None
+
+    def _create_named_views(self, sql: str) -> None:
+        for name in {m.lower() for m in re.findall(r"by_layer\.kv_\d+", sql, re.IGNORECASE)}:
+            if name in self._lazy_views:
+                self._con.execute(f"CREATE VIEW {name} AS {self._lazy_views.pop(name)}")
 
     def columns(self, view: str) -> list[str]:
         """Column names of a view."""

@@ -85,7 +85,8 @@ class Shell:
         if name == ".help":
             self.stdout.write(HELP.format(views=", ".join(self.run.views)) + "\n")
         elif name == ".tables":
-            self.stdout.write("  ".join(self.run.views) + "\n")
+            layers = max(int(r.meta["num_layers"]) for r in self.run.runs)
+            self.stdout.write("  ".join(self.run.views) + f"  by_layer.kv_0 .. by_layer.kv_{layers - 1}\n")
         elif name == ".schema":
             views = [arg] if arg else self.run.views
             for view in views:

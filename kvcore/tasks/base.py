@@ -13,6 +13,7 @@ class Example:
     question: str
     answers: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    answer_prefix: str = ""  # put in the assistant's mouth before generation (RULER-style)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "question": self.question, "answers": list(self.answers), **self.meta}

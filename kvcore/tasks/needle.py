@@ -20,7 +20,9 @@ from the far side of the needle). Each example's meta records where the needle i
                    (it differs from depth by at most about one sentence)
 
 The question (asked after compression, never seen by it) is "What is the secret
-passkey? Answer with the number only." and the answer is the passkey.
+passkey? Answer with the number only."; the assistant's reply starts with "The secret
+passkey is" (RULER's answer prefix; `answer_prefix: ""` turns it off) and the answer
+is the passkey.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from kvcore.errors import UsageError
 from kvcore.tasks.base import Example
 
 NEEDLE = "The secret passkey is {answer}. Remember it: {answer} is the passkey."
+ANSWER_PREFIX = "The secret passkey is"
 QUESTION = "What is the secret passkey mentioned in the text above? Answer with the number only."
 DEFAULTS = {
     "context_lengths": [512, 1024],
@@ -41,6 +44,7 @@ DEFAULTS = {
     "digits": 5,
     "needle": NEEDLE,
     "question": QUESTION,
+    "answer_prefix": ANSWER_PREFIX,
 }
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -53,6 +57,9 @@ def sentences(documents: list[str]) -> list[str]:
 
 
 def check_spec(spec: dict) -> dict:
+    unknown = sorted(set(spec) - set(DEFAULTS) - {"type", "dataset"})
+    if unknown:
+        raise UsageError(f"needle: unknown key {unknown[0]!r} (valid: {', '.join(['type', 'dataset', *DEFAULTS])})")
     spec = {**DEFAULTS, **{k: v for k, v in spec.items() if k in DEFAULTS}}
     lengths, depths = spec["context_lengths"], spec["depths"]
     if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 32 for n in lengths):
@@ -124,6 +131,7 @@ def _example(tokenizer, pool, lengths, length, depth, index, rng, spec) -> Examp
     span = sum(1 for a, b in offsets if b > char_start and a < char_start + len(needle))
     return Example(
         id=f"needle-{length}-{depth:g}-{index}", context=context, question=spec["question"], answers=[answer],
+        answer_prefix=spec["answer_prefix"],
         meta={"context_length": length, "depth": depth, "n_tokens": n_tokens, "needle_token": position,
               "needle_tokens": span, "depth_actual": position / max(1, n_tokens - span), "needle": needle})
 

@@ -61,7 +61,7 @@ def shards(dataset):
 
 
 def all_outputs():
-    outputs = []
+    outputs = ["results/report.md", "results/summary.parquet"]
     for model in MODELS:
         for dataset in DATASETS:
             run = RUN.format(model=model, dataset=dataset)

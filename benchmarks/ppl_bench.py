@@ -1,0 +1,168 @@
+"""Perplexity under compression, side by side: our methods, eviction scorers and transformers'
+QuantizedCache (quanto backend), on one model and corpus, in one process.
+
+One prefill per window serves every method (kvcore.protocols.evaluate_methods), so the
+baseline, ours and the peers are timed on the same device in the same job. Writes one JSON
+per protocol under --out; benchmarks/ppl_table.py turns them into the markdown table.
+
+    .venv/bin/python benchmarks/ppl_bench.py --max-tokens 8192 --out results/bench/lee
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+RATIOS = (0.5, 0.25)
+# kvpress's settings: KVzip 4 sinks and one threshold over all layers and heads; SnapKV
+# protects its 64-token window; StreamingLLM and the random floor keep 4 sinks.
+EVICTION = {
+    "kvzip": "evict-kvzip-{r}-s4-global",
+    "snapkv": "evict-snapkv-{r}",
+    "h2o": "evict-h2o-{r}",
+    "streamingllm": "evict-streamingllm-{r}-s4",
+    "knorm": "evict-knorm-{r}",
+    "random": "evict-random-{r}-s4",
+}
+EVICTION_EXTRA = ["evict-kvzip-{r}-s4"]  # ablation: a uniform per-head budget
+# KIVI-style: keys per channel, values per token, min-max asymmetric, float16 scale + zero
+QUANT = ["kivi4-g64", "kivi4-g32", "kivi3-g64", "kivi2-g32", "kivi2-g64"]
+# levers: sinks kept exact, a dense-and-sparse outlier store, keys quantized before RoPE
+LEVERS = ["kivi2-g64-s4", "kivi2-g64-o0.005", "kivi2-g64-s4-o0.005", "kivi3-g64-s4", "kivi2-g32-s4"]
+# the same full-precision residual as the quanto peers get (see QuantoPeer), for a like-for-like row
+LIKE_QUANTO = ["kivi2-g64-r63", "kivi2-g32-r31"]
+PRE_ROPE = ["kivi2-g64-s4", "kivi3-g64-s4", "kivi4-g64"]  # also run with pre-RoPE keys, named +prerope
+
+
+class QuantoPeer:
+    """transformers' QuantizedCache (quanto backend) holding the prefilled context."""
+
+    def __init__(self, bits: int, group: int, axis_key: int, axis_value: int):
+        self.bits, self.group, self.axis_key, self.axis_value = bits, group, axis_key, axis_value
+
+    def build_cache(self, model, keys, values):
+        from transformers import QuantizedCache
+
+        cache = QuantizedCache(backend="quanto", config=model.config, nbits=self.bits, axis_key=self.axis_key,
+                               axis_value=self.axis_value, q_group_size=self.group,
+                               # the scored forward reads what update() returns before any
+                               # re-quantization, so the residual length only has to keep quanto
+                               # from re-grouping (and failing on) lengths it cannot divide
+                               residual_length=1 << 30)
+        for i, (k, v) in enumerate(zip(keys, values)):
+            # quanto groups keys per channel over the flattened (batch, head, token) axis, so
+            # it needs n_kv * tokens divisible by the group: the longest such prefix is
+            # quantized, the few tokens after it stay in QuantizedCache's own full-precision
+            # residual (what it does with tokens that arrive after a prefill)
+            n = self.quantized_tokens(k.shape[1], k.shape[2])
+            cache.update(k[:, :, :n], v[:, :, :n], i)
+            if n < k.shape[2]:
+                cache.update(k[:, :, n:], v[:, :, n:], i)
+        self.shape = tuple(keys[0].shape)
+        return cache
+
+    def quantized_tokens(self, n_kv: int, seq: int) -> int:
+        if self.axis_key == 0 and self.axis_value == 0:
+            return seq
+        n = seq
+        while (n * n_kv) % self.group:
+            n -= 1
+        return n
+
+    @property
+    def bits_per_element(self) -> float:
+        """float16 scale + zero per group (as the issue counts), the residual at 16 bits."""
+        _, h, seq, _ = self.shape
+        n = self.quantized_tokens(h, seq)
+        return ((self.bits + 2 * 16 / self.group) * n + 16 * (seq - n)) / seq
+
+
+def quanto_peers() -> dict:
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        print("optimum-quanto is not installed: no QuantizedCache peers", file=sys.stderr)
+        return {}
+    peers = {f"quanto{b}-g{g}": QuantoPeer(b, g, -1, 0) for b, g in ((4, 64), (4, 32), (2, 32), (2, 64))}
+    peers.update({f"quanto{b}-g64-tok": QuantoPeer(b, 64, 0, 0) for b in (4, 2)})  # default axes: per token
+    return peers
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resources/models/smollm2-135m")
+    p.add_argument("--dataset", default="resources/datasets/lee-news/text.parquet")
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--layout", default="chunks", choices=["chunks", "sliding"])
+    p.add_argument("--protocols", default="prefill-compress,fake-quant")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="only kvzip/streamingllm/random and 2 quant methods")
+    p.add_argument("--out", required=True, help="folder for {protocol}.json")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from kvcore.compress import parse_method
+    from kvcore.model import load_model
+    from kvcore.perplexity import eval_token_ids, protocol_record
+    from kvcore.protocols import evaluate_methods
+    from kvcore.sources.datasets import joined_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, device = load_model(args.model, args.device, args.dtype)
+    ids = eval_token_ids(tokenizer, joined_text(args.dataset), args.max_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = str(model.dtype).replace("torch.", "")
+    settings = dict(max_length=args.max_length, stride=args.stride, dtype=dtype, threshold=0.5)
+
+    evict = {}
+    scorers = ["kvzip", "streamingllm", "random"] if args.quick else list(EVICTION)
+    for r in RATIOS:
+        evict.update({EVICTION[s].format(r=r): parse_method(EVICTION[s].format(r=r)) for s in scorers})
+        if not args.quick:
+            evict.update({m.format(r=r): parse_method(m.format(r=r)) for m in EVICTION_EXTRA})
+    quant_names = QUANT[:1] + QUANT[3:4] if args.quick else QUANT + LEVERS
+    quant = {n: parse_method(n) for n in quant_names}
+    if not args.quick:
+        quant.update({f"{n}+prerope": parse_method(n) for n in PRE_ROPE})
+    pre_rope = [f"{n}+prerope" for n in PRE_ROPE]
+
+    for protocol in args.protocols.split(","):
+        methods = dict(quant)
+        if protocol == "prefill-compress":
+            peers = quanto_peers()
+            like = {n: parse_method(n) for n in LIKE_QUANTO} if peers and not args.quick else {}
+            methods = {**evict, **methods, **like, **peers}
+        started = time.perf_counter()
+        run = evaluate_methods(model, ids, methods, protocol=protocol, max_length=args.max_length,
+                               stride=args.stride, layout=args.layout, tokenizer=tokenizer, device=device,
+                               options={"pre_rope": pre_rope, "global_scope": "model"}, progress=protocol)
+        records = {"baseline": protocol_record(run, None, method="baseline", **settings)}
+        for name, method in methods.items():
+            rec = protocol_record(run, name, method=name, **settings)
+            if isinstance(method, QuantoPeer):
+                rec["bits_per_element"] = method.bits_per_element
+                rec["compression_ratio"] = 16 / method.bits_per_element
+                rec["peer"] = "transformers QuantizedCache (optimum-quanto)"
+            records[name] = rec
+        meta = {"model": args.model, "dataset": args.dataset, "n_tokens": len(ids), "protocol": protocol,
+                "layout": args.layout, "max_length": args.max_length, "stride": args.stride, "device": device,
+                "dtype": dtype, "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - started,
+                "command": " ".join([sys.executable.split("/")[-1], *sys.argv])}
+        path = out / f"{protocol}.json"
+        path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        print(f"wrote {path} ({meta['seconds']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

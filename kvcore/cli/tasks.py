@@ -1,0 +1,125 @@
+"""`kvcore tasks`: needle retrieval and question answering under KV-cache compression.
+
+    kvcore tasks needle --model DIR --dataset TEXT.parquet --method kvzip --method snapkv \\
+        --keep 1.0 0.5 0.1 --lengths 512 1024 --depths 0.1 0.5 0.9 --n 2 --out-dir results/m/tasks/needle
+    kvcore tasks squad  --model DIR --method h2o --n 50 --out-dir ...
+    kvcore tasks local  --model DIR --path qa.jsonl --method knorm --out-dir ...
+    kvcore tasks plot   results/m/tasks/needle/*.json --out task_accuracy.png
+
+A method is an eviction scorer name (kvzip, snapkv, h2o, streamingllm, knorm, random:
+evict with 4 sink tokens), or a preset (evict-snapkv-0.5-s4-global, int4-g64, ...);
+keep ratios replace an eviction method's keep_ratio. One JSON per method is written to
+--out-dir/{method}.json; a table of the primary metric is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kvcore.errors import UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tasks", help="needle / QA accuracy under KV-cache compression",
+        description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="task_command", metavar="TASK", parser_class=type(p))
+    sub.required = True
+    for kind, help_text in (("needle", "passkey retrieval, generated from a seed"),
+                            ("squad", "SQuAD from the hub (needs `datasets`)"),
+                            ("local", "your own jsonl of {context, question, answers}")):
+        t = sub.add_parser(kind, help=help_text, description=f"Evaluate the {kind} task under compression.")
+        t.add_argument("--model", required=True, metavar="DIR", help="prepared model directory")
+        t.add_argument("--method", action="append", required=True, metavar="NAME",
+                       help="method to evaluate (repeatable)")
+        t.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1], metavar="R",
+                       help="keep ratios (default 1.0 0.5 0.3 0.2 0.1)")
+        t.add_argument("--max-new-tokens", type=int, default=16)
+        t.add_argument("--device", default="auto")
+        t.add_argument("--dtype", default="auto")
+        t.add_argument("--seed", type=int, default=0, help="seed of the needle generator / squad sample / random")
+        t.add_argument("--out-dir", metavar="DIR", help="write DIR/{method}.json")
+        t.add_argument("--json", action="store_true", help="print the whole run as JSON")
+        if kind == "needle":
+            t.add_argument("--dataset", required=True, metavar="TEXT.parquet", help="filler corpus (text.parquet)")
+            t.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], metavar="N",
+                           help="context lengths in tokens (default 512 1024)")
+            t.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], metavar="D",
+                           help="needle depths in [0, 1] (default 0.1 0.5 0.9)")
+            t.add_argument("--n", type=int, default=2, help="examples per (length, depth) cell (default 2)")
+        elif kind == "squad":
+            t.add_argument("--n", type=int, default=50, help="examples (default 50)")
+            t.add_argument("--split", default="validation")
+            t.add_argument("--hub-id", default="rajpurkar/squad")
+        else:
+            t.add_argument("--path", required=True, help="jsonl file")
+            t.add_argument("--n", type=int, default=None, help="first N examples (default all)")
+        t.set_defaults(func=run_tasks, task_kind=kind)
+    pl = sub.add_parser("plot", help="accuracy vs keep ratio from task JSONs",
+                        description="Plot accuracy vs keep ratio, one line per method (task_accuracy.png).")
+    pl.add_argument("results", nargs="+", metavar="JSON", help="results/{model}/tasks/{task}/{method}.json files")
+    pl.add_argument("--out", required=True, metavar="PNG")
+    pl.set_defaults(func=run_plot)
+
+
+def _task_spec(args) -> dict:
+    if args.task_kind == "needle":
+        return {"type": "needle", "context_lengths": args.lengths, "depths": args.depths,
+                "n_per_cell": args.n, "seed": args.seed}
+    if args.task_kind == "squad":
+        return {"type": "squad", "n_examples": args.n, "split": args.split, "hub_id": args.hub_id, "seed": args.seed}
+    return {"type": "local", "path": args.path, "n_examples": args.n}
+
+
+def run_tasks(args) -> int:
+    from pathlib import Path
+
+    from kvcore.tasks.evaluate import method_result, run_task
+
+    settings = {"keep_ratios": args.keep, "max_new_tokens": args.max_new_tokens, "device": args.device,
+                "dtype": args.dtype, "seed": args.seed}
+    names = list(dict.fromkeys(args.method))
+    outputs = {n: str(Path(args.out_dir) / f"{n}.json") for n in names} if args.out_dir else {}
+    run = run_task(args.model, args.task_kind, _task_spec(args), names, settings, outputs,
+                   filler_parquet=getattr(args, "dataset", None))
+    if args.json:
+        print(json.dumps(run, indent=2))
+        return 0
+    docs = [method_result(run, n, task=args.task_kind, task_type=args.task_kind, model=Path(args.model).name)
+            for n in names]
+    print(format_table(docs))
+    return 0
+
+
+def format_table(docs: list[dict]) -> str:
+    """Markdown table: rows = methods, columns = keep ratios, cells = the primary metric."""
+    if not docs:
+        return ""
+    metric = docs[0]["primary_metric"]
+    ratios = list(dict.fromkeys(k for d in docs for k in d[metric]))
+    lines = [f"| method ({metric}) | " + " | ".join(ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
+    base = docs[0]["baseline"][metric]
+    lines.append("| uncompressed | " + " | ".join(f"{base:.3f}" for _ in ratios) + " |")
+    for d in docs:
+        cells = [("" if d[metric].get(r) is None else f"{d[metric][r]:.3f}") for r in ratios]
+        lines.append(f"| {d['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_plot(args) -> int:
+    from pathlib import Path
+
+    from kvcore.plots_tasks import plot_task_accuracy
+
+    docs = []
+    for path in args.results:
+        try:
+            docs.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read task result {path}: {exc}") from None
+    plot_task_accuracy(docs, args.out)
+    print(args.out, file=sys.stderr)
+    return 0

@@ -1,0 +1,7 @@
+from pathlib import Path
+
+from kvcore.jobs import run_job
+from kvcore.report import write_run_report
+
+out = Path(snakemake.output.md)
+run_job(snakemake.log[0], lambda: write_run_report(out.parent, out, methods=snakemake.params.methods))
