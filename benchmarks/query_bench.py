@@ -215,18 +215,19 @@ GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
     run.close()
     res["load_avg"] = f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     if rows <= args.compact_max:
-        res["compact"] = compact_experiment(root, run_dir, coords, args)
+        res["compact"] = [compact_experiment(root, run_dir, coords, group, args) for group in args.compact_rows]
     return res
 
 
-def compact_experiment(root: Path, run_dir: Path, coords, args) -> dict:
-    """The same run rewritten as one file per layer with 4096-row groups, through kvcore.open_run."""
+def compact_experiment(root: Path, run_dir: Path, coords, group: int, args) -> dict:
+    """The same run rewritten as one file per layer, through kvcore.open_run."""
     import kvcore
 
     out = root / "compact"
-    compact(run_dir, out, args.compact_rows)
+    shutil.rmtree(out, ignore_errors=True)
+    compact(run_dir, out, group)
     run = kvcore.open_run(out, threads=args.threads)
-    res = {"row_group_rows": args.compact_rows, "files": len(run.runs[0].kv_files), "bytes": du(out / "kv"),
+    res = {"row_group_rows": group, "files": len(run.runs[0].kv_files), "bytes": du(out / "kv"),
            "lookup_ms": 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s, arrow=True), coords)}
     q = run.query("search_norm", 0.5, 1.0, "key")
     res["norm_s"] = timed(lambda: run.arrow(q), args.repeats)
@@ -374,7 +375,7 @@ def main() -> int:
     p.add_argument("--row-groups", default="4096,8192,32768,131072")
     p.add_argument("--compact-max", type=float, default=2e6,
                    help="sizes up to this many rows are also timed compacted: one file per layer")
-    p.add_argument("--compact-rows", type=int, default=4096, help="row-group rows of the compacted copy")
+    p.add_argument("--compact-rows", default="4096,16384", help="row-group rows of the compacted copies")
     p.add_argument("--keep", action="store_true", help="keep the data under --dir")
     p.add_argument("--reuse", action="store_true", help="reuse (and keep) data left under --dir by an earlier --keep run")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -383,6 +384,7 @@ def main() -> int:
     if args.quick:
         args.sizes, args.repeats, args.lookups, args.compact_max = "2e5,1e6", 3, 15, 1e6
     args.row_groups = [int(x) for x in args.row_groups.split(",")]
+    args.compact_rows = [int(x) for x in args.compact_rows.split(",")]
     results = []
     for size in [int(float(s)) for s in args.sizes.split(",")]:
         root = args.dir / f"rows-{size}"
@@ -398,8 +400,7 @@ def main() -> int:
           f"lookups: {args.lookups}")
     print(report(results))
     for r in results:
-        if "compact" in r:
-            c = r["compact"]
+        for c in r.get("compact", []):
             print(f"compacted ({r['rows'] / 1e6:.1f}M rows, {c['files']} files, {c['row_group_rows']}-row groups, "
                   f"{c['bytes'] / 1e9:.2f} GB): lookup {c['lookup_ms']:.1f} ms, norm search {c['norm_s']:.3f} s, "
                   f"layer summary {c['layer_s']:.3f} s, nearest {c['nearest_ms']:.1f} ms")

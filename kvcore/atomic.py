@@ -47,6 +47,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"nothing was written to {target}")
+        if tmp.is_file():  # tempfile made it private (0600); give it the usual umask mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         fsync_tree(tmp)
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)

@@ -14,16 +14,24 @@ from typing import Callable
 from kvcore.errors import KvcoreError, one_line
 
 
-def run_job(log: str | None, job: Callable[[], object]) -> None:
-    """Call `job()` with stdout/stderr appended to `log`; exit 1 with one line on KvcoreError."""
+def run_job(log: str | None, job: Callable[[], object], device: str = "cpu") -> None:
+    """Call `job()` with stdout/stderr written to `log`; exit 1 with one line on KvcoreError.
+
+    A job on device "auto" or "cuda" first claims a free GPU of this host (kvcore.gpus), so
+    jobs started together with `--resources gpu=N` land on different GPUs.
+    """
+    from kvcore.gpus import claim_gpu
+
     console = sys.stderr
-    sink = open(log, "w") if log else contextlib.nullcontext(sys.stderr)
     if log:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
+    sink = open(log, "w") if log else contextlib.nullcontext(sys.stderr)
     with sink as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
         try:
-            job()
-        except KvcoreError as error:
+            # An explicit cuda:N is the user's choice; "auto"/"cuda" take any free GPU.
+            with claim_gpu() if device in ("auto", "cuda") else contextlib.nullcontext():
+                job()
+        except (KvcoreError, OSError) as error:  # OSError: disk full, file too large
             message = f"kvcore: error: {one_line(error)}"
             print(message, file=stream)
             if stream is not console:

@@ -209,6 +209,27 @@ def protocol_record(run: dict, name: str | None, *, method: str, max_length: int
                          extra={"layout": run["layout"], "n_windows": len(compressed["windows"])})
 
 
+def code_modules(method: str, spec: dict | None) -> list[str]:
+    """The kvcore modules a method's perplexity job runs (for the workflow's code inputs), found
+    without importing torch: the protocols, the method's family and, for eviction, its scorer
+    (kvcore.compress and kvcore.eviction load those lazily, so imports alone miss them)."""
+    from kvcore.compress.presets import preset_spec
+
+    if spec is None or "family" not in spec:
+        spec = {**preset_spec(method), **(spec or {})}
+    family = spec.get("family", "none")
+    modules = ["kvcore.perplexity", "kvcore.protocols", "kvcore.model",
+               f"kvcore.compress.{'identity' if family == 'none' else family}"]
+    if family == "evict":
+        from kvcore.eviction import SCORERS
+
+        if spec.get("scorer") not in SCORERS:
+            raise UsageError(f"method {method!r}: scorer must be one of {', '.join(SCORERS)} "
+                             f"(got {spec.get('scorer')!r})")
+        modules.append(f"kvcore.eviction.{spec['scorer']}")
+    return modules
+
+
 def run_perplexity(model_dir, text_parquet, method: str, spec: dict, settings: dict, out_path,
                    options: dict | None = None) -> dict:
     """Evaluate one method on a dataset and write ppl/{method}.json (the workflow's job).
@@ -222,6 +243,7 @@ def run_perplexity(model_dir, text_parquet, method: str, spec: dict, settings: d
     from kvcore.atomic import write_json
     from kvcore.sources.datasets import joined_text
 
+    options = options if options is not None else settings.get("options")  # perplexity.options, if any
     record = validate_method(model_dir, joined_text(text_parquet), method, spec, settings, options=options)
     write_json(out_path, record)
     return record

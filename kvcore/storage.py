@@ -229,7 +229,7 @@ class ShardWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
         import torch
-        from safetensors.torch import save_file
+        from kvcore.tensorfile import save_tensors
 
         if self._pool is None:
             raise KvcoreError(f"shard {self.shard}: nothing was added")
@@ -256,7 +256,7 @@ class ShardWriter:
         try:
             # Everything is written; now move it into place, the shard manifest last.
             with atomic_path(kv_dir / f"{name}.safetensors") as tmp:
-                save_file(tensors, str(tmp), metadata=safetensors_metadata(self.meta, self.seq_ids, lengths))
+                save_tensors(tensors, tmp, metadata=safetensors_metadata(self.meta, self.seq_ids, lengths))
             with atomic_path(shards_dir / f"predictions-{self.shard:05d}.parquet") as tmp:
                 pq.write_table(pa.concat_tables(self.predictions), tmp)
             for layer in range(self.meta["num_layers"]):

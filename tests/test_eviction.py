@@ -143,3 +143,19 @@ def test_gather_kept_shrinks_or_masks():
     keep[0, 1, 3] = False
     k2, _, hidden = protocols.gather_kept(k, k, keep)
     assert k2.shape[2] == 3 and hidden[0].tolist() == [[False] * 3, [False, False, True]]
+
+
+def test_one_threshold_across_layers(llama):
+    """global_scope model: the layers' heads compete under one threshold (KVzip's default)."""
+    model, tokenizer, _ = llama
+    shape = kv_shape(model.config)
+    scores, keys = layer_scores(model, tokenizer, "kvzip")
+    method = parse_method("evict-kvzip-0.25-s2-global")
+    out_k, _, hidden = protocols._compress(method, keys, keys, {"kvzip": make_scorer("kvzip")}, {},
+                                           {"kvzip": scores}, 0, protocols._Recorder(), None,
+                                           protocols.check_options({"global_scope": "model"}))
+    kept = [int(k.shape[2] * k.shape[1]) - (int(hidden[i].sum()) if i in hidden else 0)
+            for i, k in enumerate(out_k)]
+    assert sum(kept) == 10 * shape["num_kv_heads"] * shape["num_layers"]
+    with pytest.raises(UsageError, match="global_scope"):
+        protocols.check_options({"global_scope": "everything"})

@@ -186,3 +186,40 @@ def test_smollm2_two_bits_worse_than_four_bits():
     assert two > four and two > base * 1.02, (base, four, two)
     assert abs(four / base - 1) < 0.05, (base, four)
     assert math.isfinite(two)
+
+
+def test_pre_rope_undoes_and_redoes_rope(tiny_models):
+    """Keys un-rotated by _Rope are the k_proj outputs before RoPE; identity round-trips."""
+    from kvcore import protocols
+
+    model, _, _ = load_model(tiny_models["llama"], "cpu", "float32")
+    ids = torch.randint(0, 400, (1, 20), generator=torch.Generator().manual_seed(0))
+    cache = protocols._cache_from(model, [], [])
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        attn = model.model.layers[0].self_attn
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        raw = attn.k_proj(h).view(1, 20, -1, attn.head_dim).transpose(1, 2)
+    rope = protocols._Rope(model)
+    keys = cache.layers[0].keys
+    cos, sin = rope.cos_sin(keys, 0)
+    torch.testing.assert_close(keys * cos - rope._half(keys) * sin, raw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rope.quantize(parse_method("none"), keys, 0), keys, rtol=1e-5, atol=1e-5)
+    ids_list = ids[0].tolist() * 8
+    result = evaluate_methods(model, ids_list, {"q": parse_method("int8-ch")}, protocol="fake-quant",
+                              max_length=64, stride=32, options={"pre_rope": True})
+    assert result["methods"]["q"]["perplexity"] == pytest.approx(result["baseline"]["perplexity"], rel=0.01)
+    gpt2, _, _ = load_model(tiny_models["gpt2"], "cpu", "float32")
+    with pytest.raises(UsageError, match="rotary"):
+        evaluate_methods(gpt2, ids_list, {}, protocol="fake-quant", max_length=64, stride=32,
+                         options={"pre_rope": True})
+
+
+def test_validate_cli_quick(capsys):
+    from kvcore.cli import main
+
+    assert main(["validate", "--method", "int8", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "fake-quant" in out and "prefill-compress" in out and "paired per-window" in out
+    assert main(["validate", "--method", "int4-g64", "--model", "x"]) == 2
+    assert "--dataset" in capsys.readouterr().err

@@ -286,10 +286,14 @@ def test_point_lookup_prunes_partitions_and_row_groups(tmp_path, monkeypatch):
                         n_sequences=6, seq_len=64, shard_size=2)
     groups_per_file = 2 * 64 * 2 // 64
     with kvcore.open_run(tmp_path / "run") as run:
-        # the verb reads the layer's own view: its files only, one row group of them
+        # the verb reads the view of sequence 3: the shard holding it, layer 2's file, one row group
         (scan,) = [s for s in run.scans(run.query("coordinate", 2, 1, 40, seq=3)) if "key" in s["projections"]]
-        assert len(scan["filenames"]) == shards and all("/layer=2/" in f for f in scan["filenames"])
-        assert (scan["row_groups_scanned"], scan["row_groups_total"]) == (1, shards * groups_per_file)
+        assert (scan["files_scanned"], scan["files_total"]) == (1, layers)
+        assert scan["filenames"] == [str((tmp_path / "run/kv/layer=2/part-00001.parquet").resolve())]
+        assert (scan["row_groups_scanned"], scan["row_groups_total"]) == (1, groups_per_file)
+        # a layer's verbs read only that layer's files
+        scans = run.scans(run.query("head_summary", 3, 0))
+        assert {f.split("/")[-2] for s in scans for f in s["filenames"] if "/kv/" in f} == {"layer=3"}
         assert run.coordinate(2, 1, 40, seq=3).pos[0] == 40
         # the kv view prunes partitions by the hive `layer` and row groups by (seq_id, pos) statistics
         sql = "SELECT key FROM kv WHERE layer = 2 AND head = 1 AND seq_id = 3 AND pos = 40"

@@ -200,9 +200,6 @@ def test_the_same_extraction_twice_gives_identical_tensors_and_rows(two_extracti
         assert pq.read_table(p).equals(pq.read_table(b / p.relative_to(a))), p
 
 
-@pytest.mark.xfail(strict=False, reason="safetensors writes __metadata__ from a Rust HashMap, so its key order "
-                                        "(and the file's bytes) vary per process; fix in kvcore.storage: "
-                                        "rewrite the header with sorted keys (see issue 7 report)")
 def test_the_same_extraction_twice_is_byte_identical(two_extractions):
     a, b = two_extractions
     for st in sorted(a.glob("kv/*.safetensors")):
@@ -235,8 +232,6 @@ def test_a_write_error_leaves_no_partial_output_and_keeps_earlier_results(refere
     assert not any(p.name.startswith(".") for p in out.iterdir())
 
 
-@pytest.mark.xfail(strict=False, reason="kvcore.cli.main lets OSError/SafetensorError escape as a traceback "
-                                        "(fix: catch them there and print one line); see issue 7 report")
 def test_a_write_error_is_one_clear_line(reference, tmp_path):
     done, _, _ = _compress_under_fsize_limit(reference, tmp_path)
     assert_one_clear_line(done)

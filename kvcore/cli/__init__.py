@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except KvcoreError as exc:
         print(f"kvcore: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # disk full, file too large, permission denied...
+        print(f"kvcore: error: {one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kvcore: interrupted", file=sys.stderr)
         return 130

@@ -47,7 +47,7 @@ def run(args) -> int:
 
     config = load_config(args.config)
     root = Path(args.resources)
-    models = pick(config, "models", args.model)
+    models = pick(config, "models", args.model) if args.model or not args.dataset else []
     datasets = pick(config, "datasets", args.dataset) if args.dataset or not args.model else []
     for name in models:
         out = root / "models" / name

@@ -32,7 +32,9 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
+
+from kvcore.tensorfile import save_tensors
 
 from kvcore.atomic import atomic_path
 from kvcore.compress.base import KINDS, Method
@@ -54,7 +56,7 @@ def compress_file(in_path, out_path, method: Method, scores: Scores | None = Non
     thresholds = check_thresholds(thresholds)
     tensors, metadata, partial = _compress_all(in_path, method, scores, device)
     with atomic_path(out_path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(tensors, tmp, metadata=metadata)
         size = os.path.getsize(tmp)
     return _finish(partial, size, method, thresholds)
 
@@ -103,7 +105,7 @@ def decompress_file(in_path, out_path, *, device: str | None = None) -> dict:
         raise KvcoreError(f"{in_path} holds no compressed layer_{{i}}_{{key,value}} tensors")
     metadata = {k: v for k, v in meta.items() if k not in _COMPRESS_KEYS}
     with atomic_path(out_path) as tmp:
-        save_file(out, str(tmp), metadata=metadata)
+        save_tensors(out, tmp, metadata=metadata)
         size = os.path.getsize(tmp)
     return {
         "method": method.name,

@@ -20,7 +20,8 @@ def merge_shards(paths: list[str | Path], out_path: Path) -> None:
     """One extracted-format safetensors holding every shard's sequences (right-padded)."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from kvcore.tensorfile import save_tensors
 
     tensors: dict[str, list] = {}
     seq_ids, lengths, meta = [], [], {}
@@ -37,7 +38,7 @@ def merge_shards(paths: list[str | Path], out_path: Path) -> None:
     width = max(t.shape[2] for parts in tensors.values() for t in parts)
     merged = {name: torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2])) for t in parts])
               for name, parts in tensors.items()}
-    save_file(merged, str(out_path), metadata={**meta, "seq_ids": json.dumps(seq_ids),
+    save_tensors(merged, out_path, metadata={**meta, "seq_ids": json.dumps(seq_ids),
                                                "seq_lengths": json.dumps(lengths), "seq_len": str(width)})
 
 

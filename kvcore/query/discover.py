@@ -30,6 +30,8 @@ class RunFiles:
     n_shards: int
     n_kv_rows: int
     kv_files: list[Path]
+    seq_shard: dict[int, int] = field(default_factory=dict)  # seq_id -> shard holding it
+    shard_files: dict[int, list[Path]] = field(default_factory=dict)  # shard -> its Parquet files
     tokens: Path | None = None
     predictions: list[Path] = field(default_factory=list)
     stats: list[Path] = field(default_factory=list)
@@ -43,6 +45,10 @@ class RunFiles:
 
     def layer_files(self, layer: int) -> list[Path]:
         return [f for f in self.kv_files if f.parent.name == f"layer={layer}"]
+
+    def seq_files(self, seq: int) -> list[Path]:
+        """The Parquet files (one per layer) of the shard that holds sequence `seq`."""
+        return self.shard_files.get(self.seq_shard.get(seq), [])
 
     @property
     def name(self) -> str:
@@ -100,7 +106,7 @@ def load_run(path: Path) -> RunFiles:
     missing = [k for k in ("num_layers", "num_kv_heads", "head_dim") if meta.get(k) is None]
     if missing:
         raise KvcoreError(f"{path}: shard manifest lacks {', '.join(missing)}; re-extract this run")
-    kv_files, seq_lengths = [], {}
+    kv_files, seq_lengths, seq_shard, shard_files = [], {}, {}, {}
     for m in manifests:
         for rel in m["files"]:
             if rel.endswith(".parquet"):
@@ -108,7 +114,9 @@ def load_run(path: Path) -> RunFiles:
                 if not f.is_file():
                     raise KvcoreError(f"{path}: shard {m['shard']} lists {rel}, which is missing; re-extract it")
                 kv_files.append(f.resolve())
+                shard_files.setdefault(m["shard"], []).append(f.resolve())
         seq_lengths.update(zip(m["seq_ids"], m["seq_lengths"]))
+        seq_shard.update((s, m["shard"]) for s in m["seq_ids"])
     n_rows = sum(m.get("n_rows_per_layer", 0) for m in manifests) * int(meta["num_layers"])
     preds = [path / "predictions.parquet"] if meta_path and (path / "predictions.parquet").is_file() else \
         [p for m in manifests if (p := path / "shards" / f"predictions-{m['shard']:05d}.parquet").is_file()]
@@ -120,7 +128,7 @@ def load_run(path: Path) -> RunFiles:
     return RunFiles(path=path.resolve(), model=str(meta.get("model") or path.parent.name),
                     dataset=str(meta.get("dataset") or path.name), meta=meta, finalized=meta_path is not None,
                     seq_lengths=dict(sorted(seq_lengths.items())), n_shards=len(manifests), n_kv_rows=n_rows,
-                    kv_files=kv_files, tokens=tokens.resolve() if tokens.is_file() else None,
+                    kv_files=kv_files, seq_shard=seq_shard, shard_files=shard_files, tokens=tokens.resolve() if tokens.is_file() else None,
                     predictions=[p.resolve() for p in preds], stats=files("stats/*.parquet"),
                     compress=files("compress/*.json"), ppl=files("ppl/*.json"))
 

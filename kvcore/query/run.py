@@ -17,7 +17,7 @@ from kvcore.query import verbs
 from kvcore.query.discover import RunFiles, load_runs
 from kvcore.query.sandbox import QueryError, connect, statements, translate
 from kvcore.query.verbs import Query
-from kvcore.query.views import view_statements
+from kvcore.query.views import LAZY_VIEW, lazy_view_sql, view_statements
 
 
 class Run:
@@ -31,12 +31,12 @@ class Run:
         self.path = Path(path)
         self.runs: list[RunFiles] = load_runs(path, model, dataset)
         views = view_statements(self.runs)
-        self.views = [name for name, _ in views if "." not in name]
-        # by_layer.kv_{L} views are created when a query first names them: each costs a bind
-        # over that layer's files, which would add up on every `kvcore query` start.
-        self._lazy_views = {name: sql for name, sql in views if "." in name}
+        self.views = [name for name, _ in views]
         files = [f for r in self.runs for f in r.all_files]
-        self._con = connect(files, [v for v in views if v[0] in self.views], threads)
+        self._con = connect(files, views, threads)
+        # by_layer.kv_{L} / by_seq.kv_{S} are created when a query first names them: creating
+        # a view binds it, and binding all of them would slow every `kvcore query` start.
+        self._created: set[str] = set()
         self._column_cache: dict[str, list[str]] = {}
 
     # ---- raw SQL ----------------------------------------------------------------------
@@ -66,9 +66,13 @@ class Run:
             raise translate(exc, self.views, self._columns_named_in(query)) from None
 
     def _create_named_views(self, sql: str) -> None:
-        for name in {m.lower() for m in re.findall(r"by_layer\.kv_\d+", sql, re.IGNORECASE)}:
-            if name in self._lazy_views:
-                self._con.execute(f"CREATE VIEW {name} AS {self._lazy_views.pop(name)}")
+        for schema, number in set(LAZY_VIEW.findall(sql)):
+            name = f"{schema.lower()}.kv_{int(number)}"
+            if name not in self._created:
+                view_sql = lazy_view_sql(self.runs, schema, int(number))
+                if view_sql:  # else DuckDB reports the missing view
+                    self._con.execute(f"CREATE VIEW {name} AS {view_sql}")
+                self._created.add(name)
 
     def columns(self, view: str) -> list[str]:
         """Column names of a view."""

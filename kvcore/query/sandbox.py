@@ -36,7 +36,8 @@ def connect(files: list[Path], views: list[tuple[str, str]], threads: int | None
     con.execute("SET allowed_paths = ?", [sorted({str(f) for f in files})])
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
-    con.execute("CREATE SCHEMA by_layer")  # per-layer kv views, created on first use (see Run)
+    for schema in ("by_layer", "by_seq"):  # narrower kv views, created on first use (see Run)
+        con.execute(f"CREATE SCHEMA {schema}")
     for name, sql in views:
         try:
             con.execute(f"CREATE VIEW {name} AS {sql}")

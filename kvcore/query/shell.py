@@ -15,6 +15,7 @@ from kvcore.query.printing import show
 from kvcore.query.verbs import Query
 
 HELP = """SQL ending with ';' runs on the views: {views}
+(and by_layer.kv_L / by_seq.kv_S: the kv rows of one layer / one sequence, faster to query)
 .tables              list the views
 .schema [VIEW]       columns and types
 .format table|json|csv
@@ -86,7 +87,8 @@ class Shell:
             self.stdout.write(HELP.format(views=", ".join(self.run.views)) + "\n")
         elif name == ".tables":
             layers = max(int(r.meta["num_layers"]) for r in self.run.runs)
-            self.stdout.write("  ".join(self.run.views) + f"  by_layer.kv_0 .. by_layer.kv_{layers - 1}\n")
+            self.stdout.write("  ".join(self.run.views)
+                              + f"  by_layer.kv_0 .. by_layer.kv_{layers - 1}  by_seq.kv_{{seq_id}}\n")
         elif name == ".schema":
             views = [arg] if arg else self.run.views
             for view in views:

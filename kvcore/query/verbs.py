@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kvcore.errors import UsageError
 from kvcore.query.discover import RunFiles
-from kvcore.query.views import layer_view, vector_type
+from kvcore.query.views import layer_view, seq_view, vector_type
 
 VERBS = ("info", "coordinate", "list_tokens", "token_search", "layer_summary", "head_summary", "token_summary",
          "search_norm", "nearest")
@@ -104,9 +104,9 @@ def info(runs: list[RunFiles]) -> Query:
 def coordinate(runs: list[RunFiles], layer: int, head: int, token: int, seq: int = 0) -> Query:
     check_coordinate(runs, layer, head, token, seq)
     return Query(f"""SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm, key, value
-FROM {layer_view(layer)}
-WHERE head = ? AND seq_id = ? AND pos = ?
-ORDER BY model, dataset""", [head, seq, token], vertical=True)
+FROM {seq_view(seq)}
+WHERE layer = ? AND head = ? AND seq_id = ? AND pos = ?
+ORDER BY model, dataset""", [layer, head, seq, token], vertical=True)
 
 
 def list_tokens(runs: list[RunFiles], seq: int | None = None) -> Query:
@@ -221,7 +221,7 @@ def token_summary(runs: list[RunFiles], token: int, seq: int = 0) -> Query:
                  f"list_min({kind}) AS {kind}_min", f"list_max({kind}) AS {kind}_max"]
     return Query(f"""SELECT model, dataset, seq_id, pos, token_id, token, layer, head, key_norm, value_norm,
        {', '.join(cols)}
-FROM kv
+FROM {seq_view(seq)}
 WHERE seq_id = ? AND pos = ?
 ORDER BY model, dataset, layer, head""", [seq, token])
 
@@ -256,7 +256,7 @@ def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10
     order = "DESC" if metric == "cosine" else "ASC"
     # max_by/min_by with a count keeps a k-heap per run: no sort of the whole (layer, head).
     return Query(f"""WITH q AS (
-  SELECT model, dataset, {by} AS v FROM {layer_view(layer)} WHERE head = ? AND seq_id = ? AND pos = ?
+  SELECT model, dataset, {by} AS v FROM {seq_view(seq)} WHERE layer = ? AND head = ? AND seq_id = ? AND pos = ?
 ), top AS (
   SELECT c.model, c.dataset,
          unnest({best}({{'seq_id': c.seq_id, 'pos': c.pos, 'token_id': c.token_id, 'norm': c.{by}_norm,
@@ -272,4 +272,4 @@ SELECT top.model, top.dataset,
        hit.score AS {name}, hit.norm AS {by}_norm
 FROM top
 LEFT JOIN tokens t ON t.model = top.model AND t.dataset = top.dataset AND t.seq_id = hit.seq_id AND t.pos = hit.pos
-ORDER BY top.model, top.dataset, rank""", [head, seq, token, k, head, seq, token])
+ORDER BY top.model, top.dataset, rank""", [layer, head, seq, token, k, head, seq, token])

@@ -9,9 +9,11 @@
   compress_metrics  compress/{method}.json, one row per method
   ppl               ppl/{method}.json, one row per method
   runs              one row per run: shape, sizes, which views it has
-  by_layer.kv_{L}   the kv rows of layer L only (same columns): a query on it binds only
-                    that layer's files, which keeps point lookups flat as runs grow; the
-                    verbs that know their layer use these
+  by_layer.kv_{L}   the kv rows of layer L (same columns as kv), reading only that layer's files
+  by_seq.kv_{S}     the kv rows of sequence S, reading only the shard that holds it
+                    DuckDB binds (and opens) every file a view lists on every query, a cost
+                    that grows with the run; these narrower views keep verbs that know their
+                    layer or sequence from paying it. Created on first use.
 
 Every view has `model` and `dataset` columns, so the same SQL works on one run or on a
 whole results/ grid.
@@ -64,18 +66,19 @@ def vector_type(runs: list[RunFiles]) -> str:
     return f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]"
 
 
-def kv_parts_sql(runs: list[RunFiles], layer: int | None = None) -> str:
-    """The kv rows of every run (or of one layer) without token text."""
+def kv_parts_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None) -> str:
+    """The kv rows of every run (or of one layer, or of one sequence) without token text."""
     vec = vector_type(runs)
     parts = []
     for r in runs:
-        if layer is None:  # the layer comes from the hive partition, as plain duckdb reads it
-            source = (f"read_parquet({_files(r.kv_files)}, hive_partitioning = true, "
-                      "hive_types = {'layer': 'INTEGER'})")
+        if layer is not None:
+            files = r.layer_files(layer)
+            source, layer_col = f"read_parquet({_files(files)})", f"{layer}::INTEGER AS layer"
+        else:  # the layer comes from the hive partition, as plain duckdb reads it
+            files = r.kv_files if seq is None else r.seq_files(seq)
+            source = f"read_parquet({_files(files)}, hive_partitioning = true, hive_types = {{'layer': 'INTEGER'}})"
             layer_col = "layer"
-        elif r.layer_files(layer):
-            source, layer_col = f"read_parquet({_files(r.layer_files(layer))})", f"{layer}::INTEGER AS layer"
-        else:
+        if not files:
             continue
         parts.append(f"SELECT {_run_columns(r)}, {layer_col}, seq_id, pos, head, token_id, key_norm, value_norm, "
                      f"CAST(key AS {vec}) AS key, CAST(value AS {vec}) AS value FROM {source}")
@@ -86,13 +89,30 @@ def layer_view(layer: int) -> str:
     return f"by_layer.kv_{layer}"
 
 
-def kv_sql(runs: list[RunFiles], layer: int | None = None) -> str:
+def seq_view(seq: int) -> str:
+    return f"by_seq.kv_{seq}"
+
+
+LAZY_VIEW = re.compile(r"\b(by_layer|by_seq)\.kv_(\d+)\b", re.IGNORECASE)
+
+
+def lazy_view_sql(runs: list[RunFiles], schema: str, number: int) -> str | None:
+    """SELECT of by_layer.kv_{number} / by_seq.kv_{number}, or None when no run has it."""
+    schema = schema.lower()
+    if schema == "by_layer" and any(r.layer_files(number) for r in runs):
+        return kv_sql(runs, layer=number)
+    if schema == "by_seq" and any(r.seq_files(number) for r in runs):
+        return kv_sql(runs, seq=number)
+    return None
+
+
+def kv_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None) -> str:
     # Grouping tokens by their key lets DuckDB prove the join adds no rows, so queries that
     # never read `token` drop the join entirely (join elimination) and scan only kv files.
     return f"""
 SELECT p.model, p.dataset, p.layer, p.seq_id, p.pos, p.head, p.token_id, t.token,
        p.key_norm, p.value_norm, p.key, p.value
-FROM ({kv_parts_sql(runs, layer)}) p
+FROM ({kv_parts_sql(runs, layer, seq)}) p
 LEFT JOIN (SELECT model, dataset, seq_id, pos, any_value(token) AS token FROM tokens GROUP BY ALL) t
   ON p.model = t.model AND p.dataset = t.dataset AND p.seq_id = t.seq_id AND p.pos = t.pos"""
 
@@ -180,7 +200,5 @@ def view_statements(runs: list[RunFiles]) -> list[tuple[str, str]]:
     views = [("runs", runs_sql(runs)), ("tokens", tokens_sql(runs)), ("kv", kv_sql(runs)),
              ("predictions", predictions_sql(runs)), ("stats", stats_sql(runs)),
              ("compress_metrics", json_rows_sql(runs, "compress")), ("ppl", json_rows_sql(runs, "ppl"))]
-    layers = range(max(int(r.meta["num_layers"]) for r in runs))
-    return ([(name, sql) for name, sql in views if sql] + stats_table_views(runs)
-            + [(layer_view(layer), kv_sql(runs, layer)) for layer in layers])
+    return [(name, sql) for name, sql in views if sql] + stats_table_views(runs)
 

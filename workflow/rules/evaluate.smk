@@ -1,4 +1,7 @@
-# Perplexity under each method (sliding window, DESIGN.md "Perplexity protocols").
+# Perplexity under each method (DESIGN.md "Perplexity protocols"; kvcore.protocols).
+# One job per (model, dataset, method): the method's baseline and every protocol that makes
+# sense for its family run in the same job, on the same device, so latencies compare.
+from kvcore.perplexity import code_modules
 
 
 rule perplexity:
@@ -7,7 +10,7 @@ rule perplexity:
     input:
         model=rules.download_model.output.manifest,
         text=rules.download_dataset.output.text,
-        code=code("kvcore.perplexity", "kvcore.model"),
+        code=lambda wc: code(*code_modules(wc.method, config["methods"][wc.method])),
     params:
         spec=lambda wc: config["methods"][wc.method],
         settings=config["perplexity"],
