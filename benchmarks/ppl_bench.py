@@ -91,6 +91,63 @@ def quanto_peers() -> dict:
     return peers
 
 
+def latency(model, tokenizer, ids, max_length, stride, repeats, device) -> dict:
+    """Median time of the scored forward (stride tokens against a compressed context) per cache
+    variant, run interleaved `repeats` times on the first window: steadier than per-window
+    timings on a shared machine. Eviction with a uniform budget and whole-layer pruning
+    shrink the cache physically; a global budget pads and masks; quantization keeps the size."""
+    import statistics
+
+    import torch
+
+    from kvcore import protocols
+    from kvcore.compress import parse_method
+    from kvcore.eviction import make_scorer
+    from kvcore.model import kv_shape
+
+    window = torch.tensor([ids[:max_length]], device=device)
+    prefix = max_length - stride - 1
+    ctx, feed = window[:, :prefix], window[:, prefix:max_length - 1]
+    pos = torch.arange(prefix, prefix + feed.shape[1], device=device)[None]
+    opts = protocols.check_options({"global_scope": "model"})
+    scorer, stats = make_scorer("kvzip"), {}
+    cache = protocols._cache_from(model, [], [])
+    with torch.inference_mode():
+        with protocols.kvcore_attention_pass(model):
+            model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                  position_ids=torch.arange(prefix, device=device)[None])
+        keys, values = [l.keys for l in cache.layers], [l.values for l in cache.layers]
+        protocols._reconstruction_pass(model, cache, ctx, scorer, tokenizer, stats, opts, prefix)
+    layers = kv_shape(model.config)["num_layers"]
+    names = ["none", "kivi4-g64", "evict-kvzip-0.5-s4", "evict-kvzip-0.25-s4", "evict-kvzip-0.5-s4-global",
+             f"prune-l{','.join(str(i) for i in range(0, layers, 2))}"]
+    variants, scores = {}, {}
+    for name in names:
+        method = parse_method(name)
+        variants[name] = protocols._compress(method, keys, values, {"kvzip": scorer}, stats, scores, 0,
+                                             protocols._Recorder(), None, opts)
+    times = {name: [] for name in ["none (transformers sdpa)", *names]}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name in times:
+                if name.startswith("none (transformers"):
+                    c = protocols._cache_from(model, keys, values)
+                    with protocols._Timer(device) as t:
+                        model(input_ids=feed, past_key_values=c, use_cache=True, position_ids=pos)
+                else:
+                    k, v, hidden = variants[name]
+                    c = protocols._cache_from(model, k, v)
+                    with protocols._Timer(device) as t, \
+                            protocols.kvcore_attention_pass(model, protocols._PassState(hidden=hidden)):
+                        model(input_ids=feed, past_key_values=c, use_cache=True, position_ids=pos)
+                times[name].append(t.seconds)
+    base = statistics.median(times["none"])
+    return {name: {"median_seconds": statistics.median(ts), "vs_baseline": statistics.median(ts) / base,
+                   "cached_tokens": (sum(int(k.shape[2]) for k in variants[name][0]) / layers
+                                     if name in variants else prefix), "all_seconds": ts}
+            for name, ts in times.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resources/models/smollm2-135m")
@@ -104,7 +161,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="only kvzip/streamingllm/random and 2 quant methods")
-    p.add_argument("--out", required=True, help="folder for {protocol}.json")
+    p.add_argument("--methods", help="only these presets, comma-separated (NAME+prerope: keys quantized before "
+                                     "RoPE; quanto{B}-g{G}[-tok]: a QuantizedCache peer)")
+    p.add_argument("--latency", type=int, default=0, metavar="N",
+                   help="instead: time the scored forward of the first window N times per cache variant")
+    p.add_argument("--out", required=True, help="folder for {protocol}{suffix}.json")
+    p.add_argument("--suffix", default="", help="appended to the output file names, e.g. -levers")
     args = p.parse_args(argv)
 
     import torch
@@ -124,6 +186,18 @@ def main(argv=None) -> int:
     dtype = str(model.dtype).replace("torch.", "")
     settings = dict(max_length=args.max_length, stride=args.stride, dtype=dtype, threshold=0.5)
 
+    if args.latency:
+        result = {"meta": {"model": args.model, "device": device, "dtype": dtype, "max_length": args.max_length,
+                           "stride": args.stride, "repeats": args.latency, "torch_threads": torch.get_num_threads(),
+                           "command": " ".join([sys.executable.split("/")[-1], *sys.argv])},
+                  "variants": latency(model, tokenizer, ids, args.max_length, args.stride, args.latency, device)}
+        path = out / f"latency{args.suffix}.json"
+        path.write_text(json.dumps(result, indent=1))
+        for name, r in result["variants"].items():
+            print(f"{name:<28} {r['cached_tokens']:>7.1f} cached  {r['median_seconds'] * 1000:>9.1f} ms  "
+                  f"{r['vs_baseline']:.2f}x")
+        return 0
+
     evict = {}
     scorers = ["kvzip", "streamingllm", "random"] if args.quick else list(EVICTION)
     for r in RATIOS:
@@ -136,9 +210,17 @@ def main(argv=None) -> int:
         quant.update({f"{n}+prerope": parse_method(n) for n in PRE_ROPE})
     pre_rope = [f"{n}+prerope" for n in PRE_ROPE]
 
+    if args.methods:
+        names = args.methods.split(",")
+        pre_rope = [n for n in names if n.endswith("+prerope")]
+        peers = quanto_peers()
+        chosen = {n: peers[n] if n in peers else parse_method(n.removesuffix("+prerope")) for n in names}
+
     for protocol in args.protocols.split(","):
         methods = dict(quant)
-        if protocol == "prefill-compress":
+        if args.methods:
+            methods = {n: m for n, m in chosen.items() if protocol == "prefill-compress" or n not in peers}
+        elif protocol == "prefill-compress":
             peers = quanto_peers()
             like = {n: parse_method(n) for n in LIKE_QUANTO} if peers and not args.quick else {}
             methods = {**evict, **methods, **like, **peers}
@@ -158,7 +240,7 @@ def main(argv=None) -> int:
                 "layout": args.layout, "max_length": args.max_length, "stride": args.stride, "device": device,
                 "dtype": dtype, "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - started,
                 "command": " ".join([sys.executable.split("/")[-1], *sys.argv])}
-        path = out / f"{protocol}.json"
+        path = out / f"{protocol}{args.suffix}.json"
         path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
         print(f"wrote {path} ({meta['seconds']:.0f} s)", file=sys.stderr)
     return 0
