@@ -31,10 +31,11 @@ EVICTION_EXTRA = ["evict-kvzip-{r}-s4"]  # ablation: a uniform per-head budget
 # KIVI-style: keys per channel, values per token, min-max asymmetric, float16 scale + zero
 QUANT = ["kivi4-g64", "kivi4-g32", "kivi3-g64", "kivi2-g32", "kivi2-g64"]
 # levers: sinks kept exact, a dense-and-sparse outlier store, keys quantized before RoPE
-LEVERS = ["kivi2-g64-s4", "kivi2-g64-o0.005", "kivi2-g64-s4-o0.005", "kivi3-g64-s4", "kivi2-g32-s4"]
+LEVERS = ["kivi2-g64-s4", "kivi2-g64-o0.005", "kivi2-g64-s4-o0.005", "kivi3-g64-s4", "kivi2-g32-s4",
+          "kivi3-g64-s1", "kivi2-g64-s1"]
 # the same full-precision residual as the quanto peers get (see QuantoPeer), for a like-for-like row
 LIKE_QUANTO = ["kivi2-g64-r63", "kivi2-g32-r31"]
-PRE_ROPE = ["kivi2-g64-s4", "kivi3-g64-s4", "kivi4-g64"]  # also run with pre-RoPE keys, named +prerope
+PRE_ROPE = ["kivi2-g64-s4", "kivi3-g64-s4", "kivi4-g64", "kivi3-g64-s1", "kivi2-g64-s1", "kivi2-g64-s4-o0.005"]  # also run with pre-RoPE keys, named +prerope
 
 
 class QuantoPeer:
