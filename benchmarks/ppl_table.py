@@ -1,6 +1,9 @@
 """Markdown tables from benchmarks/ppl_bench.py output: one row per method and protocol.
 
-    .venv/bin/python benchmarks/ppl_table.py results/bench/lee/*.json
+    .venv/bin/python benchmarks/ppl_table.py results/bench/lee/*.json [--versus A:B ...]
+
+`--versus A:B` adds the paired per-window difference between two methods of the same
+file (A minus B, as a perplexity change in %, with its 95 % interval).
 """
 
 from __future__ import annotations
@@ -39,14 +42,33 @@ def rows(path: Path) -> tuple[dict, list[str]]:
     return meta, out
 
 
+def versus(records: dict, a: str, b: str) -> str:
+    import math
+
+    x = [(p["nll_sum"] - q["nll_sum"]) / p["n_scored"] for p, q in zip(records[a]["windows"], records[b]["windows"])]
+    m = sum(x) / len(x)
+    se = math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1) / len(x)) if len(x) > 1 else 0.0
+    pct = lambda v: 100 * math.expm1(v)  # noqa: E731
+    return (f"| {a} vs {b} | {pct(m):+.2f} | {pct(m - 1.96 * se):+.2f} … {pct(m + 1.96 * se):+.2f} | "
+            f"{sum(v < 0 for v in x)}/{len(x)} |")
+
+
 def main(argv=None) -> int:
-    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])]
-    if not paths:
-        print("usage: ppl_table.py RESULT.json ...", file=sys.stderr)
-        return 2
-    for path in paths:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--versus", action="append", default=[], metavar="A:B")
+    args = p.parse_args(argv)
+    for path in args.paths:
         meta, lines = rows(path)
         print("\n".join(lines))
+        records = json.loads(path.read_text())["records"]
+        pairs = [v.split(":", 1) for v in args.versus if all(n in records for n in v.split(":", 1))]
+        if pairs:
+            print("\n| paired, per window | Δ % | 95% CI | windows lower |\n|---|---:|---|---:|")
+            for a, b in pairs:
+                print(versus(records, a, b))
         print(f"\n`{meta['command']}`\n")
     return 0
 
