@@ -4,7 +4,11 @@ from snakemake.utils import min_version
 min_version("8.20")
 
 
-configfile: "config.yaml"
+# The embedded default, unless the user names their own run: `--configfile` replaces it
+# (Snakemake would otherwise merge the two, adding the default's models and datasets).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -28,7 +28,7 @@ def heavy(shape, dtype=torch.float32, seed=0, device="cpu"):
 def element_scale(method, packed, kind, mid_tokens):
     """The stored scale of each quantized element, [n, h, mid_tokens, d]."""
     scale = packed["scale"].float()
-    g = method.group_size
+    g = method.group(kind)
     if method.axis(kind) == "token":
         return scale.repeat_interleave(g, dim=-1)
     return scale.repeat_interleave(g, dim=2)[:, :, :mid_tokens]
@@ -117,6 +117,16 @@ def test_scales_are_stored_in_the_requested_dtype_and_codes_are_packed():
 
 
 def test_float16_scales_overflow_shows_as_inf_and_float32_scales_fit():
+    # keys with their own (longer) groups along the tokens, values per token
+    m = parse_method("kivi3-g32-kg128")
+    x = heavy((2, 3, 300, 64), seed=3)
+    for kind, groups in (("key", 2 * 3 * 3 * 64), ("value", 2 * 3 * 300 * 2)):
+        packed = m.compress(x, kind)
+        assert packed["scale"].numel() == groups == m.n_groups(x.shape, kind)
+        err = (m.decompress(packed, kind).double() - x.double()).abs()
+        s = element_scale(m, packed, kind, 300).double()
+        assert bool((err <= s / 2 + 4 * 2**-23 * (x.double().abs() + s * 8)).all())
+
     x = heavy((1, 1, 8, 64)) * 1e4  # beyond float16's 65504; the file level rejects it
     assert not torch.isfinite(parse_method("int4-g64").fake(x, "key")).all()
     y = parse_method("int4-g64-f32").fake(x, "key")
@@ -127,7 +137,7 @@ def test_float16_scales_overflow_shows_as_inf_and_float32_scales_fit():
 
 METHODS = [
     "baseline", "int2-g32", "int3-g64-sym", "int4-g64", "int8-g128-ch", "int4-g32-ch",
-    "kivi2-g32", "kivi4-g64-s3-r5-o0.02", "int3-g32-sym-s1-r2-o0.01-f32",
+    "kivi2-g32", "kivi4-g64-s3-r5-o0.02", "kivi3-g32-kg64-s1", "int3-g32-sym-s1-r2-o0.01-f32",
     "sparse-0.3", "sparse-0.05", "prune-l2-h1.0",
 ]
 

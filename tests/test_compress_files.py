@@ -58,7 +58,7 @@ def knorm(layer, keys, values):  # a model-free scorer for tests: small key norm
 # ------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("name", ["baseline", "int4-g64", "kivi2-g32-s2-r8-o0.01", "int3-g32-sym-ch",
+@pytest.mark.parametrize("name", ["baseline", "int4-g64", "kivi2-g32-s2-r8-o0.01", "int3-g32-sym-ch", "kivi3-g32-kg128",
                                   "sparse-0.25", "prune-l1-h0.2", "evict-knorm-0.4-s2-r4-global"])
 def test_compress_decompress_file_equals_fake(tmp_path, shard, name):
     path, tensors, meta = shard

@@ -150,12 +150,15 @@ def test_one_threshold_across_layers(llama):
     model, tokenizer, _ = llama
     shape = kv_shape(model.config)
     scores, keys = layer_scores(model, tokenizer, "kvzip")
-    method = parse_method("evict-kvzip-0.25-s2-global")
-    out_k, _, hidden = protocols._compress(method, keys, keys, {"kvzip": make_scorer("kvzip")}, {},
-                                           {"kvzip": scores}, 0, protocols._Recorder(), None,
-                                           protocols.check_options({"global_scope": "model"}))
-    kept = [int(k.shape[2] * k.shape[1]) - (int(hidden[i].sum()) if i in hidden else 0)
-            for i, k in enumerate(out_k)]
-    assert sum(kept) == 10 * shape["num_kv_heads"] * shape["num_layers"]
+    # the evaluator option on a `global` method, and the method key `budget: model`
+    for preset, options in (("evict-kvzip-0.25-s2-global", {"global_scope": "model"}),
+                            ("evict-kvzip-0.25-s2-model", {})):
+        out_k, _, hidden = protocols._compress(parse_method(preset), keys, keys, {"kvzip": make_scorer("kvzip")},
+                                               {}, {"kvzip": scores}, 0, protocols._Recorder(), None,
+                                               protocols.check_options(options))
+        kept = [int(k.shape[2] * k.shape[1]) - (int(hidden[i].sum()) if i in hidden else 0)
+                for i, k in enumerate(out_k)]
+        assert sum(kept) == 10 * shape["num_kv_heads"] * shape["num_layers"]
+        assert len(set(kept)) > 1  # layers keep different counts: one threshold over all of them
     with pytest.raises(UsageError, match="global_scope"):
         protocols.check_options({"global_scope": "everything"})

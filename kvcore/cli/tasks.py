@@ -5,11 +5,14 @@
     kvcore tasks squad  --model DIR --method h2o --n 50 --out-dir ...
     kvcore tasks local  --model DIR --path qa.jsonl --method knorm --out-dir ...
     kvcore tasks plot   results/m/tasks/needle/*.json --out task_accuracy.png
+    kvcore tasks table  results/m/tasks/needle/*.json
+
 
 A method is an eviction scorer name (kvzip, snapkv, h2o, streamingllm, knorm, random:
 evict with 4 sink tokens), or a preset (evict-snapkv-0.5-s4-global, int4-g64, ...);
 keep ratios replace an eviction method's keep_ratio. One JSON per method is written to
---out-dir/{method}.json; a table of the primary metric is printed.
+--out-dir/{method}.json; a table of the primary metric is printed (needle: also one
+per context length); `table` prints them again from the JSONs.
 """
 
 from __future__ import annotations
@@ -63,6 +66,11 @@ def register(subparsers) -> None:
     pl.add_argument("results", nargs="+", metavar="JSON", help="results/{model}/tasks/{task}/{method}.json files")
     pl.add_argument("--out", required=True, metavar="PNG")
     pl.set_defaults(func=run_plot)
+    tb = sub.add_parser("table", help="markdown tables of the primary metric from task JSONs",
+                        description="Print the primary metric per method x keep ratio (needle: also per "
+                                    "context length) from task JSONs.")
+    tb.add_argument("results", nargs="+", metavar="JSON", help="results/{model}/tasks/{task}/{method}.json files")
+    tb.set_defaults(func=run_table)
 
 
 def _task_spec(args) -> dict:
@@ -90,36 +98,78 @@ def run_tasks(args) -> int:
         return 0
     docs = [method_result(run, n, task=args.task_kind, task_type=args.task_kind, model=Path(args.model).name)
             for n in names]
-    print(format_table(docs))
+    print(format_tables(docs))
     return 0
 
 
-def format_table(docs: list[dict]) -> str:
-    """Markdown table: rows = methods, columns = keep ratios, cells = the primary metric."""
+def format_tables(docs: list[dict]) -> str:
+    """The pooled table, then (needle) one per context length, separated by blank lines."""
+    lengths = sorted({c["context_length"] for c in (docs[0]["baseline"].get("by_cell") or [])}) if docs else []
+    parts = [format_table(docs)]
+    if len(lengths) > 1:
+        parts += [format_table(docs, context_length=n) for n in lengths]
+    return "\n\n".join(parts)
+
+
+def _cell_accuracy(cells: list[dict], context_length: int) -> tuple[float | None, int]:
+    """(accuracy, n) over the needle cells of one context length (n-weighted over depths)."""
+    rows = [c for c in cells if c["context_length"] == context_length]
+    n = sum(c["n"] for c in rows)
+    return (sum(c["accuracy"] * c["n"] for c in rows) / n if n else None), n
+
+
+def format_table(docs: list[dict], context_length: int | None = None) -> str:
+    """Markdown table: rows = methods, columns = keep ratios, cells = the primary metric;
+    with `context_length`, needle accuracy over that length's examples only (from by_cell)."""
     if not docs:
         return ""
     metric = docs[0]["primary_metric"]
     ratios = list(dict.fromkeys(k for d in docs for k in d[metric]))
-    lines = [f"| method ({metric}) | " + " | ".join(ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
-    base = docs[0]["baseline"][metric]
-    lines.append("| uncompressed | " + " | ".join(f"{base:.3f}" for _ in ratios) + " |")
-    for d in docs:
-        cells = [("" if d[metric].get(r) is None else f"{d[metric][r]:.3f}") for r in ratios]
-        lines.append(f"| {d['method']} | " + " | ".join(cells) + " |")
+
+    def fmt(x):
+        return "" if x is None else f"{x:.3f}"
+
+    if context_length is None:
+        n = docs[0]["n_examples"]
+        base = docs[0]["baseline"][metric]
+        rows = [(d["method"], [d[metric].get(r) for r in ratios]) for d in docs]
+        title = f"| method ({metric}, n={n}) | "
+    else:
+        base, n = _cell_accuracy(docs[0]["baseline"]["by_cell"], context_length)
+        rows = []
+        for d in docs:
+            by_ratio = {("none" if r["keep_ratio"] is None else f"{r['keep_ratio']:g}"): r for r in d["results"]}
+            rows.append((d["method"], [_cell_accuracy(by_ratio[r]["by_cell"], context_length)[0]
+                                       if r in by_ratio else None for r in ratios]))
+        title = f"| method (accuracy, {context_length} tokens, n={n}) | "
+    lines = [title + " | ".join(ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
+    lines.append("| uncompressed | " + " | ".join(fmt(base) for _ in ratios) + " |")
+    for name, cells in rows:
+        lines.append(f"| {name} | " + " | ".join(fmt(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
-def run_plot(args) -> int:
+def _read_results(paths) -> list[dict]:
     from pathlib import Path
 
-    from kvcore.plots_tasks import plot_task_accuracy
-
     docs = []
-    for path in args.results:
+    for path in paths:
         try:
             docs.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise UsageError(f"cannot read task result {path}: {exc}") from None
+    return docs
+
+
+def run_table(args) -> int:
+    print(format_tables(_read_results(args.results)))
+    return 0
+
+
+def run_plot(args) -> int:
+    from kvcore.plots_tasks import plot_task_accuracy
+
+    docs = _read_results(args.results)
     plot_task_accuracy(docs, args.out)
     print(args.out, file=sys.stderr)
     return 0

@@ -19,16 +19,19 @@ int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32]
                                                   S sink and R recent tokens in full
                                                   precision, outlier fraction F,
                                                   float32 scales (default float16)
-kivi{B}[-g{G}][-sym][-s{S}][-r{R}][-o{F}][-f32]   as int, but keys per channel and
-                                                  values per token (KIVI)
+kivi{B}[-g{G}][-kg{G}][-sym][-s{S}][-r{R}][-o{F}][-f32]
+                                                  as int, but keys per channel and
+                                                  values per token (KIVI); kg: keys'
+                                                  own group size
 sparse-{F}                                        sparsify: keep fraction F per vector
-evict-{SCORER}-{R}[-s{S}][-r{R}][-global]         evict: keep ratio R by SCORER
+evict-{SCORER}-{R}[-s{S}][-r{R}][-global|-model]   evict: keep ratio R by SCORER
 prune[-l{L},{L}..][-h{L}.{H},{L}.{H}..]           prune: layers L, [layer, head] pairs
 examples: int4-g64  int2-g32-sym  kivi2-g32-r128  int4-g128-ch-s4-o0.01
           sparse-0.5  evict-knorm-0.5-s4-r64-global  prune-l0,1-h5.2"""
 
 _QUANT_OPTIONS = [
     (r"g(\d+)", lambda m: {"group_size": int(m[1])}),
+    (r"kg(\d+)", lambda m: {"key_group_size": int(m[1])}),
     (r"sym", lambda m: {"symmetric": True}),
     (r"asym", lambda m: {"symmetric": False}),
     (r"s(\d+)", lambda m: {"sink_tokens": int(m[1])}),
@@ -45,6 +48,7 @@ _EVICT_OPTIONS = [
     (r"s(\d+)", lambda m: {"sink_tokens": int(m[1])}),
     (r"r(\d+)", lambda m: {"recent_tokens": int(m[1])}),
     (r"global", lambda m: {"budget": "global"}),
+    (r"model", lambda m: {"budget": "model"}),
     (r"uniform", lambda m: {"budget": "uniform"}),
 ]
 _PRUNE_OPTIONS = [
@@ -58,7 +62,7 @@ def _not_a_preset(name: str, why: str) -> UsageError:
     return UsageError(
         f"method {name!r}: {why}; a preset is baseline, int{{B}}[-g{{G}}][-sym][-tok|-ch][-s{{S}}]"
         f"[-r{{R}}][-o{{F}}][-f32], kivi{{B}}[...], sparse-{{F}}, evict-{{SCORER}}-{{R}}[-s{{S}}][-r{{R}}]"
-        f"[-global] or prune-l{{L,..}}-h{{L.H,..}} (e.g. int4-g64), or give a spec with 'family'"
+        f"[-global|-model] or prune-l{{L,..}}-h{{L.H,..}} (e.g. int4-g64), or give a spec with 'family'"
     )
 
 

@@ -7,7 +7,9 @@ Axis, as KIVI names it (what gets its own scale):
   consecutive tokens. When the token count is not a multiple of group_size, the last
   group is partial and gets its own scale over the tokens it has (so any length works,
   one token at a time included).
-KIVI's recipe is keys per channel, values per token.
+KIVI's recipe is keys per channel, values per token. `key_group_size` gives keys
+their own group size (e.g. 128 tokens per channel group, beside value groups of 64
+channels): fewer scales where keys' per-channel ranges are steady.
 
 Asymmetric: q = clamp(round((x - zero) / scale), 0, 2^b - 1), x' = q * scale + zero,
 with zero = the group minimum (a float offset, so min and max are reachable) and
@@ -62,6 +64,7 @@ class Quant(Method):
     params = {
         "bits": choice(4, (2, 3, 4, 8), "bits per stored code"),
         "group_size": choice(64, (32, 64, 128), "values sharing one scale (and zero)"),
+        "key_group_size": choice(0, (0, 32, 64, 128), "keys' own group size (0: group_size)"),
         "symmetric": flag(False, "scale only (true) or scale and zero point (false)"),
         "key_axis": choice("token", ("token", "channel"), "keys quantized per token or per channel"),
         "value_axis": choice("token", ("token", "channel"), "values quantized per token or per channel"),
@@ -76,6 +79,10 @@ class Quant(Method):
     def axis(self, kind: str) -> str:
         return self.key_axis if kind == "key" else self.value_axis
 
+    def group(self, kind: str) -> int:
+        """Group size for keys or values (keys per channel can afford longer groups)."""
+        return self.key_group_size or self.group_size if kind == "key" else self.group_size
+
     def window(self, seq: int) -> tuple[int, int]:
         """[start, stop) of the quantized tokens; the rest are the sink/recent windows."""
         start = min(self.sink_tokens, seq)
@@ -87,14 +94,14 @@ class Quant(Method):
 
     def check_shape(self, shape, layer=None):
         dim = shape[-1]
-        token_kinds = [k for k in ("key", "value") if self.axis(k) == "token"]
-        if token_kinds and dim % self.group_size:
-            keys = " and ".join(f"{k}_axis" for k in token_kinds) + (" are" if len(token_kinds) > 1 else " is")
-            valid = [g for g in (32, 64, 128) if dim % g == 0]
-            hint = f"use group_size {' or '.join(map(str, valid))}" if valid else "use axis 'channel'"
-            raise self.error(
-                f"group_size {self.group_size} must divide head_dim {dim} when {keys} 'token' ({hint})"
-            )
+        for kind in ("key", "value"):
+            if self.axis(kind) == "token" and dim % self.group(kind):
+                key = "key_group_size" if kind == "key" and self.key_group_size else "group_size"
+                valid = [g for g in (32, 64, 128) if dim % g == 0]
+                hint = f"use {key} {' or '.join(map(str, valid))}" if valid else "use axis 'channel'"
+                raise self.error(
+                    f"{key} {self.group(kind)} must divide head_dim {dim} when {kind}_axis is 'token' ({hint})"
+                )
 
     def _groups(self, t: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
         """[n, h, T, d] -> a view with one group along the returned dim (T padded for 'channel').
@@ -102,14 +109,14 @@ class Quant(Method):
         No transpose: reducing over dim -2 of [n, h, T/G, G, d] keeps memory order.
         """
         n, h, T, d = t.shape
-        g = self.group_size
+        g = self.group(kind)
         if self.axis(kind) == "token":
             return t.reshape(n, h, T, d // g, g), -1
         return t.reshape(n, h, T // g, g, d), -2
 
     def _pad(self, t: torch.Tensor, kind: str, value) -> torch.Tensor:
         """Pad the token axis to a multiple of group_size ('channel' axis only)."""
-        pad = -t.shape[2] % self.group_size if self.axis(kind) == "channel" else 0
+        pad = -t.shape[2] % self.group(kind) if self.axis(kind) == "channel" else 0
         if not pad:
             return t
         n, h, _, d = t.shape
@@ -231,7 +238,7 @@ class Quant(Method):
     def n_groups(self, shape, kind) -> int:
         n, h, seq, d = shape
         start, stop = self.window(seq)
-        g = self.group_size
+        g = self.group(kind)
         if self.axis(kind) == "token":
             return n * h * (stop - start) * (d // g)
         return n * h * -(-(stop - start) // g) * d

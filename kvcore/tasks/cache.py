@@ -1,58 +1,30 @@
 """Adapter over the prefill-compress internals of `kvcore.protocols` (the perplexity
 protocol's eviction code), so that tasks compress exactly as perplexity does: the same
-scorers, attention statistics, kvzip reconstruction pass, `method.select` top-k,
-physical eviction and per-head masks. Every name taken from kvcore.protocols is imported
-here and nowhere else in kvcore.tasks; if those helpers move, only this file changes.
+prefill and scorer passes (`prefill_context`: attention statistics, kvzip reconstruction
+pass), scorers, `method.select` top-k, physical eviction and per-head masks. Every name
+taken from kvcore.protocols is imported here and nowhere else in kvcore.tasks; if those
+helpers move, only this file changes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kvcore.protocols import (  # noqa: F401  (re-exported for kvcore.tasks.evaluate)
+    ContextPrefill as Prefilled,
     _cache_from,
     _compress,
-    _Observer,
     _PassState,
-    _reconstruction_pass,
     _layer_scores,
     _scorers,
     gather_kept,
     check_options,
     kvcore_attention_pass,
+    prefill_context,
 )
-
-
-@dataclass
-class Prefilled:
-    """One prefilled context: per-layer keys/values [1, n_kv, seq, dim] and attention stats."""
-
-    keys: list
-    values: list
-    stats: dict
-    n_tokens: int
 
 
 def prefill(model, tokenizer, ids, scorers: dict, options: dict) -> Prefilled:
     """Prefill `ids` [1, seq] once, collecting what every scorer in `scorers` needs."""
-    import torch
-
-    n = ids.shape[1]
-    stats: dict = {}
-    sets = {s.query_key: s.query_start(n) for s in scorers.values() if s.queries in ("context", "window")}
-    observer = _Observer(sets, n, options["attention_floats"], stats) if sets else None
-    cache = _cache_from(model, [], [])
-    with kvcore_attention_pass(model, _PassState(observer=observer)):
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-              position_ids=torch.arange(n, device=ids.device)[None])
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
-    for scorer in scorers.values():
-        if scorer.queries == "repeat":
-            _reconstruction_pass(model, cache, ids, scorer, tokenizer, stats, options, n)
-            for layer, k, v in zip(cache.layers, keys, values):
-                layer.keys, layer.values = k, v
-    return Prefilled(keys, values, stats, n)
+    return prefill_context(model, ids, scorers, options, tokenizer)
 
 
 class _NoRecorder:
