@@ -29,7 +29,9 @@ def run_job(log: str | None, job: Callable[[], object], device: str = "cpu") -> 
     with sink as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
         try:
             # An explicit cuda:N is the user's choice; "auto"/"cuda" take any free GPU.
-            with claim_gpu() if device in ("auto", "cuda") else contextlib.nullcontext():
+            with claim_gpu() if device in ("auto", "cuda") else contextlib.nullcontext() as gpu:
+                if gpu is not None:  # in the job's log: which device a job ran on, for post-mortems
+                    print(f"kvcore: claimed GPU {gpu} (CUDA_VISIBLE_DEVICES={gpu})", flush=True)
                 job()
         except (KvcoreError, OSError) as error:  # OSError: disk full, file too large
             message = f"kvcore: error: {one_line(error)}"

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from kvcore.errors import UsageError
+from kvcore.errors import KvcoreError, UsageError
 
 
 @dataclass(frozen=True)
@@ -230,6 +230,178 @@ def code_modules(method: str, spec: dict | None) -> list[str]:
     return modules
 
 
+# --------------------------------------------------------------------------- shards
+# A job evaluates a contiguous block of windows (`evaluate_shard`) and keeps every window's
+# NLL sum, latency and compression-error sums; `merge_shards` pools them in window order.
+# One job is the one-shard case of the same code, so N shards give exactly its numbers.
+
+SHARD_FORMAT = "kvcore-perplexity-shard/1"
+ERROR_SUMS = ("n", "sq_err", "sq_ref", "max_err", "cos_sum", "vectors", "nonfinite")  # kvcore.compress.metrics.ErrorStats
+
+
+def shard_windows(n_windows: int, shard: int, shards: int) -> range:
+    """Shard `shard` of `shards`: the contiguous block of window indices it evaluates."""
+    if shards < 1 or not 0 <= shard < shards:
+        raise UsageError(f"perplexity shard must be in 0..shards-1 with shards >= 1 (got shard {shard} of {shards})")
+    return range(shard * n_windows // shards, (shard + 1) * n_windows // shards)
+
+
+def metric_part(index: int, errors, nbytes: int, fp16_nbytes: int) -> dict:
+    """One window's compression-error sums (an ErrorStats) and stored bytes, JSON-ready."""
+    return {"index": index, **{k: getattr(errors, k) for k in ERROR_SUMS}, "nbytes": nbytes,
+            "fp16_nbytes": fp16_nbytes}
+
+
+def pooled_metrics(parts: list[dict]) -> dict:
+    """Compression metrics of per-window sums, added up in window order (one job or merged shards)."""
+    from kvcore.compress.metrics import ErrorStats, quality_level
+
+    errors, nbytes, fp16_nbytes = ErrorStats(), 0, 0
+    for part in sorted(parts, key=lambda p: p["index"]):
+        for key in ERROR_SUMS:
+            value = part[key]
+            setattr(errors, key, max(errors.max_err, value) if key == "max_err" else getattr(errors, key) + value)
+        nbytes += part["nbytes"]
+        fp16_nbytes += part["fp16_nbytes"]
+    err = errors.result()
+    return {
+        "bits_per_element": 8 * 2 * nbytes / fp16_nbytes if fp16_nbytes else None,
+        "compression_ratio": fp16_nbytes / nbytes if nbytes else 1.0,
+        "rmse": err["rmse"], "snr_db": err["snr_db"], "cosine_similarity": err["cosine_similarity"],
+        "max_error": err.get("max_error"),
+        "quality_level": quality_level(err["snr_db"], err["cosine_similarity"]),
+    }
+
+
+def _check_protocols(method: str, spec: dict | None, protocols: list[str] | None):
+    from kvcore.compress import parse_method
+    from kvcore.protocols import FAMILY_PROTOCOLS
+
+    m = parse_method(method, spec)
+    allowed = FAMILY_PROTOCOLS[m.family]
+    protocols = list(protocols or allowed)
+    bad = [p for p in protocols if p not in allowed]
+    if bad:
+        raise UsageError(f"method {method!r}: family {m.family} has no {bad[0]} protocol (valid: {', '.join(allowed)})")
+    return m, protocols
+
+
+def evaluate_shard(model_dir, text_or_ids, method: str, spec: dict | None, settings: dict,
+                   options: dict | None = None, protocols: list[str] | None = None, loaded=None,
+                   shard: int = 0, shards: int = 1) -> dict:
+    """Per-window results of one method under its protocols over shard `shard` of `shards`."""
+    from pathlib import Path
+
+    from kvcore.model import load_model
+    from kvcore.protocols import evaluate_methods
+
+    m, protocols = _check_protocols(method, spec, protocols)
+    if loaded is None:  # (model, tokenizer, device) from load_model, to reuse a loaded model
+        loaded = load_model(Path(model_dir), settings.get("device", "auto"), settings.get("dtype", "float32"))
+    model, tokenizer, device = loaded
+    ids = (eval_token_ids(tokenizer, text_or_ids, settings.get("max_tokens")) if isinstance(text_or_ids, str)
+           else list(text_or_ids))
+    layout = settings.get("layout", "sliding")
+    n_windows = len(layout_windows(len(ids), settings["max_length"], settings["stride"], layout))
+    selected = list(shard_windows(n_windows, shard, shards))
+    methods = {} if m.family == "none" else {method: m}
+    runs = {}
+    for protocol in protocols:
+        out = {"protocol": protocol, "layout": layout, "baseline": {"windows": []},
+               "methods": {name: {"windows": [], "metric_parts": []} for name in methods}}
+        if selected:  # more shards than windows leaves some empty
+            run = evaluate_methods(model, ids, methods, protocol=protocol, max_length=settings["max_length"],
+                                   stride=settings["stride"], layout=layout, tokenizer=tokenizer, device=device,
+                                   selected=selected, options=options, progress=f"{method} {protocol}")
+            out["baseline"]["windows"] = run["baseline"]["windows"]
+            for name in methods:
+                out["methods"][name] = {"windows": run["methods"][name]["windows"],
+                                        "metric_parts": run["methods"][name].get("metric_parts", [])}
+        runs[protocol] = out
+    return {"format": SHARD_FORMAT, "method": method, "spec": m.spec, "family": m.family, "shard": shard,
+            "shards": shards, "n_windows_total": n_windows, "max_length": settings["max_length"],
+            "stride": settings["stride"], "threshold": settings.get("threshold", 0.5),
+            "dtype": str(model.dtype).replace("torch.", ""), "protocols": runs}
+
+
+def _pooled(windows: list[dict], n_windows_total: int, parts: list[dict] | None = None) -> dict:
+    """A protocols.evaluate_methods summary rebuilt from per-window results; latency is the
+    sum of the windows' seconds (so a merged run reports the time its shards spent scoring)."""
+    windows = sorted(windows, key=lambda w: w["index"])
+    out = summarize(windows, sum(w["seconds"] for w in windows))
+    out["scored_seconds"] = sum(w["scored_seconds"] for w in windows)
+    out["n_windows_total"] = n_windows_total
+    if parts is not None:
+        out["metrics"] = pooled_metrics(parts)
+    return out
+
+
+SHARD_KEYS = ("format", "method", "spec", "family", "shards", "n_windows_total", "max_length", "stride",
+              "threshold", "dtype")
+
+
+def merge_shards(shards: list[dict]) -> dict:
+    """The ppl/{method}.json record of a method from all of its shards (any order)."""
+    if not shards:
+        raise KvcoreError("no perplexity shards to merge")
+    first = shards[0]
+    for shard in shards:
+        for key in SHARD_KEYS:
+            if shard.get(key) != first.get(key):
+                raise KvcoreError(f"perplexity shards of {first.get('method')!r} disagree on {key} "
+                                  f"({shard.get(key)!r} vs {first.get(key)!r}); rerun the perplexity_shard jobs")
+    ids = sorted(s["shard"] for s in shards)
+    if ids != list(range(first["shards"])):
+        raise KvcoreError(f"perplexity shards of {first['method']!r}: expected shards 0..{first['shards'] - 1}, "
+                          f"got {ids}")
+    method, family, n_total = first["method"], first["family"], first["n_windows_total"]
+    settings = {"max_length": first["max_length"], "stride": first["stride"], "dtype": first["dtype"],
+                "threshold": first["threshold"]}
+    name = None if family == "none" else method
+    records = {}
+    for protocol, head in first["protocols"].items():
+        parts = [s["protocols"][protocol] for s in shards]
+        base = [w for p in parts for w in p["baseline"]["windows"]]
+        if sorted(w["index"] for w in base) != list(range(n_total)):
+            raise KvcoreError(f"perplexity shards of {method!r} ({protocol}) do not cover windows 0..{n_total - 1} "
+                              f"exactly once")
+        run = {"protocol": protocol, "layout": head["layout"], "baseline": _pooled(base, n_total), "methods": {}}
+        for m in head["methods"]:
+            run["methods"][m] = _pooled([w for p in parts for w in p["methods"][m]["windows"]], n_total,
+                                        [x for p in parts for x in p["methods"][m]["metric_parts"]])
+        records[protocol] = protocol_record(run, name, method=method, **settings)
+        if family == "none":
+            records[protocol]["bits_per_element"] = 16.0  # counted as a float16 cache, like every method
+    top = dict(next(iter(records.values())))
+    top["spec"] = first["spec"]
+    top["protocols"] = records
+    return top
+
+
+def read_shard(path) -> dict:
+    import json
+    from pathlib import Path
+
+    try:
+        shard = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise KvcoreError(f"{path}: not a readable perplexity shard ({error}); rerun its perplexity_shard job") \
+            from None
+    if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
+        raise KvcoreError(f"{path}: not a perplexity shard (format {SHARD_FORMAT} expected)")
+    return shard
+
+
+# --------------------------------------------------------------------------- workflow jobs
+
+
+def _job_inputs(text_parquet, settings: dict, options: dict | None):
+    from kvcore.sources.datasets import joined_text
+
+    options = options if options is not None else settings.get("options")  # perplexity.options, if any
+    return joined_text(text_parquet), options
+
+
 def run_perplexity(model_dir, text_parquet, method: str, spec: dict, settings: dict, out_path,
                    options: dict | None = None) -> dict:
     """Evaluate one method on a dataset and write ppl/{method}.json (the workflow's job).
@@ -238,13 +410,30 @@ def run_perplexity(model_dir, text_parquet, method: str, spec: dict, settings: d
     FAMILY_PROTOCOLS); the first is the primary: its record is the file's top level, and
     `protocols` holds each protocol's full record.
     """
-    from pathlib import Path
-
     from kvcore.atomic import write_json
-    from kvcore.sources.datasets import joined_text
 
-    options = options if options is not None else settings.get("options")  # perplexity.options, if any
-    record = validate_method(model_dir, joined_text(text_parquet), method, spec, settings, options=options)
+    text, options = _job_inputs(text_parquet, settings, options)
+    record = validate_method(model_dir, text, method, spec, settings, options=options)
+    write_json(out_path, record)
+    return record
+
+
+def run_perplexity_shard(model_dir, text_parquet, method: str, spec: dict, settings: dict, shard: int,
+                         shards: int, out_path, options: dict | None = None) -> dict:
+    """Evaluate shard `shard` of `shards` of one method and write ppl/shards/{method}-{shard}.json."""
+    from kvcore.atomic import write_json
+
+    text, options = _job_inputs(text_parquet, settings, options)
+    result = evaluate_shard(model_dir, text, method, spec, settings, options=options, shard=shard, shards=shards)
+    write_json(out_path, result)
+    return result
+
+
+def merge_shard_files(paths: list, out_path) -> dict:
+    """Merge a method's shard files into ppl/{method}.json (the same record as one job's)."""
+    from kvcore.atomic import write_json
+
+    record = merge_shards([read_shard(p) for p in paths])
     write_json(out_path, record)
     return record
 
@@ -252,39 +441,5 @@ def run_perplexity(model_dir, text_parquet, method: str, spec: dict, settings: d
 def validate_method(model_dir, text_or_ids, method: str, spec: dict | None, settings: dict,
                     options: dict | None = None, protocols: list[str] | None = None, loaded=None) -> dict:
     """Baseline and compressed perplexity of one method under its protocols: the ppl record."""
-    from pathlib import Path
-
-    from kvcore.compress import parse_method
-    from kvcore.model import load_model
-    from kvcore.protocols import FAMILY_PROTOCOLS, evaluate_methods
-
-    m = parse_method(method, spec)
-    allowed = FAMILY_PROTOCOLS[m.family]
-    protocols = list(protocols or allowed)
-    bad = [p for p in protocols if p not in allowed]
-    if bad:
-        raise UsageError(f"method {method!r}: family {m.family} has no {bad[0]} protocol (valid: {', '.join(allowed)})")
-    if loaded is None:  # (model, tokenizer, device) from load_model, to reuse a loaded model
-        loaded = load_model(Path(model_dir), settings.get("device", "auto"), settings.get("dtype", "float32"))
-    model, tokenizer, device = loaded
-    ids = (eval_token_ids(tokenizer, text_or_ids, settings.get("max_tokens")) if isinstance(text_or_ids, str)
-           else list(text_or_ids))
-    dtype = str(model.dtype).replace("torch.", "")
-    threshold = settings.get("threshold", 0.5)
-    records = {}
-    for protocol in protocols:
-        run = evaluate_methods(model, ids, {} if m.family == "none" else {method: m}, protocol=protocol,
-                               max_length=settings["max_length"], stride=settings["stride"],
-                               layout=settings.get("layout", "sliding"), tokenizer=tokenizer, device=device,
-                               options=options, progress=f"{method} {protocol}")
-        name = None if m.family == "none" else method
-        records[protocol] = protocol_record(run, name, method=method, max_length=settings["max_length"],
-                                            stride=settings["stride"], dtype=dtype, threshold=threshold)
-        if m.family == "none":
-            records[protocol]["bits_per_element"] = 16.0  # counted as a float16 cache, like every method
-    top = dict(records[protocols[0]])
-    top["spec"] = m.spec
-    top["protocols"] = records
-    return top
-
-# edited by tests/test_workflow.py
+    return merge_shards([evaluate_shard(model_dir, text_or_ids, method, spec, settings, options=options,
+                                        protocols=protocols, loaded=loaded)])

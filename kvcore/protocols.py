@@ -255,34 +255,37 @@ class _Rope:
 
 
 class _Recorder:
-    """Per method: error statistics and stored bytes of everything it compressed."""
+    """Per method: error statistics and stored bytes of everything it compressed.
+
+    Kept per window (`window` is set before each one) and pooled in window order by
+    `kvcore.perplexity.pooled_metrics`, so shards of windows merge to the same numbers.
+    """
 
     def __init__(self):
-        from kvcore.compress.metrics import ErrorStats
-
-        self.errors = ErrorStats()
-        self.nbytes = 0
-        self.fp16_nbytes = 0
+        self.parts: dict = {}  # window index -> (ErrorStats, nbytes, fp16_nbytes)
+        self.window = None
 
     def add(self, method, x, y, kind, layer=None):
         import torch
 
-        self.errors.update(x, y)
-        self.nbytes += method.packed_nbytes(tuple(x.shape), torch.float16, kind, layer=layer)
-        self.fp16_nbytes += x.numel() * FLOAT16_BYTES
+        from kvcore.compress.metrics import ErrorStats
+
+        errors, nbytes, fp16_nbytes = self.parts.get(self.window) or (ErrorStats(), 0, 0)
+        errors.update(x, y)
+        self.parts[self.window] = (errors, nbytes + method.packed_nbytes(tuple(x.shape), torch.float16, kind,
+                                                                          layer=layer),
+                                   fp16_nbytes + x.numel() * FLOAT16_BYTES)
+
+    def raw(self) -> list[dict]:
+        """The per-window sums, JSON-ready (what a perplexity shard file keeps)."""
+        from kvcore.perplexity import metric_part
+
+        return [metric_part(i, *part) for i, part in sorted(self.parts.items())]
 
     def metrics(self) -> dict:
-        from kvcore.compress.metrics import quality_level
+        from kvcore.perplexity import pooled_metrics
 
-        err = self.errors.result()
-        bits = 8 * 2 * self.nbytes / self.fp16_nbytes if self.fp16_nbytes else None
-        return {
-            "bits_per_element": bits,
-            "compression_ratio": self.fp16_nbytes / self.nbytes if self.nbytes else 1.0,
-            "rmse": err["rmse"], "snr_db": err["snr_db"], "cosine_similarity": err["cosine_similarity"],
-            "max_error": err.get("max_error"),
-            "quality_level": quality_level(err["snr_db"], err["cosine_similarity"]),
-        }
+        return pooled_metrics(self.raw())
 
 
 def _fake(method, x, kind, layer, start, rope):
@@ -417,6 +420,8 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
         for i in tqdm(chosen, desc=progress, unit="window", disable=progress is None):
             w = all_windows[i]
             key = (i, w.begin, w.end)
+            for recorder in run.recorders.values():
+                recorder.window = i
             window_ids = ids[:, w.begin:w.end]
             if protocol == "fake-quant":
                 _fake_quant_window(model, window_ids, w.target_len, key, methods, run, ropes, device)
@@ -437,6 +442,7 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
         result["methods"][name] = summary(name)
         if name in run.recorders:
             result["methods"][name]["metrics"] = run.recorders[name].metrics()
+            result["methods"][name]["metric_parts"] = run.recorders[name].raw()
     return result
 
 
@@ -503,25 +509,11 @@ def _prefill_compress_window(model, window_ids, target_len, key, methods, run, r
 
     prefix = n_ctx - 1  # cached context tokens
     ctx, feed, targets = window_ids[:, :prefix], window_ids[:, prefix:length - 1], window_ids[:, n_ctx:]
-    stats: dict = {}
-    sets = {s.query_key: s.query_start(prefix) for s in scorers.values() if s.queries in ("context", "window")}
-    observer = _Observer(sets, prefix, options["attention_floats"], stats) if sets else None
-    cache = _cache_from(model, [], [])
-    with _Timer(device) as t_prefill, kvcore_attention_pass(model, _PassState(observer=observer)):
-        out = model(input_ids=ctx, past_key_values=cache, use_cache=True,
-                    position_ids=torch.arange(prefix, device=ctx.device)[None],
-                    logits_to_keep=0 if context_scored else 1)
     # a first window: the prefill's predictions of context tokens 1..n_ctx-1 are scored too
-    context_nll, context_count = _target_nll(out.logits, window_ids[:, 1:n_ctx]) if context_scored else (0.0, 0)
-    del out
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
-
-    for scorer in scorers.values():
-        if scorer.queries == "repeat":
-            _reconstruction_pass(model, cache, ctx, scorer, tokenizer, stats, options, prefix)
-            for layer, k, v in zip(cache.layers, keys, values):
-                layer.keys, layer.values = k, v  # drop the pass's own entries
+    pre = prefill_context(model, ctx, scorers, options, tokenizer, device=device,
+                          context_targets=window_ids[:, 1:n_ctx] if context_scored else None)
+    keys, values, stats = pre.keys, pre.values, pre.stats
+    context_nll, context_count = pre.context_nll
 
     def score(cache_, hidden):
         with _Timer(device) as t, kvcore_attention_pass(model, _PassState(hidden=hidden)):
@@ -531,7 +523,7 @@ def _prefill_compress_window(model, window_ids, target_len, key, methods, run, r
         return nll + context_nll, count + context_count, t.seconds
 
     nll, count, seconds = score(_cache_from(model, keys, values), {})
-    run.add(None, key, nll, count, seconds, t_prefill.seconds)
+    run.add(None, key, nll, count, seconds, pre.seconds)
     scores_cache: dict = {}
     for name, method in methods.items():
         with _Timer(device) as t_compress:
@@ -543,6 +535,52 @@ def _prefill_compress_window(model, window_ids, target_len, key, methods, run, r
                 cache_, hidden = method.build_cache(model, keys, values), {}
         nll, count, seconds = score(cache_, hidden)
         run.add(name, key, nll, count, seconds, t_compress.seconds)
+
+
+@dataclass
+class ContextPrefill:
+    """A context prefilled once for every scorer (see `prefill_context`)."""
+
+    keys: list  # per layer [1, n_kv, n, head_dim]: the prefill's own entries
+    values: list
+    stats: dict  # scorer query_key -> layer -> attention statistics (`_Observer`)
+    context_nll: tuple  # (NLL sum, count) of `context_targets`, (0.0, 0) without them
+    seconds: float  # the prefill forward alone (not the reconstruction passes)
+
+
+def prefill_context(model, ids, scorers: dict, options: dict, tokenizer=None, *, device=None,
+                    context_targets=None) -> ContextPrefill:
+    """Prefill `ids` [1, n] at positions 0..n-1 into a fresh cache and run every scorer's
+    pass over it: attention statistics of the `context`/`window` query sets during the
+    prefill, then each `repeat` scorer's (kvzip's) reconstruction pass, whose own entries
+    are dropped again. One prefill serves every scorer and method; shared by the
+    prefill-compress protocol and `kvcore.tasks` so both compress identically.
+
+    `context_targets` [1, n]: score them against the prefill's logits (logits[t] predicts
+    context_targets[t]); the full logits are dropped before the passes run.
+    """
+    import torch
+
+    n = ids.shape[1]
+    stats: dict = {}
+    sets = {s.query_key: s.query_start(n) for s in scorers.values() if s.queries in ("context", "window")}
+    observer = _Observer(sets, n, options["attention_floats"], stats) if sets else None
+    cache = _cache_from(model, [], [])
+    with _Timer(device if device is not None else ids.device) as timer, \
+            kvcore_attention_pass(model, _PassState(observer=observer)):
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                    position_ids=torch.arange(n, device=ids.device)[None],
+                    logits_to_keep=0 if context_targets is not None else 1)
+    context_nll = _target_nll(out.logits, context_targets) if context_targets is not None else (0.0, 0)
+    del out
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    for scorer in scorers.values():
+        if scorer.queries == "repeat":
+            _reconstruction_pass(model, cache, ids, scorer, tokenizer, stats, options, n)
+            for layer, k, v in zip(cache.layers, keys, values):
+                layer.keys, layer.values = k, v  # drop the pass's own entries
+    return ContextPrefill(keys, values, stats, context_nll, timer.seconds)
 
 
 def _reconstruction_pass(model, cache, ctx, scorer, tokenizer, stats, options, prefix):
@@ -600,7 +638,7 @@ def _compress(method, keys, values, scorers, stats, scores_cache, window_index, 
         if method.scorer not in scores_cache:
             scores_cache[method.scorer] = _layer_scores(scorer, keys, values, stats, window_index, options)
         layer_scores = scores_cache[method.scorer]
-        if method.budget == "global" and options["global_scope"] == "model":
+        if method.budget == "model" or (method.budget == "global" and options["global_scope"] == "model"):
             # one threshold across every layer and head: the layers' heads side by side
             keeps = method.select(torch.cat(layer_scores, dim=1)).split(keys[0].shape[1], dim=1)
         else:
@@ -652,3 +690,26 @@ def gather_kept(keys, values, keep):
         return k2, v2, None
     hidden = torch.arange(m, device=keys.device)[None, None, :] >= counts[..., None]
     return k2, v2, hidden
+
+
+def context_keep(model, ids, method, *, tokenizer=None, options: dict | None = None, index: int = 0) -> list:
+    """Per layer, the bool mask [1, n_kv, seq] of the tokens an evict `method` keeps of the
+    context `ids` [1, seq], chosen as prefill-compress chooses a window's context:
+    `prefill_context` (the scorer's attention statistics, kvzip's reconstruction pass), the
+    scorer's scores, then `method.select` (across layers for budget `model` / global_scope `model`).
+    `index` seeds the random scorer as a window index does. Used by the workflow's
+    compress job to store an evicted cache (kvcore.compress.run)."""
+    import torch
+
+    options = check_options(options)
+    scorers = _scorers({method.name: method}, options)
+    scorer = scorers[method.scorer]
+    if scorer.queries == "repeat" and tokenizer is None:
+        raise UsageError("the kvzip scorer needs the model's tokenizer (to build its reconstruction prompt)")
+    model.eval()
+    with torch.inference_mode():
+        pre = prefill_context(model, ids, scorers, options, tokenizer)  # the protocol's own prefill
+        scores = _layer_scores(scorer, pre.keys, pre.values, pre.stats, index, options)
+    if method.budget == "model" or (method.budget == "global" and options["global_scope"] == "model"):
+        return list(method.select(torch.cat(scores, dim=1)).split(pre.keys[0].shape[1], dim=1))
+    return [method.select(s) for s in scores]

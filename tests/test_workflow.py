@@ -63,7 +63,8 @@ def test_a_second_run_does_nothing(workdir):
 
 
 # Perplexity jobs, and only the plots and reports that read their results.
-PERPLEXITY_AND_READERS = {"all": 1, "perplexity": 4, "plots_results": 2, "run_report": 2, "grid_report": 1}
+PERPLEXITY_AND_READERS = {"all": 1, "perplexity": 4, "plots_results": 2, "run_report": 2, "grid_report": 1,
+                          "perplexity_table": 1}
 
 
 def test_changing_the_stride_reruns_only_perplexity(workdir):
