@@ -1,11 +1,26 @@
-"""Extraction throughput against the forward pass alone, side by side in one run.
+"""Extraction throughput against the forward pass and the disk, side by side in one run.
 
-    python benchmarks/extract_bench.py --shape tinyllama --device cuda --batch 8 --seq-len 512 --batches 6
+    python benchmarks/extract_bench.py --shape gpt2 tinyllama --device cuda --batch 8 --seq-len 512 --batches 4
 
-Random-weight models built from a config (no hub): `gpt2` (GPT-2 small) and `tinyllama`
-(TinyLlama-1.1B shape). Prints medians over repeats, tokens/s, and ratios to forward-only.
-Modes: forward only (the ceiling); kvcore's extraction (safetensors + Parquet, the
-workflow's writer); a naive extractor (forward, .cpu(), one pyarrow table written per batch).
+Random-weight models built from a config (no hub): `gpt2` (GPT-2 small), `tinyllama`
+(TinyLlama-1.1B shape), `smollm2`. Each mode runs in a fresh subprocess (so its peak host
+RSS is its own) once per repeat, the modes taking turns (a load change on a shared machine
+hits them alike); medians over `--repeats` are printed as tokens/s and GB/s:
+
+  1  forward only: the ceiling (the cache is made, nothing leaves the device)
+  2  kvcore extraction to safetensors only (`ParquetSelection(layers=())`)
+  3  kvcore extraction, safetensors + Parquet: what the workflow runs
+  3o kvcore before the streaming writer: the same, safetensors held in memory until close()
+  4  naive: forward, .cpu(), one pyarrow table written per batch and layer, main thread
+  5  the old extractor's nested JSON lists, one sequence at a time (`--json-seqs` only)
+
+plus ratios 2/1, 3/1, 3/4, 3/5; peak RSS (one repeat each) at two sizes, `--rss-batches`
+(default 2x and 4x `--batches`), which shows whether host memory grows with the data. Both
+should be past the first full Parquet row group (ROW_GROUP_ROWS rows held back per layer
+file, a fixed bound) so that the comparison shows growth, not that bound filling. Also the
+sequential write speed of the disk under `--dir` (numpy tofile + fsync, same run); and
+the limit L = min(forward tok/s, disk bytes/s / bytes written per token) for modes 2 and 3.
+`--json PATH` writes every number.
 
     python benchmarks/extract_bench.py --codecs --shape tinyllama --batch 8 --seq-len 512
 
@@ -16,7 +31,12 @@ prints write speed, file size and a point lookup's time: the table in benchmarks
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +50,15 @@ SHAPES = {
     "smollm2": dict(model_type="llama", num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                     hidden_size=576, intermediate_size=1536, vocab_size=49152, max_position_embeddings=2048),
 }
+MODES = {
+    "forward": "1 forward only (ceiling)",
+    "safetensors": "2 kvcore -> safetensors only",
+    "kvcore": "3 kvcore -> safetensors + Parquet",
+    "held": "3o kvcore before (tensors held to close)",
+    "naive": "4 naive (.cpu(), pyarrow per batch)",
+    "json": "5 old nested JSON",
+}
+REPO = Path(__file__).resolve().parent.parent
 
 
 class IdTokenizer:
@@ -45,7 +74,8 @@ def build(shape: str, device: str, dtype):
     params = dict(SHAPES[shape])
     config = AutoConfig.for_model(params.pop("model_type"), **params)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    with torch.device(device):  # random init on the device itself: seconds, not minutes, for 1B on a GPU
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def sync(device):
@@ -64,6 +94,141 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---- one mode, in its own process ----------------------------------------------------------------
+
+def child(args) -> dict:
+    """Run one mode `args.repeats` times; print times, bytes written and peak RSS as JSON."""
+    import pyarrow.parquet as pq
+
+    from kvcore.extract import Extraction, extract_sequences, forward_cache, run_meta
+    from kvcore.storage import ParquetSelection, ShardWriter, layer_table
+
+    dtype = getattr(torch, args.dtype)
+    model = build(args.shape, args.device, dtype)
+    n_seq = args.batch * args.batches
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (n_seq, args.seq_len), generator=g)
+    sequences = {i: ids[i].tolist() for i in range(n_seq)}
+    plan = {i: args.seq_len for i in range(n_seq)}
+    meta = run_meta(model, args.shape, "random", args.seq_len)
+    tokens = n_seq * args.seq_len
+
+    def batch_ids(b):
+        return ids[b * args.batch:(b + 1) * args.batch].to(args.device)
+
+    def forward_only(d):
+        for b in range(args.batches):
+            forward_cache(model, batch_ids(b))
+
+    def extraction(selection, streamed):
+        def run(d):
+            writer = ShardWriter(d, 0, meta, seq_lengths=plan if streamed else None, selection=selection)
+            extract_sequences(model, IdTokenizer(), sequences, writer, args.batch, 10, args.device)
+            writer.close()
+        return run
+
+    def naive(d):
+        for b in range(args.batches):
+            rows = [sequences[s] for s in range(b * args.batch, (b + 1) * args.batch)]
+            _, keys, values = forward_cache(model, batch_ids(b))
+            for layer, (k, v) in enumerate(zip(keys, values)):
+                table = layer_table(k.float().cpu().numpy(), v.float().cpu().numpy(), list(range(len(rows))), rows)
+                pq.write_table(table, f"{d}/l{layer}-b{b}.parquet")
+
+    def old_json(d):
+        # the old extractor: one text per call, the cache as nested lists in one JSON document
+        for s in range(args.json_seqs):
+            _, keys, values = forward_cache(model, ids[s:s + 1].to(args.device))
+            ex = Extraction(tokens=[str(t) for t in sequences[s]], token_ids=sequences[s],
+                            keys=[k[0].cpu() for k in keys], values=[v[0].cpu() for v in values],
+                            prediction={}, meta=meta)
+            with open(f"{d}/seq-{s}.json", "w") as fh:
+                json.dump(ex.to_dict(max_elements=1 << 40), fh)
+
+    fns = {"forward": forward_only, "safetensors": extraction(ParquetSelection(layers=()), True),
+           "kvcore": extraction(ParquetSelection(), True), "held": extraction(ParquetSelection(), False),
+           "naive": naive, "json": old_json}
+    if args.child == "json":
+        tokens = args.json_seqs * args.seq_len
+    forward_cache(model, batch_ids(0))  # warm-up (kernels, allocator)
+    sync(args.device)
+    rss_before = peak_rss_mb()
+    times, written = [], 0
+    for r in range(args.repeats):
+        d = Path(tempfile.mkdtemp(prefix="extract-bench-", dir=args.dir))
+        try:
+            sync(args.device)
+            start = time.perf_counter()
+            fns[args.child](d)
+            sync(args.device)
+            times.append(time.perf_counter() - start)
+            written = tree_bytes(d)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    return {"mode": args.child, "tokens": tokens, "seconds": times, "median_s": statistics.median(times),
+            "bytes_written": written, "rss_before_mb": rss_before, "rss_peak_mb": peak_rss_mb(),
+            "kv_bytes_per_token": 2 * meta["num_layers"] * meta["num_kv_heads"] * meta["head_dim"]
+            * torch.empty((), dtype=dtype).element_size(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU",
+            "dtype": args.dtype}
+
+
+def run_child(args, shape: str, mode: str, batches: int, repeats: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--shape", shape, "--device", args.device,
+           "--dtype", args.dtype, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--batches",
+           str(batches), "--repeats", str(repeats), "--json-seqs", str(args.json_seqs), "--dir", args.dir]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{shape}/{mode} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # progress, and every raw result kept as it comes: a run cut short still leaves its numbers
+    print(f"  [{shape}] {mode}, {batches} batches: median {result['median_s']:.2f} s, "
+          f"{result['tokens'] / result['median_s']:.0f} tok/s, peak RSS {result['rss_peak_mb']:.0f} MB",
+          file=sys.stderr, flush=True)
+    RAW.append({"shape": shape, "batches": batches, **result})
+    if args.json:
+        Path(args.json + ".partial").write_text(json.dumps(RAW, indent=1) + "\n")
+    return result
+
+
+RAW: list[dict] = []
+
+
+# ---- the disk ------------------------------------------------------------------------------------
+
+def disk_write_speed(directory: str, megabytes: int, repeats: int) -> float:
+    """Sequential write bytes/s of `megabytes` of random data (numpy tofile + fsync), median."""
+    import numpy as np
+
+    data = np.random.default_rng(0).integers(0, 255, megabytes << 20, dtype=np.uint8)
+    speeds = []
+    for _ in range(repeats):
+        fd, path = tempfile.mkstemp(prefix="extract-bench-disk-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                start = time.perf_counter()
+                data.tofile(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+                speeds.append(data.nbytes / (time.perf_counter() - start))
+        finally:
+            os.unlink(path)
+    return statistics.median(speeds)
+
+
+# ---- the Parquet codec table ---------------------------------------------------------------------
+
 CODECS = [("zstd (default level)", dict(compression="zstd")),
           ("zstd level 1", dict(compression="zstd", compression_level=1)),
           ("zstd level 1 + byte_stream_split", dict(compression="zstd", compression_level=1,
@@ -81,7 +246,8 @@ def codec_table(args):
 
     from kvcore.storage import ROW_GROUP_ROWS, layer_table
 
-    cfg = SHAPES[args.shape]
+    shape = args.shape[0]
+    cfg = SHAPES[shape]
     n_kv = cfg.get("num_key_value_heads", cfg.get("n_head"))
     dim = (cfg.get("hidden_size") or cfg["n_embd"]) // (cfg.get("num_attention_heads") or cfg["n_head"])
     n_seq = args.batch * args.batches
@@ -90,9 +256,9 @@ def codec_table(args):
     v = rng.standard_normal((n_seq, n_kv, args.seq_len, dim), dtype=np.float32)
     table = layer_table(k, v, list(range(n_seq)), rng.integers(0, 30000, (n_seq, args.seq_len)).tolist())
     raw = table.nbytes
-    print(f"{args.shape}: one layer, {table.num_rows} rows, {raw / 1e6:.1f} MB in Arrow, row groups of {ROW_GROUP_ROWS}")
+    print(f"{shape}: one layer, {table.num_rows} rows, {raw / 1e6:.1f} MB in Arrow, row groups of {ROW_GROUP_ROWS}")
     print(f"{'codec':36s} {'write MB/s':>10s} {'size MB':>8s} {'ratio':>6s} {'lookup ms':>9s}")
-    with tempfile.TemporaryDirectory(dir=".") as d:
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
         for name, opts in CODECS:
             path = f"{d}/t.parquet"
             w = timed(lambda: pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, write_statistics=True,
@@ -103,68 +269,102 @@ def codec_table(args):
             print(f"{name:36s} {raw / w / 1e6:10.0f} {size / 1e6:8.1f} {raw / size:6.2f} {look * 1e3:9.1f}")
 
 
+# ---- the side-by-side table ----------------------------------------------------------------------
+
+def bench_shape(args, shape: str, disk_bps: float) -> dict:
+    # Repeats round-robin over the modes, each a fresh process: a load change on a shared machine
+    # hits every mode alike instead of one mode's whole block.
+    runs = {m: [] for m in MODES}
+    for _ in range(args.repeats):
+        for m in MODES:
+            runs[m].append(run_child(args, shape, m, args.batches, 1))
+    small = {}
+    for m, rs in runs.items():
+        times = [r["median_s"] for r in rs]
+        small[m] = {**rs[0], "seconds": times, "median_s": statistics.median(times),
+                    "rss_peak_mb": max(r["rss_peak_mb"] for r in rs)}
+    rss = {n: {m: run_child(args, shape, m, n, 1)["rss_peak_mb"] for m in MODES if m != "json"}
+           for n in args.rss_batches}
+    out = {"shape": shape, "batches": args.batches, "rss_batches": args.rss_batches, "modes": {}}
+    for m, r in small.items():
+        tps = r["tokens"] / r["median_s"]
+        out["modes"][m] = {"tokens_per_s": tps, "kv_gb_per_s": tps * r["kv_bytes_per_token"] / 1e9,
+                           "written_bytes_per_token": r["bytes_written"] / r["tokens"],
+                           "written_gb_per_s": r["bytes_written"] / r["median_s"] / 1e9,
+                           "rss_peak_mb_timed_run": r["rss_peak_mb"], "rss_before_mb": r["rss_before_mb"],
+                           "rss_peak_mb_by_batches": {n: rss[n].get(m) for n in args.rss_batches},
+                           "tokens": r["tokens"], "seconds": r["seconds"]}
+    t = {m: v["tokens_per_s"] for m, v in out["modes"].items()}
+    out["ratios"] = {"2/1": t["safetensors"] / t["forward"], "3/1": t["kvcore"] / t["forward"],
+                     "3/4": t["kvcore"] / t["naive"], "3/5": t["kvcore"] / t["json"],
+                     "3/3o": t["kvcore"] / t["held"]}
+    out["limits"] = {}
+    for m in ("safetensors", "kvcore"):
+        per_token = out["modes"][m]["written_bytes_per_token"]
+        limit = min(t["forward"], disk_bps / per_token)
+        out["limits"][m] = {"bytes_per_token": per_token, "disk_tokens_per_s": disk_bps / per_token,
+                            "L_tokens_per_s": limit, "achieved_over_L": t[m] / limit}
+    first = small["forward"]
+    out.update(device=first["device"], dtype=first["dtype"], kv_bytes_per_token=first["kv_bytes_per_token"])
+    return out
+
+
+def print_shape(args, r: dict, disk_bps: float) -> None:
+    print(f"\n{r['shape']} on {r['device']}, {r['dtype']}, batch {args.batch} x {args.seq_len}, "
+          f"{args.batch * args.batches * args.seq_len} tokens per run ({args.json_seqs} sequences for mode 5), "
+          f"median of {args.repeats}; peak RSS (MB) of runs of {' and '.join(map(str, r['rss_batches']))} batches")
+    print(f"{'mode':42s} {'tok/s':>10s} {'KV GB/s':>8s} {'disk GB/s':>9s} {'B/token':>8s} "
+          + " ".join(f"{'RSS @' + str(n):>9s}" for n in r["rss_batches"]))
+    for m, v in r["modes"].items():
+        cells = " ".join(f"{x:9.0f}" if x is not None else f"{'-':>9s}" for x in v["rss_peak_mb_by_batches"].values())
+        print(f"{MODES[m]:42s} {v['tokens_per_s']:10.0f} {v['kv_gb_per_s']:8.3f} {v['written_gb_per_s']:9.3f} "
+              f"{v['written_bytes_per_token']:8.0f} {cells}")
+    print("ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in r["ratios"].items()))
+    for m, lim in r["limits"].items():
+        print(f"limit for {MODES[m][:1]} ({m}): L = min(forward {r['modes']['forward']['tokens_per_s']:.0f}, "
+              f"disk {disk_bps / 1e6:.0f} MB/s / {lim['bytes_per_token']:.0f} B/token = "
+              f"{lim['disk_tokens_per_s']:.0f}) = {lim['L_tokens_per_s']:.0f} tok/s; "
+              f"{MODES[m][:1]}/L = {lim['achieved_over_L']:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=SHAPES, default="smollm2")
+    ap.add_argument("--shape", nargs="+", choices=SHAPES, default=["gpt2", "tinyllama"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batches", type=int, default=4, help="batches per extraction run (one shard)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rss-batches", type=int, nargs=2, metavar=("N", "M"),
+                    help="the two run sizes (batches) whose peak RSS is compared (default: 2x and 4x --batches)")
+    ap.add_argument("--json-seqs", type=int, default=2, help="sequences written by mode 5 (nested JSON is huge)")
+    ap.add_argument("--disk-mb", type=int, default=1024, help="MB written to measure the disk")
+    ap.add_argument("--dir", default=".", help="where outputs (and the disk test) are written")
+    ap.add_argument("--json", metavar="PATH", help="write every number here")
     ap.add_argument("--codecs", action="store_true", help="only the Parquet codec table (no model)")
+    ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.rss_batches = args.rss_batches or [2 * args.batches, 4 * args.batches]
     if args.codecs:
         return codec_table(args)
-
-    from kvcore.extract import extract_sequences, forward_cache, run_meta
-    from kvcore.storage import ShardWriter, layer_table
-
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
-                                                            else torch.float32)
-    model = build(args.shape, args.device, dtype)
-    n_seq = args.batch * args.batches
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (n_seq, args.seq_len), generator=g)
-    sequences = {i: ids[i].tolist() for i in range(n_seq)}
-    tokens = n_seq * args.seq_len
-    meta = run_meta(model, args.shape, "random", args.seq_len)
-
-    def forward_only():
-        for b in range(args.batches):
-            forward_cache(model, ids[b * args.batch:(b + 1) * args.batch].to(args.device))
-
-    def ours():
-        with tempfile.TemporaryDirectory(dir=".") as d:
-            writer = ShardWriter(Path(d), 0, meta)
-            extract_sequences(model, IdTokenizer(), sequences, writer, args.batch, 10, args.device)
-            writer.close()
-
-    def naive():
-        import pyarrow.parquet as pq
-
-        with tempfile.TemporaryDirectory(dir=".") as d:
-            for b in range(args.batches):
-                rows = [sequences[s] for s in range(b * args.batch, (b + 1) * args.batch)]
-                _, keys, values = forward_cache(model, ids[b * args.batch:(b + 1) * args.batch].to(args.device))
-                for layer, (k, v) in enumerate(zip(keys, values)):
-                    table = layer_table(k.float().cpu().numpy(), v.float().cpu().numpy(),
-                                        list(range(len(rows))), rows)
-                    pq.write_table(table, f"{d}/l{layer}-b{b}.parquet")
-
-    forward_only()  # warm-up (CUDA kernels, allocator)
-    results = {}
-    for name, fn in [("forward only", forward_only), ("kvcore extract (safetensors+parquet)", ours),
-                     ("naive (.cpu(), pyarrow per batch)", naive)]:
-        results[name] = tokens / timed(fn, args.device, args.repeats)
-    kv_bytes_per_token = 2 * meta["num_layers"] * meta["num_kv_heads"] * meta["head_dim"] * model.dtype.itemsize
-    name_dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"{args.shape} on {name_dev}, {model.dtype}, batch {args.batch} x {args.seq_len}, "
-          f"{tokens} tokens per run, median of {args.repeats}")
-    ceiling = results["forward only"]
-    print(f"{'mode':40s} {'tokens/s':>12s} {'KV GB/s':>9s} {'vs forward':>11s}")
-    for name, tps in results.items():
-        print(f"{name:40s} {tps:12.0f} {tps * kv_bytes_per_token / 1e9:9.3f} {tps / ceiling:11.3f}")
+    if args.child:
+        args.shape = args.shape[0]
+        print(json.dumps(child(args)))
+        return
+    disk_bps = disk_write_speed(args.dir, args.disk_mb, args.repeats)
+    print(f"disk under {Path(args.dir).resolve()}: {disk_bps / 1e6:.0f} MB/s sequential write "
+          f"({args.disk_mb} MB, numpy tofile + fsync, median of {args.repeats}); {os.cpu_count()} CPU cores")
+    results = []
+    for shape in args.shape:
+        r = bench_shape(args, shape, disk_bps)
+        print_shape(args, r, disk_bps)
+        results.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "disk_bytes_per_s": disk_bps,
+                                               "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                                               "shapes": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

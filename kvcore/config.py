@@ -72,3 +72,12 @@ def check(config: dict) -> None:
     if pp["stride"] > pp["max_length"]:
         raise UsageError(f"config: perplexity.stride ({pp['stride']}) must not exceed perplexity.max_length "
                          f"({pp['max_length']})")
+    shards = pp.get("shards", 1)
+    if shards > 1:  # max_tokens bounds the windows a dataset gives; a shard beyond them would idle
+        from kvcore.perplexity import layout_windows
+
+        max_tokens = pp.get("max_tokens", 8192)
+        n_windows = len(layout_windows(max_tokens, pp["max_length"], pp["stride"], pp.get("layout", "sliding")))
+        if shards > n_windows:
+            raise UsageError(f"config: perplexity.shards ({shards}) exceeds the {n_windows} windows of "
+                             f"max_tokens={max_tokens} (max_length {pp['max_length']}, stride {pp['stride']})")

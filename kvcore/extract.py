@@ -3,6 +3,11 @@
 The cache comes from transformers' own cache object (`DynamicCache.layers[i].keys/values`,
 shape [batch, n_kv_heads, seq, head_dim], keys after RoPE), so what is stored is exactly
 what the model attends to.
+
+The pipeline: the forward pass runs on the default stream; `ShardWriter.add` copies the
+cache into reused (pinned, on CUDA) host buffers on a second stream and returns; writer
+threads wait for each copy's event, write the safetensors rows at their offsets and encode
+the Parquet rows, while the next forward runs. Host memory stays bounded by a few batches.
 """
 
 from __future__ import annotations
@@ -83,23 +88,43 @@ def extract_sequences(model, tokenizer, sequences: dict[int, list[int]], writer,
     bar.close()
 
 
+def parquet_selection(model, parquet_layers=None, parquet_heads=None, parts: str = "both",
+                      storage_dtype: str = "float32"):
+    """The Parquet options, checked against the model's shape (a usage error, before any output)."""
+    from kvcore.model import kv_shape
+    from kvcore.storage import ParquetSelection
+
+    selection = ParquetSelection.of(parquet_layers, parquet_heads, parts, storage_dtype)
+    shape = kv_shape(model.config)
+    selection.check(shape["num_layers"], shape["num_kv_heads"])
+    return selection
+
+
 def extract_shard(model_dir: str | Path, tokens_parquet: str | Path, run_dir: str | Path, shard: int,
                   shard_size: int, batch_size: int = 8, device: str = "auto", dtype: str = "auto", top_k: int = 10,
-                  model_name: str | None = None, dataset_name: str | None = None) -> dict:
-    """Extract sequences [shard*shard_size, (shard+1)*shard_size) of a tokens table into run_dir."""
+                  model_name: str | None = None, dataset_name: str | None = None, parquet_layers=None,
+                  parquet_heads=None, parts: str = "both", storage_dtype: str = "float32") -> dict:
+    """Extract sequences [shard*shard_size, (shard+1)*shard_size) of a tokens table into run_dir.
+
+    `parquet_layers`/`parquet_heads` (None: all), `parts` (both/keys/values) and `storage_dtype`
+    (float32/float16) choose what goes to Parquet; the safetensors always hold everything.
+    """
     from kvcore.model import load_model
-    from kvcore.storage import ShardWriter
+    from kvcore.storage import ParquetSelection, ShardWriter
     from kvcore.tokens import read_sequences
 
+    ParquetSelection.of(parquet_layers, parquet_heads, parts, storage_dtype)  # bad names fail before loading
     seq_ids = list(range(shard * shard_size, (shard + 1) * shard_size))
     sequences = read_sequences(tokens_parquet, seq_ids)
     if not sequences:
         raise KvcoreError(f"{tokens_parquet}: no sequences for shard {shard} (seq_ids {seq_ids[0]}..{seq_ids[-1]})")
     model, tokenizer, device = load_model(model_dir, device, dtype)
+    selection = parquet_selection(model, parquet_layers, parquet_heads, parts, storage_dtype)
     seq_len = max(len(v) for v in sequences.values())
     meta = run_meta(model, model_name or Path(model_dir).name, dataset_name or Path(tokens_parquet).parent.name,
                     seq_len)
-    writer = ShardWriter(run_dir, shard, meta)
+    writer = ShardWriter(run_dir, shard, meta, seq_lengths={s: len(v) for s, v in sequences.items()},
+                         selection=selection)
     try:
         extract_sequences(model, tokenizer, sequences, writer, batch_size, top_k, device, progress=f"shard {shard}")
     except BaseException:
@@ -183,14 +208,20 @@ class Extractor:
                           prediction=prediction, meta=meta)
 
     def extract_to_run(self, texts: list[str], run_dir: str | Path, top_k: int = 10, batch_size: int = 8,
-                       dataset_name: str = "text") -> dict:
-        """Extract several texts (one sequence each) into a run directory the query tools read."""
+                       dataset_name: str = "text", parquet_layers=None, parquet_heads=None, parts: str = "both",
+                       storage_dtype: str = "float32") -> dict:
+        """Extract several texts (one sequence each) into a run directory the query tools read.
+
+        The Parquet options are those of `extract_shard`; a layer or head the model lacks is a
+        UsageError before anything is written.
+        """
         import pyarrow.parquet as pq
 
         from kvcore.atomic import atomic_path
         from kvcore.storage import ShardWriter, finalize_run
         from kvcore.tokens import make_sequences, tokens_table
 
+        selection = parquet_selection(self.model, parquet_layers, parquet_heads, parts, storage_dtype)
         sequences = make_sequences(self.tokenizer, texts, 1 << 30, len(texts), mode="documents")
         if not sequences:
             raise UsageError("none of the texts has any tokens")
@@ -199,7 +230,8 @@ class Extractor:
             pq.write_table(tokens_table(self.tokenizer, sequences), tmp)
         seqs = {i: ids for i, (ids, _) in enumerate(sequences)}
         meta = run_meta(self.model, self.model_dir.name, dataset_name, max(len(s) for s in seqs.values()))
-        writer = ShardWriter(run_dir, 0, meta)
+        writer = ShardWriter(run_dir, 0, meta, seq_lengths={s: len(v) for s, v in seqs.items()},
+                             selection=selection)
         try:
             extract_sequences(self.model, self.tokenizer, seqs, writer, batch_size, top_k, self.device,
                               progress="extract")

@@ -103,6 +103,7 @@ def _record(method: str, ppl: dict, comp: dict, methods: dict) -> dict:
     rec["passed"] = ppl.get("passed")
     rec["compress_passed"] = comp.get("passed")
     rec["has_compress_json"] = bool(comp)
+    rec["compression_ratio_vs_fp16"] = comp.get("compression_ratio_vs_fp16")  # compression table only
     for source in (stored, spec):
         source.pop("family", None)
     rec["params"] = ppl.get("params") or comp.get("params") or stored or spec or None
@@ -201,8 +202,17 @@ def _ppl_rows(records):
 
 PPL_HEADER = ["method", "family", "protocol", "bits/elem", "ratio", "baseline ppl", "ppl", "Δ", "Δ %", "passed",
               "tokens/s", "latency ×"]
-COMPRESS_HEADER = ["method", "family", "bits/elem", "ratio", "bytes written", "RMSE", "SNR dB", "cosine",
-                   "max error", "quality", "passed"]
+COMPRESS_HEADER = ["method", "family", "bits/elem", "ratio", "ratio vs fp16", "bytes written", "RMSE", "SNR dB",
+                   "cosine", "max error", "quality", "passed"]
+
+
+def _compress_row(c: dict, passed) -> list:
+    """One compression table row from a compress/{method}.json (or a record holding its fields)."""
+    return [c["method"], c.get("family") or "–", _fmt(c.get("bits_per_element"), ".3g"),
+            _fmt(c.get("compression_ratio"), ".3g"), _fmt(c.get("compression_ratio_vs_fp16"), ".3g"),
+            _fmt(None if c.get("compressed_size_bytes") is None else f"{int(c['compressed_size_bytes']):,}"),
+            _fmt(c.get("rmse"), ".3g"), _fmt(c.get("snr_db"), ".1f"), _fmt(c.get("cosine_similarity"), ".5f"),
+            _fmt(c.get("max_error"), ".3g"), _fmt(c.get("quality_level")), _fmt(passed)]
 
 
 def _compress_rows(records):
@@ -211,11 +221,7 @@ def _compress_rows(records):
         if r["method"] in seen or not r.get("has_compress_json"):
             continue
         seen.add(r["method"])
-        rows.append([r["method"], r.get("family") or "–", _fmt(r.get("bits_per_element"), ".3g"),
-                     _fmt(r.get("compression_ratio"), ".3g"),
-                     _fmt(None if r.get("compressed_size_bytes") is None else f"{int(r['compressed_size_bytes']):,}"),
-                     _fmt(r.get("rmse"), ".3g"), _fmt(r.get("snr_db"), ".1f"), _fmt(r.get("cosine_similarity"), ".5f"),
-                     _fmt(r.get("max_error"), ".3g"), _fmt(r.get("quality_level")), _fmt(r.get("compress_passed"))])
+        rows.append(_compress_row(r, r.get("compress_passed")))
     return rows
 
 
@@ -370,3 +376,103 @@ def write_grid_report(results_dir: str | Path, out_md: str | Path | None = None,
         lines += _tasks_section(model_dir / "tasks", out_md)
     write_text(out_md, "\n".join(lines))
     return out_md
+
+
+# ---------------------------------------------------------------- the perplexity comparison table
+
+PERPLEXITY_HEADER = ["method", "family", "protocol", "bits/elem", "ratio vs fp16", "perplexity", "Δ %",
+                     "paired Δ % (95% CI)", "windows worse", "latency ×", "passed"]
+
+
+def perplexity_rows(ppl_paths) -> tuple[str, list[list]]:
+    """One row per (method, protocol) of one run's ppl/*.json, in the given order, and a line
+    naming the shared protocol settings and the baseline perplexity."""
+    rows, settings = [], None
+    for path in map(Path, ppl_paths):
+        data = _load(path)
+        records = data.get("protocols") or {data.get("protocol"): data}
+        family = (data.get("spec") or {}).get("family") or "none"
+        for protocol, r in records.items():
+            settings = settings or r
+            if family == "none":
+                continue
+            paired = r.get("paired") or {}
+            ci = paired.get("delta_percent_ci95")
+            rows.append([data.get("method") or path.stem, family, protocol, _fmt(r.get("bits_per_element"), ".3g"),
+                         _fmt(r.get("compression_ratio"), ".3g"), _fmt(r.get("compressed_perplexity"), ".3f"),
+                         _fmt(r.get("delta_percent"), "+.2f"),
+                         f"{ci[0]:+.2f} … {ci[1]:+.2f}" if ci else "–",
+                         f"{paired.get('windows_worse', '–')}/{paired.get('n_windows', '–')}",
+                         _fmt(r.get("latency_ratio"), ".3g"), _fmt(r.get("passed"))])
+    if settings is None:
+        return "no perplexity results", rows
+    line = (f"{settings.get('n_tokens')} scored tokens in {settings.get('n_windows')} windows "
+            f"({settings.get('layout')} layout, max_length {settings.get('max_length')}, stride "
+            f"{settings.get('stride')}), {settings.get('dtype')}; baseline perplexity "
+            f"{_fmt(settings.get('baseline_perplexity'), '.4f')}")
+    return line, rows
+
+
+def write_perplexity_table(runs: dict, out_md: str | Path) -> Path:
+    """results/perplexity.md: for each run ("model · dataset" -> its ppl JSON paths), the methods'
+    perplexity under every protocol, with the paired per-window interval against the baseline."""
+    from kvcore.atomic import write_text
+
+    lines = ["# Perplexity under compression", "",
+             "Δ % is the pooled change against the same job's baseline; the paired interval is over the "
+             "per-window differences of mean NLL; `passed`: Δ below the threshold. Ratios count the stored "
+             "form as if the cache were float16.", ""]
+    for title, paths in runs.items():
+        line, rows = perplexity_rows(paths)
+        lines += [f"## {title}", "", line, "", md_table(PERPLEXITY_HEADER, rows) if rows else "No methods.", ""]
+    write_text(out_md, "\n".join(lines))
+    return Path(out_md)
+
+
+# ---------------------------------------------------------------- the compression comparison table
+
+
+def compression_rows(metric_paths) -> tuple[str, list[list]]:
+    """One row per compress/{method}.json of one run, in the given order, and a line naming
+    what was compressed (sequences, tokens, the extracted dtype and its size on disk)."""
+    rows, paths = [], [Path(p) for p in metric_paths]
+    for path in paths:
+        c = _load(path)
+        rows.append(_compress_row({"method": path.stem, **c}, c.get("passed")))
+    if not paths:
+        return "no compression results", rows
+    meta = _stored_metadata(paths[0].with_suffix(".safetensors"))
+    line = (f"{len(json.loads(meta.get('seq_ids', '[]')))} sequences × {meta.get('seq_len', '?')} tokens, "
+            f"{meta.get('num_layers', '?')} layers × {meta.get('num_kv_heads', '?')} KV heads × head_dim "
+            f"{meta.get('head_dim', '?')}, extracted as {meta.get('dtype', '?')}: "
+            f"{_load(paths[0]).get('original_size_bytes', 0):,} bytes")
+    return line, rows
+
+
+def _stored_metadata(path: Path) -> dict:
+    """The string metadata of a compressed file: the extracted cache's (model, dtype, shape)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "numpy") as f:
+            return f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise KvcoreError(f"{path}: not a readable compressed file ({exc})") from None
+
+
+def write_compression_table(runs: dict, out_md: str | Path) -> Path:
+    """results/compression.md: for each run ("model · dataset" -> its compress JSON paths), every
+    method's stored size and reconstruction error, as the compress jobs measured them."""
+    from kvcore.atomic import write_text
+
+    lines = ["# Compression of the extracted caches", "",
+             "Sizes are the bytes each compress job wrote (everything stored: codes, scales, zero points, "
+             "indices, masks, header); bits/elem = 8 × bytes ÷ K and V elements. `ratio` is against the "
+             "extracted file in its own dtype, `ratio vs fp16` against the same tensors stored as float16. "
+             "RMSE, SNR and cosine (mean over head_dim vectors; an evicted or pruned vector counts 0) compare "
+             "the decompressed cache with the extracted one.", ""]
+    for title, paths in runs.items():
+        line, rows = compression_rows(paths)
+        lines += [f"## {title}", "", line, "", md_table(COMPRESS_HEADER, rows) if rows else "No methods.", ""]
+    write_text(out_md, "\n".join(lines))
+    return Path(out_md)

@@ -13,14 +13,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kvcore import __version__
 from kvcore.atomic import atomic_path, write_json
-from kvcore.errors import KvcoreError
+from kvcore.errors import KvcoreError, UsageError
 
 # Row groups of this many rows: small enough that a point lookup reads one group of one
 # file, large enough that scans stay sequential (decided in benchmarks/, issue 9).
@@ -34,57 +37,129 @@ def shard_name(shard: int) -> str:
     return f"part-{shard:05d}"
 
 
-def kv_schema(head_dim: int):
+PARTS = ("both", "keys", "values")
+STORAGE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class ParquetSelection:
+    """What of the cache goes to Parquet; the safetensors always hold every layer and head.
+
+    `layers`/`heads` None means all; an empty `layers` writes no Parquet (safetensors only,
+    what the benchmark's mode 2 measures). `parts` keys or values leaves the other vector and
+    its norm NULL, so the schema and every query keep working. `storage_dtype` float16 halves
+    the vector columns; norms stay float32, computed before rounding.
+    """
+
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    parts: str = "both"
+    storage_dtype: str = "float32"
+
+    @classmethod
+    def of(cls, layers=None, heads=None, parts: str | None = "both", storage_dtype: str | None = "float32"
+           ) -> "ParquetSelection":
+        parts, storage_dtype = parts or "both", storage_dtype or "float32"
+        if parts not in PARTS:
+            raise UsageError(f"parts must be one of {', '.join(PARTS)} (got {parts!r})")
+        if storage_dtype not in STORAGE_DTYPES:
+            raise UsageError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)} (got {storage_dtype!r})")
+        for what, items in (("parquet_layers", layers), ("parquet_heads", heads)):
+            if items is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+                raise UsageError(f"{what} must be non-negative integers (got {list(items)})")
+        if heads is not None and not heads:
+            raise UsageError("parquet_heads must name at least one KV head")
+        # sorted: rows stay ordered by (seq_id, pos, head)
+        return cls(None if layers is None else tuple(sorted(set(layers))),
+                   None if heads is None else tuple(sorted(set(heads))), parts, storage_dtype)
+
+    def check(self, num_layers: int, num_kv_heads: int) -> None:
+        """A layer or head the model does not have is a usage error, found before any output."""
+        for what, items, n, kind in (("parquet_layers", self.layers, num_layers, "layers"),
+                                     ("parquet_heads", self.heads, num_kv_heads, "KV heads")):
+            bad = [i for i in items or () if i >= n]
+            if bad:
+                raise UsageError(f"{what}: {', '.join(map(str, bad))} out of range; the model has {n} {kind} "
+                                 f"(valid 0..{n - 1})")
+
+    def layer_list(self, num_layers: int) -> list[int]:
+        return list(range(num_layers)) if self.layers is None else list(self.layers)
+
+    @property
+    def is_default(self) -> bool:
+        return self == ParquetSelection()
+
+    def describe(self) -> dict:
+        return {"layers": None if self.layers is None else list(self.layers),
+                "heads": None if self.heads is None else list(self.heads),
+                "parts": self.parts, "storage_dtype": self.storage_dtype}
+
+
+def kv_schema(head_dim: int, storage_dtype: str = "float32"):
     import pyarrow as pa
 
-    vector = pa.list_(pa.float32(), head_dim)
+    vector = pa.list_(pa.float16() if storage_dtype == "float16" else pa.float32(), head_dim)
     return pa.schema([("seq_id", pa.int32()), ("pos", pa.int32()), ("token_id", pa.int32()), ("head", pa.int16()),
                       ("key", vector), ("value", vector), ("key_norm", pa.float32()), ("value_norm", pa.float32())])
 
 
-def layer_table(keys: np.ndarray, values: np.ndarray, seq_ids: list[int], token_ids: list[list[int]]):
+def _rows(x: np.ndarray, lengths: list[int], heads) -> np.ndarray:
+    """[n_seq, n_kv, width, dim] -> float32 rows [n, dim] ordered (seq, pos, head), real positions only."""
+    n_seq, _, width, dim = x.shape
+    if n_seq and all(n == width for n in lengths):
+        # [n_seq, n_kv, len, dim] -> [n_seq, len, n_kv, dim]: rows ordered (seq, pos, head); one copy
+        t = x.transpose(0, 2, 1, 3)
+        if heads is not None:
+            t = t[:, :, list(heads)]
+        return np.ascontiguousarray(t, dtype=np.float32).reshape(-1, dim)
+    parts = []
+    for i, length in enumerate(lengths):
+        # [n_kv, len, dim] -> [len, n_kv, dim]: rows ordered (pos, head) inside a sequence
+        t = x[i, :, :length].transpose(1, 0, 2)
+        if heads is not None:
+            t = t[:, list(heads)]
+        parts.append(t.reshape(-1, dim))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def layer_table(keys: np.ndarray | None, values: np.ndarray | None, seq_ids: list[int], token_ids: list[list[int]],
+                heads=None, parts: str = "both", storage_dtype: str = "float32"):
     """Arrow rows for one layer of a shard; keys/values [n_seq, n_kv, seq_len, dim] float32.
 
     Sequences may be shorter than seq_len (prompts); only their real positions become rows.
     When every sequence fills seq_len (the usual case) the rows are one transpose, no loop.
+    `heads` keeps those KV heads only; `parts` keys/values leaves the other column NULL (its
+    array may then be None); float16 `storage_dtype` rounds the stored vectors.
     """
     import pyarrow as pa
 
-    n_seq, n_kv, width, dim = keys.shape
+    present = keys if keys is not None else values
+    n_seq, n_kv, width, dim = present.shape
     lengths = [len(ids) for ids in token_ids]
+    head_ids = np.arange(n_kv, dtype=np.int16) if heads is None else np.asarray(heads, np.int16)
+    per_pos = len(head_ids)
     if n_seq and all(n == width for n in lengths):
-        # [n_seq, n_kv, len, dim] -> [n_seq, len, n_kv, dim]: rows ordered (seq, pos, head); one copy each
-        k = np.ascontiguousarray(keys.transpose(0, 2, 1, 3), dtype=np.float32).reshape(-1, dim)
-        v = np.ascontiguousarray(values.transpose(0, 2, 1, 3), dtype=np.float32).reshape(-1, dim)
-        seq = np.repeat(np.asarray(seq_ids, np.int32), width * n_kv)
-        pos = np.tile(np.repeat(np.arange(width, dtype=np.int32), n_kv), n_seq)
-        tok = np.repeat(np.asarray(token_ids, np.int32).reshape(-1), n_kv)
+        seq = np.repeat(np.asarray(seq_ids, np.int32), width * per_pos)
+        pos = np.tile(np.repeat(np.arange(width, dtype=np.int32), per_pos), n_seq)
+        tok = np.repeat(np.asarray(token_ids, np.int32).reshape(-1), per_pos)
     else:
-        parts_k, parts_v, seq_col, pos_col, tok_col = [], [], [], [], []
-        for i, ids in enumerate(token_ids):
-            length = len(ids)
-            # [n_kv, len, dim] -> [len, n_kv, dim]: rows ordered (pos, head) inside a sequence
-            parts_k.append(keys[i, :, :length].transpose(1, 0, 2).reshape(-1, dim))
-            parts_v.append(values[i, :, :length].transpose(1, 0, 2).reshape(-1, dim))
-            seq_col.append(np.full(length * n_kv, seq_ids[i], np.int32))
-            pos_col.append(np.repeat(np.arange(length, dtype=np.int32), n_kv))
-            tok_col.append(np.repeat(np.asarray(ids, np.int32), n_kv))
-        k = np.ascontiguousarray(np.concatenate(parts_k), dtype=np.float32)
-        v = np.ascontiguousarray(np.concatenate(parts_v), dtype=np.float32)
-        seq, pos, tok = np.concatenate(seq_col), np.concatenate(pos_col), np.concatenate(tok_col)
-    n_rows = k.shape[0]
-    schema = kv_schema(dim)
+        seq = np.concatenate([np.full(n * per_pos, s, np.int32) for s, n in zip(seq_ids, lengths)])
+        pos = np.concatenate([np.repeat(np.arange(n, dtype=np.int32), per_pos) for n in lengths])
+        tok = np.concatenate([np.repeat(np.asarray(ids, np.int32), per_pos) for ids in token_ids])
+    n_rows = len(seq)
+    schema = kv_schema(dim, storage_dtype)
     vec = schema.field("key").type
-    return pa.table({
-        "seq_id": seq,
-        "pos": pos,
-        "token_id": tok,
-        "head": np.tile(np.arange(n_kv, dtype=np.int16), n_rows // n_kv),
-        "key": pa.FixedSizeListArray.from_arrays(pa.array(k.reshape(-1)), type=vec),
-        "value": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), type=vec),
-        "key_norm": np.linalg.norm(k, axis=1).astype(np.float32, copy=False),
-        "value_norm": np.linalg.norm(v, axis=1).astype(np.float32, copy=False),
-    }, schema=schema)
+    store = np.float16 if storage_dtype == "float16" else np.float32
+    columns = {"seq_id": seq, "pos": pos, "token_id": tok, "head": np.tile(head_ids, n_rows // per_pos)}
+    for kind, x, wanted in (("key", keys, parts != "values"), ("value", values, parts != "keys")):
+        if not wanted:
+            columns[kind], columns[f"{kind}_norm"] = pa.nulls(n_rows, vec), pa.nulls(n_rows, pa.float32())
+            continue
+        rows = _rows(x, lengths, heads)
+        columns[kind] = pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(store, copy=False).reshape(-1)),
+                                                          type=vec)
+        columns[f"{kind}_norm"] = np.linalg.norm(rows, axis=1).astype(np.float32, copy=False)
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
 def parquet_options() -> dict:
@@ -142,66 +217,275 @@ class _LayerFile:
             self.writer = None
 
 
-class ShardWriter:
-    """Writes one shard: Parquet encoded per layer on a thread pool while the model runs on,
-    safetensors and the shard manifest on `close()`; nothing is in place until all succeeded.
+@dataclass
+class _Batch:
+    """One batch on the host: per layer [b, n_kv, width, dim] tensors in the model dtype.
 
-    `add` hands each layer of a batch to a worker (one ordered chain of work per layer file);
-    at most `max_pending` batches are in flight, so Parquet work never piles up in memory.
-    A worker's error is raised by the next `add` or by `close`, which then clean up (`abort`).
+    Streaming: views of a reused host slot, `width` the shard's (zero beyond each sequence),
+    `row` the batch's first row in the shard's safetensors, `ready` the CUDA event of its
+    device->host copy. Buffered: the caller's tensors as they came, `row` None.
+    """
+
+    seq_ids: list[int]
+    token_ids: list[list[int]]
+    keys: list
+    values: list
+    width: int  # the batch's own padded width: positions [0, width) are rows' candidates
+    row: int | None = None
+    ready: object = None
+
+
+class _HostSlot:
+    """Reused host buffers for one batch of every layer (pinned when the source is on CUDA)."""
+
+    def __init__(self, n_layers: int, shape: tuple, dtype, pin: bool):
+        import torch
+
+        self.shape, self.pin = shape, pin
+        self.keys = [torch.zeros(shape, dtype=dtype, pin_memory=pin) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, pin_memory=pin) for _ in range(n_layers)]
+        self.used_width = 0  # positions >= used_width are zero in every row
+        self.pending = 0
+
+
+class _HeapTrimmer:
+    """Hands freed heap pages back to the OS when the process has grown by `budget` bytes.
+
+    glibc serves large freed blocks (CPU activations, cache tensors) again from its heap (its
+    mmap threshold adapts upwards), and small long-lived objects carved out of them make the
+    heap grow a few MB per batch of a CPU forward: RSS would grow with the shard although
+    nothing is held. malloc_trim(0) releases the free pages; called only past the budget, it
+    costs nothing measurable. No-op off Linux/glibc.
+    """
+
+    def __init__(self, budget: int):
+        import ctypes
+        import sys
+
+        self.budget, self.trim = budget, None
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                trim = ctypes.CDLL(None).malloc_trim  # glibc only
+                self.page = os.sysconf("SC_PAGE_SIZE")
+                self.mark = self.rss()
+                self.trim = trim
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self.page
+
+    def __call__(self) -> None:
+        if self.trim is not None and self.rss() > self.mark + self.budget:
+            self.trim(0)
+            self.mark = self.rss()  # legitimate growth (row groups filling) moves the mark up
+
+
+class ShardWriter:
+    """Writes one shard while the model runs on; nothing is in place until all succeeded.
+
+    Given the shard's `seq_lengths` ({seq_id: length}) up front, the safetensors header is
+    known, so each batch's rows are written at their offsets as they come (`TensorFileWriter`)
+    and host memory stays flat: batches are copied into `max_pending + 1` reused host slots
+    (pinned, filled on a second CUDA stream, an event marking each copy done, when the model
+    is on a GPU), and `add` blocks when all are busy (and trims the heap, `_HeapTrimmer`).
+    Without `seq_lengths` the tensors are held until `close()` and written then (same bytes).
+
+    `add` hands each layer of a batch to a worker (one ordered chain of work per layer
+    file): its safetensors rows, then its Parquet rows (as `selection` says). At most
+    `max_pending` batches are in flight. A worker's error is raised by the next `add` or by
+    `close`, which then clean up (`abort`).
     """
 
     def __init__(self, run_dir: str | Path, shard: int, meta: dict, workers: int | None = None,
-                 max_pending: int = 2):
+                 max_pending: int = 2, seq_lengths: dict[int, int] | None = None,
+                 selection: ParquetSelection | None = None):
         self.run_dir, self.shard, self.meta = Path(run_dir), shard, meta
+        self.selection = selection or ParquetSelection()
+        self.selection.check(meta["num_layers"], meta["num_kv_heads"])
         self.seq_ids: list[int] = []
-        self.token_ids: list[list[int]] = []
-        self.tensors: dict[str, list] = {}
+        self.lengths: list[int] = []
+        self.tensors: dict[str, list] = {}  # buffered mode only
         self.predictions: list = []
         n_layers = meta["num_layers"]
         self.workers = workers or max(1, min(n_layers, os.cpu_count() or 1, 16))
         self.max_pending = max(1, max_pending)
         self.staging = self.run_dir / ".staging" / shard_name(shard)
-        self._files = [_LayerFile(self.staging / f"layer={i}" / f"{shard_name(shard)}.parquet",
-                                  kv_schema(meta["head_dim"])) for i in range(n_layers)]
-        self._last: list = [None] * n_layers  # the latest queued work of each layer file
+        self._files = {i: _LayerFile(self.staging / f"layer={i}" / f"{shard_name(shard)}.parquet",
+                                     kv_schema(meta["head_dim"], self.selection.storage_dtype))
+                       for i in self.selection.layer_list(n_layers)}
+        self._plan = None if seq_lengths is None else sorted(seq_lengths.items())
+        if self._plan is not None and not self._plan:
+            raise KvcoreError(f"shard {shard}: no sequences")
+        self._tensorfile = None
+        self._slots: list[_HostSlot] = []
+        self._free = queue.Queue()
+        self._slot_lock = threading.Lock()
+        self._copy_stream = None
+        self._trimmer = None
+        self._last: dict[int, object] = {}  # the latest queued work of each layer
         self._inflight: list[list] = []  # per batch, its layers' futures
         self._pool = None
 
-    def _write_layer(self, layer: int, previous, keys, values, seq_ids, token_ids) -> None:
+    # -- the worker ------------------------------------------------------------------------
+
+    def _write_layer(self, layer: int, previous, batch: _Batch) -> None:
         if previous is not None:
             previous.result()  # this layer's earlier batches first (and stop if one failed)
-        table = layer_table(keys.float().numpy(), values.float().numpy(), seq_ids, token_ids)
-        self._files[layer].append(table)
+        if batch.ready is not None:
+            batch.ready.synchronize()  # the device->host copy has landed
+        k, v = batch.keys[layer], batch.values[layer]
+        if self._tensorfile is not None:
+            self._tensorfile.write(f"layer_{layer}_key", batch.row, k)
+            self._tensorfile.write(f"layer_{layer}_value", batch.row, v)
+        out = self._files.get(layer)
+        if out is not None:
+            sel, w = self.selection, batch.width
+            table = layer_table(k[:, :, :w].float().numpy() if sel.parts != "values" else None,
+                                v[:, :, :w].float().numpy() if sel.parts != "keys" else None,
+                                batch.seq_ids, batch.token_ids, sel.heads, sel.parts, sel.storage_dtype)
+            out.append(table)
 
-    def add(self, seq_ids: list[int], token_ids: list[list[int]], layer_keys, layer_values, predictions) -> None:
-        """One batch: per-layer torch tensors [batch, n_kv, seq, dim] in the model dtype."""
+    # -- staging a batch on the host -------------------------------------------------------
+
+    def _start(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        if self._pool is None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self.staging.mkdir(parents=True)
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"kvcore-{shard_name(self.shard)}")
-        seq_ids, token_ids = list(seq_ids), [list(t) for t in token_ids]
-        self.seq_ids += seq_ids
-        self.token_ids += token_ids
-        futures = []
-        for i, (k, v) in enumerate(zip(layer_keys, layer_values)):
-            k, v = k.cpu(), v.cpu()
-            self.tensors.setdefault(f"layer_{i}_key", []).append(k)
-            self.tensors.setdefault(f"layer_{i}_value", []).append(v)
-            # FIFO pool: a layer's previous work was queued earlier, so waiting on it cannot deadlock
-            self._last[i] = self._pool.submit(self._write_layer, i, self._last[i], k, v, seq_ids, token_ids)
-            futures.append(self._last[i])
-        self.predictions.append(predictions)
-        self._inflight.append(futures)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"kvcore-{shard_name(self.shard)}")
+
+    def _open_tensorfile(self, sample) -> None:
+        from kvcore.tensorfile import TensorFileWriter, dtype_name
+
+        n_seq, width = len(self._plan), max(n for _, n in self._plan)
+        shape = (n_seq, self.meta["num_kv_heads"], width, self.meta["head_dim"])
+        dtype = dtype_name(sample.dtype)
+        specs = {f"layer_{i}_{kind}": (dtype, shape) for i in range(self.meta["num_layers"])
+                 for kind in ("key", "value")}
+        metadata = safetensors_metadata(self.meta, [s for s, _ in self._plan], [n for _, n in self._plan])
+        self._tensorfile = TensorFileWriter(self.staging / f"{shard_name(self.shard)}.safetensors", specs, metadata)
+
+    def _take_slot(self, batch_size: int, sample) -> _HostSlot:
+        """A free host slot big enough for the batch; blocks while all are busy."""
+        width = self._tensorfile.specs["layer_0_key"][1][2]
+        shape = (batch_size, self.meta["num_kv_heads"], width, self.meta["head_dim"])
+        pin = sample.device.type == "cuda"
+        if len(self._slots) < self.max_pending + 1:
+            slot = _HostSlot(self.meta["num_layers"], shape, sample.dtype, pin)
+            self._slots.append(slot)
+            return slot
+        while True:
+            try:
+                slot = self._free.get(timeout=0.2)
+                break
+            except queue.Empty:
+                self._raise_failed()  # a failed worker may be why none comes back
+        if slot.shape[0] < batch_size:  # a larger batch than the first: grow this slot
+            slot.__init__(self.meta["num_layers"], shape, sample.dtype, pin)
+        return slot
+
+    def _release(self, slot: _HostSlot) -> None:
+        with self._slot_lock:
+            slot.pending -= 1
+            if slot.pending == 0:
+                self._free.put(slot)
+
+    def _stage(self, slot: _HostSlot, layer_keys, layer_values, width: int) -> object:
+        """Copy a batch into the slot (zero beyond `width`); returns the copy's CUDA event or None."""
+        import torch
+
+        b = layer_keys[0].shape[0]
+        if width < slot.used_width:  # an earlier, wider batch left values beyond this one's width
+            for t in slot.keys + slot.values:
+                t[:, :, width:slot.used_width].zero_()
+        slot.used_width = width
+        sample = layer_keys[0]
+        if sample.device.type == "cuda" and torch.cuda.is_available():
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(device=sample.device)
+            stream = self._copy_stream
+            stream.wait_stream(torch.cuda.current_stream(sample.device))  # the forward that made them
+            with torch.cuda.stream(stream):
+                for dst, src in zip(slot.keys + slot.values, list(layer_keys) + list(layer_values)):
+                    dst[:b, :, :width].copy_(src, non_blocking=True)
+                    src.record_stream(stream)  # the allocator must not reuse it before the copy ran
+                event = torch.cuda.Event()
+                event.record(stream)
+            return event
+        for dst, src in zip(slot.keys + slot.values, list(layer_keys) + list(layer_values)):
+            dst[:b, :, :width].copy_(src)
+        return None
+
+    def _raise_failed(self) -> None:
+        for futures in self._inflight:
+            for f in futures:
+                if f.done() and not f.cancelled() and f.exception() is not None:
+                    raise f.exception()
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def add(self, seq_ids: list[int], token_ids: list[list[int]], layer_keys, layer_values, predictions) -> None:
+        """One batch: per-layer torch tensors [batch, n_kv, seq, dim] in the model dtype, any device."""
         try:
-            while len(self._inflight) > self.max_pending or any(f.done() and f.exception() for f in futures):
-                for f in self._inflight.pop(0):
-                    f.result()
+            self._add(list(seq_ids), [list(t) for t in token_ids], layer_keys, layer_values, predictions)
         except BaseException:
             self.abort()
             raise
+
+    def _add(self, seq_ids, token_ids, layer_keys, layer_values, predictions) -> None:
+        if self._pool is None:
+            self._start()
+        self._raise_failed()
+        width = layer_keys[0].shape[2]
+        if self._plan is not None:
+            row = len(self.seq_ids)
+            want = self._plan[row:row + len(seq_ids)]
+            if [(s, len(t)) for s, t in zip(seq_ids, token_ids)] != want:
+                raise KvcoreError(f"shard {self.shard}: batch of seq_ids {seq_ids} does not follow the planned "
+                                  f"sequences {[s for s, _ in want]} (batches come in seq_id order)")
+            if self._tensorfile is None:
+                self._open_tensorfile(layer_keys[0])
+                per_seq = int(np.prod(self._tensorfile.specs["layer_0_key"][1][1:])) * layer_keys[0].element_size()
+                slot_bytes = 2 * self.meta["num_layers"] * len(seq_ids) * per_seq
+                self._trimmer = _HeapTrimmer(max(64 << 20, slot_bytes))  # a batch's worth of slack, at least 64 MB
+            slot = self._take_slot(len(seq_ids), layer_keys[0])
+            ready = self._stage(slot, layer_keys, layer_values, width)
+            b = len(seq_ids)
+            batch = _Batch(seq_ids, token_ids, [t[:b] for t in slot.keys], [t[:b] for t in slot.values], width,
+                           row, ready)
+        else:
+            slot = None
+            keys, values = [k.cpu() for k in layer_keys], [v.cpu() for v in layer_values]
+            for i, (k, v) in enumerate(zip(keys, values)):
+                self.tensors.setdefault(f"layer_{i}_key", []).append(k)
+                self.tensors.setdefault(f"layer_{i}_value", []).append(v)
+            if not self._files:
+                return self._note(seq_ids, token_ids, predictions)
+            batch = _Batch(seq_ids, token_ids, keys, values, width)
+        self._note(seq_ids, token_ids, predictions)
+        layers = range(self.meta["num_layers"]) if slot is not None else sorted(self._files)
+        futures = []
+        if slot is not None:
+            slot.pending = len(layers)
+        for i in layers:
+            # FIFO pool: a layer's previous work was queued earlier, so waiting on it cannot deadlock
+            f = self._pool.submit(self._write_layer, i, self._last.get(i), batch)
+            if slot is not None:
+                f.add_done_callback(lambda _, s=slot: self._release(s))
+            self._last[i] = f
+            futures.append(f)
+        self._inflight.append(futures)
+        while len(self._inflight) > self.max_pending:
+            for f in self._inflight.pop(0):
+                f.result()
+        self._raise_failed()
+        if self._trimmer is not None:
+            self._trimmer()
+
+    def _note(self, seq_ids, token_ids, predictions) -> None:
+        self.seq_ids += seq_ids
+        self.lengths += [len(t) for t in token_ids]
+        self.predictions.append(predictions)
 
     def abort(self) -> None:
         """Stop the workers and remove everything staged; nothing of the shard looks complete."""
@@ -211,9 +495,14 @@ class ShardWriter:
                     f.cancel()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()  # no copy may still land in a slot
         self._inflight = []
-        for f in self._files:
+        self._slots, self.tensors = [], {}
+        for f in self._files.values():
             f.abort()
+        if self._tensorfile is not None:
+            self._tensorfile.abort()
         shutil.rmtree(self.staging, ignore_errors=True)
         with contextlib.suppress(OSError):
             self.staging.parent.rmdir()
@@ -225,25 +514,10 @@ class ShardWriter:
             self.abort()
             raise
 
-    def _close(self) -> dict:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        import torch
-        from kvcore.tensorfile import save_tensors
-
-        if self._pool is None:
-            raise KvcoreError(f"shard {self.shard}: nothing was added")
-        name = shard_name(self.shard)
-        kv_dir, shards_dir = self.run_dir / "kv", self.run_dir / "shards"
-        lengths = [len(t) for t in self.token_ids]
-        width = max(lengths)  # batches of prompts differ in length: right-pad with zeros
-        tensors = {k: (torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2])) for t in v])
-                       if len(v) > 1 or v[0].shape[2] != width else v[0]).contiguous()
-                   for k, v in self.tensors.items()}
-        self.tensors = {}
+    def _finish_workers(self) -> None:
         # the last row groups of each layer file, in parallel, then wait for everything
         finals = [self._pool.submit(lambda f, prev: (prev is None or prev.result(), f.append(None, final=True)),
-                                    f, prev) for f, prev in zip(self._files, self._last)]
+                                    f, self._last.get(layer)) for layer, f in self._files.items()]
         for futures in self._inflight:
             for f in futures:
                 f.result()
@@ -252,26 +526,83 @@ class ShardWriter:
         self._inflight = []
         self._pool.shutdown(wait=True)
         self._pool = None
-        rows = sum(f.rows for f in self._files)
+        self._slots = []
+
+    def _write_held_tensors(self, path: Path) -> None:
+        """Buffered mode: the held batches, right-padded to the shard's width, in one file."""
+        import torch
+
+        from kvcore.tensorfile import TensorFileWriter, dtype_name
+
+        width = max(self.lengths)  # batches of prompts differ in length: right-pad with zeros
+        n_kv, dim = self.meta["num_kv_heads"], self.meta["head_dim"]
+        specs = {name: (dtype_name(parts[0].dtype), (len(self.seq_ids), n_kv, width, dim))
+                 for name, parts in self.tensors.items()}
+        out = TensorFileWriter(path, specs, safetensors_metadata(self.meta, self.seq_ids, self.lengths))
+        try:
+            for name, parts in self.tensors.items():
+                row = 0
+                for t in parts:
+                    out.write(name, row, torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2])))
+                    row += t.shape[0]
+        except BaseException:
+            out.abort()
+            raise
+        self.tensors = {}
+        out.close(fsync=False)  # fsynced when moved into place
+
+    def _close(self) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._pool is None:
+            raise KvcoreError(f"shard {self.shard}: nothing was added")
+        if self._plan is not None and len(self.seq_ids) != len(self._plan):
+            raise KvcoreError(f"shard {self.shard}: {len(self.seq_ids)} of {len(self._plan)} planned sequences "
+                              "were added")
+        self._finish_workers()
+        name = shard_name(self.shard)
+        kv_dir, shards_dir = self.run_dir / "kv", self.run_dir / "shards"
+        staged = self.staging / f"{name}.safetensors"
+        if self._tensorfile is not None:
+            self._tensorfile.close(fsync=False)  # fsynced when moved into place
+        else:
+            self._write_held_tensors(staged)
+        layers = list(self._files)
+        rows = sum(f.rows for f in self._files.values())
         try:
             # Everything is written; now move it into place, the shard manifest last.
-            with atomic_path(kv_dir / f"{name}.safetensors") as tmp:
-                save_tensors(tensors, tmp, metadata=safetensors_metadata(self.meta, self.seq_ids, lengths))
+            _move_into_place(staged, kv_dir / f"{name}.safetensors")
             with atomic_path(shards_dir / f"predictions-{self.shard:05d}.parquet") as tmp:
                 pq.write_table(pa.concat_tables(self.predictions), tmp)
-            for layer in range(self.meta["num_layers"]):
+            for layer in layers:
                 (kv_dir / f"layer={layer}").mkdir(parents=True, exist_ok=True)
                 os.replace(self._files[layer].path, kv_dir / f"layer={layer}" / f"{name}.parquet")
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
             with contextlib.suppress(OSError):
                 self.staging.parent.rmdir()  # .staging/ goes once no shard is being written
-        manifest = {"shard": self.shard, "seq_ids": self.seq_ids, "seq_lengths": lengths,
-                    "n_tokens": sum(lengths), "n_rows_per_layer": rows // self.meta["num_layers"],
-                    "files": [f"kv/layer={i}/{name}.parquet" for i in range(self.meta["num_layers"])]
-                    + [f"kv/{name}.safetensors"], **{k: self.meta[k] for k in METADATA_KEYS}}
+        manifest = {"shard": self.shard, "seq_ids": self.seq_ids, "seq_lengths": self.lengths,
+                    "n_tokens": sum(self.lengths), "n_rows_per_layer": rows // len(layers) if layers else 0,
+                    "files": [f"kv/layer={i}/{name}.parquet" for i in layers] + [f"kv/{name}.safetensors"],
+                    **{k: self.meta[k] for k in METADATA_KEYS}}
+        if not self.selection.is_default:  # only then, so default manifests stay as they were
+            manifest["parquet"] = self.selection.describe()
         write_json(shards_dir / f"kv-{self.shard:05d}.json", manifest)
         return manifest
+
+
+def _move_into_place(src: Path, dst: Path) -> None:
+    """Rename a finished file into place durably (what atomic_path does for its temporary)."""
+    with open(src, "rb") as fh:
+        os.fsync(fh.fileno())
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+    fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def shard_manifests(run_dir: str | Path) -> list[dict]:
@@ -293,6 +624,8 @@ def finalize_run(run_dir: str | Path, expected_shards: int | None = None) -> dic
     meta.update(n_shards=len(manifests), n_sequences=sum(len(m["seq_ids"]) for m in manifests),
                 n_tokens=sum(m["n_tokens"] for m in manifests), kvcore_version=__version__,
                 shards=[m["shard"] for m in manifests])
+    if "parquet" in first:  # a non-default Parquet selection (see ParquetSelection)
+        meta["parquet"] = first["parquet"]
     tables = [pq.read_table(run_dir / "shards" / f"predictions-{m['shard']:05d}.parquet") for m in manifests]
     import pyarrow as pa
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pyarrow as pa
@@ -9,9 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kvcore import storage
+from kvcore import storage, tensorfile
+from kvcore.errors import KvcoreError, UsageError
 from kvcore.extract import Extractor, extract_sequences, run_meta
 from kvcore.model import load_model
+from kvcore.tensorfile import canonicalize_header
 
 
 class SimpleWriter:
@@ -41,8 +44,9 @@ class SimpleWriter:
                                         tensors[f"layer_{layer}_value"].float().numpy(), self.seq_ids, self.token_ids)
             (self.run_dir / f"kv/layer={layer}").mkdir(parents=True, exist_ok=True)
             storage.write_parquet(table, self.run_dir / f"kv/layer={layer}/{name}.parquet")
-        save_file(tensors, str(self.run_dir / f"kv/{name}.safetensors"),
-                  metadata=storage.safetensors_metadata(self.meta, self.seq_ids, lengths))
+        path = self.run_dir / f"kv/{name}.safetensors"
+        save_file(tensors, str(path), metadata=storage.safetensors_metadata(self.meta, self.seq_ids, lengths))
+        canonicalize_header(path)  # what kvcore always did after save_file: a deterministic header
 
 
 def split_safetensors(path):
@@ -55,31 +59,36 @@ def split_safetensors(path):
 
 
 def shard_sequences(shard: int, n: int = 5):
-    """Shard 0: equal lengths (the vectorised path); the others: ragged prompts (the per-sequence path)."""
+    """Shard 0: equal lengths (the vectorised path); the others: ragged prompts (the per-sequence path).
+    Shard 2's third batch is narrower than the first, whose host slot it reuses (stale values must go)."""
     g = torch.Generator().manual_seed(shard)
-    lengths = [11] * n if shard == 0 else [11 - (i % 4) * 2 for i in range(n)]
+    lengths = [[11] * n, [11 - (i % 4) * 2 for i in range(n)], [11, 4, 6, 3, 2]][shard]
     return {shard * n + i: torch.randint(5, 90, (length,), generator=g).tolist() for i, length in enumerate(lengths)}
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_threaded_writer_equals_the_simple_path(tiny_models, tmp_path, monkeypatch, arch):
+@pytest.mark.parametrize("arch,streamed", [("gpt2", True), ("llama", True), ("llama", False)])
+def test_threaded_writer_equals_the_simple_path(tiny_models, tmp_path, monkeypatch, arch, streamed):
+    """streamed: the shard's sequences known up front, safetensors rows written as batches come
+    (what extraction does); buffered: tensors held until close (callers that know no plan)."""
     monkeypatch.setattr(storage, "ROW_GROUP_ROWS", 7)  # row groups that straddle batches
     model, tokenizer, device = load_model(tiny_models[arch], "cpu", "float32")
     meta = run_meta(model, arch, "random", 11)
     for shard in range(3):
         seqs = shard_sequences(shard)
-        fast = storage.ShardWriter(tmp_path / "fast", shard, meta, workers=3, max_pending=1)
+        plan = {s: len(t) for s, t in seqs.items()} if streamed else None
+        fast = storage.ShardWriter(tmp_path / "fast", shard, meta, workers=3, max_pending=1, seq_lengths=plan)
         extract_sequences(model, tokenizer, seqs, fast, 2, 3, device)  # batch 2 does not divide 5
+        assert not fast.tensors if streamed else fast.tensors  # streamed: nothing held for close()
         manifest = fast.close()
         assert manifest["n_tokens"] == sum(len(s) for s in seqs.values())
         ref = SimpleWriter(tmp_path / "ref", shard, meta)
         extract_sequences(model, tokenizer, seqs, ref, 2, 3, device)
         ref.close()
         name = storage.shard_name(shard)
-        # safetensors writes its metadata map in a random order (a Rust HashMap, even for two calls of
-        # save_file in one process), so: the same header as JSON, then byte-identical tensor data
-        got, want = (split_safetensors(tmp_path / f"{r}/kv/{name}.safetensors") for r in ("fast", "ref"))
-        assert got[0] == want[0] and got[1] == want[1]
+        got, want = ((tmp_path / f"{r}/kv/{name}.safetensors").read_bytes() for r in ("fast", "ref"))
+        assert got == want
+        header, data = split_safetensors(tmp_path / f"fast/kv/{name}.safetensors")
+        assert len(header) == 1 + 2 * meta["num_layers"] and data.count(0) < len(data) // 2  # real, not zeros
         for layer in range(meta["num_layers"]):
             got, want = (pq.ParquetFile(tmp_path / f"{r}/kv/layer={layer}/{name}.parquet") for r in ("fast", "ref"))
             assert got.read().equals(want.read())
@@ -105,18 +114,22 @@ def test_uniform_layer_table_equals_the_per_sequence_rows():
 TEXTS = ["The quick brown fox jumps over the lazy dog."] * 7
 
 
-@pytest.mark.parametrize("fail_on", [1, 6])  # 4 batches x 2 layers: the first and a late one
-def test_a_failing_writer_fails_the_job_and_leaves_nothing_complete(tiny_models, tmp_path, monkeypatch, fail_on):
+# 4 batches x 2 layers: Parquet encoding fails on the first or a late call; a safetensors row write
+# (4 batches x 2 layers x key/value) fails on the first or the last
+@pytest.mark.parametrize("site,fail_on", [("parquet", 1), ("parquet", 6), ("safetensors", 1), ("safetensors", 16)])
+def test_a_failing_writer_fails_the_job_and_leaves_nothing_complete(tiny_models, tmp_path, monkeypatch, site,
+                                                                     fail_on):
     calls = []
-    real = storage.layer_table
+    owner, attr = (storage, "layer_table") if site == "parquet" else (tensorfile.TensorFileWriter, "write")
+    real = getattr(owner, attr)
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         calls.append(1)
         if len(calls) == fail_on:
             raise RuntimeError("disk on fire")
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(storage, "layer_table", broken)
+    monkeypatch.setattr(owner, attr, broken)
     ex = Extractor(tiny_models["llama"], device="cpu", dtype="float32")
     outcome = {}
 
@@ -131,6 +144,7 @@ def test_a_failing_writer_fails_the_job_and_leaves_nothing_complete(tiny_models,
     t.join(timeout=120)
     assert not t.is_alive(), "the extraction hung after a writer failed"
     assert isinstance(outcome.get("error"), RuntimeError) and "disk on fire" in str(outcome["error"])
+    assert len(calls) >= fail_on
     run = tmp_path / "run"
     assert not list(run.glob("shards/kv-*.json")) and not (run / "metadata.json").exists()
     assert not list(run.glob("kv/**/*.parquet")) and not list(run.glob("kv/*.safetensors"))
@@ -147,3 +161,207 @@ def test_writer_keeps_at_most_max_pending_batches_in_flight(tmp_path):
         w.add([b], [[1, 2, 3]], keys, keys, pa.table({"seq_id": pa.array([b], pa.int32())}))
         assert len(w._inflight) <= 2
     assert w.close()["n_rows_per_layer"] == 5 * 3 * 2
+
+
+def test_streamed_writer_holds_a_bounded_number_of_batches(tmp_path):
+    """Host memory does not grow with the shard: max_pending + 1 reused slots, nothing held."""
+    meta = {"model": "m", "dataset": "d", "num_layers": 3, "num_kv_heads": 2, "num_heads": 2, "head_dim": 4,
+            "seq_len": 3, "dtype": "float32"}
+    n = 9
+    w = storage.ShardWriter(tmp_path, 0, meta, workers=2, max_pending=2, seq_lengths={s: 3 for s in range(n)})
+    keys = [[torch.randn(1, 2, 3, 4) for _ in range(3)] for _ in range(n)]
+    for b in range(n):
+        w.add([b], [[1, 2, 3]], keys[b], [k * 2 for k in keys[b]], pa.table({"seq_id": pa.array([b], pa.int32())}))
+        assert len(w._inflight) <= 2 and len(w._slots) <= 3 and not w.tensors
+    assert w.close()["n_rows_per_layer"] == n * 3 * 2
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "kv/part-00000.safetensors")
+    for layer in range(3):
+        want = torch.cat([keys[b][layer] for b in range(n)])
+        assert torch.equal(got[f"layer_{layer}_key"], want) and torch.equal(got[f"layer_{layer}_value"], want * 2)
+
+
+def test_streamed_writer_refuses_batches_off_its_plan(tmp_path):
+    meta = {"model": "m", "dataset": "d", "num_layers": 1, "num_kv_heads": 1, "num_heads": 1, "head_dim": 2,
+            "seq_len": 2, "dtype": "float32"}
+    w = storage.ShardWriter(tmp_path, 0, meta, seq_lengths={0: 2, 1: 2})
+    k = [torch.randn(1, 1, 2, 2)]
+    with pytest.raises(KvcoreError, match="does not follow the planned sequences"):
+        w.add([1], [[1, 2]], k, k, pa.table({"seq_id": pa.array([1], pa.int32())}))
+    assert not (tmp_path / ".staging").exists()
+    w = storage.ShardWriter(tmp_path, 0, meta, seq_lengths={0: 2, 1: 2})
+    w.add([0], [[1, 2]], k, k, pa.table({"seq_id": pa.array([0], pa.int32())}))
+    with pytest.raises(KvcoreError, match="1 of 2 planned sequences"):
+        w.close()
+    assert not list(tmp_path.rglob("*.safetensors")) and not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_streamed_safetensors_bytes_equal_save_tensors(tmp_path, dtype):
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"layer_{i}_{kind}": torch.randn(3, 2, 5, 4, generator=g).to(dtype) for i in range(11)
+               for kind in ("key", "value")}
+    meta = {"model": "m\u00e9\t\"q", "seq_ids": "[0, 1, 2]", "a": "x" * 13}
+    tensorfile.save_tensors(tensors, tmp_path / "a.safetensors", meta)
+    w = tensorfile.TensorFileWriter(tmp_path / "b.safetensors",
+                                    {k: (tensorfile.dtype_name(dtype), tuple(t.shape)) for k, t in tensors.items()},
+                                    meta)
+    for name in reversed(list(tensors)):  # any order of names and rows
+        w.write(name, 2, tensors[name][2:])
+        w.write(name, 0, tensors[name][:2])
+    w.close()
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    w = tensorfile.TensorFileWriter(tmp_path / "c.safetensors", {"t": ("float32", (2, 3))})
+    w.write("t", 0, torch.ones(1, 3))
+    with pytest.raises(KvcoreError, match="12 of 24 tensor bytes written"):
+        w.close()
+
+
+# --- what goes to Parquet ------------------------------------------------------------------------------
+
+OPTION_TEXTS = ["The quick brown fox jumps over the lazy dog.", "A key and a value.", "Compression keeps fewer bits."]
+
+
+@pytest.fixture(scope="module")
+def default_run(tiny_models, tmp_path_factory):
+    run = tmp_path_factory.mktemp("options") / "default"
+    Extractor(tiny_models["llama"], device="cpu", dtype="float32").extract_to_run(OPTION_TEXTS, run, batch_size=2)
+    return run
+
+
+@pytest.mark.parametrize("options", [
+    dict(parquet_layers=[1], parquet_heads=[1], parts="keys", storage_dtype="float16"),
+    dict(parts="values"),
+    dict(parquet_layers=[]),  # no Parquet at all: safetensors only (the benchmark's mode 2)
+], ids=["keys-layer1-head1-fp16", "values", "safetensors-only"])
+def test_parquet_options_choose_rows_and_columns(tiny_models, default_run, tmp_path, options):
+    import duckdb
+    import numpy as np
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    meta = Extractor(tiny_models["llama"], device="cpu", dtype="float32").extract_to_run(
+        OPTION_TEXTS, run, batch_size=2, **options)
+    # the safetensors hold everything, whatever Parquet holds
+    st = "kv/part-00000.safetensors"
+    assert (run / st).read_bytes() == (default_run / st).read_bytes()
+    assert meta["parquet"]["parts"] == options.get("parts", "both")
+    layers = options.get("parquet_layers", [0, 1])
+    assert sorted(p.parent.name for p in run.glob("kv/layer=*/*.parquet")) == [f"layer={i}" for i in layers]
+    tensors = load_file(run / st)
+    lengths = json.loads((run / "shards/kv-00000.json").read_text())["seq_lengths"]
+    heads = options.get("parquet_heads", [0, 1])
+    vec_type = pa.float16() if options.get("storage_dtype") == "float16" else pa.float32()
+    for layer in layers:
+        table = pq.read_table(run / f"kv/layer={layer}/part-00000.parquet")
+        assert table.schema.field("key").type.value_type == vec_type
+        assert table.num_rows == sum(lengths) * len(heads)
+        rows = table.to_pydict()
+        assert set(rows["head"]) == set(heads)
+        for kind in ("key", "value"):
+            kept = options.get("parts", "both") in ("both", kind + "s")
+            assert (table.column(kind).null_count == 0) if kept else (table.column(kind).null_count == table.num_rows)
+            assert (table.column(kind + "_norm").null_count == 0) == kept
+            if not kept:
+                continue
+            full = tensors[f"layer_{layer}_{kind}"]
+            want = np.concatenate([full[s, heads, :n].permute(1, 0, 2).reshape(-1, full.shape[-1]).numpy()
+                                   for s, n in enumerate(lengths)])
+            got = np.asarray(rows[kind], dtype=np.float32)
+            np.testing.assert_array_equal(got, want.astype(vec_type.to_pandas_dtype()).astype(np.float32))
+            np.testing.assert_allclose(rows[kind + "_norm"], np.linalg.norm(want, axis=1), rtol=1e-6)
+    if not layers:
+        return
+    # queryable: plain duckdb over the hive layout, and kvcore's own views
+    layer, head = layers[-1], heads[-1]
+    (hit,) = duckdb.sql(f"SELECT key, value, key_norm FROM read_parquet('{run}/kv/*/*.parquet', "
+                        f"hive_partitioning=true) WHERE layer={layer} AND head={head} AND seq_id=1 AND pos=2"
+                        ).fetchall()
+    import kvcore
+
+    got = kvcore.open_run(run).coordinate(layer, head, 2, seq=1).iloc[0]
+    kept, dropped = ("value", "key") if options.get("parts") == "values" else ("key", "value")
+    want = tensors[f"layer_{layer}_{kept}"][1, head, 2].numpy()
+    np.testing.assert_allclose(hit[0 if kept == "key" else 1], want, rtol=1e-3, atol=1e-3)
+    assert hit[1 if kept == "key" else 0] is None
+    np.testing.assert_allclose(np.asarray(got[kept], np.float32), want, rtol=1e-3, atol=1e-3)
+    assert got[f"{kept}_norm"] == pytest.approx(float(np.linalg.norm(want)), rel=1e-6)
+    assert pd.isna(got[dropped]) and pd.isna(got[f"{dropped}_norm"])
+
+
+def test_bad_parquet_options_are_one_line_before_any_output(tiny_models, tmp_path, capsys):
+    from kvcore.cli import main
+
+    with pytest.raises(UsageError, match="parts must be one of both, keys, values"):
+        storage.ParquetSelection.of(parts="kv")
+    ex = Extractor(tiny_models["llama"], device="cpu", dtype="float32")
+    with pytest.raises(UsageError, match=r"parquet_layers: 5 out of range; the model has 2 layers \(valid 0..1\)"):
+        ex.extract_to_run(OPTION_TEXTS, tmp_path / "run", parquet_layers=[0, 5])
+    assert not (tmp_path / "run").exists()
+    model = str(tiny_models["llama"])
+    for args, fragment in ((["--parts", "kv"], "invalid choice: 'kv'"),
+                           (["--parquet-layers", "a,1"], "comma-separated non-negative integers"),
+                           (["--storage-dtype", "int8"], "invalid choice: 'int8'"),
+                           (["--parquet-heads", "7"], "parquet_heads: 7 out of range; the model has 2 KV heads")):
+        assert main(["extract", "--model", model, "--prompt", "x", "--out", str(tmp_path / "o"), "--device", "cpu",
+                     *args]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # not progress bars
+        assert len(lines) == 1 and lines[0].startswith("kvcore: error:") and fragment in lines[0], err
+        assert not (tmp_path / "o").exists()
+
+
+def test_bad_parquet_options_stop_the_config_check():
+    import yaml
+
+    from conftest import REPO
+    from kvcore.config import explain
+
+    config = yaml.safe_load((REPO / "configs/tiny-test.yaml").read_text())
+    assert explain(config) is None
+    for key, value, fragment in (("parts", "kv", "config: extract.parts must be one of both, keys, values"),
+                                 ("storage_dtype", "int8", "config: extract.storage_dtype must be one of float32"),
+                                 ("parquet_layers", [0, -1], "config: extract.parquet_layers.1: -1 is less than"),
+                                 ("parquet_heads", [], "config: extract.parquet_heads"),
+                                 ("parquet_layers", [1, 1], "config: extract.parquet_layers")):
+        bad = {**config, "extract": {**config["extract"], key: value}}
+        assert (explain(bad) or "").startswith(fragment), (key, explain(bad))
+    ok = {**config, "extract": {**config["extract"], "parquet_layers": [0], "parts": "keys", "storage_dtype": "float16"}}
+    assert explain(ok) is None
+
+
+class Tee:
+    """Hands the same batches (the same device tensors) to several writers."""
+
+    def __init__(self, *writers):
+        self.writers = writers
+
+    def add(self, *args):
+        for w in self.writers:
+            w.add(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_streams_write_what_the_simple_path_writes(tiny_models, tmp_path, dtype):
+    """Pinned slots filled on a second stream, read by the writer threads after the copy's event:
+    the same bytes as .cpu() in the main thread, from the very same cache tensors."""
+    model, tokenizer, device = load_model(tiny_models["llama"], "cuda", dtype)
+    meta = run_meta(model, "llama", "random", 11)
+    for shard in range(3):
+        seqs = shard_sequences(shard)
+        fast = storage.ShardWriter(tmp_path / "fast", shard, meta, workers=3, max_pending=1,
+                                   seq_lengths={s: len(t) for s, t in seqs.items()})
+        ref = SimpleWriter(tmp_path / "ref", shard, meta)
+        extract_sequences(model, tokenizer, seqs, Tee(fast, ref), 2, 3, device)
+        assert fast._copy_stream is not None and all(s.keys[0].is_pinned() for s in fast._slots)
+        fast.close()
+        ref.close()
+        name = storage.shard_name(shard)
+        got, want = ((tmp_path / f"{r}/kv/{name}.safetensors").read_bytes() for r in ("fast", "ref"))
+        assert got == want
+        for layer in range(meta["num_layers"]):
+            got, want = (pq.read_table(tmp_path / f"{r}/kv/layer={layer}/{name}.parquet") for r in ("fast", "ref"))
+            assert got.equals(want)

@@ -8,6 +8,19 @@ from pathlib import Path
 from kvcore.errors import UsageError
 
 
+def index_list(text: str) -> list[int]:
+    """'0,5,7' -> [0, 5, 7] (argparse type: a bad list is one usage line)."""
+    import argparse
+
+    try:
+        items = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        items = None
+    if not items or any(i < 0 for i in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, e.g. 0,5 (got {text!r})")
+    return items
+
+
 def register(sub) -> None:
     p = sub.add_parser("extract", help="extract the KV cache of prompts, a text file or random text")
     p.add_argument("--model", required=True,
@@ -23,6 +36,16 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="seed for --random")
     p.add_argument("--json", metavar="FILE", help="also write the old nested JSON format (small inputs only)")
+    g = p.add_argument_group("what goes to Parquet (the safetensors always hold every layer, head, key and value)")
+    g.add_argument("--parquet-layers", type=index_list, metavar="L,L,...",
+                   help="only these layers get Parquet rows, e.g. 0,5 (default: all)")
+    g.add_argument("--parquet-heads", type=index_list, metavar="H,H,...",
+                   help="only these KV heads get Parquet rows (default: all)")
+    g.add_argument("--parts", choices=["both", "keys", "values"], default="both",
+                   help="keys only or values only leaves the other vector and its norm NULL (default: both)")
+    g.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
+                   help="Parquet vector type; float16 halves the vector columns, norms stay float32 "
+                        "(default: float32)")
     p.set_defaults(func=run)
 
 
@@ -70,7 +93,9 @@ def run(args) -> int:
     if not texts:
         raise UsageError("no text to extract")
     extractor = Extractor(_model_dir(args), args.device, args.dtype)
-    meta = extractor.extract_to_run(texts, out, top_k=args.top_k)
+    meta = extractor.extract_to_run(texts, out, top_k=args.top_k, parquet_layers=args.parquet_layers,
+                                    parquet_heads=args.parquet_heads, parts=args.parts,
+                                    storage_dtype=args.storage_dtype)
     if args.json:
         write_json(args.json, [extractor.extract(t, args.top_k).to_dict() for t in texts])
     print(json.dumps(meta, indent=2))

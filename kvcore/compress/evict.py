@@ -8,7 +8,10 @@ name. Given per-token scores, `select_keep` picks which tokens stay:
   are kept per head on average;
 - budget `uniform`: exactly k per (sequence, KV head), the top scores of that head;
 - budget `global`: exactly k * n_kv per sequence, the top scores across all heads of
-  the layer (one threshold, as KVzip does), so heads keep different counts.
+  the layer (one threshold), so heads keep different counts;
+- budget `model`: one threshold over every layer and head (KVzip's and kvpress's
+  default); callers that hold all layers pass their scores side by side on the head
+  axis, a single layer's scores select as `global`.
 
 Stored form per tensor: `keep`, a 1-bit mask of kept (sequence, head, token) slots
 (ceil(n*h*seq / 8) bytes, cheaper than token indices for any keep ratio above 1/16),
@@ -28,7 +31,7 @@ from kvcore.compress.base import HEADER_NBYTES, Method, choice, count, fraction,
 from kvcore.compress.packing import pack_bits, packed_nbytes, unpack_bits
 from kvcore.errors import KvcoreError, UsageError
 
-BUDGETS = ("uniform", "global")
+BUDGETS = ("uniform", "global", "model")
 
 
 def kept_per_head(seq: int, keep_ratio: float, sink_tokens: int, recent_tokens: int) -> int:
@@ -83,11 +86,17 @@ class Evict(Method):
         "keep_ratio": fraction(0.5, 0.0, 1.0, True, "fraction of tokens kept"),
         "sink_tokens": count(0, "first tokens always kept"),
         "recent_tokens": count(0, "last tokens always kept"),
-        "budget": choice("uniform", BUDGETS, "same count per head, or one threshold per layer"),
+        "budget": choice("uniform", BUDGETS, "same count per head, one threshold per layer (global) or over all layers (model)"),
     }
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """This method's keep mask for `scores` [n_seq, n_kv, seq]."""
+        """This method's keep mask for `scores` [n_seq, n_kv, seq].
+
+        A bool `scores` is a mask this method already chose (kvcore.compress.run selects
+        each sequence at its own length, and budget `model` across layers) and is
+        returned as it is."""
+        if isinstance(scores, torch.Tensor) and scores.dtype == torch.bool:
+            return scores
         return select_keep(scores, self.keep_ratio, self.sink_tokens, self.recent_tokens, self.budget)
 
     def _check_input(self, x, kind, keep, layer):
@@ -130,3 +139,47 @@ class Evict(Method):
         n, h, t, d = shape
         k = kept_per_head(t, self.keep_ratio, self.sink_tokens, self.recent_tokens)
         return HEADER_NBYTES + packed_nbytes(n * h * t, 1) + n * h * k * d * dtype.itemsize
+
+    def select_extracted(self, path, model_dir, tokens, *, device: str = "auto", dtype: str = "auto",
+                         options: dict | None = None) -> tuple[list[torch.Tensor], int]:
+        """(masks, n_tokens) for an extracted safetensors `path` (the workflow's compress job):
+        per layer, the bool mask [n_seq, n_kv, seq_len] of the tokens this method keeps, and
+        how many real tokens the sequences hold. Each sequence's tokens (from `tokens`, the
+        tokens.parquet it was extracted from) are prefilled again with the model and chosen
+        as the perplexity protocol chooses a context (`kvcore.protocols.context_keep`), at
+        the sequence's own length: padding is never kept. The random scorer is seeded by
+        seq_id. `device`/`dtype` should be the extraction's; `options` the protocol's."""
+        import json
+
+        from safetensors import safe_open
+
+        # Imported here, not at the top: only a compress job of this family runs a model.
+        from kvcore.model import kv_shape, load_model
+        from kvcore.protocols import context_keep
+        from kvcore.tokens import read_sequences
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            n, n_kv, width, _ = f.get_slice("layer_0_key").get_shape()
+        seq_ids = json.loads(meta.get("seq_ids", "[]"))
+        lengths = json.loads(meta.get("seq_lengths", "null")) or [width] * len(seq_ids)
+        if len(seq_ids) != n or len(lengths) != n:
+            raise KvcoreError(f"{path}: its metadata names {len(seq_ids)} sequences but it holds {n}")
+        sequences = read_sequences(tokens, seq_ids)
+        model, tokenizer, device = load_model(model_dir, device, dtype)
+        shape = kv_shape(model.config)
+        stated = int(meta.get("num_layers", shape["num_layers"]))
+        if (shape["num_layers"], shape["num_kv_heads"]) != (stated, n_kv):
+            raise KvcoreError(f"{model_dir}: the model has {shape['num_layers']} layers x {shape['num_kv_heads']} "
+                              f"KV heads but {path} holds {stated} x {n_kv}; extract again with this model")
+        masks = [torch.zeros((n, n_kv, width), dtype=torch.bool) for _ in range(shape["num_layers"])]
+        for i, (seq_id, length) in enumerate(zip(seq_ids, lengths)):
+            ids = sequences.get(seq_id, [])
+            if len(ids) != length:  # tokens.parquet was rewritten since this extraction
+                raise KvcoreError(f"{tokens}: sequence {seq_id} has {len(ids)} tokens but {length} were "
+                                  "extracted; tokenize and extract again")
+            keeps = context_keep(model, torch.tensor([ids], device=device), self, tokenizer=tokenizer,
+                                 options=options, index=seq_id)
+            for layer, keep in enumerate(keeps):
+                masks[layer][i, :, :length] = keep[0].cpu()
+        return masks, sum(lengths)

@@ -18,9 +18,10 @@ except (WorkflowError, UsageError) as error:
 MODELS = list(config["models"])
 DATASETS = list(config["datasets"])
 METHODS = list(config["methods"])
-# Eviction needs attention scores from the model, so its stored form is made by the
-# perplexity job; every other method is compressed from the extracted safetensors.
-COMPRESSIBLE = [m for m in METHODS if (config["methods"][m] or {}).get("family") != "evict"]
+# Every method is compressed from the extracted safetensors; eviction also needs the model
+# to score the tokens, so it has its own rule (compress_evict).
+COMPRESSIBLE = METHODS
+EVICTING = [m for m in METHODS if (config["methods"][m] or {}).get("family") == "evict"]
 RUN = "results/{model}/{dataset}"
 
 
@@ -61,7 +62,7 @@ def shards(dataset):
 
 
 def all_outputs():
-    outputs = ["results/report.md", "results/summary.parquet"]
+    outputs = ["results/report.md", "results/summary.parquet", "results/perplexity.md", "results/compression.md"]
     for model in MODELS:
         for dataset in DATASETS:
             run = RUN.format(model=model, dataset=dataset)

@@ -1,4 +1,16 @@
 # Compress each run's extracted cache with each method: the real stored form and its metrics.
+# Eviction has its own rule: picking the kept tokens prefills each extracted sequence again
+# with the model (the scorers read attention), so it takes the model, the tokens and a GPU.
+from kvcore.compress.run import code_modules as compress_code_modules
+
+
+def one_of(names):
+    """A wildcard regex matching exactly these names (nothing when there are none)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def compress_code(wc):
+    return code(*compress_code_modules(wc.method, config["methods"][wc.method]))
 
 
 rule compress:
@@ -7,12 +19,61 @@ rule compress:
         metrics=f"{RUN}/compress/{{method}}.json",
     input:
         shards=lambda wc: expand(rules.extract.output.safetensors, shard=shards(wc.dataset), allow_missing=True),
-        code=code("kvcore.compress.run"),
+        code=compress_code,
     params:
         spec=lambda wc: config["methods"][wc.method],
+    wildcard_constraints:
+        method=one_of([m for m in METHODS if m not in EVICTING]),
     log:
         "logs/compress/{model}/{dataset}/{method}.log",
     benchmark:
         "logs/benchmarks/compress/{model}/{dataset}/{method}.tsv"
     script:
         "../scripts/compress.py"
+
+
+rule compress_evict:
+    output:
+        safetensors=f"{RUN}/compress/{{method}}.safetensors",
+        metrics=f"{RUN}/compress/{{method}}.json",
+    input:
+        shards=lambda wc: expand(rules.extract.output.safetensors, shard=shards(wc.dataset), allow_missing=True),
+        model=rules.download_model.output.manifest,
+        tokens=rules.tokenize.output.tokens,
+        code=compress_code,
+    params:
+        spec=lambda wc: config["methods"][wc.method],
+        # score with the model exactly as it was extracted
+        device=config["extract"]["device"],
+        dtype=config["extract"]["dtype"],
+    wildcard_constraints:
+        method=one_of(EVICTING),
+    resources:
+        gpu=1,
+    log:
+        "logs/compress/{model}/{dataset}/{method}.log",
+    benchmark:
+        "logs/benchmarks/compress/{model}/{dataset}/{method}.tsv"
+    script:
+        "../scripts/compress.py"
+
+
+def compression_runs():
+    """"model · dataset" -> that run's compress JSONs, in config order."""
+    return {f"{model} · {dataset}": [f"{RUN.format(model=model, dataset=dataset)}/compress/{m}.json"
+                                     for m in COMPRESSIBLE]
+            for model in MODELS for dataset in DATASETS}
+
+
+rule compression_table:
+    output:
+        md="results/compression.md",
+    input:
+        metrics=[path for paths in compression_runs().values() for path in paths],
+        code=code("kvcore.report"),
+    params:
+        runs=compression_runs(),
+    log:
+        "logs/compression_table.log",
+    script:
+        "../scripts/compression_table.py"

@@ -35,6 +35,10 @@ rule extract:
         dtype=config["extract"]["dtype"],
         device=config["extract"]["device"],
         top_k=config["extract"]["top_k"],
+        parquet_layers=config["extract"].get("parquet_layers"),
+        parquet_heads=config["extract"].get("parquet_heads"),
+        parts=config["extract"].get("parts", "both"),
+        storage_dtype=config["extract"].get("storage_dtype", "float32"),
     resources:
         gpu=1,
     log:

@@ -88,3 +88,23 @@ rule grid_report:
         "logs/grid_report.log",
     script:
         "../scripts/grid_report.py"
+
+
+def perplexity_runs():
+    """"model · dataset" -> that run's ppl JSONs, in config order."""
+    return {f"{model} · {dataset}": [f"{RUN.format(model=model, dataset=dataset)}/ppl/{m}.json" for m in METHODS]
+            for model in MODELS for dataset in DATASETS}
+
+
+rule perplexity_table:
+    output:
+        md="results/perplexity.md",
+    input:
+        ppl=[path for paths in perplexity_runs().values() for path in paths],
+        code=code("kvcore.report"),
+    params:
+        runs=perplexity_runs(),
+    log:
+        "logs/perplexity_table.log",
+    script:
+        "../scripts/perplexity_table.py"
