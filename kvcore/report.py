@@ -416,15 +416,21 @@ def perplexity_rows(ppl_paths) -> tuple[str, list[list]]:
 def write_perplexity_table(runs: dict, out_md: str | Path) -> Path:
     """results/perplexity.md: for each run ("model · dataset" -> its ppl JSON paths), the methods'
     perplexity under every protocol, with the paired per-window interval against the baseline."""
+    return _write_run_tables(out_md, "Perplexity under compression",
+                             "Δ % is the pooled change against the same job's baseline; the paired interval is "
+                             "over the per-window differences of mean NLL; `passed`: Δ below the threshold. Ratios "
+                             "count the stored form as if the cache were float16.",
+                             runs, perplexity_rows, PERPLEXITY_HEADER)
+
+
+def _write_run_tables(out_md, title: str, intro: str, runs: dict, rows_of, header: list[str]) -> Path:
+    """A markdown page: the title, the intro, then per run a heading, rows_of(paths)'s line and table."""
     from kvcore.atomic import write_text
 
-    lines = ["# Perplexity under compression", "",
-             "Δ % is the pooled change against the same job's baseline; the paired interval is over the "
-             "per-window differences of mean NLL; `passed`: Δ below the threshold. Ratios count the stored "
-             "form as if the cache were float16.", ""]
-    for title, paths in runs.items():
-        line, rows = perplexity_rows(paths)
-        lines += [f"## {title}", "", line, "", md_table(PERPLEXITY_HEADER, rows) if rows else "No methods.", ""]
+    lines = [f"# {title}", "", intro, ""]
+    for run, paths in runs.items():
+        line, rows = rows_of(paths)
+        lines += [f"## {run}", "", line, "", md_table(header, rows) if rows else "No methods.", ""]
     write_text(out_md, "\n".join(lines))
     return Path(out_md)
 
@@ -463,16 +469,10 @@ def _stored_metadata(path: Path) -> dict:
 def write_compression_table(runs: dict, out_md: str | Path) -> Path:
     """results/compression.md: for each run ("model · dataset" -> its compress JSON paths), every
     method's stored size and reconstruction error, as the compress jobs measured them."""
-    from kvcore.atomic import write_text
-
-    lines = ["# Compression of the extracted caches", "",
-             "Sizes are the bytes each compress job wrote (everything stored: codes, scales, zero points, "
-             "indices, masks, header); bits/elem = 8 × bytes ÷ K and V elements. `ratio` is against the "
-             "extracted file in its own dtype, `ratio vs fp16` against the same tensors stored as float16. "
-             "RMSE, SNR and cosine (mean over head_dim vectors; an evicted or pruned vector counts 0) compare "
-             "the decompressed cache with the extracted one.", ""]
-    for title, paths in runs.items():
-        line, rows = compression_rows(paths)
-        lines += [f"## {title}", "", line, "", md_table(COMPRESS_HEADER, rows) if rows else "No methods.", ""]
-    write_text(out_md, "\n".join(lines))
-    return Path(out_md)
+    return _write_run_tables(out_md, "Compression of the extracted caches",
+                             "Sizes are the bytes each compress job wrote (everything stored: codes, scales, zero "
+                             "points, indices, masks, header); bits/elem = 8 × bytes ÷ K and V elements. `ratio` is "
+                             "against the extracted file in its own dtype, `ratio vs fp16` against the same tensors "
+                             "stored as float16. RMSE, SNR and cosine (mean over head_dim vectors; an evicted or "
+                             "pruned vector counts 0) compare the decompressed cache with the extracted one.",
+                             runs, compression_rows, COMPRESS_HEADER)

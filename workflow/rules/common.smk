@@ -61,6 +61,12 @@ def shards(dataset):
     return [f"{i:05d}" for i in range(math.ceil(n_sequences(dataset) / config["extract"]["shard_size"]))]
 
 
+def run_files(folder, methods):
+    """"model · dataset" -> that run's {folder}/{method}.json files, in config order (the tables' inputs)."""
+    return {f"{model} · {dataset}": [f"{RUN.format(model=model, dataset=dataset)}/{folder}/{m}.json" for m in methods]
+            for model in MODELS for dataset in DATASETS}
+
+
 def all_outputs():
     outputs = ["results/report.md", "results/summary.parquet", "results/perplexity.md", "results/compression.md"]
     for model in MODELS:

@@ -58,21 +58,14 @@ rule compress_evict:
         "../scripts/compress.py"
 
 
-def compression_runs():
-    """"model · dataset" -> that run's compress JSONs, in config order."""
-    return {f"{model} · {dataset}": [f"{RUN.format(model=model, dataset=dataset)}/compress/{m}.json"
-                                     for m in COMPRESSIBLE]
-            for model in MODELS for dataset in DATASETS}
-
-
 rule compression_table:
     output:
         md="results/compression.md",
     input:
-        metrics=[path for paths in compression_runs().values() for path in paths],
+        metrics=[path for paths in run_files("compress", COMPRESSIBLE).values() for path in paths],
         code=code("kvcore.report"),
     params:
-        runs=compression_runs(),
+        runs=run_files("compress", COMPRESSIBLE),
     log:
         "logs/compression_table.log",
     script:

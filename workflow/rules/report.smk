@@ -90,20 +90,14 @@ rule grid_report:
         "../scripts/grid_report.py"
 
 
-def perplexity_runs():
-    """"model · dataset" -> that run's ppl JSONs, in config order."""
-    return {f"{model} · {dataset}": [f"{RUN.format(model=model, dataset=dataset)}/ppl/{m}.json" for m in METHODS]
-            for model in MODELS for dataset in DATASETS}
-
-
 rule perplexity_table:
     output:
         md="results/perplexity.md",
     input:
-        ppl=[path for paths in perplexity_runs().values() for path in paths],
+        ppl=[path for paths in run_files("ppl", METHODS).values() for path in paths],
         code=code("kvcore.report"),
     params:
-        runs=perplexity_runs(),
+        runs=run_files("ppl", METHODS),
     log:
         "logs/perplexity_table.log",
     script:
