@@ -55,6 +55,8 @@ MODES = {
     "safetensors": "2 kvcore -> safetensors only",
     "kvcore": "3 kvcore -> safetensors + Parquet",
     "held": "3o kvcore before (tensors held to close)",
+    "defaults": "3d kvcore, pyarrow's default Parquet options",
+    "threads": "3t kvcore, torch's CPU threads left as they are",
     "naive": "4 naive (.cpu(), pyarrow per batch)",
     "json": "5 old nested JSON",
 }
@@ -138,7 +140,7 @@ def child(args) -> dict:
         return run
 
     def naive(d):
-        for b in range(args.batches):
+        for b in range(args.naive_batches):
             rows = [sequences[s] for s in range(b * args.batch, (b + 1) * args.batch)]
             _, keys, values = forward_cache(model, batch_ids(b))
             for layer, (k, v) in enumerate(zip(keys, values)):
@@ -157,9 +159,22 @@ def child(args) -> dict:
 
     fns = {"forward": forward_only, "safetensors": extraction(ParquetSelection(layers=()), True),
            "kvcore": extraction(ParquetSelection(), True), "held": extraction(ParquetSelection(), False),
-           "naive": naive, "json": old_json}
+           "defaults": extraction(ParquetSelection(), True), "naive": naive, "json": old_json}
+    fns["threads"] = fns["defaults"]
+    if args.child == "defaults":  # the pipeline with the Parquet options kvcore used before issue 9's codec table
+        import kvcore.storage
+
+        kvcore.storage.parquet_options = lambda schema: dict(compression="zstd", write_statistics=True)
+    if args.child == "threads":  # the pipeline without `host_threads_for_writers`
+        import contextlib
+
+        import kvcore.extract
+
+        kvcore.extract.host_threads_for_writers = lambda device: contextlib.nullcontext()
     if args.child == "json":
         tokens = args.json_seqs * args.seq_len
+    if args.child == "naive":
+        tokens = args.batch * args.naive_batches * args.seq_len
     forward_cache(model, batch_ids(0))  # warm-up (kernels, allocator)
     sync(args.device)
     rss_before = peak_rss_mb()
@@ -186,7 +201,8 @@ def child(args) -> dict:
 def run_child(args, shape: str, mode: str, batches: int, repeats: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--shape", shape, "--device", args.device,
            "--dtype", args.dtype, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--batches",
-           str(batches), "--repeats", str(repeats), "--json-seqs", str(args.json_seqs), "--dir", args.dir]
+           str(batches), "--repeats", str(repeats), "--json-seqs", str(args.json_seqs), "--dir", args.dir,
+           "--naive-batches", str(min(args.naive_batches, batches))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -229,44 +245,144 @@ def disk_write_speed(directory: str, megabytes: int, repeats: int) -> float:
 
 # ---- the Parquet codec table ---------------------------------------------------------------------
 
-CODECS = [("zstd (default level)", dict(compression="zstd")),
+SCALARS = ["seq_id", "pos", "token_id", "head"]
+VECTORS = ["key.list.element", "value.list.element"]
+CODECS = [("pyarrow defaults (zstd)", dict(compression="zstd")),
           ("zstd level 1", dict(compression="zstd", compression_level=1)),
-          ("zstd level 1 + byte_stream_split", dict(compression="zstd", compression_level=1,
-                                                    use_byte_stream_split=["key.list.element",
-                                                                           "value.list.element"])),
-          ("lz4", dict(compression="lz4")),
-          ("snappy", dict(compression="snappy")),
-          ("none", dict(compression="none"))]
+          ("zstd level 1, no vector dictionary", dict(compression="zstd", compression_level=1,
+                                                      use_dictionary=SCALARS)),
+          ("zstd, no vector dictionary, bss", dict(compression="zstd", use_dictionary=SCALARS,
+                                                   use_byte_stream_split=VECTORS)),
+          ("zstd level 1, no vector dictionary, bss", dict(compression="zstd", compression_level=1,
+                                                           use_dictionary=SCALARS, use_byte_stream_split=VECTORS)),
+          ("lz4, no vector dictionary, bss", dict(compression="lz4", use_dictionary=SCALARS,
+                                                  use_byte_stream_split=VECTORS)),
+          ("none, no vector dictionary", dict(compression="none", use_dictionary=SCALARS))]
 
 
 def codec_table(args):
-    """One layer's rows (random normal K/V as a model writes them) per codec: write MB/s, size, lookup ms."""
+    """One layer's rows per codec/encoding: write MB/s, size, full read MB/s, a point lookup's ms.
+
+    Two kinds of data: random normal float32 (a float32 model's cache, near incompressible)
+    and the same rounded to bfloat16 (what a bf16 model's cache is, stored as float32: two
+    zero bytes per value), plus float16 storage. The last row of each block is what
+    `kvcore.storage.parquet_options` writes.
+    """
     import numpy as np
     import pyarrow.parquet as pq
 
-    from kvcore.storage import ROW_GROUP_ROWS, layer_table
+    from kvcore.storage import ROW_GROUP_ROWS, layer_table, parquet_options
 
     shape = args.shape[0]
     cfg = SHAPES[shape]
     n_kv = cfg.get("num_key_value_heads", cfg.get("n_head"))
     dim = (cfg.get("hidden_size") or cfg["n_embd"]) // (cfg.get("num_attention_heads") or cfg["n_head"])
     n_seq = args.batch * args.batches
-    rng = np.random.default_rng(0)
-    k = rng.standard_normal((n_seq, n_kv, args.seq_len, dim), dtype=np.float32)
-    v = rng.standard_normal((n_seq, n_kv, args.seq_len, dim), dtype=np.float32)
-    table = layer_table(k, v, list(range(n_seq)), rng.integers(0, 30000, (n_seq, args.seq_len)).tolist())
-    raw = table.nbytes
-    print(f"{shape}: one layer, {table.num_rows} rows, {raw / 1e6:.1f} MB in Arrow, row groups of {ROW_GROUP_ROWS}")
-    print(f"{'codec':36s} {'write MB/s':>10s} {'size MB':>8s} {'ratio':>6s} {'lookup ms':>9s}")
+    g = torch.Generator().manual_seed(0)
+    k32, v32 = (torch.randn((n_seq, n_kv, args.seq_len, dim), generator=g) for _ in range(2))
+    token_ids = torch.randint(0, 30000, (n_seq, args.seq_len), generator=g).tolist()
+    print(f"{shape}: one layer, {n_seq * n_kv * args.seq_len} rows, row groups of {ROW_GROUP_ROWS}; "
+          f"write and read MB/s of the Arrow table's bytes, median of {args.repeats}")
+    print(f"{'data':22s} {'codec':42s} {'write MB/s':>10s} {'size MB':>8s} {'ratio':>6s} {'read MB/s':>9s} "
+          f"{'lookup ms':>9s}")
+    blocks = [("float32 random", k32, v32, "float32"),
+              ("bf16 values, float32", k32.bfloat16().float(), v32.bfloat16().float(), "float32"),
+              ("bf16 values, float16", k32.bfloat16().float(), v32.bfloat16().float(), "float16")]
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        for name, opts in CODECS:
-            path = f"{d}/t.parquet"
-            w = timed(lambda: pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, write_statistics=True,
-                                             **opts), "cpu", args.repeats)
-            size = Path(path).stat().st_size
-            look = timed(lambda: pq.read_table(path, filters=[("seq_id", "=", n_seq // 2), ("pos", "=", 7),
-                                                              ("head", "=", 1)]), "cpu", args.repeats)
-            print(f"{name:36s} {raw / w / 1e6:10.0f} {size / 1e6:8.1f} {raw / size:6.2f} {look * 1e3:9.1f}")
+        for label, k, v, storage in blocks:
+            table = layer_table(k.numpy(), v.numpy(), list(range(n_seq)), token_ids, storage_dtype=storage)
+            raw = table.nbytes
+            codecs = [c for c in CODECS if storage == "float32" or "bss" not in c[0]]
+            for name, opts in codecs + [("kvcore (parquet_options)", parquet_options(table.schema))]:
+                opts = {"write_statistics": True, **opts}
+                path = f"{d}/t.parquet"
+                w = timed(lambda: pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, **opts), "cpu",
+                          args.repeats)
+                size = Path(path).stat().st_size
+                r = timed(lambda: pq.read_table(path), "cpu", args.repeats)
+                look = timed(lambda: pq.read_table(path, filters=[("seq_id", "=", n_seq // 2), ("pos", "=", 7),
+                                                                  ("head", "=", 1)]), "cpu", args.repeats)
+                print(f"{label:22s} {name:42s} {raw / w / 1e6:10.0f} {size / 1e6:8.1f} {raw / size:6.2f} "
+                      f"{raw / r / 1e6:9.0f} {look * 1e3:9.1f}", flush=True)
+
+
+# ---- the storage path alone, and a corpus end to end ---------------------------------------------
+
+def writer_scaling(args):
+    """ShardWriter alone (no model) fed one batch of random K/V on the device, again and again,
+    with 1, 2, 4, ... writer threads: what the storage path can take, and whether it scales."""
+    import pyarrow as pa
+    from transformers import AutoConfig
+
+    from kvcore.extract import host_threads_for_writers
+    from kvcore.model import kv_shape
+    from kvcore.storage import ParquetSelection, ShardWriter
+
+    shape = args.shape[0]
+    params = dict(SHAPES[shape])
+    geo = kv_shape(AutoConfig.for_model(params.pop("model_type"), **params))
+    meta = {"model": shape, "dataset": "random", "seq_len": args.seq_len, "dtype": args.dtype, **geo}
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    kv = [torch.randn((args.batch, geo["num_kv_heads"], args.seq_len, geo["head_dim"]), generator=g)
+          .to(dtype).to(args.device) for _ in range(2 * geo["num_layers"])]
+    keys, values = kv[::2], kv[1::2]
+    ids = [[1] * args.seq_len] * args.batch
+    n_seq = args.batch * args.batches
+    plan = {i: args.seq_len for i in range(n_seq)}
+    pred = pa.table({"seq_id": pa.array([0], pa.int32())})
+    tokens = n_seq * args.seq_len
+    print(f"{shape} K/V ({args.dtype}, {args.device}) through ShardWriter alone, {args.batches} batches of "
+          f"{args.batch} x {args.seq_len}, median of {args.repeats}; {os.cpu_count()} CPU cores")
+    print(f"{'what':28s} {'workers':>7s} {'pending':>7s} {'tok/s':>10s}")
+    configs = [("safetensors + Parquet", ParquetSelection(), n, p) for n in args.workers for p in args.max_pending]
+    configs.append(("safetensors only", ParquetSelection(layers=()), max(args.workers), args.max_pending[0]))
+    for label, selection, workers, pending in configs:
+        def run():
+            with tempfile.TemporaryDirectory(dir=args.dir) as d, host_threads_for_writers(args.device):
+                writer = ShardWriter(d, 0, meta, workers=workers, max_pending=pending, seq_lengths=plan,
+                                     selection=selection)
+                for b in range(args.batches):
+                    writer.add(list(range(b * args.batch, (b + 1) * args.batch)), ids, keys, values, pred)
+                writer.close()
+        seconds = timed(run, args.device, args.repeats)
+        print(f"{label:28s} {workers:7d} {pending:7d} {tokens / seconds:10.0f}", flush=True)
+
+
+def end_to_end(args):
+    """A corpus of `--e2e` tokens extracted as the workflow's extract job does (`extract_shard`:
+    model loaded from disk, tokens.parquet read, one shard written, then `finalize_run`)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from kvcore.extract import extract_shard
+    from kvcore.sources.models import build_tokenizer
+    from kvcore.storage import finalize_run
+    from kvcore.tokens import tokens_table
+
+    shape = args.shape[0]
+    n_seq = -(-args.e2e // args.seq_len)
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        model_dir, run_dir = Path(d) / "model", Path(d) / "run"
+        tokenizer = build_tokenizer()
+        build(shape, args.device, getattr(torch, args.dtype)).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+        ids = np.random.default_rng(0).integers(0, len(tokenizer), (n_seq, args.seq_len)).tolist()
+        pq.write_table(tokens_table(tokenizer, [(row, [0] * len(row)) for row in ids]), Path(d) / "tokens.parquet")
+        start = time.perf_counter()
+        extract_shard(model_dir, Path(d) / "tokens.parquet", run_dir, 0, n_seq, batch_size=args.batch,
+                      device=args.device, dtype=args.dtype)
+        finalize_run(run_dir, 1)
+        seconds = time.perf_counter() - start
+        written = tree_bytes(run_dir)
+    tokens = n_seq * args.seq_len
+    print(f"{shape} ({args.dtype}, {args.device}): {tokens} tokens ({n_seq} x {args.seq_len}, batch {args.batch}) "
+          f"end to end in {seconds:.1f} s = {tokens / seconds:.0f} tok/s; {written / 1e9:.2f} GB written "
+          f"({written / tokens:.0f} B/token, safetensors + Parquet)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"shape": shape, "tokens": tokens, "seconds": seconds,
+                                               "bytes_written": written, "device": args.device}) + "\n")
 
 
 # ---- the side-by-side table ----------------------------------------------------------------------
@@ -274,16 +390,16 @@ def codec_table(args):
 def bench_shape(args, shape: str, disk_bps: float) -> dict:
     # Repeats round-robin over the modes, each a fresh process: a load change on a shared machine
     # hits every mode alike instead of one mode's whole block.
-    runs = {m: [] for m in MODES}
+    runs = {m: [] for m in args.modes}
     for _ in range(args.repeats):
-        for m in MODES:
+        for m in args.modes:
             runs[m].append(run_child(args, shape, m, args.batches, 1))
     small = {}
     for m, rs in runs.items():
         times = [r["median_s"] for r in rs]
         small[m] = {**rs[0], "seconds": times, "median_s": statistics.median(times),
                     "rss_peak_mb": max(r["rss_peak_mb"] for r in rs)}
-    rss = {n: {m: run_child(args, shape, m, n, 1)["rss_peak_mb"] for m in MODES if m != "json"}
+    rss = {n: {m: run_child(args, shape, m, n, 1)["rss_peak_mb"] for m in args.rss_modes}
            for n in args.rss_batches}
     out = {"shape": shape, "batches": args.batches, "rss_batches": args.rss_batches, "modes": {}}
     for m, r in small.items():
@@ -295,16 +411,17 @@ def bench_shape(args, shape: str, disk_bps: float) -> dict:
                            "rss_peak_mb_by_batches": {n: rss[n].get(m) for n in args.rss_batches},
                            "tokens": r["tokens"], "seconds": r["seconds"]}
     t = {m: v["tokens_per_s"] for m, v in out["modes"].items()}
-    out["ratios"] = {"2/1": t["safetensors"] / t["forward"], "3/1": t["kvcore"] / t["forward"],
-                     "3/4": t["kvcore"] / t["naive"], "3/5": t["kvcore"] / t["json"],
-                     "3/3o": t["kvcore"] / t["held"]}
+    pairs = {"2/1": ("safetensors", "forward"), "3/1": ("kvcore", "forward"), "3/4": ("kvcore", "naive"),
+             "3/5": ("kvcore", "json"), "3/3o": ("kvcore", "held"), "3/3d": ("kvcore", "defaults"),
+             "3/3t": ("kvcore", "threads")}
+    out["ratios"] = {k: t[a] / t[b] for k, (a, b) in pairs.items() if a in t and b in t}
     out["limits"] = {}
-    for m in ("safetensors", "kvcore"):
+    for m in [m for m in ("safetensors", "kvcore") if m in t and "forward" in t]:
         per_token = out["modes"][m]["written_bytes_per_token"]
         limit = min(t["forward"], disk_bps / per_token)
         out["limits"][m] = {"bytes_per_token": per_token, "disk_tokens_per_s": disk_bps / per_token,
                             "L_tokens_per_s": limit, "achieved_over_L": t[m] / limit}
-    first = small["forward"]
+    first = next(iter(small.values()))
     out.update(device=first["device"], dtype=first["dtype"], kv_bytes_per_token=first["kv_bytes_per_token"])
     return out
 
@@ -313,11 +430,11 @@ def print_shape(args, r: dict, disk_bps: float) -> None:
     print(f"\n{r['shape']} on {r['device']}, {r['dtype']}, batch {args.batch} x {args.seq_len}, "
           f"{args.batch * args.batches * args.seq_len} tokens per run ({args.json_seqs} sequences for mode 5), "
           f"median of {args.repeats}; peak RSS (MB) of runs of {' and '.join(map(str, r['rss_batches']))} batches")
-    print(f"{'mode':42s} {'tok/s':>10s} {'KV GB/s':>8s} {'disk GB/s':>9s} {'B/token':>8s} "
+    print(f"{'mode':46s} {'tok/s':>10s} {'KV GB/s':>8s} {'disk GB/s':>9s} {'B/token':>8s} "
           + " ".join(f"{'RSS @' + str(n):>9s}" for n in r["rss_batches"]))
     for m, v in r["modes"].items():
         cells = " ".join(f"{x:9.0f}" if x is not None else f"{'-':>9s}" for x in v["rss_peak_mb_by_batches"].values())
-        print(f"{MODES[m]:42s} {v['tokens_per_s']:10.0f} {v['kv_gb_per_s']:8.3f} {v['written_gb_per_s']:9.3f} "
+        print(f"{MODES[m]:46s} {v['tokens_per_s']:10.0f} {v['kv_gb_per_s']:8.3f} {v['written_gb_per_s']:9.3f} "
               f"{v['written_bytes_per_token']:8.0f} {cells}")
     print("ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in r["ratios"].items()))
     for m, lim in r["limits"].items():
@@ -338,17 +455,37 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-batches", type=int, nargs=2, metavar=("N", "M"),
                     help="the two run sizes (batches) whose peak RSS is compared (default: 2x and 4x --batches)")
+    ap.add_argument("--naive-batches", type=int,
+                    help="batches run by mode 4 (slow; default --batches: fewer flatter it, its writes then "
+                         "stay in the page cache)")
     ap.add_argument("--json-seqs", type=int, default=2, help="sequences written by mode 5 (nested JSON is huge)")
     ap.add_argument("--disk-mb", type=int, default=1024, help="MB written to measure the disk")
     ap.add_argument("--dir", default=".", help="where outputs (and the disk test) are written")
     ap.add_argument("--json", metavar="PATH", help="write every number here")
     ap.add_argument("--codecs", action="store_true", help="only the Parquet codec table (no model)")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=[m for m in MODES if m != "held"],
+                    help="modes to time (default: all but 3o)")
+    ap.add_argument("--rss-modes", nargs="*", choices=MODES, default=["safetensors", "kvcore"],
+                    help="modes whose peak RSS is measured at the two --rss-batches sizes")
+    ap.add_argument("--writer-scaling", action="store_true",
+                    help="only the storage path alone (no model) with 1, 2, 4, ... writer threads")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                    help="writer threads tried by --writer-scaling")
+    ap.add_argument("--max-pending", type=int, nargs="+", default=[2],
+                    help="batches in flight tried by --writer-scaling")
+    ap.add_argument("--e2e", type=int, metavar="TOKENS",
+                    help="only: a corpus of TOKENS tokens extracted end to end as the workflow's extract job does")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.rss_batches = args.rss_batches or [2 * args.batches, 4 * args.batches]
+    args.naive_batches = args.naive_batches or args.batches
     if args.codecs:
         return codec_table(args)
+    if args.writer_scaling:
+        return writer_scaling(args)
+    if args.e2e:
+        return end_to_end(args)
     if args.child:
         args.shape = args.shape[0]
         print(json.dumps(child(args)))

@@ -24,12 +24,15 @@ import numpy as np
 from kvcore import __version__
 from kvcore.atomic import atomic_path, write_json
 from kvcore.errors import KvcoreError, UsageError
+from kvcore.tensorfile import start_writeback
 
 # Row groups of this many rows: small enough that a point lookup reads one group of one
 # file, large enough that scans stay sequential (decided in benchmarks/, issue 9).
 ROW_GROUP_ROWS = 32768
+# zstd level 1, no dictionary and byte_stream_split on the vectors: 2x faster to write and to
+# read than pyarrow's defaults, and smaller (codec table in benchmarks/README.md, issue 9).
 PARQUET_COMPRESSION = "zstd"
-PARQUET_COMPRESSION_LEVEL = None  # the codec's default
+PARQUET_COMPRESSION_LEVEL = 1
 METADATA_KEYS = ("model", "dataset", "num_layers", "num_kv_heads", "num_heads", "head_dim", "seq_len", "dtype")
 
 
@@ -122,6 +125,16 @@ def _rows(x: np.ndarray, lengths: list[int], heads) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
+def _float32(t) -> np.ndarray:
+    """A host torch tensor as float32 numpy, converted by numpy: a torch op in each of 16 writer
+    threads would start its own OpenMP team of threads per call and oversubscribe the cores."""
+    import torch
+
+    if t.dtype == torch.bfloat16:  # bf16 is the top half of a float32: widen the bits
+        return (t.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return t.numpy().astype(np.float32, copy=False)
+
+
 def layer_table(keys: np.ndarray | None, values: np.ndarray | None, seq_ids: list[int], token_ids: list[list[int]],
                 heads=None, parts: str = "both", storage_dtype: str = "float32"):
     """Arrow rows for one layer of a shard; keys/values [n_seq, n_kv, seq_len, dim] float32.
@@ -162,15 +175,25 @@ def layer_table(keys: np.ndarray | None, values: np.ndarray | None, seq_ids: lis
     return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
-def parquet_options() -> dict:
-    """Writer options shared by every KV Parquet file (read at call time: tests patch them)."""
-    return dict(compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL, write_statistics=True)
+def parquet_options(schema) -> dict:
+    """Writer options shared by every KV Parquet file of `schema` (a `kv_schema`).
+
+    Dictionaries only for the integer columns: on float vectors pyarrow builds a dictionary,
+    finds it too large and falls back to plain, having hashed every value. byte_stream_split
+    groups the vectors' exponent bytes so zstd finds them (a bf16 cache stored as float32
+    has two zero bytes per value); DuckDB reads it for FLOAT, not for float16.
+    """
+    vectors = ["key.list.element", "value.list.element"]
+    float32 = str(schema.field("key").type.value_type) == "float"
+    return dict(compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL, write_statistics=True,
+                use_dictionary=["seq_id", "pos", "token_id", "head"],
+                use_byte_stream_split=vectors if float32 else False)
 
 
 def write_parquet(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, **parquet_options())
+    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, **parquet_options(table.schema))
 
 
 def safetensors_metadata(meta: dict, seq_ids: list[int], lengths: list[int]) -> dict[str, str]:
@@ -201,11 +224,12 @@ class _LayerFile:
         cut = n if final else n // group * group
         if self.writer is None and (self.pending or final):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.path, self.schema, **parquet_options())
+            self.writer = pq.ParquetWriter(self.path, self.schema, **parquet_options(self.schema))
         if cut:
             whole = pa.concat_tables(self.pending)
             self.writer.write_table(whole.slice(0, cut), row_group_size=group)
             self.pending = [whole.slice(cut)] if cut < n else []
+            start_writeback(self.path)  # so the fsync before the rename has little left to write
         if final and self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -340,8 +364,8 @@ class ShardWriter:
         out = self._files.get(layer)
         if out is not None:
             sel, w = self.selection, batch.width
-            table = layer_table(k[:, :, :w].float().numpy() if sel.parts != "values" else None,
-                                v[:, :, :w].float().numpy() if sel.parts != "keys" else None,
+            table = layer_table(_float32(k[:, :, :w]) if sel.parts != "values" else None,
+                                _float32(v[:, :, :w]) if sel.parts != "keys" else None,
                                 batch.seq_ids, batch.token_ids, sel.heads, sel.parts, sel.storage_dtype)
             out.append(table)
 
@@ -576,8 +600,7 @@ class ShardWriter:
             with atomic_path(shards_dir / f"predictions-{self.shard:05d}.parquet") as tmp:
                 pq.write_table(pa.concat_tables(self.predictions), tmp)
             for layer in layers:
-                (kv_dir / f"layer={layer}").mkdir(parents=True, exist_ok=True)
-                os.replace(self._files[layer].path, kv_dir / f"layer={layer}" / f"{name}.parquet")
+                _move_into_place(self._files[layer].path, kv_dir / f"layer={layer}" / f"{name}.parquet")
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
             with contextlib.suppress(OSError):

@@ -289,6 +289,15 @@ def test_parquet_options_choose_rows_and_columns(tiny_models, default_run, tmp_p
     np.testing.assert_allclose(np.asarray(got[kept], np.float32), want, rtol=1e-3, atol=1e-3)
     assert got[f"{kept}_norm"] == pytest.approx(float(np.linalg.norm(want)), rel=1e-6)
     assert pd.isna(got[dropped]) and pd.isna(got[f"{dropped}_norm"])
+    # what the extraction left out of Parquet is one clear error, not an empty result; row counts add up
+    opened = kvcore.open_run(run)
+    assert opened.sql("SELECT n_kv_rows FROM runs").iloc[0, 0] == sum(lengths) * len(heads) * len(layers)
+    for left_out, fragment in (([i for i in (0, 1) if i not in layers], "layer {} has no Parquet rows"),
+                               ([i for i in (0, 1) if i not in heads], "KV head {} has no Parquet rows")):
+        for i in left_out:
+            args = (i, head) if "layer" in fragment else (layer, i)
+            with pytest.raises(UsageError, match=fragment.format(i)):
+                opened.coordinate(*args, 2, seq=1)
 
 
 def test_bad_parquet_options_are_one_line_before_any_output(tiny_models, tmp_path, capsys):
@@ -365,3 +374,16 @@ def test_cuda_streams_write_what_the_simple_path_writes(tiny_models, tmp_path, d
         for layer in range(meta["num_layers"]):
             got, want = (pq.read_table(tmp_path / f"{r}/kv/layer={layer}/{name}.parquet") for r in ("fast", "ref"))
             assert got.equals(want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_writer_float32_conversion_is_torchs(dtype):
+    """The writers widen host tensors with numpy (no torch thread pool); bit for bit what .float() gives."""
+    import numpy as np
+
+    x = (torch.randn(3, 2, 9, 8) * 100).to(dtype)
+    x[0, 0, 0, :3] = torch.tensor([float("inf"), -0.0, 1e-30]).to(dtype)
+    part = x[:, :, :5]  # a slice of a wider slot, as the writer passes it
+    got = storage._float32(part)
+    assert got.dtype == np.float32 and got.shape == (3, 2, 5, 8)
+    assert np.array_equal(got.view(np.uint32), part.float().numpy().view(np.uint32))

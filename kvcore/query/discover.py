@@ -43,6 +43,12 @@ class RunFiles:
         extra = [self.tokens] if self.tokens else []
         return self.kv_files + extra + self.predictions + self.stats + self.compress + self.ppl
 
+    def parquet_items(self, what: str) -> list[int]:
+        """The layers or KV heads (`what`) that have Parquet rows: all, unless the extraction chose."""
+        n = int(self.meta["num_layers" if what == "layers" else "num_kv_heads"])
+        chosen = (self.meta.get("parquet") or {}).get(what)
+        return list(range(n)) if chosen is None else list(chosen)
+
     def layer_files(self, layer: int) -> list[Path]:
         return [f for f in self.kv_files if f.parent.name == f"layer={layer}"]
 
@@ -102,7 +108,7 @@ def load_run(path: Path) -> RunFiles:
         raise KvcoreError(f"{path}: no complete shard yet (shards/kv-*.json missing); wait for the extraction "
                           "to finish a shard")
     first = manifests[0]
-    meta = {**{k: first.get(k) for k in ("model", "dataset", *SHAPE_KEYS)}, **meta}
+    meta = {**{k: first.get(k) for k in ("model", "dataset", "parquet", *SHAPE_KEYS)}, **meta}
     missing = [k for k in ("num_layers", "num_kv_heads", "head_dim") if meta.get(k) is None]
     if missing:
         raise KvcoreError(f"{path}: shard manifest lacks {', '.join(missing)}; re-extract this run")
@@ -117,7 +123,8 @@ def load_run(path: Path) -> RunFiles:
                 shard_files.setdefault(m["shard"], []).append(f.resolve())
         seq_lengths.update(zip(m["seq_ids"], m["seq_lengths"]))
         seq_shard.update((s, m["shard"]) for s in m["seq_ids"])
-    n_rows = sum(m.get("n_rows_per_layer", 0) for m in manifests) * int(meta["num_layers"])
+    n_rows = sum(m.get("n_rows_per_layer", 0) * sum(rel.endswith(".parquet") for rel in m["files"])
+                 for m in manifests)  # only the layers with Parquet files (extract.parquet_layers)
     preds = [path / "predictions.parquet"] if meta_path and (path / "predictions.parquet").is_file() else \
         [p for m in manifests if (p := path / "shards" / f"predictions-{m['shard']:05d}.parquet").is_file()]
     tokens = path / "tokens.parquet"

@@ -39,14 +39,24 @@ def _ranges(runs: list[RunFiles], key: str) -> str:
     return ", ".join(f"{v} ({k})" for k, v in spans.items())
 
 
+def _check_stored(runs: list[RunFiles], what: str, index: int) -> None:
+    """A layer or head the model has but the extraction left out of Parquet: say so, not an empty result."""
+    if not any(index in r.parquet_items(what) for r in runs):
+        stored = "; ".join(f"{_spans(r.parquet_items(what))}" + (f" ({r.name})" if len(runs) > 1 else "")
+                           for r in runs)
+        raise UsageError(f"{what[:-1].replace('head', 'KV head')} {index} has no Parquet rows: this run stored "
+                         f"{what} {stored} (extract.parquet_{what}); its safetensors hold every {what[:-1]}")
+
+
 def check_layer(runs: list[RunFiles], layer: int) -> None:
     if not any(0 <= layer < int(r.meta["num_layers"]) for r in runs):
         raise UsageError(f"layer {layer} out of range: valid layers {_ranges(runs, 'num_layers')}")
+    _check_stored(runs, "layers", layer)
 
 
 def check_head(runs: list[RunFiles], head: int) -> None:
     if any(0 <= head < int(r.meta["num_kv_heads"]) for r in runs):
-        return
+        return _check_stored(runs, "heads", head)
     gqa = [r for r in runs if int(r.meta.get("num_heads") or 0) > int(r.meta["num_kv_heads"])]
     hint = ""
     if gqa:
