@@ -11,10 +11,12 @@ hits them alike); medians over `--repeats` are printed as tokens/s and GB/s:
   2  kvcore extraction to safetensors only (`ParquetSelection(layers=())`)
   3  kvcore extraction, safetensors + Parquet: what the workflow runs
   3o kvcore before the streaming writer: the same, safetensors held in memory until close()
+  3d kvcore with pyarrow's default Parquet options (before the codec table's choice)
+  3t kvcore with torch's CPU threads left as they are (no `host_threads_for_writers`)
   4  naive: forward, .cpu(), one pyarrow table written per batch and layer, main thread
   5  the old extractor's nested JSON lists, one sequence at a time (`--json-seqs` only)
 
-plus ratios 2/1, 3/1, 3/4, 3/5; peak RSS (one repeat each) at two sizes, `--rss-batches`
+plus ratios 2/1, 3/1, 3/4, 3/5; peak RSS of `--rss-modes` (one repeat each) at two sizes, `--rss-batches`
 (default 2x and 4x `--batches`), which shows whether host memory grows with the data. Both
 should be past the first full Parquet row group (ROW_GROUP_ROWS rows held back per layer
 file, a fixed bound) so that the comparison shows growth, not that bound filling. Also the
@@ -25,7 +27,16 @@ the limit L = min(forward tok/s, disk bytes/s / bytes written per token) for mod
     python benchmarks/extract_bench.py --codecs --shape tinyllama --batch 8 --seq-len 512
 
 writes one layer's rows of that batch with each Parquet codec/encoding tried (no model) and
-prints write speed, file size and a point lookup's time: the table in benchmarks/README.md.
+prints write and read speed, file size and a point lookup's time: the table in benchmarks/README.md.
+
+    python benchmarks/extract_bench.py --writer-scaling --shape tinyllama --device cuda --workers 1 2 4 8 16
+
+the storage path alone: Parquet encoding on 1, 2, 4, ... threads, then ShardWriter fed random
+K/V per writer count (`--max-pending` batches in flight), with and without one torch thread.
+
+    python benchmarks/extract_bench.py --e2e 300000 --shape tinyllama --device cuda
+
+a corpus of that many tokens extracted as the workflow's extract job does, timed end to end.
 """
 
 from __future__ import annotations
@@ -308,9 +319,42 @@ def codec_table(args):
 
 # ---- the storage path alone, and a corpus end to end ---------------------------------------------
 
+def encode_scaling(args, geo: dict) -> None:
+    """N threads, each building and writing one layer's Parquet rows (6 times): does encoding scale?"""
+    import pyarrow.parquet as pq
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvcore.storage import _float32, layer_table, parquet_options
+
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn((args.batch, geo["num_kv_heads"], args.seq_len, geo["head_dim"]), generator=g)
+            .to(getattr(torch, args.dtype)) for _ in range(2))
+    ids = [list(range(args.seq_len))] * args.batch
+
+    def table():
+        return layer_table(_float32(k), _float32(v), list(range(args.batch)), ids)
+
+    nbytes = table().nbytes
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        def job(i):
+            for _ in range(6):
+                t = table()
+                pq.write_table(t, f"{d}/{i}.parquet", row_group_size=32768, **parquet_options(t.schema))
+        print(f"{'encoding threads':>16s} {'MB/s of Arrow rows':>19s} {'per thread':>10s}")
+        for n in args.workers:
+            with ThreadPoolExecutor(n) as pool:
+                start = time.perf_counter()
+                list(pool.map(job, range(n)))
+                seconds = time.perf_counter() - start
+            print(f"{n:16d} {n * 6 * nbytes / seconds / 1e6:19.0f} {6 * nbytes / seconds / 1e6:10.0f}", flush=True)
+
+
 def writer_scaling(args):
-    """ShardWriter alone (no model) fed one batch of random K/V on the device, again and again,
-    with 1, 2, 4, ... writer threads: what the storage path can take, and whether it scales."""
+    """The storage path alone (no model): Parquet encoding with 1, 2, 4, ... threads, then ShardWriter
+    fed one batch of random K/V on the device again and again, per writer count and batches in
+    flight, with torch's CPU threads as extraction sets them and as they were."""
+    import contextlib
+
     import pyarrow as pa
     from transformers import AutoConfig
 
@@ -321,32 +365,36 @@ def writer_scaling(args):
     shape = args.shape[0]
     params = dict(SHAPES[shape])
     geo = kv_shape(AutoConfig.for_model(params.pop("model_type"), **params))
+    print(f"{shape}, {args.dtype}, batch {args.batch} x {args.seq_len}; {os.cpu_count()} CPU cores")
+    encode_scaling(args, geo)
     meta = {"model": shape, "dataset": "random", "seq_len": args.seq_len, "dtype": args.dtype, **geo}
-    dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     kv = [torch.randn((args.batch, geo["num_kv_heads"], args.seq_len, geo["head_dim"]), generator=g)
-          .to(dtype).to(args.device) for _ in range(2 * geo["num_layers"])]
+          .to(getattr(torch, args.dtype)).to(args.device) for _ in range(2 * geo["num_layers"])]
     keys, values = kv[::2], kv[1::2]
     ids = [[1] * args.seq_len] * args.batch
     n_seq = args.batch * args.batches
     plan = {i: args.seq_len for i in range(n_seq)}
     pred = pa.table({"seq_id": pa.array([0], pa.int32())})
     tokens = n_seq * args.seq_len
-    print(f"{shape} K/V ({args.dtype}, {args.device}) through ShardWriter alone, {args.batches} batches of "
-          f"{args.batch} x {args.seq_len}, median of {args.repeats}; {os.cpu_count()} CPU cores")
-    print(f"{'what':28s} {'workers':>7s} {'pending':>7s} {'tok/s':>10s}")
-    configs = [("safetensors + Parquet", ParquetSelection(), n, p) for n in args.workers for p in args.max_pending]
-    configs.append(("safetensors only", ParquetSelection(layers=()), max(args.workers), args.max_pending[0]))
-    for label, selection, workers, pending in configs:
+    print(f"\nShardWriter alone, K/V on {args.device}, {args.batches} batches, median of {args.repeats}")
+    print(f"{'what':24s} {'torch threads':>13s} {'workers':>7s} {'pending':>7s} {'tok/s':>10s}")
+    both, st_only, most = ParquetSelection(), ParquetSelection(layers=()), max(args.workers)
+    configs = [("safetensors + Parquet", both, n, p, True) for n in args.workers for p in args.max_pending]
+    configs += [("safetensors + Parquet", both, most, args.max_pending[0], False),
+                ("safetensors only", st_only, most, args.max_pending[0], True)]
+    for label, selection, workers, pending, as_extraction in configs:
         def run():
-            with tempfile.TemporaryDirectory(dir=args.dir) as d, host_threads_for_writers(args.device):
+            threads = host_threads_for_writers(args.device) if as_extraction else contextlib.nullcontext()
+            with tempfile.TemporaryDirectory(dir=args.dir) as d, threads:
                 writer = ShardWriter(d, 0, meta, workers=workers, max_pending=pending, seq_lengths=plan,
                                      selection=selection)
                 for b in range(args.batches):
                     writer.add(list(range(b * args.batch, (b + 1) * args.batch)), ids, keys, values, pred)
                 writer.close()
         seconds = timed(run, args.device, args.repeats)
-        print(f"{label:28s} {workers:7d} {pending:7d} {tokens / seconds:10.0f}", flush=True)
+        where = "as extraction" if as_extraction else "as they were"
+        print(f"{label:24s} {where:>13s} {workers:7d} {pending:7d} {tokens / seconds:10.0f}", flush=True)
 
 
 def end_to_end(args):
@@ -468,9 +516,9 @@ def main():
     ap.add_argument("--rss-modes", nargs="*", choices=MODES, default=["safetensors", "kvcore"],
                     help="modes whose peak RSS is measured at the two --rss-batches sizes")
     ap.add_argument("--writer-scaling", action="store_true",
-                    help="only the storage path alone (no model) with 1, 2, 4, ... writer threads")
+                    help="only the storage path alone (no model): encoding threads, then ShardWriter configurations")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16],
-                    help="writer threads tried by --writer-scaling")
+                    help="encoding threads / writer threads tried by --writer-scaling")
     ap.add_argument("--max-pending", type=int, nargs="+", default=[2],
                     help="batches in flight tried by --writer-scaling")
     ap.add_argument("--e2e", type=int, metavar="TOKENS",

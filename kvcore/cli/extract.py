@@ -44,7 +44,8 @@ def register(sub) -> None:
     g.add_argument("--parts", choices=["both", "keys", "values"], default="both",
                    help="keys only or values only leaves the other vector and its norm NULL (default: both)")
     g.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32",
-                   help="Parquet vector type; float16 halves the vector columns, norms stay float32 "
+                   help="Parquet vector type; float16 rounds float32 models' vectors and halves their Parquet, "
+                        "but a bf16 model's are as small in float32 (benchmarks/README.md); norms stay float32 "
                         "(default: float32)")
     p.set_defaults(func=run)
 
