@@ -3,7 +3,7 @@
     python benchmarks/extract_bench.py --shape gpt2 tinyllama --device cuda --batch 8 --seq-len 512 --batches 4
 
 Random-weight models built from a config (no hub): `gpt2` (GPT-2 small), `tinyllama`
-(TinyLlama-1.1B shape), `smollm2`. Each mode runs in a fresh subprocess (so its peak host
+(TinyLlama-1.1B shape), `smollm2`, `tiny` (smoke tests only). Each mode runs in a fresh subprocess (so its peak host
 RSS is its own) once per repeat, the modes taking turns (a load change on a shared machine
 hits them alike); medians over `--repeats` are printed as tokens/s and GB/s:
 
@@ -60,6 +60,9 @@ SHAPES = {
                       hidden_size=2048, intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048),
     "smollm2": dict(model_type="llama", num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                     hidden_size=576, intermediate_size=1536, vocab_size=49152, max_position_embeddings=2048),
+    # for the smoke test (tests/test_benchmarks.py), not for numbers
+    "tiny": dict(model_type="llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 hidden_size=64, intermediate_size=128, vocab_size=512, max_position_embeddings=256),
 }
 MODES = {
     "forward": "1 forward only (ceiling)",

@@ -29,8 +29,8 @@ from kvcore.tensorfile import start_writeback
 # Row groups of this many rows: small enough that a point lookup reads one group of one
 # file, large enough that scans stay sequential (decided in benchmarks/, issue 9).
 ROW_GROUP_ROWS = 32768
-# zstd level 1, no dictionary and byte_stream_split on the vectors: 2x faster to write and to
-# read than pyarrow's defaults, and smaller (codec table in benchmarks/README.md, issue 9).
+# zstd level 1, no dictionary and byte_stream_split on the vectors: 1.5-2.3x faster to write than
+# pyarrow's defaults, as fast or faster to read, and smaller (codec table in benchmarks/README.md).
 PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 1
 METADATA_KEYS = ("model", "dataset", "num_layers", "num_kv_heads", "num_heads", "head_dim", "seq_len", "dtype")
@@ -126,8 +126,8 @@ def _rows(x: np.ndarray, lengths: list[int], heads) -> np.ndarray:
 
 
 def _float32(t) -> np.ndarray:
-    """A host torch tensor as float32 numpy, converted by numpy: a torch op in each of 16 writer
-    threads would start its own OpenMP team of threads per call and oversubscribe the cores."""
+    """A host torch tensor as float32 numpy, bit for bit `.float()`, converted by numpy so that
+    the writer threads run no torch ops (torch's thread pool competes with them, see extract.py)."""
     import torch
 
     if t.dtype == torch.bfloat16:  # bf16 is the top half of a float32: widen the bits
