@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,6 @@ from kvcore.model import load_model
 from kvcore.perplexity import evaluate, layout_windows
 from kvcore.protocols import evaluate_methods, split_window
 
-REPO = Path(__file__).resolve().parent.parent
-SMOLLM2 = REPO / "resources" / "models" / "smollm2-135m"
-LEE = REPO / "resources" / "datasets" / "lee-news" / "text.parquet"
 
 # head_dim of the tiny models is 16: quantize along tokens (channel axis) there
 QUANT = ["int8-ch", "int4-g32-ch", "sparse-0.5"]
@@ -170,16 +166,14 @@ def test_record_has_design_fields_and_both_protocols(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_two_bits_worse_than_four_bits():
+def test_smollm2_two_bits_worse_than_four_bits(smollm2_dir, lee_news_dir):
     """Sanity ordering on real weights (SmolLM2-135M, Lee corpus, 2 windows of 256 tokens,
     128 scored each; 4-bit may land a hair under the baseline, so only the ordering is checked)."""
-    if not (SMOLLM2 / "config.json").is_file() or not LEE.is_file():
-        pytest.skip(f"needs the embedded model and corpus ({SMOLLM2}, {LEE}): run `snakemake` (make run) first")
     from kvcore.perplexity import eval_token_ids
     from kvcore.sources.datasets import joined_text
 
-    model, tokenizer, _ = load_model(SMOLLM2, "cpu", "float32")
-    ids = eval_token_ids(tokenizer, joined_text(LEE), 512)
+    model, tokenizer, _ = load_model(smollm2_dir, "cpu", "float32")
+    ids = eval_token_ids(tokenizer, joined_text(lee_news_dir / "text.parquet"), 512)
     result = run(model, ids, ["kivi2-g64", "kivi4-g64"], "fake-quant", max_length=256, stride=128, layout="chunks")
     base = result["baseline"]["perplexity"]
     two, four = (result["methods"][n]["perplexity"] for n in ("kivi2-g64", "kivi4-g64"))
