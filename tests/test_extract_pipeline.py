@@ -387,3 +387,16 @@ def test_writer_float32_conversion_is_torchs(dtype):
     got = storage._float32(part)
     assert got.dtype == np.float32 and got.shape == (3, 2, 5, 8)
     assert np.array_equal(got.view(np.uint32), part.float().numpy().view(np.uint32))
+
+
+def test_one_torch_thread_only_while_a_gpu_extraction_runs():
+    """On a GPU the writers get the cores; the caller's torch threads come back, also after an error."""
+    from kvcore.extract import host_threads_for_writers
+
+    before = torch.get_num_threads()
+    with host_threads_for_writers("cpu"):
+        assert torch.get_num_threads() == before  # a CPU forward needs its threads
+    with pytest.raises(RuntimeError, match="boom"), host_threads_for_writers("cuda:0"):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
