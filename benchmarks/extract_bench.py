@@ -84,14 +84,26 @@ class IdTokenizer:
         return [str(i[0]) for i in ids]
 
 
-def build(shape: str, device: str, dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def shape_config(shape: str):
+    from transformers import AutoConfig
 
     params = dict(SHAPES[shape])
-    config = AutoConfig.for_model(params.pop("model_type"), **params)
+    return AutoConfig.for_model(params.pop("model_type"), **params)
+
+
+def kv_geometry(shape: str) -> dict:
+    """num_layers, num_kv_heads, head_dim, ... of a shape, without building its model."""
+    from kvcore.model import kv_shape
+
+    return kv_shape(shape_config(shape))
+
+
+def build(shape: str, device: str, dtype):
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     with torch.device(device):  # random init on the device itself: seconds, not minutes, for 1B on a GPU
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_config(shape_config(shape), dtype=dtype).eval()
 
 
 def sync(device):
@@ -171,10 +183,10 @@ def child(args) -> dict:
             with open(f"{d}/seq-{s}.json", "w") as fh:
                 json.dump(ex.to_dict(max_elements=1 << 40), fh)
 
+    workflow = extraction(ParquetSelection(), True)  # 3, and 3d / 3t with the patches below
     fns = {"forward": forward_only, "safetensors": extraction(ParquetSelection(layers=()), True),
-           "kvcore": extraction(ParquetSelection(), True), "held": extraction(ParquetSelection(), False),
-           "defaults": extraction(ParquetSelection(), True), "naive": naive, "json": old_json}
-    fns["threads"] = fns["defaults"]
+           "kvcore": workflow, "held": extraction(ParquetSelection(), False), "defaults": workflow,
+           "threads": workflow, "naive": naive, "json": old_json}
     if args.child == "defaults":  # the pipeline with the Parquet options kvcore used before issue 9's codec table
         import kvcore.storage
 
@@ -282,15 +294,13 @@ def codec_table(args):
     zero bytes per value), plus float16 storage. The last row of each block is what
     `kvcore.storage.parquet_options` writes.
     """
-    import numpy as np
     import pyarrow.parquet as pq
 
     from kvcore.storage import ROW_GROUP_ROWS, layer_table, parquet_options
 
     shape = args.shape[0]
-    cfg = SHAPES[shape]
-    n_kv = cfg.get("num_key_value_heads", cfg.get("n_head"))
-    dim = (cfg.get("hidden_size") or cfg["n_embd"]) // (cfg.get("num_attention_heads") or cfg["n_head"])
+    geo = kv_geometry(shape)
+    n_kv, dim = geo["num_kv_heads"], geo["head_dim"]
     n_seq = args.batch * args.batches
     g = torch.Generator().manual_seed(0)
     k32, v32 = (torch.randn((n_seq, n_kv, args.seq_len, dim), generator=g) for _ in range(2))
@@ -306,7 +316,7 @@ def codec_table(args):
         for label, k, v, storage in blocks:
             table = layer_table(k.numpy(), v.numpy(), list(range(n_seq)), token_ids, storage_dtype=storage)
             raw = table.nbytes
-            codecs = [c for c in CODECS if storage == "float32" or "bss" not in c[0]]
+            codecs = [c for c in CODECS if storage == "float32" or "use_byte_stream_split" not in c[1]]
             for name, opts in codecs + [("kvcore (parquet_options)", parquet_options(table.schema))]:
                 opts = {"write_statistics": True, **opts}
                 path = f"{d}/t.parquet"
@@ -359,15 +369,12 @@ def writer_scaling(args):
     import contextlib
 
     import pyarrow as pa
-    from transformers import AutoConfig
 
     from kvcore.extract import host_threads_for_writers
-    from kvcore.model import kv_shape
     from kvcore.storage import ParquetSelection, ShardWriter
 
     shape = args.shape[0]
-    params = dict(SHAPES[shape])
-    geo = kv_shape(AutoConfig.for_model(params.pop("model_type"), **params))
+    geo = kv_geometry(shape)
     print(f"{shape}, {args.dtype}, batch {args.batch} x {args.seq_len}; {os.cpu_count()} CPU cores")
     encode_scaling(args, geo)
     meta = {"model": shape, "dataset": "random", "seq_len": args.seq_len, "dtype": args.dtype, **geo}
@@ -418,7 +425,8 @@ def end_to_end(args):
         tokenizer = build_tokenizer()
         build(shape, args.device, getattr(torch, args.dtype)).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-        torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the model built to be saved: extract_shard loads its own
         ids = np.random.default_rng(0).integers(0, len(tokenizer), (n_seq, args.seq_len)).tolist()
         pq.write_table(tokens_table(tokenizer, [(row, [0] * len(row)) for row in ids]), Path(d) / "tokens.parquet")
         start = time.perf_counter()

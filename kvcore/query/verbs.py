@@ -44,8 +44,9 @@ def _check_stored(runs: list[RunFiles], what: str, index: int) -> None:
     if not any(index in r.parquet_items(what) for r in runs):
         stored = "; ".join(f"{_spans(r.parquet_items(what))}" + (f" ({r.name})" if len(runs) > 1 else "")
                            for r in runs)
-        raise UsageError(f"{what[:-1].replace('head', 'KV head')} {index} has no Parquet rows: this run stored "
-                         f"{what} {stored} (extract.parquet_{what}); its safetensors hold every {what[:-1]}")
+        noun = {"layers": "layer", "heads": "KV head"}[what]
+        raise UsageError(f"{noun} {index} has no Parquet rows: this run stored {what} {stored} "
+                         f"(extract.parquet_{what}); its safetensors hold every {noun}")
 
 
 def check_layer(runs: list[RunFiles], layer: int) -> None:
