@@ -337,7 +337,7 @@ def encode_scaling(args, geo: dict) -> None:
     import pyarrow.parquet as pq
     from concurrent.futures import ThreadPoolExecutor
 
-    from kvcore.storage import _float32, layer_table, parquet_options
+    from kvcore.storage import layer_table, parquet_options
 
     g = torch.Generator().manual_seed(0)
     k, v = (torch.randn((args.batch, geo["num_kv_heads"], args.seq_len, geo["head_dim"]), generator=g)
@@ -345,7 +345,7 @@ def encode_scaling(args, geo: dict) -> None:
     ids = [list(range(args.seq_len))] * args.batch
 
     def table():
-        return layer_table(_float32(k), _float32(v), list(range(args.batch)), ids)
+        return layer_table(k, v, list(range(args.batch)), ids)
 
     nbytes = table().nbytes
     with tempfile.TemporaryDirectory(dir=args.dir) as d:

@@ -106,41 +106,50 @@ def kv_schema(head_dim: int, storage_dtype: str = "float32"):
                       ("key", vector), ("value", vector), ("key_norm", pa.float32()), ("value_norm", pa.float32())])
 
 
-def _rows(x: np.ndarray, lengths: list[int], heads) -> np.ndarray:
-    """[n_seq, n_kv, width, dim] -> float32 rows [n, dim] ordered (seq, pos, head), real positions only."""
-    n_seq, _, width, dim = x.shape
-    if n_seq and all(n == width for n in lengths):
-        # [n_seq, n_kv, len, dim] -> [n_seq, len, n_kv, dim]: rows ordered (seq, pos, head); one copy
-        t = x.transpose(0, 2, 1, 3)
-        if heads is not None:
-            t = t[:, :, list(heads)]
-        return np.ascontiguousarray(t, dtype=np.float32).reshape(-1, dim)
-    parts = []
-    for i, length in enumerate(lengths):
-        # [n_kv, len, dim] -> [len, n_kv, dim]: rows ordered (pos, head) inside a sequence
-        t = x[i, :, :length].transpose(1, 0, 2)
-        if heads is not None:
-            t = t[:, list(heads)]
-        parts.append(t.reshape(-1, dim))
-    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+def _host_array(x) -> tuple[np.ndarray, bool]:
+    """A host tensor or array as numpy, without a copy; True when it holds bf16 bits (uint16).
 
-
-def _float32(t) -> np.ndarray:
-    """A host torch tensor as float32 numpy, bit for bit `.float()`, converted by numpy so that
-    the writer threads run no torch ops (torch's thread pool competes with them, see extract.py)."""
+    Converting in numpy keeps torch ops out of the writer threads (torch's thread pool
+    competes with them, see extract.py)."""
+    if isinstance(x, np.ndarray):
+        return x, False
     import torch
 
-    if t.dtype == torch.bfloat16:  # bf16 is the top half of a float32: widen the bits
-        return (t.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return t.numpy().astype(np.float32, copy=False)
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(np.uint16), True
+    return x.numpy(), False
 
 
-def layer_table(keys: np.ndarray | None, values: np.ndarray | None, seq_ids: list[int], token_ids: list[list[int]],
+def _rows(x, lengths: list[int], heads) -> np.ndarray:
+    """[n_seq, n_kv, width, dim] host tensor or array -> float32 rows [n, dim] ordered (seq, pos, head),
+    real positions only; bit for bit what `.float()` gives.
+
+    One strided copy per sequence reorders its rows and widens them: bf16 is the top half of
+    a float32, so its bits are copied into uint32 and shifted up; other dtypes are cast.
+    """
+    src, bf16 = _host_array(x)
+    picked = None if heads is None else list(heads)
+    n_heads = src.shape[1] if picked is None else len(picked)
+    out = np.empty((sum(lengths) * n_heads, src.shape[3]), np.uint32 if bf16 else np.float32)
+    start = 0
+    for i, n in enumerate(lengths):
+        t = src[i, :, :n].transpose(1, 0, 2)  # [len, n_kv, dim]: rows ordered (pos, head)
+        if picked is not None:
+            t = t[:, picked]
+        np.copyto(out[start:start + n * n_heads].reshape(t.shape), t, casting="unsafe")
+        start += n * n_heads
+    if bf16:
+        out <<= 16
+        return out.view(np.float32)
+    return out
+
+
+def layer_table(keys, values, seq_ids: list[int], token_ids: list[list[int]],
                 heads=None, parts: str = "both", storage_dtype: str = "float32"):
-    """Arrow rows for one layer of a shard; keys/values [n_seq, n_kv, seq_len, dim] float32.
+    """Arrow rows for one layer of a shard; keys/values [n_seq, n_kv, seq_len, dim] host torch
+    tensors in the model dtype or numpy arrays, stored as float32.
 
     Sequences may be shorter than seq_len (prompts); only their real positions become rows.
-    When every sequence fills seq_len (the usual case) the rows are one transpose, no loop.
     `heads` keeps those KV heads only; `parts` keys/values leaves the other column NULL (its
     array may then be None); float16 `storage_dtype` rounds the stored vectors.
     """
@@ -171,7 +180,7 @@ def layer_table(keys: np.ndarray | None, values: np.ndarray | None, seq_ids: lis
         rows = _rows(x, lengths, heads)
         columns[kind] = pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(store, copy=False).reshape(-1)),
                                                           type=vec)
-        columns[f"{kind}_norm"] = np.linalg.norm(rows, axis=1).astype(np.float32, copy=False)
+        columns[f"{kind}_norm"] = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # float32, no x*x temporary
     return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
@@ -181,12 +190,14 @@ def parquet_options(schema) -> dict:
     Dictionaries only for the integer columns: on float vectors pyarrow builds a dictionary,
     finds it too large and falls back to plain, having hashed every value. byte_stream_split
     groups the vectors' exponent bytes so zstd finds them (a bf16 cache stored as float32
-    has two zero bytes per value); DuckDB reads it for FLOAT, not for float16.
+    has two zero bytes per value); DuckDB reads it for FLOAT, not for float16. Min/max
+    statistics only where a filter can use them (the scalars): the vectors' cost ~5 % of the write.
     """
+    ids = ["seq_id", "pos", "token_id", "head"]
     vectors = ["key.list.element", "value.list.element"]
     float32 = str(schema.field("key").type.value_type) == "float"
-    return dict(compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL, write_statistics=True,
-                use_dictionary=["seq_id", "pos", "token_id", "head"],
+    return dict(compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
+                write_statistics=ids + ["key_norm", "value_norm"], use_dictionary=ids,
                 use_byte_stream_split=vectors if float32 else False)
 
 
@@ -364,8 +375,8 @@ class ShardWriter:
         out = self._files.get(layer)
         if out is not None:
             sel, w = self.selection, batch.width
-            table = layer_table(_float32(k[:, :, :w]) if sel.parts != "values" else None,
-                                _float32(v[:, :, :w]) if sel.parts != "keys" else None,
+            table = layer_table(k[:, :, :w] if sel.parts != "values" else None,
+                                v[:, :, :w] if sel.parts != "keys" else None,
                                 batch.seq_ids, batch.token_ids, sel.heads, sel.parts, sel.storage_dtype)
             out.append(table)
 

@@ -95,6 +95,10 @@ def test_threaded_writer_equals_the_simple_path(tiny_models, tmp_path, monkeypat
             assert got.schema_arrow.equals(storage.kv_schema(meta["head_dim"]))
             sizes = [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in (got.metadata, want.metadata)]
             assert sizes[0] == sizes[1] and len(sizes[0]) > 2
+            group = got.metadata.row_group(0)  # min/max where filters use them, not on the vectors
+            stats = {group.column(i).path_in_schema: group.column(i).is_stats_set for i in range(group.num_columns)}
+            assert stats == {"seq_id": True, "pos": True, "token_id": True, "head": True, "key.list.element": False,
+                             "value.list.element": False, "key_norm": True, "value_norm": True}
     assert not (tmp_path / "fast/.staging").exists()
 
 
@@ -108,7 +112,8 @@ def test_uniform_layer_table_equals_the_per_sequence_rows():
     want = [(s, p, tokens[i][p], h, k[i, h, p].tolist()) for i, s in enumerate([3, 4, 9]) for p in range(5)
             for h in range(4)]
     assert list(zip(rows["seq_id"], rows["pos"], rows["token_id"], rows["head"], rows["key"])) == want
-    np.testing.assert_array_equal(rows["value_norm"], np.linalg.norm(v.transpose(0, 2, 1, 3), axis=-1).reshape(-1))
+    want_norms = np.linalg.norm(v.astype(np.float64).transpose(0, 2, 1, 3), axis=-1).reshape(-1)
+    np.testing.assert_allclose(rows["value_norm"], want_norms, rtol=1e-6)
 
 
 TEXTS = ["The quick brown fox jumps over the lazy dog."] * 7
@@ -377,16 +382,24 @@ def test_cuda_streams_write_what_the_simple_path_writes(tiny_models, tmp_path, d
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_writer_float32_conversion_is_torchs(dtype):
-    """The writers widen host tensors with numpy (no torch thread pool); bit for bit what .float() gives."""
+@pytest.mark.parametrize("lengths,heads", [([5, 5, 5], None), ([5, 2, 4], [1])])
+def test_writer_rows_widen_as_torch_does(dtype, lengths, heads):
+    """The writers reorder and widen host tensors with numpy (no torch thread pool): bit for bit
+    what .float() and a transpose give, norms as float64 computes them."""
     import numpy as np
 
     x = (torch.randn(3, 2, 9, 8) * 100).to(dtype)
     x[0, 0, 0, :3] = torch.tensor([float("inf"), -0.0, 1e-30]).to(dtype)
     part = x[:, :, :5]  # a slice of a wider slot, as the writer passes it
-    got = storage._float32(part)
-    assert got.dtype == np.float32 and got.shape == (3, 2, 5, 8)
-    assert np.array_equal(got.view(np.uint32), part.float().numpy().view(np.uint32))
+    table = storage.layer_table(part, part, [0, 1, 2], [list(range(n)) for n in lengths], heads=heads)
+    got = np.asarray(table.column("key").combine_chunks().values).reshape(-1, 8)
+    picked = heads or [0, 1]
+    want = torch.cat([part[i, picked, :n].transpose(0, 1).reshape(-1, 8) for i, n in enumerate(lengths)]).float()
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.numpy().view(np.uint32))
+    finite = np.isfinite(got).all(axis=1)
+    norms = np.asarray(table.column("key_norm"))
+    np.testing.assert_allclose(norms[finite], np.linalg.norm(got[finite].astype(np.float64), axis=1), rtol=1e-6)
+    assert np.isinf(norms[~finite]).all()
 
 
 def test_one_torch_thread_only_while_a_gpu_extraction_runs():
