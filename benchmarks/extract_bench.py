@@ -111,14 +111,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
+def timed(fn, device, repeats, workdir=None):
+    """Median seconds of fn(), or of fn(d) with a fresh directory d under `workdir`, made and
+    removed outside the timed part (deleting gigabytes takes a while)."""
     times = []
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+        d = tempfile.mkdtemp(prefix="extract-bench-", dir=workdir) if workdir else None
+        try:
+            sync(device)
+            start = time.perf_counter()
+            fn(d) if d else fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        finally:
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
     return statistics.median(times)
 
 
@@ -305,6 +312,13 @@ def codec_table(args):
     g = torch.Generator().manual_seed(0)
     k32, v32 = (torch.randn((n_seq, n_kv, args.seq_len, dim), generator=g) for _ in range(2))
     token_ids = torch.randint(0, 30000, (n_seq, args.seq_len), generator=g).tolist()
+    # building the rows from a bf16 host batch: kvcore's one strided widening copy, against
+    # torch's .float() followed by the rows' transpose copy
+    kb, vb, seq_ids = k32.bfloat16(), v32.bfloat16(), list(range(n_seq))
+    ours = timed(lambda: layer_table(kb, vb, seq_ids, token_ids), "cpu", args.repeats)
+    torchs = timed(lambda: layer_table(kb.float().numpy(), vb.float().numpy(), seq_ids, token_ids), "cpu",
+                   args.repeats)
+    print(f"rows from bf16 host tensors: {ours * 1e3:.1f} ms (kvcore), {torchs * 1e3:.1f} ms (.float() first)")
     print(f"{shape}: one layer, {n_seq * n_kv * args.seq_len} rows, row groups of {ROW_GROUP_ROWS}; "
           f"write and read MB/s of the Arrow table's bytes, median of {args.repeats}")
     print(f"{'data':22s} {'codec':42s} {'write MB/s':>10s} {'size MB':>8s} {'ratio':>6s} {'read MB/s':>9s} "
@@ -394,15 +408,15 @@ def writer_scaling(args):
     configs += [("safetensors + Parquet", both, most, args.max_pending[0], False),
                 ("safetensors only", st_only, most, args.max_pending[0], True)]
     for label, selection, workers, pending, as_extraction in configs:
-        def run():
+        def run(d):
             threads = host_threads_for_writers(args.device) if as_extraction else contextlib.nullcontext()
-            with tempfile.TemporaryDirectory(dir=args.dir) as d, threads:
+            with threads:
                 writer = ShardWriter(d, 0, meta, workers=workers, max_pending=pending, seq_lengths=plan,
                                      selection=selection)
                 for b in range(args.batches):
                     writer.add(list(range(b * args.batch, (b + 1) * args.batch)), ids, keys, values, pred)
                 writer.close()
-        seconds = timed(run, args.device, args.repeats)
+        seconds = timed(run, args.device, args.repeats, args.dir)
         where = "as extraction" if as_extraction else "as they were"
         print(f"{label:24s} {where:>13s} {workers:7d} {pending:7d} {tokens / seconds:10.0f}", flush=True)
 

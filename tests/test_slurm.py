@@ -264,6 +264,9 @@ def test_the_tiny_workflow_on_a_local_slurm_cluster_matches_a_local_run(tmp_path
     base = [*SNAKEMAKE, f"{run}/metadata.json", f"{run}/ppl/baseline.json", f"{run}/compress/baseline.json",
             "--configfile", "config.yaml"]
 
+    # The local run goes alongside: the SLURM run mostly waits between its status checks.
+    local_run = subprocess.Popen([*base, "--directory", str(local), "--cores", "2", "--resources", "gpu=1"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=local)
     cluster = Cluster(tmp_path / "cluster")
     cluster.write_config()
     try:
@@ -295,9 +298,7 @@ def test_the_tiny_workflow_on_a_local_slurm_cluster_matches_a_local_run(tmp_path
             assert all(("gres:gpu:1" in j.get("TresPerJob", "")) == wants_gpu for j in rule_jobs), (rule, rule_jobs)
     finally:
         cluster.stop()
+        local_output = local_run.communicate(timeout=900)[0]
     assert all(proc.poll() is not None for _, proc in cluster.procs)
-
-    done = subprocess.run([*base, "--directory", str(local), "--cores", "2", "--resources", "gpu=1"],
-                          capture_output=True, text=True, cwd=local, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert local_run.returncode == 0, local_output[-4000:]
     compare_runs(local, remote)
