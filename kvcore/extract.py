@@ -69,8 +69,8 @@ def run_meta(model, model_name: str, dataset_name: str, seq_len: int) -> dict:
 def host_threads_for_writers(device: str):
     """With the model on a GPU, torch's CPU thread pool (one OpenMP thread per core) has nothing
     to do but competes with the writer threads for the cores: one thread while extracting.
-    On an H100 host with 16 writers: +35 % tokens/s through the writer alone, +18 % for the
-    whole extraction (benchmarks/README.md)."""
+    On an H100 host with 16 writers: +18 % tokens/s through the writer alone, 1.01-1.24x for
+    the whole extraction (TinyLlama, GPT-2 shapes; benchmarks/README.md)."""
     import torch
 
     before = torch.get_num_threads()

@@ -191,7 +191,7 @@ def parquet_options(schema) -> dict:
     finds it too large and falls back to plain, having hashed every value. byte_stream_split
     groups the vectors' exponent bytes so zstd finds them (a bf16 cache stored as float32
     has two zero bytes per value); DuckDB reads it for FLOAT, not for float16. Min/max
-    statistics only where a filter can use them (the scalars): the vectors' cost ~5 % of the write.
+    statistics only where a filter can use them (the scalars): the vectors' cost 5-10 % of the write.
     """
     ids = ["seq_id", "pos", "token_id", "head"]
     vectors = ["key.list.element", "value.list.element"]
