@@ -1,7 +1,9 @@
 """Write outputs under a temporary name and rename them into place when complete.
 
 A killed job then leaves only `*.tmp-*` debris, never a file or directory that looks
-finished. Every writer in kvcore goes through these helpers.
+finished. Every writer in kvcore goes through these helpers, and none of them deletes
+anything to make room: an existing directory is never replaced (only an empty one), and
+`check_output` refuses an output that would overwrite an input or a run's own files.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from kvcore.errors import UsageError
+
+# What `kvcore extract` writes into a run directory: replacing one of these breaks the run.
+RUN_OWN_FILES = ("kv", "shards", ".staging", "tokens.parquet", "metadata.json", "predictions.parquet")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,6 +47,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     yielded path. On any exception the temporary is removed and `target` is untouched.
     """
     target = Path(target)
+    _refuse_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     tmp.rmdir()  # the caller decides whether it becomes a file or a directory
@@ -52,8 +60,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
         fsync_tree(tmp)
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
+        # again: one may have appeared while we wrote; a directory may replace only an empty one
+        _refuse_directory(target, allow_empty=tmp.is_dir())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
@@ -61,6 +69,48 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _refuse_directory(target: Path, allow_empty: bool = True) -> None:
+    if target.is_dir() and not target.is_symlink() and not (allow_empty and not any(target.iterdir())):
+        raise UsageError(f"{target} is an existing directory; kvcore never deletes a directory to make room "
+                         "for an output: name a file path, or remove the directory yourself")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run directory (what `kvcore extract` writes) that holds `path`, if any."""
+    for parent in path.parents:
+        if (parent / "metadata.json").is_file() or (parent / "shards").is_dir() and (parent / "kv").is_dir():
+            return parent
+    return None
+
+
+def check_output(target: str | os.PathLike, option: str, inputs: Iterable[str | os.PathLike] = (),
+                 protected: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse, before any work, an output path that would destroy something the user did not name.
+
+    Refused: an existing non-empty directory; one of the command's `inputs`; anything inside
+    a `protected` directory (the runs a query reads); a run's own extraction files.
+    """
+    path = Path(target)
+    real = Path(os.path.realpath(path))
+    _refuse_directory(real, allow_empty=False)  # every user-named output is a file
+    for item in inputs:
+        if real == Path(os.path.realpath(item)):
+            raise UsageError(f"{option} {target} would overwrite the input {item}; name another file")
+    for root in protected:
+        if _inside(real, Path(os.path.realpath(root))):
+            raise UsageError(f"{option} {target} is inside {root}, which this command reads; "
+                             "write outside the run directory")
+    run = run_dir_of(real)
+    if run is not None and real.relative_to(run).parts[0] in RUN_OWN_FILES:
+        raise UsageError(f"{option} {target} would overwrite the extracted run {run} "
+                         f"({', '.join(RUN_OWN_FILES)} are its own files); name another file")
+    return path
 
 
 def write_json(target: str | os.PathLike, data: object) -> None:

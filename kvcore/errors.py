@@ -13,6 +13,10 @@ class UsageError(KvcoreError):
     exit_code = 2
 
 
+class KvcoreWarning(UserWarning):
+    """Something the user should know that did not stop the command (printed as one line)."""
+
+
 def one_line(message: object) -> str:
     """Fold a (possibly multi-line) message into a single line."""
     return " ".join(str(message).split())

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
-from kvcore.errors import KvcoreError, UsageError, one_line
+from kvcore.errors import KvcoreError, KvcoreWarning, UsageError, one_line
 
 # Order is the order shown in `kvcore --help`.
 COMMANDS = ["download", "extract", "query", "compress", "evaluate", "tasks"]
@@ -42,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    if issubclass(category, KvcoreWarning):
+        print(f"kvcore: warning: {one_line(message)}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)

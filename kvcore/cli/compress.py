@@ -125,10 +125,12 @@ def _report(args, metrics: dict) -> int:
 
 
 def run_compress(args) -> int:
-    from kvcore.atomic import write_json
+    from kvcore.atomic import check_output, write_json
     from kvcore.compress import compress_file
 
     method = _method(args)
+    if args.metrics:
+        check_output(args.metrics, "--metrics", inputs=[args.input, args.output])
     thresholds = _pairs(args.threshold, "--threshold") or None
     metrics = compress_file(args.input, args.output, method, device=args.device, thresholds=thresholds)
     if args.metrics:

@@ -61,12 +61,14 @@ def run_validate(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from kvcore.atomic import write_json
+    from kvcore.atomic import check_output, write_json
     from kvcore.compress import parse_method
     from kvcore.perplexity import validate_method
 
     spec = _spec(args)
     parse_method(args.method, spec)  # a bad method fails before any model loads
+    if args.out:
+        check_output(args.out, "--out", inputs=[p for p in (args.model, args.dataset) if p])
     settings = {"max_length": args.max_length, "stride": args.stride, "max_tokens": args.max_tokens,
                 "threshold": args.threshold, "device": args.device, "dtype": args.dtype, "layout": args.layout}
     options = {"pre_rope": True} if args.pre_rope else None

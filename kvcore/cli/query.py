@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kvcore.errors import UsageError
 
@@ -90,7 +91,13 @@ def register(subparsers) -> None:
     out.add_argument("--show-sql", action="store_true", help="print the verb's SQL (runnable in the shell) and stop")
     out.add_argument("--explain", action="store_true",
                      help="run the verb under EXPLAIN ANALYZE: files, row groups and rows scanned")
-    out.add_argument("--threads", type=int, metavar="N", help="DuckDB threads (default: all cores)")
+    lim = p.add_argument_group("limits (each query)")
+    lim.add_argument("--threads", type=int, metavar="N", help="DuckDB threads, at most the cores (default: all cores)")
+    lim.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="stop a query that runs longer (default 300); Ctrl-C stops one at once")
+    lim.add_argument("--memory-limit", metavar="SIZE",
+                     help="DuckDB memory, e.g. 4GB or 25%% (default half the RAM); past it, "
+                          "DuckDB spills to a private temporary directory")
     p.set_defaults(func=run)
     _list_verbs_on_unknown_options(p)
 
@@ -112,7 +119,7 @@ def _list_verbs_on_unknown_options(parser) -> None:
 def chosen_verb(args) -> str:
     for flag, (name, _) in VERB_FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
-        if value not in (None, False):
+        if value is not None and value is not False:  # `--layer-summary 0` is a verb too
             return name
     return "info"
 
@@ -159,7 +166,9 @@ def _norm_range(values: list[str]) -> tuple[float, float, str]:
 
 
 def run(args) -> int:
+    from kvcore.atomic import check_output
     from kvcore.query import Query, open_run
+    from kvcore.query.limits import check_threads, check_timeout, memory_limit_bytes
     from kvcore.query.printing import export, show, single_select
     from kvcore.query.views import literal
 
@@ -167,11 +176,12 @@ def run(args) -> int:
     positional, keywords = verb_arguments(verb, args)
     if args.limit is not None and args.limit < 0:
         raise UsageError(f"--limit must be 0 or more (got {args.limit})")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be 1 or more (got {args.threads})")
     if verb == "shell" and (args.export_csv or args.export_parquet or args.show_sql or args.explain):
         raise UsageError("--shell takes no --export-*, --show-sql or --explain; use SQL at the prompt")
-    with open_run(args.path, args.model, args.dataset, args.threads) as r:
+    check_threads(args.threads, "--threads")  # checked here too, to name the option
+    check_timeout(args.timeout, "--timeout")
+    memory_limit_bytes(args.memory_limit, "--memory-limit")
+    with open_run(args.path, args.model, args.dataset, args.threads, args.timeout, args.memory_limit) as r:
         if verb == "shell":
             from kvcore.query.shell import Shell
 
@@ -190,6 +200,10 @@ def run(args) -> int:
         if select:
             query = Query(select, query.params, query.vertical).limited(args.limit)
         exports = [(f, "csv") for f in [args.export_csv] if f] + [(f, "parquet") for f in [args.export_parquet] if f]
+        for path, fmt in exports:  # every check before the first row is written
+            check_output(path, f"--export-{fmt}", protected=[run.path for run in r.runs])
+        if len({str(Path(path).resolve()) for path, _ in exports}) < len(exports):
+            raise UsageError("--export-csv and --export-parquet name the same file; give two paths")
         for path, fmt in exports:
             n = export(r, query, path, fmt)
             print(f"kvcore: wrote {n} rows to {path}", file=sys.stderr)

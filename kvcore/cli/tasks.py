@@ -85,12 +85,15 @@ def _task_spec(args) -> dict:
 def run_tasks(args) -> int:
     from pathlib import Path
 
+    from kvcore.atomic import check_output
     from kvcore.tasks.evaluate import method_result, run_task
 
     settings = {"keep_ratios": args.keep, "max_new_tokens": args.max_new_tokens, "device": args.device,
                 "dtype": args.dtype, "seed": args.seed}
     names = list(dict.fromkeys(args.method))
     outputs = {n: str(Path(args.out_dir) / f"{n}.json") for n in names} if args.out_dir else {}
+    for path in outputs.values():
+        check_output(path, "--out-dir", inputs=[args.model])
     run = run_task(args.model, args.task_kind, _task_spec(args), names, settings, outputs,
                    filler_parquet=getattr(args, "dataset", None))
     if args.json:
@@ -167,8 +170,10 @@ def run_table(args) -> int:
 
 
 def run_plot(args) -> int:
+    from kvcore.atomic import check_output
     from kvcore.plots_tasks import plot_task_accuracy
 
+    check_output(args.out, "--out", inputs=args.results)
     docs = _read_results(args.results)
     plot_task_accuracy(docs, args.out)
     print(args.out, file=sys.stderr)

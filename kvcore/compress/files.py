@@ -36,7 +36,7 @@ from safetensors.torch import save
 
 from kvcore.tensorfile import save_tensors
 
-from kvcore.atomic import atomic_path
+from kvcore.atomic import atomic_path, check_output
 from kvcore.compress.base import KINDS, Method
 from kvcore.compress.metrics import ErrorStats, check_thresholds, quality_level, violations
 from kvcore.errors import KvcoreError, UsageError
@@ -122,8 +122,8 @@ def decompress_file(in_path, out_path, *, device: str | None = None) -> dict:
 def _check_paths(in_path, out_path) -> None:
     if not Path(in_path).is_file():
         raise UsageError(f"input file not found: {in_path}")
-    if out_path is not None and Path(out_path).resolve() == Path(in_path).resolve():
-        raise UsageError(f"output {out_path} would overwrite the input; choose another path")
+    if out_path is not None:
+        check_output(out_path, "output", inputs=[in_path])
 
 
 def _device(device: str | None) -> torch.device:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvcore.errors import KvcoreError, UsageError
+from kvcore.errors import KvcoreError, KvcoreWarning, UsageError, one_line
 
 SHAPE_KEYS = ("num_layers", "num_kv_heads", "num_heads", "head_dim", "seq_len", "dtype")
 
@@ -92,52 +93,121 @@ def find_runs(path: str | Path, max_depth: int = 4) -> list[Path]:
     return found
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from a run file; anything else (unreadable, a list, ...) is one error line."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise KvcoreError(f"{path}: unreadable ({exc})") from None
+        raise KvcoreError(f"{path}: unreadable {what} ({one_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise KvcoreError(f"{path}: the {what} is a JSON {type(data).__name__}, expected an object; "
+                          "re-extract this run")
+    return data
+
+
+def confined(run_dir: Path, entry: str | Path) -> Path:
+    """`run_dir / entry` if it stays inside the run, else an error naming it.
+
+    The sandbox lets DuckDB read exactly the files listed, so a listed path that leaves the
+    run (`..`, an absolute path, a link to elsewhere) would open files outside it.
+    """
+    root = run_dir.resolve()
+    path = run_dir / entry
+    if Path(entry).is_absolute() or ".." in Path(entry).parts:
+        raise KvcoreError(f"{run_dir}: {entry} leaves the run directory; refusing to read it")
+    real = path.resolve()
+    if real != root and root not in real.parents:
+        raise KvcoreError(f"{path} is a link to {real}, outside the run directory {root}; refusing to read it")
+    return path
+
+
+def _manifest_files(path: Path, manifest_path: Path, m: dict) -> list[str]:
+    fields = {"shard": int, "seq_ids": list, "seq_lengths": list, "files": list}
+    bad = [k for k, kind in fields.items() if not isinstance(m.get(k), kind) or isinstance(m.get(k), bool)]
+    if bad or len(m["seq_ids"]) != len(m["seq_lengths"]) or not all(isinstance(f, str) for f in m["files"]):
+        raise KvcoreError(f"{manifest_path}: not a shard manifest (needs shard, seq_ids, seq_lengths and files "
+                          f"of the right types{'; bad: ' + ', '.join(bad) if bad else ''}); re-extract this shard")
+    return m["files"]
+
+
+def _check_complete(path: Path, meta: dict, manifests: list[dict]) -> None:
+    """A finalized run must still have every shard metadata.json counted."""
+    listed = meta.get("shards")
+    have = {m["shard"] for m in manifests}
+    missing = sorted(set(listed) - have) if isinstance(listed, list) else []
+    n_seq = sum(len(m["seq_ids"]) for m in manifests)
+    if missing or (isinstance(meta.get("n_sequences"), int) and meta["n_sequences"] != n_seq):
+        names = ", ".join(f"shards/kv-{s:05d}.json" for s in missing if isinstance(s, int)) or "unknown"
+        raise KvcoreError(f"{path}: metadata.json counts {meta.get('n_sequences')} sequences in "
+                          f"{meta.get('n_shards')} shards, but only {n_seq} sequences in {len(manifests)} shard "
+                          f"manifests remain (missing: {names}); re-extract this run")
+
+
+def _result_files(path: Path, pattern: str, what: str) -> list[Path]:
+    """The JSON results (ppl/, compress/) that parse: one broken file must not hide the rest."""
+    good = []
+    for p in sorted(path.glob(pattern)):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        try:
+            ok = isinstance(json.loads(confined(path, p.relative_to(path)).read_text()), dict)
+        except (OSError, ValueError) as exc:
+            ok, why = False, one_line(exc)
+        else:
+            why = "not a JSON object"
+        if ok:
+            good.append(p.resolve())
+        else:
+            warnings.warn(f"{p}: unreadable {what} left out of the views ({why})", KvcoreWarning, stacklevel=2)
+    return good
 
 
 def load_run(path: Path) -> RunFiles:
     """The complete part of one run directory."""
-    manifests = [_read_json(p) for p in sorted((path / "shards").glob("kv-*.json"))]
+    manifest_paths = sorted((path / "shards").glob("kv-*.json"))
+    manifests = [_read_json(confined(path, p.relative_to(path)), "shard manifest") for p in manifest_paths]
     meta_path = next((p for p in (path / "metadata.json", path / "kv" / "metadata.json") if p.is_file()), None)
-    meta = _read_json(meta_path) if meta_path else {}
+    meta = _read_json(confined(path, meta_path.relative_to(path)), "metadata.json") if meta_path else {}
     if not manifests:
         raise KvcoreError(f"{path}: no complete shard yet (shards/kv-*.json missing); wait for the extraction "
                           "to finish a shard")
+    files_of = [_manifest_files(path, mp, m) for mp, m in zip(manifest_paths, manifests)]
+    if meta_path:
+        _check_complete(path, meta, manifests)
     first = manifests[0]
     meta = {**{k: first.get(k) for k in ("model", "dataset", "parquet", *SHAPE_KEYS)}, **meta}
-    missing = [k for k in ("num_layers", "num_kv_heads", "head_dim") if meta.get(k) is None]
+    missing = [k for k in ("num_layers", "num_kv_heads", "head_dim") if not isinstance(meta.get(k), int)]
     if missing:
         raise KvcoreError(f"{path}: shard manifest lacks {', '.join(missing)}; re-extract this run")
     kv_files, seq_lengths, seq_shard, shard_files = [], {}, {}, {}
-    for m in manifests:
-        for rel in m["files"]:
+    for m, rels in zip(manifests, files_of):
+        for rel in rels:
             if rel.endswith(".parquet"):
-                f = path / rel
+                f = confined(path, rel)
                 if not f.is_file():
                     raise KvcoreError(f"{path}: shard {m['shard']} lists {rel}, which is missing; re-extract it")
                 kv_files.append(f.resolve())
                 shard_files.setdefault(m["shard"], []).append(f.resolve())
         seq_lengths.update(zip(m["seq_ids"], m["seq_lengths"]))
         seq_shard.update((s, m["shard"]) for s in m["seq_ids"])
-    n_rows = sum(m.get("n_rows_per_layer", 0) * sum(rel.endswith(".parquet") for rel in m["files"])
-                 for m in manifests)  # only the layers with Parquet files (extract.parquet_layers)
+    n_rows = sum(m.get("n_rows_per_layer", 0) * sum(rel.endswith(".parquet") for rel in rels)
+                 for m, rels in zip(manifests, files_of))  # only the layers with Parquet files (extract.parquet_layers)
     preds = [path / "predictions.parquet"] if meta_path and (path / "predictions.parquet").is_file() else \
         [p for m in manifests if (p := path / "shards" / f"predictions-{m['shard']:05d}.parquet").is_file()]
     tokens = path / "tokens.parquet"
 
     def files(pattern: str) -> list[Path]:
-        return [p.resolve() for p in sorted(path.glob(pattern)) if p.is_file() and not p.name.startswith(".")]
+        return [confined(path, p.relative_to(path)).resolve() for p in sorted(path.glob(pattern))
+                if p.is_file() and not p.name.startswith(".")]
 
     return RunFiles(path=path.resolve(), model=str(meta.get("model") or path.parent.name),
                     dataset=str(meta.get("dataset") or path.name), meta=meta, finalized=meta_path is not None,
                     seq_lengths=dict(sorted(seq_lengths.items())), n_shards=len(manifests), n_kv_rows=n_rows,
-                    kv_files=kv_files, seq_shard=seq_shard, shard_files=shard_files, tokens=tokens.resolve() if tokens.is_file() else None,
-                    predictions=[p.resolve() for p in preds], stats=files("stats/*.parquet"),
-                    compress=files("compress/*.json"), ppl=files("ppl/*.json"))
+                    kv_files=kv_files, seq_shard=seq_shard, shard_files=shard_files,
+                    tokens=confined(path, "tokens.parquet").resolve() if tokens.is_file() else None,
+                    predictions=[confined(path, p.relative_to(path)).resolve() for p in preds],
+                    stats=files("stats/*.parquet"), compress=_result_files(path, "compress/*.json", "compress result"),
+                    ppl=_result_files(path, "ppl/*.json", "perplexity result"))
 
 
 def load_runs(path: str | Path, model: str | None = None, dataset: str | None = None) -> list[RunFiles]:

@@ -10,30 +10,79 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 from kvcore.query import verbs
 from kvcore.query.discover import RunFiles, load_runs
+from kvcore.query.limits import QueryGuard, check_threads, check_timeout, memory_limit_bytes
 from kvcore.query.sandbox import QueryError, connect, statements, translate
 from kvcore.query.verbs import Query
 from kvcore.query.views import LAZY_VIEW, lazy_view_sql, view_statements
 
 
+class Result:
+    """The rows of one read-only query, to fetch; it runs no further SQL (unlike a DuckDB relation)."""
+
+    def __init__(self, relation, guard, translate_error):
+        self._relation, self._guard, self._translate = relation, guard, translate_error
+
+    @property
+    def columns(self) -> list[str]:
+        return self._relation.columns
+
+    @property
+    def types(self) -> list:
+        return self._relation.types
+
+    def _fetch(self, how):
+        import duckdb
+
+        try:
+            with self._guard():
+                return how(self._relation)
+        except duckdb.Error as exc:
+            raise self._translate(exc) from None
+
+    def fetchall(self) -> list[tuple]:
+        return self._fetch(lambda r: r.fetchall())
+
+    def fetchone(self) -> tuple | None:
+        return self._fetch(lambda r: r.fetchone())
+
+    def df(self):
+        return self._fetch(lambda r: r.df())
+
+    def arrow(self):
+        return self._fetch(lambda r: r.to_arrow_table())
+
+
 class Run:
     """The views of one run or of every run under a directory, queried with SQL.
 
-    Verb methods return a pandas DataFrame, or a pyarrow Table with `arrow=True`.
+    Verb methods return a pandas DataFrame, or a pyarrow Table with `arrow=True`. Each query
+    is bounded: `timeout` seconds (default 300), `memory_limit` ('4GB', '25%'; default half the
+    RAM, spilling to a private temporary directory), `threads` (at most the cores).
     """
 
     def __init__(self, path: str | Path, model: str | None = None, dataset: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, timeout: float | None = None, memory_limit: str | int | None = None):
+        threads, timeout_s = check_threads(threads), check_timeout(timeout)
+        memory = memory_limit_bytes(memory_limit)
         self.path = Path(path)
         self.runs: list[RunFiles] = load_runs(path, model, dataset)
         views = view_statements(self.runs)
         self.views = [name for name, _ in views]
         files = [f for r in self.runs for f in r.all_files]
-        self._con = connect(files, views, threads)
+        self._spill = Path(tempfile.mkdtemp(prefix="kvcore-query-spill-"))
+        try:
+            self._con = connect(files, views, threads=threads, memory_limit=memory, temp_directory=self._spill)
+        except BaseException:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            raise
+        self._guard = QueryGuard(self._con.interrupt, timeout_s)
         # by_layer.kv_{L} / by_seq.kv_{S} are created when a query first names them: creating
         # a view binds it, and binding all of them would slow every `kvcore query` start.
         self._created: set[str] = set()
@@ -41,9 +90,11 @@ class Run:
 
     # ---- raw SQL ----------------------------------------------------------------------
 
-    def execute(self, query: str | Query, params: list | None = None):
-        """Run read-only SQL; returns a DuckDB relation over the last statement's result (streamed)."""
-        return self._run(query, params, lazy=True)
+    def execute(self, query: str | Query, params: list | None = None) -> Result:
+        """Run read-only SQL; returns a Result over the last statement's rows (fetched on demand)."""
+        sql = query.sql if isinstance(query, Query) else query
+        return Result(self._run(query, params, lazy=True), self._guard,
+                      lambda exc: translate(exc, self.views, self._columns_named_in(sql)))
 
     def _run(self, query: str | Query, params: list | None, lazy: bool):
         import duckdb
@@ -54,14 +105,15 @@ class Run:
         if params and len(parts) > 1:
             raise QueryError("parameters need a single SQL statement")
         try:
-            self._create_named_views(query)
-            for part in parts[:-1]:
-                self._con.execute(part)
-            if lazy:
-                return self._con.sql(parts[-1], params=params or None)
-            # The DB-API path binds the query once; a relation binds it twice, which costs
-            # milliseconds per query when a view lists hundreds of files (point lookups).
-            return self._con.execute(parts[-1], params or [])
+            with self._guard():
+                self._create_named_views(query)
+                for part in parts[:-1]:
+                    self._con.execute(part)
+                if lazy:
+                    return self._con.sql(parts[-1], params=params or None)
+                # The DB-API path binds the query once; a relation binds it twice, which costs
+                # milliseconds per query when a view lists hundreds of files (point lookups).
+                return self._con.execute(parts[-1], params or [])
         except duckdb.Error as exc:
             raise translate(exc, self.views, self._columns_named_in(query)) from None
 
@@ -77,7 +129,8 @@ class Run:
     def columns(self, view: str) -> list[str]:
         """Column names of a view."""
         if view not in self._column_cache:
-            self._column_cache[view] = [c[0] for c in self._con.execute(f"DESCRIBE {view}").fetchall()]
+            with self._guard():
+                self._column_cache[view] = [c[0] for c in self._con.execute(f"DESCRIBE {view}").fetchall()]
         return self._column_cache[view]
 
     def _columns_named_in(self, sql: str) -> dict[str, list[str]]:
@@ -93,18 +146,36 @@ class Run:
         return self._fetch(query, params, lambda res: res.to_arrow_table())
 
     def reader(self, query: str | Query, params: list | None = None, batch_rows: int = 65536):
-        """Result as a pyarrow RecordBatchReader, streamed (for exports of any size)."""
-        return self._fetch(query, params, lambda rel: rel.to_arrow_reader(batch_rows), lazy=True)
+        """Result as a pyarrow RecordBatchReader, streamed (for exports of any size).
+
+        The time limit covers the reading too: it starts with the first batch.
+        """
+        import pyarrow as pa
+
+        source = self._fetch(query, params, lambda rel: rel.to_arrow_reader(batch_rows), lazy=True)
+
+        def batches():
+            import duckdb
+
+            try:
+                with self._guard():
+                    yield from source
+            except duckdb.Error as exc:  # errors can surface while rows are produced
+                sql = query.sql if isinstance(query, Query) else query
+                raise translate(exc, self.views, self._columns_named_in(sql)) from None
+
+        return pa.RecordBatchReader.from_batches(source.schema, batches())
 
     def _fetch(self, query, params, how, lazy: bool = False):
         import duckdb
 
-        result = self._run(query, params, lazy)
         try:
-            with warnings.catch_warnings():
-                # "extra copy" on DB-API Arrow results: small next to binding twice (see _run)
-                warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
-                return how(result)
+            with self._guard():
+                result = self._run(query, params, lazy)
+                with warnings.catch_warnings():
+                    # "extra copy" on DB-API Arrow results: small next to binding twice (see _run)
+                    warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
+                    return how(result)
         except duckdb.Error as exc:  # errors can surface while rows are produced
             sql = query.sql if isinstance(query, Query) else query
             raise translate(exc, self.views, self._columns_named_in(sql)) from None
@@ -196,6 +267,7 @@ class Run:
 
     def close(self) -> None:
         self._con.close()
+        shutil.rmtree(self._spill, ignore_errors=True)
 
     def __enter__(self) -> "Run":
         return self
@@ -209,6 +281,6 @@ class Run:
 
 
 def open_run(path: str | Path, model: str | None = None, dataset: str | None = None,
-             threads: int | None = None) -> Run:
+             threads: int | None = None, timeout: float | None = None, memory_limit: str | int | None = None) -> Run:
     """Open a run directory, or a directory of runs (results/), for read-only queries."""
-    return Run(path, model=model, dataset=dataset, threads=threads)
+    return Run(path, model=model, dataset=dataset, threads=threads, timeout=timeout, memory_limit=memory_limit)

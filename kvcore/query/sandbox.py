@@ -1,12 +1,16 @@
 """A read-only DuckDB connection confined to a run's files.
 
-Three locks, each DuckDB's own:
-  * `allowed_paths` lists exactly the files the views read, and `enable_external_access =
-    false` makes those the only files the engine opens: no /etc/passwd, no ATTACH, no COPY TO,
-    no extension downloads;
-  * `lock_configuration` refuses the SET that would undo either;
+Four locks, each DuckDB's own:
+  * `allowed_paths` lists exactly the files the views read (as they are inside the run:
+    kvcore.query.discover refuses links and manifest entries that lead out of it), and
+    `enable_external_access = false` makes those the only files the engine opens: no
+    /etc/passwd, no ATTACH, no extension downloads;
+  * `lock_configuration` refuses the SET that would undo any of this;
   * only SELECT statements (and EXPLAIN of one) run, checked on DuckDB's own parse, so
-    CREATE / INSERT / COPY never reach the in-memory catalog or a listed file.
+    CREATE / INSERT / COPY never reach the in-memory catalog or a listed file (allowed_paths
+    would let COPY TO write them); the connection itself never leaves kvcore.query.run;
+  * threads, memory and spill space are bounded (kvcore.query.limits): spilling goes to a
+    private temporary directory, never into the user's working directory.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ class QueryError(KvcoreError):
     """A query that DuckDB (or the read-only guard) refused: exit code 1."""
 
 
-def connect(files: list[Path], views: list[tuple[str, str]], threads: int | None = None):
+def connect(files: list[Path], views: list[tuple[str, str]], *, threads: int, memory_limit: int,
+            temp_directory: Path):
     import duckdb
 
-    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
-    if threads:
-        config["threads"] = threads
+    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False, "threads": threads,
+              "memory_limit": f"{memory_limit}B", "temp_directory": str(temp_directory)}
     con = duckdb.connect(":memory:", config=config)
     # Warm point lookups reuse the Parquet footers instead of re-reading them per query.
     con.execute("SET parquet_metadata_cache = true")
@@ -50,6 +54,12 @@ def statements(sql: str) -> list[str]:
     """The SQL split into statements, each checked to be read-only; raises QueryError otherwise."""
     import duckdb
 
+    if not isinstance(sql, str):
+        raise QueryError(f"SQL must be text (got {type(sql).__name__})")
+    try:
+        sql.encode("utf-8")
+    except UnicodeEncodeError as exc:  # argv or stdin bytes that are not UTF-8 arrive as surrogates
+        raise QueryError(f"the SQL is not valid UTF-8 (at character {exc.start}); give it as UTF-8 text") from None
     try:
         parsed = duckdb.extract_statements(sql)
     except duckdb.Error as exc:

@@ -30,6 +30,8 @@ class Shell:
         self.errors = 0
 
     def loop(self) -> int:
+        if hasattr(self.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the SQL check, not a traceback
+            self.stdin.reconfigure(errors="surrogateescape")
         interactive = self.stdin.isatty()
         if interactive:
             try:
@@ -76,6 +78,9 @@ class Shell:
         except KvcoreError as exc:
             self.errors += 1
             self.stderr.write(f"Error: {one_line(exc)}\n")
+        except KeyboardInterrupt:  # Ctrl-C stops the statement, not the shell
+            self.errors += 1
+            self.stderr.write("Error: interrupted\n")
 
     def command(self, line: str) -> bool:
         """A dot command; False to leave."""

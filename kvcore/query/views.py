@@ -162,7 +162,10 @@ def stats_table_views(runs: list[RunFiles]) -> list[tuple[str, str]]:
 
 def json_rows_sql(runs: list[RunFiles], attr: str) -> str | None:
     """compress/{method}.json or ppl/{method}.json: one row per file, `method` from its name."""
-    return _by_name([f"SELECT {_run_columns(r)}, parse_filename(filename, true) AS method, * EXCLUDE (filename) "
+    # The file's own `method` (if any) gives way to the file name's: a second `method` column
+    # would make UNION BY NAME across runs fail.
+    return _by_name([f"SELECT {_run_columns(r)}, parse_filename(filename, true) AS method, "
+                     "COLUMNS(lambda c: c NOT IN ('filename', 'method', 'model', 'dataset')) "
                      f"FROM read_json({_files(getattr(r, attr))}, union_by_name = true, filename = true, "
                      f"format = 'auto')"
                      for r in runs if getattr(r, attr)])
