@@ -112,7 +112,7 @@ def confined(run_dir: Path, entry: str | Path) -> Path:
     run (`..`, an absolute path, a link to elsewhere) would open files outside it.
     """
     root = run_dir.resolve()
-    path = run_dir / entry
+    path = root / entry  # as it is inside the run: a link keeps its own name (ppl/{method}.json)
     if Path(entry).is_absolute() or ".." in Path(entry).parts:
         raise KvcoreError(f"{run_dir}: {entry} leaves the run directory; refusing to read it")
     real = path.resolve()
@@ -156,7 +156,7 @@ def _result_files(path: Path, pattern: str, what: str) -> list[Path]:
         else:
             why = "not a JSON object"
         if ok:
-            good.append(p.resolve())
+            good.append(confined(path, p.relative_to(path)))
         else:
             warnings.warn(f"{p}: unreadable {what} left out of the views ({why})", KvcoreWarning, stacklevel=2)
     return good
@@ -182,12 +182,12 @@ def load_run(path: Path) -> RunFiles:
     kv_files, seq_lengths, seq_shard, shard_files = [], {}, {}, {}
     for m, rels in zip(manifests, files_of):
         for rel in rels:
+            f = confined(path, rel)
             if rel.endswith(".parquet"):
-                f = confined(path, rel)
                 if not f.is_file():
                     raise KvcoreError(f"{path}: shard {m['shard']} lists {rel}, which is missing; re-extract it")
-                kv_files.append(f.resolve())
-                shard_files.setdefault(m["shard"], []).append(f.resolve())
+                kv_files.append(f)
+                shard_files.setdefault(m["shard"], []).append(f)
         seq_lengths.update(zip(m["seq_ids"], m["seq_lengths"]))
         seq_shard.update((s, m["shard"]) for s in m["seq_ids"])
     n_rows = sum(m.get("n_rows_per_layer", 0) * sum(rel.endswith(".parquet") for rel in rels)
@@ -197,15 +197,15 @@ def load_run(path: Path) -> RunFiles:
     tokens = path / "tokens.parquet"
 
     def files(pattern: str) -> list[Path]:
-        return [confined(path, p.relative_to(path)).resolve() for p in sorted(path.glob(pattern))
+        return [confined(path, p.relative_to(path)) for p in sorted(path.glob(pattern))
                 if p.is_file() and not p.name.startswith(".")]
 
     return RunFiles(path=path.resolve(), model=str(meta.get("model") or path.parent.name),
                     dataset=str(meta.get("dataset") or path.name), meta=meta, finalized=meta_path is not None,
                     seq_lengths=dict(sorted(seq_lengths.items())), n_shards=len(manifests), n_kv_rows=n_rows,
                     kv_files=kv_files, seq_shard=seq_shard, shard_files=shard_files,
-                    tokens=confined(path, "tokens.parquet").resolve() if tokens.is_file() else None,
-                    predictions=[confined(path, p.relative_to(path)).resolve() for p in preds],
+                    tokens=confined(path, "tokens.parquet") if tokens.is_file() else None,
+                    predictions=[confined(path, p.relative_to(path)) for p in preds],
                     stats=files("stats/*.parquet"), compress=_result_files(path, "compress/*.json", "compress result"),
                     ppl=_result_files(path, "ppl/*.json", "perplexity result"))
 
