@@ -148,3 +148,98 @@ def test_query_arguments_never_escape_as_a_traceback(tiny_run, tmp_path_factory)
 
     check()
     assert _main(["query", str(tiny_run), "--sql", "SELECT count(*) AS n FROM kv"])[0] == 0
+
+
+# --- every subcommand, random argument vectors and random bytes ------------------------------------------------
+
+SUBCOMMANDS = [["download"], ["extract"], ["query"], ["compress"], ["decompress"], ["metrics"], ["validate"],
+               ["tasks", "needle"], ["tasks", "local"], ["tasks", "plot"], ["tasks", "table"]]
+SKIPPED_FLAGS = {"--help", "-h", "--quick", "--shell", "--hub-id"}  # --quick trains nothing but runs a model for
+# seconds; --shell reads stdin; --hub-id needs a network. Each is tested on its own elsewhere.
+
+
+def _flags(command: list[str]) -> list[str]:
+    """The options a subcommand's --help lists (its public interface, no argparse internals)."""
+    import re
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        from kvcore.cli import main
+
+        main([*command, "--help"])
+    return sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.getvalue())) - SKIPPED_FLAGS)
+
+
+@pytest.fixture(scope="module")
+def fuzz_inputs(tmp_path_factory, tiny_run):
+    """Every kind of file a user might point a command at, and a directory of their work."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("fuzzin")
+    rng = __import__("random").Random(0)
+    (root / "random.bin").write_bytes(bytes(rng.randrange(256) for _ in range(512)))
+    (root / "text.txt").write_text("The quick brown fox.\nThe passkey is 12345.\n")
+    shutil.copy(tiny_run / "tokens.parquet", root / "table.parquet")
+    (root / "list.json").write_text("[1, 2]")
+    (root / "qa.jsonl").write_text('{"context": "a b", "question": "a?", "answers": ["a"]}\n')
+    (root / "tiny.yaml").write_text((REPO / "configs" / "tiny-test.yaml").read_text())
+    (root / "work").mkdir()
+    (root / "work" / "notes.txt").write_text("precious")
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({f"layer_0_{k}": torch.randn(1, 2, 8, 16, generator=g) for k in ("key", "value")},
+              str(root / "part-00000.safetensors"),
+              metadata={"model": "m", "dataset": "d", "num_layers": "1", "num_kv_heads": "2", "num_heads": "2",
+                        "head_dim": "16", "seq_len": "8", "dtype": "float32", "seq_ids": "[0]", "seq_lengths": "[8]"})
+    return root
+
+
+def _tree(root):
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*")) if not p.is_symlink()}
+
+
+@st.composite
+def any_argv(draw, inputs, run):
+    command = draw(st.sampled_from(SUBCOMMANDS))
+    flags = _flags(command)
+    paths = [str(p) for p in sorted(inputs.iterdir())] + [str(run), str(run / "kv" / "part-00000.safetensors"),
+                                                           "/nonexistent/x", ".", "out.csv", "out/sub/o.json"]
+    value = st.one_of(st.sampled_from(paths), WORDS, st.sampled_from(
+        ["int4-g64", "kivi2-g32", "kvzip-0.5", "baseline", "knorm", "cpu", "float16", "auto", "nan", "inf",
+         "-1", "0", "99999999", "0.5", "bits=3", "family=quant", "tiny-gpt2"]),
+        st.binary(max_size=8).map(lambda b: b.decode("utf-8", "surrogateescape").replace("\0", "")))
+    argv = list(command) + draw(st.lists(value, max_size=2))
+    for _ in range(draw(st.integers(0, 5)) if flags else 0):
+        argv.append(draw(st.sampled_from(flags)))
+        argv += draw(st.lists(value, max_size=2))
+    return argv
+
+
+def test_every_subcommand_answers_random_arguments_in_one_line_and_writes_only_where_told(
+        fuzz_inputs, tiny_run, tmp_path_factory):
+    import os
+
+    watched = [fuzz_inputs, tiny_run, REPO / "kvcore", REPO / "configs", REPO / "workflow", REPO / "results"]
+    before = [_tree(root) for root in watched]
+    home = os.getcwd()
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(any_argv(fuzz_inputs, tiny_run))
+    def check(argv):
+        cwd = tmp_path_factory.mktemp("fuzzcwd")
+        os.chdir(cwd)  # relative outputs (out.csv, resources/, results/) land here
+        try:
+            code, stderr = _main(argv)
+        finally:
+            os.chdir(home)
+        assert code in (0, 1, 2), (argv, code, stderr)
+        lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("kvcore: warning: ")]
+        if code != 0:
+            assert len(lines) == 1 and lines[0].startswith("kvcore: error: "), (argv, stderr)
+            assert not [p for p in cwd.rglob("*") if ".tmp-" in p.name], (argv, list(cwd.rglob("*")))
+        assert "Traceback" not in stderr, (argv, stderr)
+
+    check()
+    assert [_tree(root) for root in watched] == before  # inputs, the run and the repository untouched

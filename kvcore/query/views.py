@@ -21,6 +21,7 @@ whole results/ grid.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -162,13 +163,19 @@ def stats_table_views(runs: list[RunFiles]) -> list[tuple[str, str]]:
 
 def json_rows_sql(runs: list[RunFiles], attr: str) -> str | None:
     """compress/{method}.json or ppl/{method}.json: one row per file, `method` from its name."""
-    # The file's own `method` (if any) gives way to the file name's: a second `method` column
-    # would make UNION BY NAME across runs fail.
-    return _by_name([f"SELECT {_run_columns(r)}, parse_filename(filename, true) AS method, "
-                     "COLUMNS(lambda c: c NOT IN ('filename', 'method', 'model', 'dataset')) "
-                     f"FROM read_json({_files(getattr(r, attr))}, union_by_name = true, filename = true, "
-                     f"format = 'auto')"
-                     for r in runs if getattr(r, attr)])
+    selects = []
+    for r in runs:
+        files = getattr(r, attr)
+        if not files:
+            continue
+        # The run's model/dataset and the file name's method win over the file's own keys: a
+        # second `method` column would make UNION BY NAME across runs fail.
+        keys = set().union(*(json.loads(f.read_text()) for f in files))
+        own = sorted(keys & {"method", "model", "dataset", "filename"})
+        rest = f", * EXCLUDE ({', '.join(['filename', *own])})" if keys - set(own) else ""
+        selects.append(f"SELECT {_run_columns(r)}, parse_filename(filename, true) AS method{rest} "
+                       f"FROM read_json({_files(files)}, union_by_name = true, filename = true, format = 'auto')")
+    return _by_name(selects)
 
 
 def present_views(run: RunFiles) -> list[str]:
