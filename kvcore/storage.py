@@ -667,3 +667,20 @@ def finalize_run(run_dir: str | Path, expected_shards: int | None = None) -> dic
         pq.write_table(pa.concat_tables(tables), tmp)
     write_json(run_dir / "metadata.json", meta)
     return meta
+
+
+# Every file a run directory can hold (paths relative to it; fnmatch's * spans "/"): the
+# layout above, a shard being staged, and a killed writer's hidden `.NAME.tmp-*` debris.
+RUN_FILES = ("metadata.json", "tokens.parquet", "predictions.parquet", "kv/part-*.safetensors",
+             "kv/layer=*/part-*.parquet", "shards/kv-*.json", "shards/predictions-*.parquet", ".staging/*",
+             ".*.tmp-*", "*/.*.tmp-*")
+
+
+def foreign_files(run_dir: str | Path) -> list[str]:
+    """The files under `run_dir` that no run writes (a user's own files: never to be deleted)."""
+    import fnmatch
+
+    run_dir = Path(run_dir)
+    found = (p for p in sorted(run_dir.rglob("*")) if p.is_symlink() or not p.is_dir())
+    return [rel for rel in (p.relative_to(run_dir).as_posix() for p in found)
+            if not any(fnmatch.fnmatchcase(rel, pattern) for pattern in RUN_FILES)]
