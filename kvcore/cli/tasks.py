@@ -173,7 +173,7 @@ RESULT_SHAPE = {
                "then": {"required": [m], "properties": {
                    m: {"type": "object", "additionalProperties": _SCORE},
                    "baseline": {"required": [m], "properties": {m: _SCORE}},
-                   "results": {"items": {"required": [m], "properties": {m: _SCORE}}}}}} for m in METRICS],
+                   "results": {"items": {"properties": {m: _SCORE}}}}}} for m in METRICS],
 }
 
 
