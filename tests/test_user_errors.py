@@ -54,8 +54,11 @@ def work(tiny_models, tmp_path_factory):
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("user-errors")
-    shutil.copytree(tiny_models["gpt2"], root / "m")
     pq.write_table(pa.table({"text": ["some words to read"]}), root / "x.parquet")
+    shutil.copytree(tiny_models["gpt2"], root / "m")
+    for name, tokenizer in (("binary-tokenizer", (root / "x.parquet").read_bytes()), ("shapeless-tokenizer", b"{}")):
+        shutil.copytree(tiny_models["gpt2"], root / name)
+        (root / name / "tokenizer.json").write_bytes(tokenizer)
     save_file({"a": torch.zeros(3)}, str(root / "x.safetensors"))
     files = {
         "list.json": "[1, 2]",
@@ -87,12 +90,13 @@ def inside(work, monkeypatch):
     return work
 
 
-def assert_refused(argv: list[str], *fragments: str, root) -> str:
-    """One clear line naming `fragments`, exit 2, and `root` exactly as before; returns the line."""
+def assert_refused(argv: list[str], *fragments: str, root, code: int = 2) -> str:
+    """One clear line naming `fragments`, exit `code` (2: usage), and `root` exactly as before;
+    returns the line."""
     before = snapshot(root)
     done = kvcore(*argv)
     assert_one_clear_line(done, *fragments)
-    assert done.returncode == 2, done.stderr
+    assert done.returncode == code, done.stderr
     assert snapshot(root) == before
     return done.stderr.strip().splitlines()[-1]
 
@@ -126,6 +130,14 @@ SHAPES = [
 @pytest.mark.parametrize("argv, message", SHAPES, ids=[" ".join(m.split()[:4]) for _, m in SHAPES])
 def test_a_file_of_the_wrong_kind_or_shape_is_one_line(inside, argv, message):
     assert_refused(argv, message, root=inside)
+
+
+@pytest.mark.parametrize("model, message", [
+    ("binary-tokenizer", "could not load the tokenizer in binary-tokenizer: UnicodeDecodeError:"),
+    ("shapeless-tokenizer", "could not load the tokenizer in shapeless-tokenizer: KeyError: 'added_tokens'"),
+])
+def test_a_broken_model_directory_is_one_line(inside, model, message):
+    assert_refused(["extract", "--model", model, "--prompt", "hi", "--out", "o"], message, root=inside, code=1)
 
 
 def test_a_task_table_of_the_right_shape_still_prints(inside):

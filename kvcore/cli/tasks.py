@@ -39,12 +39,13 @@ def register(subparsers) -> None:
         t.add_argument("--model", required=True, metavar="DIR", help="prepared model directory")
         t.add_argument("--method", action="append", required=True, metavar="NAME",
                        help="method to evaluate (repeatable)")
-        t.add_argument("--keep", type=float_in(0, 1, low_open=True), nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1], metavar="R",
-                       help="keep ratios (default 1.0 0.5 0.3 0.2 0.1)")
+        t.add_argument("--keep", type=float_in(0, 1, low_open=True), nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1],
+                       metavar="R", help="keep ratios in (0, 1] (default 1.0 0.5 0.3 0.2 0.1)")
         t.add_argument("--max-new-tokens", type=int_in(1, MAX_NEW_TOKENS), default=16)
         t.add_argument("--device", default="auto")
         t.add_argument("--dtype", default="auto")
-        t.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the needle generator / squad sample / random")
+        t.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,
+                       help="seed of the needle generator / squad sample / random")
         t.add_argument("--out-dir", metavar="DIR", help="write DIR/{method}.json")
         t.add_argument("--json", action="store_true", help="print the whole run as JSON")
         if kind == "needle":
@@ -53,7 +54,8 @@ def register(subparsers) -> None:
                            help="context lengths in tokens (default 512 1024)")
             t.add_argument("--depths", type=float_in(0, 1), nargs="+", default=[0.1, 0.5, 0.9], metavar="D",
                            help="needle depths in [0, 1] (default 0.1 0.5 0.9)")
-            t.add_argument("--n", type=int_in(1, MAX_EXAMPLES), default=2, help="examples per (length, depth) cell (default 2)")
+            t.add_argument("--n", type=int_in(1, MAX_EXAMPLES), default=2,
+                           help="examples per (length, depth) cell (default 2)")
         elif kind == "squad":
             t.add_argument("--n", type=int_in(1, MAX_EXAMPLES), default=50, help="examples (default 50)")
             t.add_argument("--split", default="validation")
@@ -152,9 +154,10 @@ def format_table(docs: list[dict], context_length: int | None = None) -> str:
 
 METRICS = ("accuracy", "f1", "rouge_l", "exact_match")
 _SCORE = {"type": ["number", "null"]}
-_CELLS = {"type": "array", "items": {"type": "object", "required": ["context_length", "accuracy", "n"],
-                                     "properties": {"context_length": {"type": "integer"}, "accuracy": {"type": "number"},
-                                                    "n": {"type": "integer", "minimum": 0}}}}
+_CELLS = {"type": "array", "items": {
+    "type": "object", "required": ["context_length", "accuracy", "n"],
+    "properties": {"context_length": {"type": "integer"}, "accuracy": {"type": "number"},
+                   "n": {"type": "integer", "minimum": 0}}}}
 # What `table` and `plot` read of a task result (kvcore.tasks.evaluate.method_result writes it),
 # so valid JSON of another shape is one line naming the key, not a KeyError.
 RESULT_SHAPE = {
