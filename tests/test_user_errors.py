@@ -1,9 +1,9 @@
-"""Whatever a user types gets one line, exit 2 and nothing left behind (issue 15, user faults).
+"""Whatever a user types gets one line, a non-zero exit and nothing left behind (issue 15, user faults).
 
 Each case runs `kvcore` in-process in a scratch directory holding a few inputs (a tiny
 model, a Parquet and a safetensors file, JSON of the wrong shape, configs with one
-mistake) and checks: non-zero exit, exactly one stderr line `kvcore: error: ...` naming
-the problem, no traceback, and the directory exactly as before.
+mistake) and checks: exit 2 (1 for a broken model directory), exactly one stderr line
+`kvcore: error: ...` naming the problem, no traceback, and every file as before.
 """
 
 from __future__ import annotations
