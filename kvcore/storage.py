@@ -676,11 +676,25 @@ RUN_FILES = ("metadata.json", "tokens.parquet", "predictions.parquet", "kv/part-
              ".*.tmp-*", "*/.*.tmp-*")
 
 
-def foreign_files(run_dir: str | Path) -> list[str]:
-    """The files under `run_dir` that no run writes (a user's own files: never to be deleted)."""
+def refuse_foreign_files(run_dir: str | Path, name: str) -> None:
+    """UsageError when `run_dir` holds any file no run writes (a user's own: never to be deleted)."""
     import fnmatch
 
     run_dir = Path(run_dir)
     found = (p for p in sorted(run_dir.rglob("*")) if p.is_symlink() or not p.is_dir())
-    return [rel for rel in (p.relative_to(run_dir).as_posix() for p in found)
-            if not any(fnmatch.fnmatchcase(rel, pattern) for pattern in RUN_FILES)]
+    for rel in (p.relative_to(run_dir).as_posix() for p in found):
+        if not any(fnmatch.fnmatchcase(rel, pattern) for pattern in RUN_FILES):
+            raise UsageError(f"{name} is not a kvcore run directory (it holds {rel}); nothing was deleted: "
+                             f"choose a new or empty directory")
+
+
+def remove_run(run_dir: str | Path, name: str) -> None:
+    """Empty a run directory of a run's own files, keeping the directory; refuses, deleting
+    nothing, when it holds anything else (`name` is how the user called it, e.g. '--out X')."""
+    run_dir = Path(run_dir)
+    refuse_foreign_files(run_dir, name)
+    for path in sorted(run_dir.rglob("*"), reverse=True):  # a directory's entries before it
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            path.unlink()

@@ -69,10 +69,10 @@ def run_validate(args) -> int:
     from kvcore.compress import parse_method
     from kvcore.perplexity import validate_method
 
-    spec = _spec(args)
-    parse_method(args.method, spec)  # a bad method fails before any model loads
     if args.stride > args.max_length:
         raise UsageError(f"--stride ({args.stride}) must not exceed --max-length ({args.max_length})")
+    spec = _spec(args)
+    parse_method(args.method, spec)  # a bad method fails before any model loads
     settings = {"max_length": args.max_length, "stride": args.stride, "max_tokens": args.max_tokens,
                 "threshold": args.threshold, "device": args.device, "dtype": args.dtype, "layout": args.layout}
     options = {"pre_rope": True} if args.pre_rope else None

@@ -62,6 +62,8 @@ def _texts(args) -> list[str]:
         from kvcore.inputs import read_text
 
         return [line.strip() for line in read_text(args.text_file, "--text-file").splitlines() if line.strip()]
+    if args.random < 1:
+        raise UsageError("--random needs a positive number of sequences")
     from kvcore.sources.datasets import _random_documents
 
     docs, _ = _random_documents({"n_documents": args.random, "seed": args.seed}, Path("."), Path("."))
@@ -92,24 +94,25 @@ def check_out(out: Path, overwrite: bool) -> None:
     never blocks its retry; a complete one only with --overwrite. A directory holding any
     file a run does not write is never replaced, with or without --overwrite.
     """
-    from kvcore.storage import foreign_files
+    from kvcore.storage import refuse_foreign_files
 
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UsageError(f"--out {out} is not a directory; give a new directory for the run")
     if not out.exists():
         return
-    foreign = foreign_files(out)
-    if foreign:
-        raise UsageError(f"--out {out} is not a kvcore run directory (it holds {foreign[0]}); nothing was "
-                         f"deleted: choose a new or empty directory")
+    refuse_foreign_files(out, f"--out {out}")
     if (out / "metadata.json").exists() and not overwrite:
         raise UsageError(f"--out {out} already holds a complete run; pass --overwrite to replace it, "
                          f"or choose a new directory")
 
 
 def run(args) -> int:
+    import os
+    import tempfile
+
     from kvcore.atomic import atomic_path, write_json
     from kvcore.extract import Extractor
+    from kvcore.storage import remove_run
 
     out = Path(args.out)
     check_out(out, args.overwrite)
@@ -117,12 +120,19 @@ def run(args) -> int:
     if not texts:
         raise UsageError("no text to extract")
     extractor = Extractor(_model_dir(args), args.device, args.dtype)
-    # Written beside --out and renamed onto it when complete: a failure leaves --out as it was.
-    with atomic_path(out) as tmp:
-        meta = extractor.extract_to_run(texts, tmp, top_k=args.top_k, parquet_layers=args.parquet_layers,
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Extracted beside --out under a hidden name: a failure leaves --out as it was, and an
+    # old run there is removed only once the new one is complete.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as work:
+        staged = Path(work) / "run"
+        meta = extractor.extract_to_run(texts, staged, top_k=args.top_k, parquet_layers=args.parquet_layers,
                                         parquet_heads=args.parquet_heads, parts=args.parts,
                                         storage_dtype=args.storage_dtype)
         check_out(out, args.overwrite)  # again: a file may have appeared in --out meanwhile
+        if out.exists():
+            remove_run(out, f"--out {out}")
+        with atomic_path(out) as tmp:  # replaces an empty directory only
+            os.replace(staged, tmp)
     if args.json:
         write_json(args.json, [extractor.extract(t, args.top_k).to_dict() for t in texts])
     print(json.dumps(meta, indent=2))
