@@ -264,8 +264,15 @@ def test_extract_refuses_a_directory_holding_user_files_even_with_overwrite(insi
                            root=inside)
         assert_refused(["extract", "--model", "m", "--prompt", "hi", "--out", "x.parquet"],
                        "--out x.parquet is not a directory", root=inside)
+        # a run whose kv/ is a link to the user's directory: the link is not a run's file
+        shutil.copytree("run", "linked")
+        shutil.rmtree("linked/kv")
+        (inside / "linked" / "kv").symlink_to(inside / "mine")
+        assert_refused(["extract", "--model", "m", "--prompt", "hi", "--out", "linked", "--overwrite"],
+                       "--out linked is not a kvcore run directory (it holds kv)", root=inside)
     finally:
         shutil.rmtree(inside / "mine")
+        shutil.rmtree(inside / "linked", ignore_errors=True)
 
 
 def test_extract_replaces_a_complete_run_only_with_overwrite(inside):
