@@ -8,6 +8,7 @@ any job runs.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from kvcore.errors import UsageError
@@ -16,9 +17,39 @@ SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "conf
 
 
 def load_schema(path: str | Path = SCHEMA) -> dict:
-    import yaml
+    from kvcore.inputs import read_yaml
 
-    return yaml.safe_load(Path(path).read_text())
+    return read_yaml(path, "schema")
+
+
+def load(path: str | Path) -> dict:
+    """A config file as a dict: missing, binary, bad YAML or a duplicate key is one UsageError line."""
+    from kvcore.inputs import read_yaml
+
+    config = read_yaml(path, "config file")
+    if not isinstance(config, dict):
+        raise UsageError(f"config file {path}: expected a mapping of settings (got {type(config).__name__})")
+    return config
+
+
+def check_files(paths) -> None:
+    """Read each config file as `load` does: Snakemake's YAML reader keeps a repeated key's last value
+    silently, so the workflow rereads its config files to refuse them."""
+    for path in paths:
+        load(path)
+
+
+def _non_finite(node, where=()):
+    """(dotted path, value) of the first nan/inf in a config, or None: JSON Schema's bounds
+    let nan through (it compares false with every bound)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return ".".join(map(str, where)) or "(top level)", node
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        found = _non_finite(child, (*where, key))
+        if found:
+            return found
+    return None
 
 
 def _where(error) -> str:
@@ -32,8 +63,9 @@ def _leaf(error):
     return error
 
 
-def explain(config: dict, schema: dict | None = None) -> str | None:
-    """One line naming the first invalid key, or None when the config is valid."""
+def explain(config, schema: dict | None = None, what: str = "config") -> str | None:
+    """One line naming the first invalid key, or None when the config is valid. With another
+    `schema`, any JSON-like document's shape is checked the same way (`what` names it)."""
     import jsonschema
 
     schema = schema or load_schema()
@@ -46,10 +78,10 @@ def explain(config: dict, schema: dict | None = None) -> str | None:
     if error.validator == "additionalProperties":
         allowed = sorted((error.schema.get("properties") or {}).keys())
         hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
-        return f"config: unknown key under {where}: {error.message.split('(')[-1].rstrip(')')}{hint}"
+        return f"{what}: unknown key under {where}: {error.message.split('(')[-1].rstrip(')')}{hint}"
     if error.validator == "enum":
-        return f"config: {where} must be one of {', '.join(map(str, error.validator_value))} (got {error.instance!r})"
-    return f"config: {where}: {error.message}"
+        return f"{what}: {where} must be one of {', '.join(map(str, error.validator_value))} (got {error.instance!r})"
+    return f"{what}: {where}: {error.message}"
 
 
 def check_methods(config: dict) -> None:
@@ -64,6 +96,9 @@ def check_methods(config: dict) -> None:
 
 def check(config: dict) -> None:
     """Raise UsageError with one line if the config is invalid."""
+    found = _non_finite(config)
+    if found:
+        raise UsageError(f"config: {found[0]} must be a finite number (got {found[1]})")
     problem = explain(config)
     if problem:
         raise UsageError(problem)

@@ -123,6 +123,13 @@ def parquet_selection(model, parquet_layers=None, parquet_heads=None, parts: str
     return selection
 
 
+def check_top_k(model, top_k: int) -> None:
+    """A top-k the vocabulary cannot give is a usage error before any output, not torch's RuntimeError."""
+    vocab = getattr(model.config, "vocab_size", None)
+    if not isinstance(top_k, int) or top_k < 1 or (vocab and top_k > vocab):
+        raise UsageError(f"top_k must be an integer from 1 to the model's vocabulary size {vocab} (got {top_k!r})")
+
+
 def extract_shard(model_dir: str | Path, tokens_parquet: str | Path, run_dir: str | Path, shard: int,
                   shard_size: int, batch_size: int = 8, device: str = "auto", dtype: str = "auto", top_k: int = 10,
                   model_name: str | None = None, dataset_name: str | None = None, parquet_layers=None,
@@ -142,6 +149,7 @@ def extract_shard(model_dir: str | Path, tokens_parquet: str | Path, run_dir: st
     if not sequences:
         raise KvcoreError(f"{tokens_parquet}: no sequences for shard {shard} (seq_ids {seq_ids[0]}..{seq_ids[-1]})")
     model, tokenizer, device = load_model(model_dir, device, dtype)
+    check_top_k(model, top_k)
     selection = parquet_selection(model, parquet_layers, parquet_heads, parts, storage_dtype)
     seq_len = max(len(v) for v in sequences.values())
     meta = run_meta(model, model_name or Path(model_dir).name, dataset_name or Path(tokens_parquet).parent.name,
@@ -244,6 +252,7 @@ class Extractor:
         from kvcore.storage import ShardWriter, finalize_run
         from kvcore.tokens import make_sequences, tokens_table
 
+        check_top_k(self.model, top_k)
         selection = parquet_selection(self.model, parquet_layers, parquet_heads, parts, storage_dtype)
         sequences = make_sequences(self.tokenizer, texts, 1 << 30, len(texts), mode="documents")
         if not sequences:

@@ -37,7 +37,10 @@ def resolve_dtype(dtype: str, device: str):
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:  # a binary, truncated or ill-shaped tokenizer.json fails in many types (KeyError...)
+        raise KvcoreError(f"could not load the tokenizer in {model_dir}: {type(exc).__name__}: {exc}") from None
 
 
 def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa"):

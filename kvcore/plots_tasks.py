@@ -31,7 +31,7 @@ def plot_task_accuracy(results, out_png: str | Path) -> Path:
         for doc in sorted(group, key=lambda d: d["method"]):
             rows = doc["results"]
             xs = [r["keep_ratio"] if r["keep_ratio"] is not None else r.get("kv_fraction") for r in rows]
-            ys = [r[metric] for r in rows]
+            ys = [r.get(metric) for r in rows]
             pts = sorted((x, y) for x, y in zip(xs, ys) if x is not None and y is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=doc["method"])

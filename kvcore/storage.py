@@ -667,3 +667,34 @@ def finalize_run(run_dir: str | Path, expected_shards: int | None = None) -> dic
         pq.write_table(pa.concat_tables(tables), tmp)
     write_json(run_dir / "metadata.json", meta)
     return meta
+
+
+# Every file a run directory can hold (paths relative to it; fnmatch's * spans "/"): the
+# layout above, a shard being staged, and a killed writer's hidden `.NAME.tmp-*` debris.
+RUN_FILES = ("metadata.json", "tokens.parquet", "predictions.parquet", "kv/part-*.safetensors",
+             "kv/layer=*/part-*.parquet", "shards/kv-*.json", "shards/predictions-*.parquet", ".staging/*",
+             ".*.tmp-*", "*/.*.tmp-*")
+
+
+def refuse_foreign_files(run_dir: str | Path, name: str) -> None:
+    """UsageError when `run_dir` holds any file no run writes (a user's own: never to be deleted)."""
+    import fnmatch
+
+    run_dir = Path(run_dir)
+    found = (p for p in sorted(run_dir.rglob("*")) if p.is_symlink() or not p.is_dir())
+    for rel in (p.relative_to(run_dir).as_posix() for p in found):
+        if not any(fnmatch.fnmatchcase(rel, pattern) for pattern in RUN_FILES):
+            raise UsageError(f"{name} is not a kvcore run directory (it holds {rel}); nothing was deleted: "
+                             f"choose a new or empty directory")
+
+
+def remove_run(run_dir: str | Path, name: str) -> None:
+    """Empty a run directory of a run's own files, keeping the directory; refuses, deleting
+    nothing, when it holds anything else (`name` is how the user called it, e.g. '--out X')."""
+    run_dir = Path(run_dir)
+    refuse_foreign_files(run_dir, name)
+    for path in sorted(run_dir.rglob("*"), reverse=True):  # a directory's entries before it
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            path.unlink()

@@ -50,8 +50,20 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
     try:
         save_file(tensors, str(path), metadata=metadata)
         canonicalize_header(path)
+        usual_mode(path)
     except (OSError, SafetensorError) as exc:  # disk full, file too large, ...
         raise KvcoreError(f"cannot write {path}: {exc}") from None
+
+
+def usual_mode(path: str | Path) -> None:
+    """Give a file, or every file under a directory, the mode a plain open() gives (0644 under
+    umask 022): safetensors' save_file writes through a private temporary, so its files are 0600
+    and another user of a shared resources/ gets "No such file or directory" from transformers."""
+    umask = os.umask(0o077)  # read it by setting it: meanwhile a stricter mask, never a looser one
+    os.umask(umask)
+    path = Path(path)
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]:
+        os.chmod(f, 0o666 & ~umask)
 
 
 def dtype_name(dtype) -> str:

@@ -133,7 +133,7 @@ def test_cli_extract_writes_a_run_and_refuses_bad_input(tiny_models, tmp_path, c
     assert json.loads((out / "metadata.json").read_text())["n_sequences"] == 2
     capsys.readouterr()
     assert main(["extract", "--model", str(tiny_models["gpt2"]), "--prompt", "x", "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds a complete run; pass --overwrite" in capsys.readouterr().err
     assert main(["extract", "--model", "no-such-model", "--prompt", "x", "--out", str(tmp_path / "o"),
                  "--config", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err

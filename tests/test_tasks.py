@@ -240,7 +240,7 @@ def test_cli_errors(capsys, tmp_path):
     assert "kvcore: error:" in capsys.readouterr().err
     assert main(["tasks", "needle", "--model", str(tmp_path), "--dataset", "x", "--method", "knorm",
                  "--keep", "0"]) != 0
-    assert "keep ratios" in capsys.readouterr().err
+    assert "argument --keep: must be a finite number > 0 and <= 1 (got '0')" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- slow

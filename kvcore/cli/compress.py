@@ -82,13 +82,15 @@ def _method_args(p: argparse.ArgumentParser) -> None:
 def _pairs(items: list[str], option: str) -> dict:
     import yaml
 
+    from kvcore.inputs import parse_yaml
+
     out = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UsageError(f"{option} expects KEY=VALUE (got {item!r})")
         try:
-            out[key] = yaml.safe_load(text)
+            out[key] = parse_yaml(text, f"{option} {key}")
         except yaml.YAMLError:
             out[key] = text
     return out

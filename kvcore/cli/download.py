@@ -17,18 +17,9 @@ def register(sub) -> None:
 
 
 def load_config(path: str) -> dict:
-    import yaml
+    from kvcore.config import check, load
 
-    from kvcore.config import check
-
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{path}: expected a mapping of settings")
+    config = load(path)
     check(config)
     return config
 

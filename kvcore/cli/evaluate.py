@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 
+from kvcore.cli.options import MAX_LENGTH, MAX_TOKENS, float_in, int_in
 from kvcore.errors import UsageError
 
 QUICK = {"tokens": 512, "max_length": 128, "stride": 64}
@@ -37,12 +38,15 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="tiny random model and random tokens: no download")
     p.add_argument("--protocol", action="append", choices=["fake-quant", "prefill-compress"],
                    help="only this protocol (repeatable; default: every protocol the method has)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="evaluate the first N tokens (default 8192)")
-    p.add_argument("--max-length", type=int, default=1024, help="window length (default 1024)")
-    p.add_argument("--stride", type=int, default=512, help="scored tokens per window (default 512)")
+    p.add_argument("--max-tokens", type=int_in(2, MAX_TOKENS), default=8192,
+                   help="evaluate the first N tokens (default 8192)")
+    p.add_argument("--max-length", type=int_in(2, MAX_LENGTH), default=1024, help="window length (default 1024)")
+    p.add_argument("--stride", type=int_in(1, MAX_LENGTH), default=512,
+                   help="scored tokens per window, at most --max-length (default 512)")
     p.add_argument("--layout", choices=["sliding", "chunks"], default="sliding",
                    help="sliding: the HF guide's windows (default); chunks: disjoint windows (kvpress)")
-    p.add_argument("--threshold", type=float, default=0.5, help="pass when the perplexity rises by less (0.5)")
+    p.add_argument("--threshold", type=float_in(0, low_open=True), default=0.5,
+                   help="pass when the perplexity rises by less (0.5)")
     p.add_argument("--pre-rope", action="store_true", help="quantize keys before RoPE (LLaMA-style models)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", help="auto, float32, float16 or bfloat16 (default float32)")
@@ -65,6 +69,8 @@ def run_validate(args) -> int:
     from kvcore.compress import parse_method
     from kvcore.perplexity import validate_method
 
+    if args.stride > args.max_length:
+        raise UsageError(f"--stride ({args.stride}) must not exceed --max-length ({args.max_length})")
     spec = _spec(args)
     parse_method(args.method, spec)  # a bad method fails before any model loads
     if args.out:

@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 
+from kvcore.cli.options import MAX_EXAMPLES, MAX_LENGTH, MAX_NEW_TOKENS, MAX_SEED, float_in, int_in
 from kvcore.errors import UsageError
 
 
@@ -38,28 +39,30 @@ def register(subparsers) -> None:
         t.add_argument("--model", required=True, metavar="DIR", help="prepared model directory")
         t.add_argument("--method", action="append", required=True, metavar="NAME",
                        help="method to evaluate (repeatable)")
-        t.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1], metavar="R",
-                       help="keep ratios (default 1.0 0.5 0.3 0.2 0.1)")
-        t.add_argument("--max-new-tokens", type=int, default=16)
+        t.add_argument("--keep", type=float_in(0, 1, low_open=True), nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1],
+                       metavar="R", help="keep ratios in (0, 1] (default 1.0 0.5 0.3 0.2 0.1)")
+        t.add_argument("--max-new-tokens", type=int_in(1, MAX_NEW_TOKENS), default=16)
         t.add_argument("--device", default="auto")
         t.add_argument("--dtype", default="auto")
-        t.add_argument("--seed", type=int, default=0, help="seed of the needle generator / squad sample / random")
+        t.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,
+                       help="seed of the needle generator / squad sample / random")
         t.add_argument("--out-dir", metavar="DIR", help="write DIR/{method}.json")
         t.add_argument("--json", action="store_true", help="print the whole run as JSON")
         if kind == "needle":
             t.add_argument("--dataset", required=True, metavar="TEXT.parquet", help="filler corpus (text.parquet)")
-            t.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], metavar="N",
+            t.add_argument("--lengths", type=int_in(32, MAX_LENGTH), nargs="+", default=[512, 1024], metavar="N",
                            help="context lengths in tokens (default 512 1024)")
-            t.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], metavar="D",
+            t.add_argument("--depths", type=float_in(0, 1), nargs="+", default=[0.1, 0.5, 0.9], metavar="D",
                            help="needle depths in [0, 1] (default 0.1 0.5 0.9)")
-            t.add_argument("--n", type=int, default=2, help="examples per (length, depth) cell (default 2)")
+            t.add_argument("--n", type=int_in(1, MAX_EXAMPLES), default=2,
+                           help="examples per (length, depth) cell (default 2)")
         elif kind == "squad":
-            t.add_argument("--n", type=int, default=50, help="examples (default 50)")
+            t.add_argument("--n", type=int_in(1, MAX_EXAMPLES), default=50, help="examples (default 50)")
             t.add_argument("--split", default="validation")
             t.add_argument("--hub-id", default="rajpurkar/squad")
         else:
             t.add_argument("--path", required=True, help="jsonl file")
-            t.add_argument("--n", type=int, default=None, help="first N examples (default all)")
+            t.add_argument("--n", type=int_in(1, MAX_EXAMPLES), default=None, help="first N examples (default all)")
         t.set_defaults(func=run_tasks, task_kind=kind)
     pl = sub.add_parser("plot", help="accuracy vs keep ratio from task JSONs",
                         description="Plot accuracy vs keep ratio, one line per method (task_accuracy.png).")
@@ -142,7 +145,7 @@ def format_table(docs: list[dict], context_length: int | None = None) -> str:
         rows = []
         for d in docs:
             by_ratio = {("none" if r["keep_ratio"] is None else f"{r['keep_ratio']:g}"): r for r in d["results"]}
-            rows.append((d["method"], [_cell_accuracy(by_ratio[r]["by_cell"], context_length)[0]
+            rows.append((d["method"], [_cell_accuracy(by_ratio[r].get("by_cell", []), context_length)[0]
                                        if r in by_ratio else None for r in ratios]))
         title = f"| method (accuracy, {context_length} tokens, n={n}) | "
     lines = [title + " | ".join(ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
@@ -152,15 +155,49 @@ def format_table(docs: list[dict], context_length: int | None = None) -> str:
     return "\n".join(lines)
 
 
+METRICS = ("accuracy", "f1", "rouge_l", "exact_match")
+_SCORE = {"type": ["number", "null"]}
+_CELLS = {"type": "array", "items": {
+    "type": "object", "required": ["context_length", "accuracy", "n"],
+    "properties": {"context_length": {"type": "integer"}, "accuracy": {"type": "number"},
+                   "n": {"type": "integer", "minimum": 0}}}}
+# What `table` and `plot` read of a task result (kvcore.tasks.evaluate.method_result writes it),
+# so valid JSON of another shape is one line naming the key, not a KeyError.
+RESULT_SHAPE = {
+    "type": "object",
+    "required": ["method", "primary_metric", "n_examples", "baseline", "results"],
+    "properties": {
+        "method": {"type": "string"},
+        "primary_metric": {"enum": list(METRICS)},
+        "n_examples": {"type": "integer"},
+        "baseline": {"type": "object", "properties": {"by_cell": _CELLS}},
+        "results": {"type": "array", "items": {"type": "object", "required": ["keep_ratio"],
+                                               "properties": {"keep_ratio": _SCORE, "kv_fraction": _SCORE,
+                                                              "by_cell": _CELLS}}},
+    },
+    "allOf": [{"if": {"required": ["primary_metric"], "properties": {"primary_metric": {"const": m}}},
+               "then": {"required": [m], "properties": {
+                   m: {"type": "object", "additionalProperties": _SCORE},
+                   "baseline": {"required": [m], "properties": {m: _SCORE}},
+                   "results": {"items": {"properties": {m: _SCORE}}}}}} for m in METRICS],
+}
+
+
 def _read_results(paths) -> list[dict]:
-    from pathlib import Path
+    from kvcore.config import explain
+    from kvcore.inputs import read_json
 
     docs = []
     for path in paths:
-        try:
-            docs.append(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"cannot read task result {path}: {exc}") from None
+        doc = read_json(path, "task result")
+        problem = explain(doc, RESULT_SHAPE, what=f"task result {path}")
+        if problem:
+            raise UsageError(f"{problem} (expected a results/MODEL/tasks/TASK/METHOD.json)")
+        docs.append(doc)
+    metrics = {d["primary_metric"] for d in docs}
+    if len(metrics) > 1:
+        raise UsageError(f"the task results mix primary metrics ({', '.join(sorted(metrics))}); "
+                         f"give the results of one task")
     return docs
 
 

@@ -40,6 +40,16 @@ THRESHOLD_KEYS = {
 }
 
 
+# the valid bounds of a threshold (default: from 0 up)
+THRESHOLD_RANGES = {"min_snr_db": (-math.inf, math.inf), "min_cosine_similarity": (-1.0, 1.0)}
+
+
+def _range_text(low: float, high: float) -> str:
+    if math.isinf(low):
+        return ""
+    return f" from {low:g}" + (f" to {high:g}" if math.isfinite(high) else " up")
+
+
 def quality_level(snr_db: float | None, cosine: float) -> str:
     for level, min_snr, min_cos in LEVELS:
         if (snr_db is None or snr_db >= min_snr) and cosine >= min_cos:
@@ -55,8 +65,11 @@ def check_thresholds(thresholds: dict | None) -> dict:
     for key, value in thresholds.items():
         if key not in THRESHOLD_KEYS:
             raise UsageError(f"unknown threshold {key!r} (valid: {', '.join(THRESHOLD_KEYS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"threshold {key} must be a number (got {value!r})")
+        low, high = THRESHOLD_RANGES.get(key, (0.0, math.inf))
+        # nan compares false with every metric: it would be a silent violation, not a usage error
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high:
+            raise UsageError(f"threshold {key} must be a finite number{_range_text(low, high)} (got {value!r})")
         out[key] = float(value)
     return out
 

@@ -18,6 +18,7 @@ from typing import Iterator
 from kvcore import __version__
 from kvcore.atomic import atomic_path, write_json
 from kvcore.errors import KvcoreError, UsageError
+from kvcore.inputs import read_text
 
 SOURCES = ("wheel", "hf", "local", "prompts", "random")
 FORMATS = ("lines", "mediawiki", "text", "jsonl", "parquet")
@@ -60,9 +61,14 @@ def prepare_dataset(name: str, spec: dict, out_dir: str | Path, cache_dir: str |
 
 
 def read_documents(path: str | Path) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(Path(path), columns=["text"]).column("text").to_pylist()
+    try:
+        return pq.read_table(Path(path), columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError) as exc:  # not Parquet, or Parquet without a text column
+        raise UsageError(f"{path} is not a dataset's text.parquet (a Parquet file with a 'text' column): "
+                         f"{exc}") from None
 
 
 def joined_text(path: str | Path) -> str:
@@ -185,7 +191,7 @@ def prompt_list(spec: dict) -> list[str]:
     path = Path(spec["file"])
     if not path.is_file():
         raise KvcoreError(f"prompts file {path} does not exist")
-    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.rstrip("\n") for line in read_text(path, "prompts file").splitlines() if line.strip()]
 
 
 def _from_prompts(spec: dict, work: Path, cache: Path):

@@ -14,6 +14,7 @@ from pathlib import Path
 from kvcore import __version__
 from kvcore.atomic import atomic_path, write_json
 from kvcore.errors import KvcoreError, UsageError
+from kvcore.tensorfile import usual_mode
 
 SOURCES = ("wheel", "hf", "local", "random-init")
 
@@ -28,6 +29,7 @@ def prepare_model(name: str, spec: dict, out_dir: str | Path, cache_dir: str | P
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         provenance = builders[source](spec, tmp, Path(cache_dir))
+        usual_mode(tmp)  # model.safetensors comes out 0600 (see usual_mode)
         write_json(tmp / "manifest.json", {"name": name, "source": source, "spec": spec,
                                            "provenance": provenance, "kvcore_version": __version__})
     return out_dir
@@ -135,9 +137,13 @@ def random_model(spec: dict):
     params.setdefault("vocab_size", len(tokenizer))
     params.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model_type = params.pop("model_type")
-    config = AutoConfig.for_model(model_type, **params)
     torch.manual_seed(int(spec.get("seed", 0)))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        config = AutoConfig.for_model(model_type, **params)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, TypeError) as exc:  # e.g. heads that do not divide the hidden size
+        raise UsageError(f"random-init: transformers refuses the {arch} config {spec.get('config', {})}: "
+                         f"{exc}") from None
     return model.eval(), tokenizer
 
 

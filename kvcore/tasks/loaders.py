@@ -81,31 +81,30 @@ def load_squad(spec: dict) -> list[Example]:
 def load_local(path, n_examples: int | None = None) -> list[Example]:
     if not path:
         raise UsageError("local task: give `path`, a jsonl file of {context, question, answers}")
+    from kvcore.inputs import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"local task: {path} does not exist")
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{number}: each line must be a JSON object")
-            answers = row.get("answers", row.get("answer"))
-            if isinstance(answers, str):
-                answers = [answers]
-            missing = [k for k in ("context", "question") if not isinstance(row.get(k), str)]
-            if missing or not answers or not all(isinstance(a, str) for a in answers):
-                what = f"'{missing[0]}' (a string)" if missing else "'answers' (a list of strings) or 'answer'"
-                raise UsageError(f"{path}:{number}: missing {what}")
-            out.append(Example(id=str(row.get("id", number)), context=row["context"],
-                               question=_free_form(row["question"]), answers=list(answers)))
-            if n_examples and len(out) >= n_examples:
-                break
+    for number, line in enumerate(read_text(path, "local task file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}:{number}: each line must be a JSON object")
+        answers = row.get("answers", row.get("answer"))
+        if isinstance(answers, str):
+            answers = [answers]
+        missing = [k for k in ("context", "question") if not isinstance(row.get(k), str)]
+        if missing or not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            what = f"'{missing[0]}' (a string)" if missing else "'answers' (a list of strings) or 'answer'"
+            raise UsageError(f"{path}:{number}: missing {what}")
+        out.append(Example(id=str(row.get("id", number)), context=row["context"],
+                           question=_free_form(row["question"]), answers=list(answers)))
+        if n_examples and len(out) >= n_examples:
+            break
     if not out:
         raise UsageError(f"local task: {path} holds no examples")
     return out

@@ -9,6 +9,10 @@ import kvcore.config
 from kvcore.codedeps import module_files
 from kvcore.errors import UsageError
 
+try:  # a key given twice: Snakemake's YAML reader keeps the last one without a word
+    kvcore.config.check_files(workflow.configfiles)
+except UsageError as error:
+    raise WorkflowError(str(error)) from None
 try:
     validate(config, workflow.source_path("../schemas/config.schema.yaml"))
     kvcore.config.check(config)
