@@ -18,8 +18,13 @@ from typing import Iterable, Iterator
 
 from kvcore.errors import UsageError
 
-# What `kvcore extract` writes into a run directory: replacing one of these breaks the run.
-RUN_OWN_FILES = ("kv", "shards", ".staging", "tokens.parquet", "metadata.json", "predictions.parquet")
+# Every file a run directory can hold, as kvcore.storage lays it out (paths relative to it;
+# fnmatch's * spans "/"): a shard being staged, and a killed writer's `.NAME.tmp-*` debris.
+RUN_FILES = ("metadata.json", "tokens.parquet", "predictions.parquet", "kv/part-*.safetensors",
+             "kv/layer=*/part-*.parquet", "shards/kv-*.json", "shards/predictions-*.parquet", ".staging/*",
+             ".*.tmp-*", "*/.*.tmp-*")
+# Where those live: no output may land there (an extra file under kv/ would join the tables).
+RUN_OWN_FILES = tuple(dict.fromkeys(f.split("/")[0] for f in RUN_FILES if not f.startswith(("*", ".*"))))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,10 +60,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"nothing was written to {target}")
-        if tmp.is_file():  # tempfile made it private (0600); give it the usual umask mode
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+        usual_mode(tmp)  # tempfile (and safetensors) make files private (0600)
         fsync_tree(tmp)
         # again: one may have appeared while we wrote; a directory may replace only an empty one
         _refuse_directory(target, allow_empty=tmp.is_dir())
@@ -69,6 +71,17 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def usual_mode(path: str | os.PathLike) -> None:
+    """Give a file, or every file under a directory, the mode a plain open() gives (0644 under
+    umask 022): tempfile and safetensors' save_file make private (0600) files, and another user
+    of a shared resources/ then gets "No such file or directory" from transformers."""
+    path = Path(path)
+    umask = os.umask(0o077)  # read it by setting it: meanwhile a stricter mask, never a looser one
+    os.umask(umask)
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]:
+        os.chmod(f, 0o666 & ~umask)
 
 
 def _refuse_directory(target: Path, allow_empty: bool = True) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from kvcore import __version__
-from kvcore.atomic import atomic_path, write_json
+from kvcore.atomic import RUN_FILES, atomic_path, write_json
 from kvcore.errors import KvcoreError, UsageError
 from kvcore.tensorfile import start_writeback
 
@@ -667,13 +667,6 @@ def finalize_run(run_dir: str | Path, expected_shards: int | None = None) -> dic
         pq.write_table(pa.concat_tables(tables), tmp)
     write_json(run_dir / "metadata.json", meta)
     return meta
-
-
-# Every file a run directory can hold (paths relative to it; fnmatch's * spans "/"): the
-# layout above, a shard being staged, and a killed writer's hidden `.NAME.tmp-*` debris.
-RUN_FILES = ("metadata.json", "tokens.parquet", "predictions.parquet", "kv/part-*.safetensors",
-             "kv/layer=*/part-*.parquet", "shards/kv-*.json", "shards/predictions-*.parquet", ".staging/*",
-             ".*.tmp-*", "*/.*.tmp-*")
 
 
 def refuse_foreign_files(run_dir: str | Path, name: str) -> None:

@@ -18,6 +18,7 @@ import struct
 import threading
 from pathlib import Path
 
+from kvcore.atomic import usual_mode
 from kvcore.errors import KvcoreError
 
 # torch dtype name -> safetensors dtype tag
@@ -53,17 +54,6 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
         usual_mode(path)
     except (OSError, SafetensorError) as exc:  # disk full, file too large, ...
         raise KvcoreError(f"cannot write {path}: {exc}") from None
-
-
-def usual_mode(path: str | Path) -> None:
-    """Give a file, or every file under a directory, the mode a plain open() gives (0644 under
-    umask 022): safetensors' save_file writes through a private temporary, so its files are 0600
-    and another user of a shared resources/ gets "No such file or directory" from transformers."""
-    umask = os.umask(0o077)  # read it by setting it: meanwhile a stricter mask, never a looser one
-    os.umask(umask)
-    path = Path(path)
-    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]:
-        os.chmod(f, 0o666 & ~umask)
 
 
 def dtype_name(dtype) -> str:

