@@ -117,8 +117,8 @@ def check_output(target: str | os.PathLike, option: str, inputs: Iterable[str | 
             raise UsageError(f"{option} {target} would overwrite the input {item}; name another file")
     for root in protected:
         if _inside(real, Path(os.path.realpath(root))):
-            raise UsageError(f"{option} {target} is inside {root}, which this command reads; "
-                             "write outside the run directory")
+            raise UsageError(f"{option} {target} is inside the run directory {root}, which this command "
+                             "reads or writes; name a path outside it")
     run = run_dir_of(real)
     if run is not None and real.relative_to(run).parts[0] in RUN_OWN_FILES:
         raise UsageError(f"{option} {target} would overwrite the extracted run {run} "

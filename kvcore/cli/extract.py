@@ -110,12 +110,14 @@ def run(args) -> int:
     import os
     import tempfile
 
-    from kvcore.atomic import atomic_path, write_json
+    from kvcore.atomic import atomic_path, check_output, write_json
     from kvcore.extract import Extractor
     from kvcore.storage import remove_run
 
     out = Path(args.out)
     check_out(out, args.overwrite)
+    if args.json:
+        check_output(args.json, "--json", inputs=[p for p in [args.text_file] if p], protected=[out])
     texts = _texts(args)
     if not texts:
         raise UsageError("no text to extract")
