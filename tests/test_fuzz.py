@@ -197,7 +197,9 @@ def fuzz_inputs(tmp_path_factory, tiny_run):
 
 
 def _tree(root):
-    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*")) if not p.is_symlink()}
+    """Size and mtime of every file (Python's own __pycache__ aside: imports may write it)."""
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*"))
+            if not p.is_symlink() and "__pycache__" not in p.parts}
 
 
 @st.composite
