@@ -4,4 +4,5 @@ from kvcore.jobs import run_job
 from kvcore.report import write_run_report
 
 out = Path(snakemake.output.md)
-run_job(snakemake.log[0], lambda: write_run_report(out.parent, out, methods=snakemake.params.methods))
+run_job(snakemake.log[0], lambda: write_run_report(out.parent, out, methods=snakemake.params.methods,
+                                                   results=list(snakemake.input.results)))
