@@ -270,10 +270,12 @@ def _run_meta_line(run_dir: Path) -> tuple[str, str]:
     return f"{model} on {dataset}", line
 
 
-def _tasks_section(task_root: Path, out_md: Path) -> list[str]:
-    files = sorted(task_root.glob("*/*.json")) if task_root.is_dir() else []
+def _tasks_section(files, out_md: Path) -> list[str]:
+    """A table of these task results (results/{model}/tasks/{task}/{method}.json, one model's)."""
+    files = [Path(f) for f in files]
     if not files:
         return []
+    task_root = files[0].parent.parent
     rows, keys = [], []
     loaded = []
     for f in files:
@@ -288,9 +290,11 @@ def _tasks_section(task_root: Path, out_md: Path) -> list[str]:
 
 
 def write_run_report(run_dir: str | Path, out_md: str | Path | None = None, plots_dir: str | Path | None = None,
-                     stats_dir: str | Path | None = None, methods: dict | None = None, results=()) -> Path:
+                     stats_dir: str | Path | None = None, methods: dict | None = None, results=(),
+                     tasks=()) -> Path:
     """Write a run's report.md (default run_dir/report.md): plots with captions and relative links,
-    perplexity and compression tables of the `results` files (collect_results), per-layer statistics.
+    perplexity and compression tables of the `results` files (collect_results), per-layer statistics,
+    the model's `tasks` results (results/{model}/tasks/{task}/{method}.json).
     Sections without inputs are left out."""
     from kvcore.atomic import write_text
 
@@ -319,7 +323,7 @@ def write_run_report(run_dir: str | Path, out_md: str | Path | None = None, plot
             lines += [f"### {TITLES[name]}", "", caption, "",
                       f"![{name}]({_rel(plots_dir / f'{name}.png', out_md)})", ""]
     lines += _stats_section(run_dir, Path(stats_dir) if stats_dir else None)
-    lines += _tasks_section(run_dir.parent / "tasks", out_md)
+    lines += _tasks_section(tasks, out_md)
     from kvcore.plots.pruning import FORMULA
 
     lines += ["## Definitions", "",
@@ -334,9 +338,10 @@ def write_run_report(run_dir: str | Path, out_md: str | Path | None = None, plot
     return out_md
 
 
-def write_grid_report(runs, out_md: str | Path, results=(), methods: dict | None = None) -> Path:
+def write_grid_report(runs, out_md: str | Path, results=(), methods: dict | None = None, tasks=()) -> Path:
     """Write results/report.md: the `runs` (run directories) side by side, every record of the
-    `results` files (each in its run's ppl/ or compress/), and links to the run reports."""
+    `results` files (each in its run's ppl/ or compress/), links to the run reports, and the
+    `tasks` results (results/{model}/tasks/{task}/{method}.json) per model."""
     from kvcore.atomic import write_text
 
     out_md = Path(out_md)
@@ -377,8 +382,11 @@ def write_grid_report(runs, out_md: str | Path, results=(), methods: dict | None
         lines += ["## Compression trade-off per run", ""]
         for run, png in plots:
             lines += [f"### {run.parent.name} · {run.name}", "", f"![compression_tradeoff]({_rel(png, out_md)})", ""]
-    for model_dir in sorted({run.parent for run in runs}):
-        lines += _tasks_section(model_dir / "tasks", out_md)
+    by_model: dict[Path, list[Path]] = {}
+    for f in map(Path, tasks):
+        by_model.setdefault(f.parent.parent.parent, []).append(f)
+    for model_dir in sorted(by_model):
+        lines += _tasks_section(by_model[model_dir], out_md)
     write_text(out_md, "\n".join(lines))
     return out_md
 

@@ -79,6 +79,19 @@ def test_only_the_named_files_are_read(grid):
                                                                       ("tiny-llama", "prompts", "int4-g64")}
 
 
+def test_the_tasks_section_shows_the_named_task_files_only(grid, tmp_path):
+    results, run, _ = grid
+    needle = results / "tiny-llama" / "tasks" / "needle"
+    needle.mkdir(parents=True, exist_ok=True)
+    (needle / "snapkv.json").write_text(json.dumps({"accuracy": 0.75}))
+    (needle / "removed.json").write_text(json.dumps({"accuracy": 0.5}))  # a method no longer configured
+    text = report.write_run_report(run, tmp_path / "r.md", tasks=[needle / "snapkv.json"]).read_text()
+    assert "## Tasks" in text and "| needle | snapkv | 0.75 |" in text and "removed" not in text
+    grid_md = report.write_grid_report([run], tmp_path / "g.md", tasks=[needle / "snapkv.json"]).read_text()
+    assert "| needle | snapkv | 0.75 |" in grid_md and "removed" not in grid_md
+    assert "## Tasks" not in report.write_run_report(run, tmp_path / "none.md").read_text()
+
+
 def test_collect_results(grid):
     _, run, methods = grid
     records = {(r["method"], r["protocol"]): r for r in report.collect_results(results_of(run), methods)}

@@ -10,7 +10,7 @@ from snakemake.utils import validate
 import kvcore.config
 from kvcore.codedeps import module_files
 from kvcore.errors import UsageError
-from kvcore.sources.models import num_layers
+from kvcore.sources.layers import num_layers
 
 try:
     validate(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -109,8 +109,9 @@ def shard_outputs(layers):
 
 
 def shard_files(name):
-    """One kind of extract output (safetensors, manifest, predictions) of every shard of the job's run."""
-    return lambda wc: expand(shard_outputs([])[name], shard=shards(wc.dataset), model=wc.model, dataset=wc.dataset)
+    """One kind of extract output (safetensors, parquet, manifest, predictions) of every shard of the job's run."""
+    return lambda wc: expand(shard_outputs(PARQUET_LAYERS[wc.model])[name], shard=shards(wc.dataset),
+                             model=wc.model, dataset=wc.dataset)
 
 
 def run_files(folder, methods):
@@ -149,12 +150,19 @@ def task_settings():
     return canonical({k: v for k, v in (config.get("tasks") or {}).items() if k in keys})
 
 
+def task_results(model):
+    """Every task JSON of one model (what the reports tabulate)."""
+    if not TASK_METHODS or model not in TASK_MODELS:
+        return []
+    return expand("results/{model}/tasks/{task}/{task_method}.json", model=model, task=list(TASKS),
+                  task_method=TASK_METHODS)
+
+
 def task_outputs():
     """Every task JSON and each (model, task)'s task_accuracy.png (for rule all)."""
     if not TASK_METHODS:
         return []
-    return expand("results/{model}/tasks/{task}/{task_method}.json",
-                  model=TASK_MODELS, task=list(TASKS), task_method=TASK_METHODS) + expand(
+    return [f for model in TASK_MODELS for f in task_results(model)] + expand(
         "results/{model}/tasks/{task}/task_accuracy.png", model=TASK_MODELS, task=list(TASKS))
 
 
@@ -164,6 +172,9 @@ def all_outputs():
         for dataset in DATASETS:
             run = RUN.format(model=model, dataset=dataset)
             outputs.append(f"{run}/metadata.json")
+            # the stored cache is a deliverable (queried with SQL): a deleted file of it reruns its shard
+            for files in shard_outputs(PARQUET_LAYERS[model]).values():
+                outputs += expand(files, shard=shards(dataset), model=model, dataset=dataset)
             outputs += [f"{run}/ppl/{method}.json" for method in METHODS]
             outputs += [f"{run}/compress/{method}.json" for method in COMPRESSIBLE]
     return outputs

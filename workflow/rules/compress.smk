@@ -31,7 +31,7 @@ rule compress_evict:
         metrics=f"{RUN}/compress/{{method}}.json",
     input:
         shards=shard_files("safetensors"),
-        model=rules.download_model.output.manifest,
+        model=rules.download_model.output.model,
         tokens=rules.tokenize.output.tokens,
         code=method_code(compress_code_modules),
     params:

@@ -3,7 +3,8 @@
 
 rule download_model:
     output:
-        manifest="resources/models/{model}/manifest.json",
+        # the whole Hugging Face directory (its files depend on the source), manifest.json inside
+        model=directory("resources/models/{model}"),
     input:
         code=code("kvcore.sources.models"),
     params:

@@ -18,7 +18,7 @@ if PPL_SHARDS == 1:
         output:
             result=f"{RUN}/ppl/{{method}}.json",
         input:
-            model=rules.download_model.output.manifest,
+            model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
             code=method_code(code_modules),
         params:
@@ -41,7 +41,7 @@ else:
         output:
             result=f"{RUN}/ppl/shards/{{method}}-{{shard}}.json",
         input:
-            model=rules.download_model.output.manifest,
+            model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
             code=method_code(code_modules),
         params:

@@ -5,7 +5,7 @@ rule tokenize:
     output:
         tokens=f"{RUN}/tokens.parquet",
     input:
-        model=rules.download_model.output.manifest,
+        model=rules.download_model.output.model,
         text=rules.download_dataset.output.text,
         code=code("kvcore.tokens", "kvcore.model"),
     params:
@@ -38,7 +38,7 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
         output:
             **shard_outputs(layers),
         input:
-            model=rules.download_model.output.manifest,
+            model=rules.download_model.output.model,
             tokens=rules.tokenize.output.tokens,
             code=code("kvcore.extract"),
         params:

@@ -67,6 +67,7 @@ rule run_report:
         rules.plots_results.output,
         metadata=rules.finalize_extraction.output.metadata,
         results=run_results,
+        tasks=lambda wc: task_results(wc.model),
         code=code("kvcore.report"),
     params:
         methods=canonical(config["methods"]),
@@ -87,6 +88,7 @@ rule grid_report:
     input:
         reports=expand(rules.run_report.output.md, model=MODELS, dataset=DATASETS),
         results=run_files("ppl", METHODS) + run_files("compress", COMPRESSIBLE),
+        tasks=[f for model in MODELS for f in task_results(model)],
         code=code("kvcore.report"),
     params:
         methods=canonical(config["methods"]),

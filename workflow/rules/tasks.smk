@@ -7,7 +7,7 @@ rule task:
     output:
         result="results/{model}/tasks/{task}/{task_method}.json",
     input:
-        model=rules.download_model.output.manifest,
+        model=rules.download_model.output.model,
         filler=task_filler,
         code=code("kvcore.tasks.evaluate", "kvcore.tasks.loaders", "kvcore.tasks.cache", "kvcore.model"),
     params:

@@ -8,7 +8,7 @@ i, o, methods = snakemake.input, snakemake.output, snakemake.params.methods
 
 def job():
     write_summary(list(i.results), o.summary, methods)
-    write_grid_report([Path(r).parent for r in i.reports], o.md, list(i.results), methods)
+    write_grid_report([Path(r).parent for r in i.reports], o.md, list(i.results), methods, list(i.tasks))
 
 
 run_job(snakemake.log[0], job)
