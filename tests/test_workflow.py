@@ -162,6 +162,8 @@ def test_every_file_the_workflow_writes_is_a_declared_output(workdir):
     run = "results/tiny-gpt2/random-words"
     assert {f"{run}/kv/layer={layer}/part-{shard:05d}.parquet" for layer in (0, 1) for shard in (0, 1)} <= declared
     assert "resources/models/tiny-gpt2" in declared
+    would_delete = snakemake(workdir, "--delete-all-output", "--dry-run").stdout
+    assert f"Would delete {run}/kv/layer=1/part-00001.parquet" in would_delete
 
 
 def test_deleting_one_parquet_layer_file_reruns_its_extract_job(workdir):
