@@ -73,6 +73,9 @@ def collect_results(paths, methods: dict | None = None) -> list[dict]:
     `{run}/compress/{method}.json`, the rule's inputs; a file not named is never read). Fields: those
     of SUMMARY_COLUMNS (None where unknown), `params` (the method's parameters: from the JSON's
     `params`, else the config `methods` entry), `compress_passed`."""
+    if isinstance(paths, (str, Path)):  # the old run-directory form: it read stale files
+        raise TypeError("collect_results takes the run's result files (ppl/*.json, compress/*.json), "
+                        "not a directory")
     paths = [Path(p) for p in paths]
     methods = methods or {}
     compress = {p.stem: _load(p) for p in paths if p.parent.name == "compress"}
