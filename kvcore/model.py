@@ -63,9 +63,14 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
     return model.to(device).eval(), load_tokenizer(model_dir), device
 
 
+def layer_count(config) -> int:
+    """Layers of a causal LM config (GPT-2 and LLaMA naming alike)."""
+    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+
+
 def kv_shape(config) -> dict:
     """Layer/head geometry of a causal LM config (GPT-2 and LLaMA naming alike)."""
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    layers = layer_count(config)
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     hidden = getattr(config, "hidden_size", None) or config.n_embd

@@ -67,15 +67,20 @@ def _load(path: Path):
         raise KvcoreError(f"{path}: not a readable JSON result ({exc})") from None
 
 
-def collect_results(run_dir: str | Path, methods: dict | None = None) -> list[dict]:
+def collect_results(paths, methods: dict | None = None) -> list[dict]:
     """One record per (method, protocol) with perplexity results, plus one per method with compression
-    metrics only. Fields: those of SUMMARY_COLUMNS (None where unknown), `params` (the method's
-    parameters: from the JSON's `params`, else the config `methods` entry), `compress_passed`."""
-    run_dir = Path(run_dir)
+    metrics only, from exactly these result files of one run (`{run}/ppl/{method}.json` and
+    `{run}/compress/{method}.json`, the rule's inputs; a file not named is never read). Fields: those
+    of SUMMARY_COLUMNS (None where unknown), `params` (the method's parameters: from the JSON's
+    `params`, else the config `methods` entry), `compress_passed`."""
+    if isinstance(paths, (str, Path)):  # the old run-directory form: it read stale files
+        raise TypeError("collect_results takes the run's result files (ppl/*.json, compress/*.json), "
+                        "not a directory")
+    paths = [Path(p) for p in paths]
     methods = methods or {}
-    compress = {p.stem: _load(p) for p in sorted((run_dir / "compress").glob("*.json"))}
+    compress = {p.stem: _load(p) for p in paths if p.parent.name == "compress"}
     records, seen = [], set()
-    for path in sorted((run_dir / "ppl").glob("*.json")):
+    for path in (p for p in paths if p.parent.name == "ppl"):
         data = _load(path)
         if isinstance(data, dict) and isinstance(data.get("protocols"), dict) and data["protocols"]:
             items = [{"spec": data.get("spec"), **rec} for rec in data["protocols"].values()]
@@ -110,24 +115,26 @@ def _record(method: str, ppl: dict, comp: dict, methods: dict) -> dict:
     return rec
 
 
-def find_runs(results_dir: str | Path) -> list[Path]:
-    """results/{model}/{dataset} directories holding a run (metadata, stats, ppl or compress results)."""
-    results_dir = Path(results_dir)
-    runs = []
-    for d in sorted(results_dir.glob("*/*")):
-        if d.is_dir() and d.name != "tasks" and any((d / x).exists() for x in ("metadata.json", "stats", "ppl",
-                                                                                "compress")):
-            runs.append(d)
+def results_by_run(paths) -> dict[Path, list[Path]]:
+    """Result files grouped by their run directory ({run}/ppl/x.json -> {run}), in the given order."""
+    runs: dict[Path, list[Path]] = {}
+    for p in map(Path, paths):
+        runs.setdefault(p.parent.parent, []).append(p)
     return runs
 
 
-def summary_table(results_dir: str | Path, methods: dict | None = None):
-    """pyarrow Table of every result record of every run (schema SUMMARY_COLUMNS, possibly empty)."""
+def run_labels(paths) -> dict[str, list[Path]]:
+    """"model · dataset" -> that run's result files, for the comparison tables."""
+    return {f"{run.parent.name} · {run.name}": files for run, files in results_by_run(paths).items()}
+
+
+def summary_table(results, methods: dict | None = None):
+    """pyarrow Table of every record of these result files (schema SUMMARY_COLUMNS, possibly empty)."""
     import pyarrow as pa
 
     rows = []
-    for run in find_runs(results_dir):
-        for rec in collect_results(run, methods):
+    for run, paths in results_by_run(results).items():
+        for rec in collect_results(paths, methods):
             rec.update(model=run.parent.name, dataset=run.name)
             rows.append(rec)
     schema = pa.schema([(name, getattr(pa, typ)()) for name, typ in SUMMARY_COLUMNS])
@@ -153,13 +160,13 @@ def _coerce(v, typ: str):
     return str(v)
 
 
-def write_summary(results_dir: str | Path, out_parquet: str | Path, methods: dict | None = None) -> Path:
-    """Write `summary.parquet`: one row per (model, dataset, method, protocol) result, atomically."""
+def write_summary(results, out_parquet: str | Path, methods: dict | None = None) -> Path:
+    """Write `summary.parquet`: one row per (model, dataset, method, protocol) of these result files."""
     import pyarrow.parquet as pq
 
     from kvcore.atomic import atomic_path
 
-    table = summary_table(results_dir, methods)
+    table = summary_table(results, methods)
     with atomic_path(out_parquet) as tmp:
         pq.write_table(table, tmp)
     return Path(out_parquet)
@@ -266,10 +273,12 @@ def _run_meta_line(run_dir: Path) -> tuple[str, str]:
     return f"{model} on {dataset}", line
 
 
-def _tasks_section(task_root: Path, out_md: Path) -> list[str]:
-    files = sorted(task_root.glob("*/*.json")) if task_root.is_dir() else []
+def _tasks_section(files, out_md: Path) -> list[str]:
+    """A table of these task results (results/{model}/tasks/{task}/{method}.json, one model's)."""
+    files = [Path(f) for f in files]
     if not files:
         return []
+    task_root = files[0].parent.parent
     rows, keys = [], []
     loaded = []
     for f in files:
@@ -284,16 +293,19 @@ def _tasks_section(task_root: Path, out_md: Path) -> list[str]:
 
 
 def write_run_report(run_dir: str | Path, out_md: str | Path | None = None, plots_dir: str | Path | None = None,
-                     stats_dir: str | Path | None = None, methods: dict | None = None) -> Path:
+                     stats_dir: str | Path | None = None, methods: dict | None = None, results=(),
+                     tasks=()) -> Path:
     """Write a run's report.md (default run_dir/report.md): plots with captions and relative links,
-    perplexity, compression and per-layer statistics tables. Sections without inputs are left out."""
+    perplexity and compression tables of the `results` files (collect_results), per-layer statistics,
+    the model's `tasks` results (results/{model}/tasks/{task}/{method}.json).
+    Sections without inputs are left out."""
     from kvcore.atomic import write_text
 
     run_dir = Path(run_dir)
     out_md = Path(out_md) if out_md is not None else run_dir / "report.md"
     plots_dir = Path(plots_dir) if plots_dir is not None else run_dir / "plots"
     title, meta_line = _run_meta_line(run_dir)
-    records = collect_results(run_dir, methods)
+    records = collect_results(results, methods)
     lines = [f"# KV cache report: {title}", "", meta_line, ""]
     grid = run_dir.parent.parent / "report.md"
     lines += [f"[All runs]({_rel(grid, out_md)}) · data: `metadata.json`, `stats/*.parquet`, `ppl/*.json`, "
@@ -314,7 +326,7 @@ def write_run_report(run_dir: str | Path, out_md: str | Path | None = None, plot
             lines += [f"### {TITLES[name]}", "", caption, "",
                       f"![{name}]({_rel(plots_dir / f'{name}.png', out_md)})", ""]
     lines += _stats_section(run_dir, Path(stats_dir) if stats_dir else None)
-    lines += _tasks_section(run_dir.parent / "tasks", out_md)
+    lines += _tasks_section(tasks, out_md)
     from kvcore.plots.pruning import FORMULA
 
     lines += ["## Definitions", "",
@@ -329,23 +341,24 @@ def write_run_report(run_dir: str | Path, out_md: str | Path | None = None, plot
     return out_md
 
 
-def write_grid_report(results_dir: str | Path, out_md: str | Path | None = None, methods: dict | None = None) -> Path:
-    """Write results/report.md: every run side by side, every result row, and links to the run reports."""
+def write_grid_report(runs, out_md: str | Path, results=(), methods: dict | None = None, tasks=()) -> Path:
+    """Write results/report.md: the `runs` (run directories) side by side, every record of the
+    `results` files (each in its run's ppl/ or compress/), links to the run reports, and the
+    `tasks` results (results/{model}/tasks/{task}/{method}.json) per model."""
     from kvcore.atomic import write_text
 
-    results_dir = Path(results_dir)
-    out_md = Path(out_md) if out_md is not None else results_dir / "report.md"
-    runs = find_runs(results_dir)
+    out_md = Path(out_md)
+    runs, by_run = [Path(r) for r in runs], results_by_run(results)
     lines = ["# kvcore results across the grid", ""]
     if not runs:
         write_text(out_md, "\n".join(lines + ["No runs under this directory yet.", ""]))
         return out_md
-    summary = results_dir / "summary.parquet"
+    summary = out_md.parent / "summary.parquet"
     lines += [f"{len(runs)} run(s). Every result row is also in `{_rel(summary, out_md)}` "
               "(`SELECT * FROM 'results/summary.parquet'` in DuckDB).", "", "## Runs", ""]
     run_rows, all_rows = [], []
     for run in runs:
-        records = collect_results(run, methods)
+        records = collect_results(by_run.get(run, []), methods)
         meta_path = run / "metadata.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         base = next((r.get("baseline_perplexity") for r in records if r.get("baseline_perplexity") is not None), None)
@@ -372,8 +385,11 @@ def write_grid_report(results_dir: str | Path, out_md: str | Path | None = None,
         lines += ["## Compression trade-off per run", ""]
         for run, png in plots:
             lines += [f"### {run.parent.name} · {run.name}", "", f"![compression_tradeoff]({_rel(png, out_md)})", ""]
-    for model_dir in sorted({run.parent for run in runs}):
-        lines += _tasks_section(model_dir / "tasks", out_md)
+    by_model: dict[Path, list[Path]] = {}
+    for f in map(Path, tasks):
+        by_model.setdefault(f.parent.parent.parent, []).append(f)
+    for model_dir in sorted(by_model):
+        lines += _tasks_section(by_model[model_dir], out_md)
     write_text(out_md, "\n".join(lines))
     return out_md
 

@@ -1,6 +1,7 @@
 """Statistics of an extracted KV cache: the numbers behind the analysis plots.
 
-`compute_stats(run_dir)` streams the run's `kv/part-*.safetensors` shard by shard, in
+`compute_stats(shards)` streams the given `kv/part-*.safetensors` shard by shard (the files the
+caller names, never a glob: a shard left by an earlier run is not read), in
 chunks of sequences (and of tokens, for very long ones) whose float32 size stays under
 `chunk_bytes`, so memory is bounded whatever the size of the run. Padding beyond each
 sequence's length (prompts runs) is masked out using the shard's `seq_lengths`. Every
@@ -67,14 +68,17 @@ CKA_TOKENS = 512  # tokens sampled (evenly over the run) for the layer-to-layer 
 CHUNK_BYTES = 32 << 20  # float32 K/V of all layers per chunk; peak memory is ~4x this plus imports
 
 
-def shard_paths(run_dir: str | Path) -> list[Path]:
-    paths = sorted((Path(run_dir) / "kv").glob("part-*.safetensors"))
-    if not paths:
-        raise KvcoreError(f"{run_dir}: no kv/part-*.safetensors; extract the KV cache first")
+def shard_paths(shards) -> list[Path]:
+    """The shard files, checked to exist (a clear error instead of safetensors' own)."""
+    paths = [Path(p) for p in shards]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise KvcoreError(f"no kv/part-*.safetensors to read ({', '.join(missing) or 'none given'}); "
+                          "extract the KV cache first")
     return paths
 
 
-def iter_chunks(run_dir: str | Path, chunk_bytes: int = CHUNK_BYTES):
+def iter_chunks(shards, chunk_bytes: int = CHUNK_BYTES):
     """Yield (keys, values, pos): per-layer float32 [N, n_kv, head_dim] of real tokens, pos [N].
 
     N tokens per chunk keep all layers' keys and values of the chunk under `chunk_bytes`.
@@ -82,7 +86,7 @@ def iter_chunks(run_dir: str | Path, chunk_bytes: int = CHUNK_BYTES):
     import torch
     from safetensors import safe_open
 
-    for path in shard_paths(run_dir):
+    for path in shard_paths(shards):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             names = set(f.keys())
@@ -246,9 +250,11 @@ def _pool(mean, m2, m3, m4, n, dim):
             (m4 + 4 * d * m3 + 6 * d ** 2 * m2 + n * d ** 4).sum(dim), d)
 
 
-def compute_stats(run_dir: str | Path, chunk_bytes: int = CHUNK_BYTES, sparsity_rel: float = SPARSITY_REL,
-                  threads: int | None = None):
-    """All statistics tables of a run: {name: pyarrow.Table} for the names in STATS_TABLES.
+def compute_stats(shards, metadata: str | Path | None = None, chunk_bytes: int = CHUNK_BYTES,
+                  sparsity_rel: float = SPARSITY_REL, threads: int | None = None):
+    """All statistics tables of a run's `shards` (its kv/part-*.safetensors, in shard order):
+    {name: pyarrow.Table} for the names in STATS_TABLES; `metadata` (the run's metadata.json)
+    names the model and dataset in the tables' schema metadata.
 
     `threads` sets torch's intra-op threads for the call (the workflow passes the rule's
     `threads`; torch's default of every core collapses when several jobs share the cores).
@@ -259,17 +265,17 @@ def compute_stats(run_dir: str | Path, chunk_bytes: int = CHUNK_BYTES, sparsity_
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _compute(run_dir, chunk_bytes, sparsity_rel)
+        return _compute(shard_paths(shards), metadata, chunk_bytes, sparsity_rel)
     finally:
         torch.set_num_threads(previous)
 
 
-def _compute(run_dir, chunk_bytes, sparsity_rel):
+def _compute(shards, metadata, chunk_bytes, sparsity_rel):
     import torch
     from safetensors import safe_open
 
     total = 0
-    for i, path in enumerate(shard_paths(run_dir)):
+    for i, path in enumerate(shards):
         with safe_open(str(path), framework="pt") as f:
             shape = f.get_slice("layer_0_key").get_shape()
             meta = f.metadata() or {}
@@ -279,24 +285,24 @@ def _compute(run_dir, chunk_bytes, sparsity_rel):
                 _, n_kv, seq_len, dim = shape
     acc = _Acc(n_layers, n_kv, dim, seq_len, sample_stride=max(1, math.ceil(total / CKA_TOKENS)))
     with torch.inference_mode():
-        for keys, values, pos in iter_chunks(run_dir, chunk_bytes):
+        for keys, values, pos in iter_chunks(shards, chunk_bytes):
             acc.first_pass(keys, values, pos)
         if acc.n_tok == 0:
-            raise KvcoreError(f"{run_dir}: the KV cache holds no tokens")
+            raise KvcoreError(f"{shards[0].parent}: the KV cache holds no tokens")
         mom = _Moments(acc)
         threshold = sparsity_rel * mom.head["rms"]
-        for keys, values, _ in iter_chunks(run_dir, chunk_bytes):
+        for keys, values, _ in iter_chunks(shards, chunk_bytes):
             acc.second_pass(keys, values, threshold)
         tables = _tables(acc, mom, threshold)
-    meta = _run_meta(run_dir)
+    meta = _run_meta(metadata)
     meta.update(sparsity_rel=sparsity_rel, hist_lo=HIST_LO, hist_hi=HIST_HI, hist_per_decade=HIST_PER_DECADE)
     encoded = {b"kvcore_stats": json.dumps(meta).encode()}
     return {name: t.replace_schema_metadata(encoded) for name, t in tables.items()}
 
 
-def _run_meta(run_dir) -> dict:
-    path = Path(run_dir) / "metadata.json"
-    if path.is_file():
+def _run_meta(metadata) -> dict:
+    path = Path(metadata) if metadata is not None else None
+    if path is not None and path.is_file():
         meta = json.loads(path.read_text())
         return {k: meta.get(k) for k in ("model", "dataset", "num_layers", "num_kv_heads", "num_heads",
                                          "head_dim", "dtype", "n_sequences", "n_tokens")}
@@ -464,14 +470,14 @@ def layer_cka(samples):
     return torch.stack(out), n
 
 
-def write_stats(run_dir: str | Path, out_dir: str | Path | None = None, **kwargs) -> dict[str, Path]:
-    """Compute the statistics of `run_dir` and write `{out_dir}/{name}.parquet` (default run_dir/stats)."""
+def write_stats(shards, out_dir: str | Path, metadata: str | Path | None = None, **kwargs) -> dict[str, Path]:
+    """Compute the statistics of `shards` (see compute_stats) and write `{out_dir}/{name}.parquet`."""
     import pyarrow.parquet as pq
 
     from kvcore.atomic import atomic_path
 
-    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "stats"
-    tables = compute_stats(run_dir, **kwargs)
+    out_dir = Path(out_dir)
+    tables = compute_stats(shards, metadata, **kwargs)
     paths = {}
     for name in STATS_TABLES:
         path = out_dir / f"{name}.parquet"

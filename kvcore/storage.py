@@ -5,7 +5,8 @@ A run directory holds, per shard of sequences:
   kv/part-{shard}.safetensors         layer_{i}_key / layer_{i}_value [n_seq, n_kv, seq_len, head_dim]
   shards/kv-{shard}.json              written last: the shard is complete when this exists
   shards/predictions-{shard}.parquet  next-token top-k of each sequence
-and, once every shard is done, metadata.json and predictions.parquet (`finalize_run`).
+and, once every shard is done, metadata.json and predictions.parquet (`finalize_shards`, from the
+shards' files named one by one: a file of a shard this run does not have is never read).
 """
 
 from __future__ import annotations
@@ -639,20 +640,36 @@ def _move_into_place(src: Path, dst: Path) -> None:
         os.close(fd)
 
 
-def shard_manifests(run_dir: str | Path) -> list[dict]:
-    """Manifests of the complete shards of a run, in shard order."""
-    paths = sorted((Path(run_dir) / "shards").glob("kv-*.json"))
-    return [json.loads(p.read_text()) for p in paths]
+def shard_files(run_dir: str | Path) -> list[Path]:
+    """A finalized run's kv/part-*.safetensors, those its metadata.json lists (not a glob)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metadata.json"
+    if not path.is_file():
+        raise KvcoreError(f"{run_dir}: no metadata.json; extract the KV cache first")
+    return [run_dir / "kv" / f"{shard_name(i)}.safetensors" for i in json.loads(path.read_text())["shards"]]
 
 
-def finalize_run(run_dir: str | Path, expected_shards: int | None = None) -> dict:
-    """Write metadata.json and predictions.parquet once every shard is complete."""
+def finalize_run(run_dir: str | Path, n_shards: int) -> dict:
+    """`finalize_shards` over shards 0 .. n_shards-1 of `run_dir`, named, not globbed (a shard
+    left by an earlier, larger run is not one of this run's)."""
+    run_dir = Path(run_dir)
+    shards = run_dir / "shards"
+    return finalize_shards([shards / f"kv-{i:05d}.json" for i in range(n_shards)],
+                           [shards / f"predictions-{i:05d}.parquet" for i in range(n_shards)],
+                           run_dir / "metadata.json", run_dir / "predictions.parquet")
+
+
+def finalize_shards(manifests, predictions, metadata_out: str | Path, predictions_out: str | Path) -> dict:
+    """Write a run's metadata.json and predictions.parquet from exactly these shard manifests
+    and predictions files (the rule's inputs, in shard order); every one must exist."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    run_dir = Path(run_dir)
-    manifests = shard_manifests(run_dir)
-    if not manifests or (expected_shards is not None and len(manifests) != expected_shards):
-        raise KvcoreError(f"{run_dir}: {len(manifests)} complete shards, expected {expected_shards}")
+    missing = [str(p) for p in [*manifests, *predictions] if not Path(p).is_file()]
+    if not manifests or missing:
+        raise KvcoreError(f"cannot finalize the run: {', '.join(missing) or 'no shard'} missing "
+                          "(extract every shard first)")
+    manifests = [json.loads(Path(p).read_text()) for p in manifests]
     first = manifests[0]
     meta = {k: first[k] for k in METADATA_KEYS}
     meta.update(n_shards=len(manifests), n_sequences=sum(len(m["seq_ids"]) for m in manifests),
@@ -660,12 +677,9 @@ def finalize_run(run_dir: str | Path, expected_shards: int | None = None) -> dic
                 shards=[m["shard"] for m in manifests])
     if "parquet" in first:  # a non-default Parquet selection (see ParquetSelection)
         meta["parquet"] = first["parquet"]
-    tables = [pq.read_table(run_dir / "shards" / f"predictions-{m['shard']:05d}.parquet") for m in manifests]
-    import pyarrow as pa
-
-    with atomic_path(run_dir / "predictions.parquet") as tmp:
-        pq.write_table(pa.concat_tables(tables), tmp)
-    write_json(run_dir / "metadata.json", meta)
+    with atomic_path(predictions_out) as tmp:
+        pq.write_table(pa.concat_tables([pq.read_table(p) for p in predictions]), tmp)
+    write_json(metadata_out, meta)
     return meta
 
 

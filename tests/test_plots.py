@@ -12,6 +12,7 @@ import pytest
 
 from kvcore import plots, stats
 from kvcore.errors import UsageError
+from kvcore.storage import shard_files
 from test_stats import synthetic_run  # tests/ is on sys.path under pytest
 
 RECORDS = [
@@ -38,7 +39,7 @@ RECORDS = [
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run_dir = synthetic_run(tmp_path_factory.mktemp("plots") / "run", n_layers=4, n_kv=2, seq_len=40, dim=8)
-    stats.write_stats(run_dir)
+    stats.write_stats(shard_files(run_dir), run_dir / "stats", run_dir / "metadata.json")
     return run_dir
 
 
@@ -58,7 +59,7 @@ def drawn(run, tmp_path_factory):
     (run / "attention").mkdir(exist_ok=True)
     pq.write_table(attention, run / "attention" / "sinks.parquet")
     out = tmp_path_factory.mktemp("drawn") / "plots"
-    return out, plots.write_plots(run, out)
+    return out, plots.write_plots(run, out, results=sorted((run / "ppl").glob("*.json")))
 
 
 def check_png(path):

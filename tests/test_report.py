@@ -11,6 +11,7 @@ import pytest
 
 from kvcore import plots, report, stats
 from kvcore.errors import KvcoreError
+from kvcore.storage import shard_files
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = 20.0
@@ -34,7 +35,7 @@ def grid(tmp_path_factory):
     Extractor(model, device="cpu", dtype="float32").extract_to_run(
         ["The quick brown fox jumps over the lazy dog.", "A key and a value are stored for every token."], run,
         dataset_name="prompts")
-    stats.write_stats(run)
+    stats.write_stats(shard_files(run), run / "stats", run / "metadata.json")
     (run / "ppl").mkdir()
     (run / "compress").mkdir()
     (run / "ppl" / "baseline.json").write_text(json.dumps(ppl("baseline", "none", "fake-quant", 0.0)))
@@ -60,9 +61,40 @@ def grid(tmp_path_factory):
     return root / "results", run, methods
 
 
+def results_of(run):
+    """The fixture's result files of one run (the rules name theirs from the config)."""
+    return sorted((run / "ppl").glob("*.json")) + sorted((run / "compress").glob("*.json"))
+
+
+def all_results(results):
+    return [p for run in ("prompts", "other") for p in results_of(results / "tiny-llama" / run)]
+
+
+def test_only_the_named_files_are_read(grid):
+    _, run, methods = grid
+    named = [run / "ppl" / "baseline.json", run / "compress" / "int4-g64.json"]
+    assert {r["method"] for r in report.collect_results(named, methods)} == {"baseline", "int4-g64"}
+    rows = report.summary_table(named, methods).to_pylist()
+    assert {(r["model"], r["dataset"], r["method"]) for r in rows} == {("tiny-llama", "prompts", "baseline"),
+                                                                      ("tiny-llama", "prompts", "int4-g64")}
+
+
+def test_the_tasks_section_shows_the_named_task_files_only(grid, tmp_path):
+    results, run, _ = grid
+    needle = results / "tiny-llama" / "tasks" / "needle"
+    needle.mkdir(parents=True, exist_ok=True)
+    (needle / "snapkv.json").write_text(json.dumps({"accuracy": 0.75}))
+    (needle / "removed.json").write_text(json.dumps({"accuracy": 0.5}))  # a method no longer configured
+    text = report.write_run_report(run, tmp_path / "r.md", tasks=[needle / "snapkv.json"]).read_text()
+    assert "## Tasks" in text and "| needle | snapkv | 0.75 |" in text and "removed" not in text
+    grid_md = report.write_grid_report([run], tmp_path / "g.md", tasks=[needle / "snapkv.json"]).read_text()
+    assert "| needle | snapkv | 0.75 |" in grid_md and "removed" not in grid_md
+    assert "## Tasks" not in report.write_run_report(run, tmp_path / "none.md").read_text()
+
+
 def test_collect_results(grid):
     _, run, methods = grid
-    records = {(r["method"], r["protocol"]): r for r in report.collect_results(run, methods)}
+    records = {(r["method"], r["protocol"]): r for r in report.collect_results(results_of(run), methods)}
     assert set(records) == {("baseline", "fake-quant"), ("int4-g64", "fake-quant"), ("int4-g64", "prefill-compress"),
                             ("int2-g64", "fake-quant"), ("drop-l1", "prefill-compress"), ("topk-10", None)}
     r = records[("int4-g64", "prefill-compress")]
@@ -77,8 +109,8 @@ def test_collect_results(grid):
 def test_run_report(grid, tmp_path):
     results, run, methods = grid
     plots.write_plots(run, names=["layer_statistics", "compression_tradeoff", "layer_pruning_potential"],
-                      methods=methods)
-    out = report.write_run_report(run, methods=methods)
+                      methods=methods, results=results_of(run))
+    out = report.write_run_report(run, methods=methods, results=results_of(run))
     text = out.read_text()
     assert out == run / "report.md"
     assert text.startswith("# KV cache report: tiny-llama on prompts")
@@ -115,7 +147,7 @@ def test_report_of_an_unextracted_run(grid, tmp_path):
 
 def test_summary_parquet(grid, tmp_path):
     results, run, methods = grid
-    path = report.write_summary(results, tmp_path / "summary.parquet", methods)
+    path = report.write_summary(all_results(results), tmp_path / "summary.parquet", methods)
     table = pq.read_table(path)
     assert table.column_names == [name for name, _ in report.SUMMARY_COLUMNS]
     df = table.to_pandas()
@@ -123,14 +155,15 @@ def test_summary_parquet(grid, tmp_path):
     row = df[(df.method == "int4-g64") & (df.protocol == "fake-quant")].iloc[0]
     assert (row.model, row.dataset, row.bits_per_element, row.quality_level) == ("tiny-llama", "prompts", 4.5, "GOOD")
     assert row.delta == pytest.approx(0.1) and bool(row.passed)
-    empty = pq.read_table(report.write_summary(tmp_path / "nothing", tmp_path / "empty.parquet"))
+    empty = pq.read_table(report.write_summary([], tmp_path / "empty.parquet"))
     assert empty.num_rows == 0 and empty.schema == table.schema
 
 
 def test_grid_report(grid, tmp_path):
     results, run, methods = grid
-    report.write_run_report(run, methods=methods)
-    out = report.write_grid_report(results, methods=methods)
+    report.write_run_report(run, methods=methods, results=results_of(run))
+    runs = [results / "tiny-llama" / "prompts", results / "tiny-llama" / "other"]
+    out = report.write_grid_report(runs, results / "report.md", all_results(results), methods)
     text = out.read_text()
     assert out == results / "report.md"
     assert "| tiny-llama | prompts |" in text and "| tiny-llama | other |" in text
@@ -138,7 +171,7 @@ def test_grid_report(grid, tmp_path):
     for link in re.findall(r"\]\(([^)]+\.(?:md|png))\)", text):
         assert (out.parent / link).is_file(), link
     assert "2 run(s)" in text
-    empty = report.write_grid_report(tmp_path / "none", tmp_path / "none.md").read_text()
+    empty = report.write_grid_report([], tmp_path / "none.md").read_text()
     assert "No runs" in empty
 
 
@@ -146,7 +179,7 @@ def test_bad_result_json_is_a_clear_error(tmp_path):
     (tmp_path / "ppl").mkdir()
     (tmp_path / "ppl" / "x.json").write_text("{not json")
     with pytest.raises(KvcoreError, match="x.json: not a readable JSON result"):
-        report.collect_results(tmp_path)
+        report.collect_results([tmp_path / "ppl" / "x.json"])
 
 
 def test_every_plot_has_a_caption_and_a_report_rst():

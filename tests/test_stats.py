@@ -69,6 +69,13 @@ def run(request, tmp_path_factory):
     return root / "run"
 
 
+def shards(run_dir):
+    """The run's shard files, as its metadata.json lists them (what the stats rule is given)."""
+    from kvcore.storage import shard_files
+
+    return shard_files(run_dir)
+
+
 def reference(run_dir):
     """Real-token K/V per layer from the safetensors with numpy: {kind: [L][N, H, D]}, pos [N]."""
     from safetensors import safe_open
@@ -115,7 +122,7 @@ def expected_fields(x, other_kind, nxt):
 
 
 def test_heads_and_layers_match_numpy(run):
-    tables = stats.compute_stats(run, chunk_bytes=5000)  # tiny chunks: sequences split across chunks
+    tables = stats.compute_stats(shards(run), run / "metadata.json", chunk_bytes=5000)  # tiny chunks: sequences split across chunks
     ref, pos = reference(run)
     n_layers, n_tok, n_kv, dim = len(ref["key"]), *ref["key"][0].shape
     heads, layers = tables["heads"], tables["layers"]
@@ -150,7 +157,7 @@ def test_heads_and_layers_match_numpy(run):
 
 
 def test_detail_tables_match_numpy(run):
-    tables = stats.compute_stats(run)
+    tables = stats.compute_stats(shards(run), run / "metadata.json")
     ref, pos = reference(run)
     n_layers, n_tok, n_kv, dim = len(ref["key"]), *ref["key"][0].shape
     ch = tables["channels"].to_pandas().set_index(["kind", "layer", "head", "channel"]).sort_index()
@@ -198,7 +205,7 @@ def hsic_u(k, l):
 @pytest.mark.parametrize("sample", [10, 512])
 def test_layer_cka_matches_numpy(run, sample, monkeypatch):
     monkeypatch.setattr(stats, "CKA_TOKENS", sample)  # 10: every k-th token across chunks and shards
-    tables = stats.compute_stats(run, chunk_bytes=3000)
+    tables = stats.compute_stats(shards(run), run / "metadata.json", chunk_bytes=3000)
     ref, _ = reference(run)
     n_layers, n_tok = len(ref["key"]), ref["key"][0].shape[0]
     stride = -(-n_tok // stats.CKA_TOKENS)
@@ -224,13 +231,13 @@ def test_padding_is_masked(run):
         width = f.get_slice("layer_0_key").get_shape()[2]
     assert min(lengths) < width  # the fixture really is padded
     meta = json.loads((run / "metadata.json").read_text())
-    heads = stats.compute_stats(run)["heads"]
+    heads = stats.compute_stats(shards(run), run / "metadata.json")["heads"]
     assert set(heads.column("n_tokens").to_pylist()) == {meta["n_tokens"]}
 
 
 def test_chunking_does_not_change_results(run):
-    big = stats.compute_stats(run)
-    small = stats.compute_stats(run, chunk_bytes=1)  # one token per chunk
+    big = stats.compute_stats(shards(run), run / "metadata.json")
+    small = stats.compute_stats(shards(run), run / "metadata.json", chunk_bytes=1)  # one token per chunk
     for name in stats.STATS_TABLES:
         a, b = big[name].to_pandas(), small[name].to_pandas()
         num = a.select_dtypes("number").columns
@@ -239,7 +246,7 @@ def test_chunking_does_not_change_results(run):
 
 
 def test_write_and_read_stats(run, tmp_path):
-    paths = stats.write_stats(run, tmp_path / "stats")
+    paths = stats.write_stats(shards(run), tmp_path / "stats", run / "metadata.json")
     assert sorted(paths) == sorted(stats.STATS_TABLES)
     assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == sorted(f"{n}.parquet" for n in stats.STATS_TABLES)
     back = stats.read_stats(tmp_path / "stats")
@@ -254,7 +261,7 @@ def test_write_and_read_stats(run, tmp_path):
 
 
 def test_pruning_potential(run):
-    tables = stats.compute_stats(run)
+    tables = stats.compute_stats(shards(run), run / "metadata.json")
     p = stats.pruning_potential(tables)
     heads = tables["heads"].to_pandas()
     v = heads[heads.kind == "value"]
@@ -266,4 +273,6 @@ def test_pruning_potential(run):
 
 def test_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(KvcoreError, match="no kv/part"):
-        stats.compute_stats(tmp_path)
+        stats.compute_stats([])
+    with pytest.raises(KvcoreError, match="part-00000.safetensors"):
+        stats.compute_stats([tmp_path / "kv" / "part-00000.safetensors"])

@@ -107,3 +107,124 @@ def test_snakemake_report_builds_the_html(workdir):
     snakemake(workdir, "--report", "report.html")
     html = (workdir / "report.html").read_text(errors="replace")
     assert len(html) > 100_000 and "layer_statistics" in html and "compression_tradeoff" in html
+
+
+# --- reruns exactly right, every output declared (issue 17) -----------------------------------------------
+
+def edited_config(workdir: Path, edit) -> str:
+    """Apply `edit` to the workdir's config (a dict), write it back; returns the original text."""
+    path = workdir / "config.yaml"
+    original = path.read_text()
+    config = yaml.safe_load(original)
+    config = edit(config) or config
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return original
+
+
+def reversed_keys(value):
+    """Every mapping of `value` with its keys in reverse order."""
+    if isinstance(value, dict):
+        return {k: reversed_keys(value[k]) for k in reversed(list(value))}
+    return [reversed_keys(v) for v in value] if isinstance(value, list) else value
+
+
+def test_reordered_config_keys_plan_no_job(workdir):
+    original = edited_config(workdir, reversed_keys)
+    try:
+        assert planned_jobs(workdir) == {}
+        (workdir / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(original)))  # sorted keys
+        assert planned_jobs(workdir) == {}
+    finally:
+        (workdir / "config.yaml").write_text(original)
+
+
+def test_adding_a_method_redraws_no_cache_plot_and_no_statistics(workdir):
+    def add(config):
+        config["methods"]["int8"] = {**config["methods"]["kivi4-g32"], "bits": 8}
+
+    original = edited_config(workdir, add)
+    try:
+        assert planned_jobs(workdir) == {"all": 1, "compress": 2, "perplexity": 2, "plots_results": 2,
+                                         "run_report": 2, "grid_report": 1, "perplexity_table": 1,
+                                         "compression_table": 1}
+    finally:
+        (workdir / "config.yaml").write_text(original)
+
+
+def test_every_file_the_workflow_writes_is_a_declared_output(workdir):
+    listed = snakemake(workdir, "--summary").stdout.splitlines()
+    declared = {line.split("\t")[0] for line in listed[1:] if line.strip()}
+    written = {str(p.relative_to(workdir)) for top in ("results", "resources") for p in (workdir / top).rglob("*")
+               if p.is_file()}
+    # a directory output (the model) declares the files inside it
+    undeclared = {f for f in written if f not in declared and not any(f.startswith(d + "/") for d in declared)}
+    assert undeclared == set()
+    run = "results/tiny-gpt2/random-words"
+    assert {f"{run}/kv/layer={layer}/part-{shard:05d}.parquet" for layer in (0, 1) for shard in (0, 1)} <= declared
+    assert "resources/models/tiny-gpt2" in declared
+    would_delete = snakemake(workdir, "--delete-all-output", "--dry-run").stdout
+    assert f"Would delete {run}/kv/layer=1/part-00001.parquet" in would_delete
+
+
+def test_deleting_one_parquet_layer_file_reruns_its_extract_job(workdir):
+    part = workdir / "results" / "tiny-llama" / "random-words" / "kv" / "layer=1" / "part-00001.parquet"
+    aside = workdir / "aside.parquet"
+    part.rename(aside)  # a rename keeps the file's time, so putting it back changes nothing
+    try:
+        out = snakemake(workdir, "--dry-run").stdout
+        jobs = planned_jobs(workdir)
+        assert jobs["extract"] == 1 and "tokenize" not in jobs and "download_model" not in jobs
+        assert "Missing output files: results/tiny-llama/random-words/kv/layer=1/part-00001.parquet" in out
+    finally:
+        aside.rename(part)
+    assert planned_jobs(workdir) == {}
+
+
+@pytest.fixture
+def copy_of(workdir, tmp_path):
+    """A copy of the finished run (times and Snakemake's records kept), for edits that run jobs."""
+    work = tmp_path / "copy"
+    shutil.copytree(workdir, work, symlinks=True)
+    assert planned_jobs(work) == {}
+    return work
+
+
+def test_a_removed_method_leaves_every_report(copy_of):
+    def remove(config):
+        del config["methods"]["kivi4-g32"]
+
+    edited_config(copy_of, remove)
+    snakemake(copy_of)
+    results = copy_of / "results"
+    assert (results / "tiny-gpt2" / "random-words" / "ppl" / "kivi4-g32.json").is_file()  # left on disk, unread
+    reports = [results / "report.md", results / "perplexity.md", results / "compression.md",
+               *results.glob("*/*/report.md")]
+    for path in reports:
+        assert "kivi4-g32" not in path.read_text(), path
+    import pyarrow.parquet as pq
+
+    assert set(pq.read_table(results / "summary.parquet").column("method").to_pylist()) == {"baseline"}
+
+
+def test_a_run_with_fewer_shards_reads_only_its_own(copy_of):
+    import json
+
+    import pyarrow.parquet as pq
+
+    def one_shard(config):
+        config["extract"]["n_sequences"] = 4  # shard_size 4: shard 00001 of the earlier run is left behind
+
+    edited_config(copy_of, one_shard)
+    snakemake(copy_of)
+    run = copy_of / "results" / "tiny-gpt2" / "random-words"
+    assert (run / "kv" / "part-00001.safetensors").is_file() and (run / "shards" / "kv-00001.json").is_file()
+    meta = json.loads((run / "metadata.json").read_text())
+    assert (meta["n_shards"], meta["shards"], meta["n_sequences"], meta["n_tokens"]) == (1, [0], 4, 4 * 32)
+    assert set(pq.read_table(run / "predictions.parquet").column("seq_id").to_pylist()) == {0, 1, 2, 3}
+    assert set(pq.read_table(run / "stats" / "heads.parquet").column("n_tokens").to_pylist()) == {4 * 32}
+    assert "4 sequences, 128 tokens" in (run / "report.md").read_text()
+
+
+def test_snakemake_lint_is_clean(workdir):
+    done = snakemake(workdir, "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in done.stdout + done.stderr

@@ -43,11 +43,12 @@ __all__ = ["STAT_PLOTS", "RESULT_PLOTS", "ALL_PLOTS", "OPTIONAL_PLOTS", "write_p
 
 
 def write_plots(run_dir: str | Path, out_dir: str | Path | None = None, names=None, stats_dir=None,
-                methods: dict | None = None) -> dict:
+                methods: dict | None = None, results=()) -> dict:
     """Draw `names` into out_dir (default run_dir/plots). Default names: every plot in STAT_PLOTS and
     RESULT_PLOTS, plus attention_sinks when {run_dir}/attention/sinks.parquet exists ("attention_sinks"
     may also be named explicitly; it is skipped, not an error, while that file is absent).
 
+    `results`: the run's ppl/compress JSON files the result plots read (`kvcore.report.collect_results`);
     `methods`: the config's `methods:` mapping, so result records know each method's family and
     parameters (pruned layers/heads) even where the result JSON does not say. Returns {name: data drawn}.
     """
@@ -64,7 +65,7 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None, names=No
         raise UsageError(f"unknown plot(s) {', '.join(unknown)}; valid: {', '.join(ALL_PLOTS)}")
     stats = read_stats(stats_dir or run_dir / "stats")
     meta = stats_meta(stats)
-    records = collect_results(run_dir, methods) if any(n in RESULT_PLOTS for n in names) else []
+    records = collect_results(results, methods) if any(n in RESULT_PLOTS for n in names) else []
     out = {}
     for name in names:
         png = out_dir / f"{name}.png"

@@ -1,4 +1,6 @@
-# Config validation, the grid, and helpers shared by every rule.
+# Config validation, the grid, and helpers shared by every rule (the other .smk files hold
+# only rules, as `snakemake --lint` asks).
+import json
 import math
 import re
 
@@ -8,6 +10,7 @@ from snakemake.utils import validate
 import kvcore.config
 from kvcore.codedeps import module_files
 from kvcore.errors import UsageError
+from kvcore.sources.layers import num_layers
 
 try:  # a key given twice: Snakemake's YAML reader keeps the last one without a word
     kvcore.config.check_files(workflow.configfiles)
@@ -27,6 +30,7 @@ METHODS = list(config["methods"])
 COMPRESSIBLE = METHODS
 EVICTING = [m for m in METHODS if (config["methods"][m] or {}).get("family") == "evict"]
 RUN = "results/{model}/{dataset}"
+ENV = "../envs/kvcore.yaml"  # every rule runs the same Python stack (pyproject.toml)
 
 
 wildcard_constraints:
@@ -34,6 +38,22 @@ wildcard_constraints:
     dataset="|".join(map(re.escape, DATASETS)),
     method="|".join(map(re.escape, METHODS)),
     shard=r"\d{5}",
+
+
+def canonical(value):
+    """`value` with every mapping's keys sorted, for `params:`. Snakemake compares params by
+    their repr, in which a dict keeps its insertion order: reordering config.yaml's keys must
+    not look like a changed setting."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def method_spec(wc):
+    return canonical(config["methods"][wc.method])
+
+
+def one_of(names):
+    """A wildcard regex matching exactly these names (nothing when there are none)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
 
 
 def code(*modules):
@@ -65,10 +85,89 @@ def shards(dataset):
     return [f"{i:05d}" for i in range(math.ceil(n_sequences(dataset) / config["extract"]["shard_size"]))]
 
 
+def method_code(code_modules):
+    """A rule's code input: the kvcore files `code_modules(method, spec)` names for the job's method."""
+    return lambda wc: code(*code_modules(wc.method, config["methods"][wc.method]))
+
+
+def parquet_layers(model):
+    """The layers whose Parquet files extraction writes: extract.parquet_layers, else every layer."""
+    chosen = config["extract"].get("parquet_layers")
+    if chosen is not None:
+        return sorted(set(chosen))
+    return list(range(num_layers(model, config["models"][model], f"resources/models/{model}")))
+
+
+try:
+    PARQUET_LAYERS = {model: parquet_layers(model) for model in MODELS}
+except UsageError as error:
+    raise WorkflowError(str(error)) from None
+
+
+def shard_outputs(layers):
+    """Every file one extract job writes (DESIGN.md "Data flow"), its Parquet file of each layer included."""
+    return dict(safetensors=f"{RUN}/kv/part-{{shard}}.safetensors",
+                parquet=[f"{RUN}/kv/layer={layer}/part-{{shard}}.parquet" for layer in layers],
+                predictions=f"{RUN}/shards/predictions-{{shard}}.parquet",
+                manifest=f"{RUN}/shards/kv-{{shard}}.json")
+
+
+def shard_files(name):
+    """One kind of extract output (safetensors, parquet, manifest, predictions) of every shard of the job's run."""
+    return lambda wc: expand(shard_outputs(PARQUET_LAYERS[wc.model])[name], shard=shards(wc.dataset),
+                             model=wc.model, dataset=wc.dataset)
+
+
 def run_files(folder, methods):
-    """"model · dataset" -> that run's {folder}/{method}.json files, in config order (the tables' inputs)."""
-    return {f"{model} · {dataset}": [f"{RUN.format(model=model, dataset=dataset)}/{folder}/{m}.json" for m in methods]
-            for model in MODELS for dataset in DATASETS}
+    """Every run's {folder}/{method}.json files, runs and methods in config order (the tables' inputs)."""
+    return [f"{RUN.format(model=model, dataset=dataset)}/{folder}/{m}.json"
+            for model in MODELS for dataset in DATASETS for m in methods]
+
+
+def run_results(wc):
+    """Every ppl and compress JSON of one run."""
+    run = RUN.format(model=wc.model, dataset=wc.dataset)
+    return [f"{run}/ppl/{m}.json" for m in METHODS] + [f"{run}/compress/{m}.json" for m in COMPRESSIBLE]
+
+
+def plot_outputs(names, subcategory):
+    return [report(f"{RUN}/plots/{name}.png", caption=f"../report/{name}.rst", category="{model} · {dataset}",
+                   subcategory=subcategory) for name in names]
+
+
+# Needle / QA tasks (tasks.smk): the top-level `tasks:` key, when the config has one.
+TASKS = (config.get("tasks") or {}).get("suite") or {}
+TASK_METHODS = (config.get("tasks") or {}).get("methods") or []
+TASK_MODELS = (config.get("tasks") or {}).get("models") or MODELS
+
+
+def task_filler(wc):
+    """The needle task's filler corpus (a dataset of the config); nothing for other types."""
+    spec = TASKS[wc.task]
+    if spec["type"] != "needle":
+        return []
+    return rules.download_dataset.output.text.format(dataset=spec.get("dataset", DATASETS[0]))
+
+
+def task_settings():
+    keys = ("keep_ratios", "max_new_tokens", "device", "dtype", "seed", "scorers", "keep_predictions")
+    return canonical({k: v for k, v in (config.get("tasks") or {}).items() if k in keys})
+
+
+def task_results(model):
+    """Every task JSON of one model (what the reports tabulate)."""
+    if not TASK_METHODS or model not in TASK_MODELS:
+        return []
+    return expand("results/{model}/tasks/{task}/{task_method}.json", model=model, task=list(TASKS),
+                  task_method=TASK_METHODS)
+
+
+def task_outputs():
+    """Every task JSON and each (model, task)'s task_accuracy.png (for rule all)."""
+    if not TASK_METHODS:
+        return []
+    return [f for model in TASK_MODELS for f in task_results(model)] + expand(
+        "results/{model}/tasks/{task}/task_accuracy.png", model=TASK_MODELS, task=list(TASKS))
 
 
 def all_outputs():
@@ -77,6 +176,9 @@ def all_outputs():
         for dataset in DATASETS:
             run = RUN.format(model=model, dataset=dataset)
             outputs.append(f"{run}/metadata.json")
+            # the stored cache is a deliverable (queried with SQL): a deleted file of it reruns its shard
+            for files in shard_outputs(PARQUET_LAYERS[model]).values():
+                outputs += expand(files, shard=shards(dataset), model=model, dataset=dataset)
             outputs += [f"{run}/ppl/{method}.json" for method in METHODS]
             outputs += [f"{run}/compress/{method}.json" for method in COMPRESSIBLE]
     return outputs

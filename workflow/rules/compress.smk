@@ -4,30 +4,23 @@
 from kvcore.compress.run import code_modules as compress_code_modules
 
 
-def one_of(names):
-    """A wildcard regex matching exactly these names (nothing when there are none)."""
-    return "|".join(map(re.escape, names)) or "(?!)"
-
-
-def compress_code(wc):
-    return code(*compress_code_modules(wc.method, config["methods"][wc.method]))
-
-
 rule compress:
     output:
         safetensors=f"{RUN}/compress/{{method}}.safetensors",
         metrics=f"{RUN}/compress/{{method}}.json",
     input:
-        shards=lambda wc: expand(rules.extract.output.safetensors, shard=shards(wc.dataset), allow_missing=True),
-        code=compress_code,
+        shards=shard_files("safetensors"),
+        code=method_code(compress_code_modules),
     params:
-        spec=lambda wc: config["methods"][wc.method],
+        spec=method_spec,
     wildcard_constraints:
         method=one_of([m for m in METHODS if m not in EVICTING]),
     log:
         "logs/compress/{model}/{dataset}/{method}.log",
     benchmark:
         "logs/benchmarks/compress/{model}/{dataset}/{method}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/compress.py"
 
@@ -37,12 +30,12 @@ rule compress_evict:
         safetensors=f"{RUN}/compress/{{method}}.safetensors",
         metrics=f"{RUN}/compress/{{method}}.json",
     input:
-        shards=lambda wc: expand(rules.extract.output.safetensors, shard=shards(wc.dataset), allow_missing=True),
-        model=rules.download_model.output.manifest,
+        shards=shard_files("safetensors"),
+        model=rules.download_model.output.model,
         tokens=rules.tokenize.output.tokens,
-        code=compress_code,
+        code=method_code(compress_code_modules),
     params:
-        spec=lambda wc: config["methods"][wc.method],
+        spec=method_spec,
         # score with the model exactly as it was extracted
         device=config["extract"]["device"],
         dtype=config["extract"]["dtype"],
@@ -54,6 +47,8 @@ rule compress_evict:
         "logs/compress/{model}/{dataset}/{method}.log",
     benchmark:
         "logs/benchmarks/compress/{model}/{dataset}/{method}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/compress.py"
 
@@ -62,11 +57,13 @@ rule compression_table:
     output:
         md="results/compression.md",
     input:
-        metrics=[path for paths in run_files("compress", COMPRESSIBLE).values() for path in paths],
+        metrics=run_files("compress", COMPRESSIBLE),
         code=code("kvcore.report"),
-    params:
-        runs=run_files("compress", COMPRESSIBLE),
     log:
         "logs/compression_table.log",
+    benchmark:
+        "logs/benchmarks/compression_table.tsv"
+    conda:
+        ENV
     script:
         "../scripts/compression_table.py"

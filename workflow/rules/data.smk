@@ -3,15 +3,18 @@
 
 rule download_model:
     output:
-        manifest="resources/models/{model}/manifest.json",
+        # the whole Hugging Face directory (its files depend on the source), manifest.json inside
+        model=directory("resources/models/{model}"),
     input:
         code=code("kvcore.sources.models"),
     params:
-        spec=lambda wc: config["models"][wc.model],
+        spec=lambda wc: canonical(config["models"][wc.model]),
     log:
         "logs/download_model/{model}.log",
     benchmark:
         "logs/benchmarks/download_model/{model}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/download_model.py"
 
@@ -23,10 +26,12 @@ rule download_dataset:
     input:
         code=code("kvcore.sources.datasets"),
     params:
-        spec=lambda wc: config["datasets"][wc.dataset],
+        spec=lambda wc: canonical(config["datasets"][wc.dataset]),
     log:
         "logs/download_dataset/{dataset}.log",
     benchmark:
         "logs/benchmarks/download_dataset/{dataset}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/download_dataset.py"

@@ -9,11 +9,7 @@ from kvcore.perplexity import code_modules
 PPL_SHARDS = config["perplexity"].get("shards", 1)
 # What a perplexity job computes with; `shards` only says how the work is split, so it stays
 # out of the params (changing it must not look like a changed setting to one-job runs).
-PPL_SETTINGS = {k: v for k, v in config["perplexity"].items() if k != "shards"}
-
-
-def ppl_code(wc):
-    return code(*code_modules(wc.method, config["methods"][wc.method]))
+PPL_SETTINGS = canonical({k: v for k, v in config["perplexity"].items() if k != "shards"})
 
 
 if PPL_SHARDS == 1:
@@ -22,11 +18,11 @@ if PPL_SHARDS == 1:
         output:
             result=f"{RUN}/ppl/{{method}}.json",
         input:
-            model=rules.download_model.output.manifest,
+            model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
-            code=ppl_code,
+            code=method_code(code_modules),
         params:
-            spec=lambda wc: config["methods"][wc.method],
+            spec=method_spec,
             settings=PPL_SETTINGS,
         resources:
             gpu=1,
@@ -34,6 +30,8 @@ if PPL_SHARDS == 1:
             "logs/perplexity/{model}/{dataset}/{method}.log",
         benchmark:
             "logs/benchmarks/perplexity/{model}/{dataset}/{method}.tsv"
+        conda:
+            ENV
         script:
             "../scripts/perplexity.py"
 
@@ -43,11 +41,11 @@ else:
         output:
             result=f"{RUN}/ppl/shards/{{method}}-{{shard}}.json",
         input:
-            model=rules.download_model.output.manifest,
+            model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
-            code=ppl_code,
+            code=method_code(code_modules),
         params:
-            spec=lambda wc: config["methods"][wc.method],
+            spec=method_spec,
             settings=PPL_SETTINGS,
             shards=PPL_SHARDS,
         resources:
@@ -56,6 +54,8 @@ else:
             "logs/perplexity/{model}/{dataset}/{method}-{shard}.log",
         benchmark:
             "logs/benchmarks/perplexity/{model}/{dataset}/{method}-{shard}.tsv"
+        conda:
+            ENV
         script:
             "../scripts/perplexity.py"
 
@@ -68,5 +68,9 @@ else:
             code=code("kvcore.perplexity"),
         log:
             "logs/perplexity/{model}/{dataset}/{method}.log",
+        benchmark:
+            "logs/benchmarks/perplexity/{model}/{dataset}/{method}.tsv"
+        conda:
+            ENV
         script:
             "../scripts/perplexity.py"

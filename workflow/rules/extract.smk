@@ -5,7 +5,7 @@ rule tokenize:
     output:
         tokens=f"{RUN}/tokens.parquet",
     input:
-        model=rules.download_model.output.manifest,
+        model=rules.download_model.output.model,
         text=rules.download_dataset.output.text,
         code=code("kvcore.tokens", "kvcore.model"),
     params:
@@ -16,37 +16,53 @@ rule tokenize:
         "logs/tokenize/{model}/{dataset}.log",
     benchmark:
         "logs/benchmarks/tokenize/{model}/{dataset}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/tokenize.py"
 
 
-rule extract:
-    output:
-        safetensors=f"{RUN}/kv/part-{{shard}}.safetensors",
-        manifest=f"{RUN}/shards/kv-{{shard}}.json",
-        predictions=f"{RUN}/shards/predictions-{{shard}}.parquet",
-    input:
-        model=rules.download_model.output.manifest,
-        tokens=rules.tokenize.output.tokens,
-        code=code("kvcore.extract"),
-    params:
-        shard_size=config["extract"]["shard_size"],
-        batch_size=config["extract"]["batch_size"],
-        dtype=config["extract"]["dtype"],
-        device=config["extract"]["device"],
-        top_k=config["extract"]["top_k"],
-        parquet_layers=config["extract"].get("parquet_layers"),
-        parquet_heads=config["extract"].get("parquet_heads"),
-        parts=config["extract"].get("parts", "both"),
-        storage_dtype=config["extract"].get("storage_dtype", "float32"),
-    resources:
-        gpu=1,
-    log:
-        "logs/extract/{model}/{dataset}/{shard}.log",
-    benchmark:
-        "logs/benchmarks/extract/{model}/{dataset}/{shard}.tsv"
-    script:
-        "../scripts/extract.py"
+# Every file an extract job writes is a declared output, one Parquet file per stored layer included,
+# so storage plugins upload them, --delete-all-output removes them and deleting one reruns its job.
+# The layer count is known before the model is downloaded (kvcore.sources.models.num_layers);
+# models with different layer lists get one rule each (outputs cannot vary with a wildcard).
+LAYER_GROUPS = {}
+for model, layers in PARQUET_LAYERS.items():
+    LAYER_GROUPS.setdefault(tuple(layers), []).append(model)
+
+for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
+
+    rule:
+        name:
+            "extract" if group == 0 else f"extract_{group}"
+        output:
+            **shard_outputs(layers),
+        input:
+            model=rules.download_model.output.model,
+            tokens=rules.tokenize.output.tokens,
+            code=code("kvcore.extract"),
+        params:
+            shard_size=config["extract"]["shard_size"],
+            batch_size=config["extract"]["batch_size"],
+            dtype=config["extract"]["dtype"],
+            device=config["extract"]["device"],
+            top_k=config["extract"]["top_k"],
+            parquet_layers=config["extract"].get("parquet_layers"),
+            parquet_heads=config["extract"].get("parquet_heads"),
+            parts=config["extract"].get("parts", "both"),
+            storage_dtype=config["extract"].get("storage_dtype", "float32"),
+        wildcard_constraints:
+            model=one_of(models),
+        resources:
+            gpu=1,
+        log:
+            "logs/extract/{model}/{dataset}/{shard}.log",
+        benchmark:
+            "logs/benchmarks/extract/{model}/{dataset}/{shard}.tsv"
+        conda:
+            ENV
+        script:
+            "../scripts/extract.py"
 
 
 rule finalize_extraction:
@@ -54,9 +70,14 @@ rule finalize_extraction:
         metadata=f"{RUN}/metadata.json",
         predictions=f"{RUN}/predictions.parquet",
     input:
-        manifests=lambda wc: expand(rules.extract.output.manifest, shard=shards(wc.dataset), allow_missing=True),
+        manifests=shard_files("manifest"),
+        predictions=shard_files("predictions"),
         code=code("kvcore.storage"),
     log:
         "logs/finalize_extraction/{model}/{dataset}.log",
+    benchmark:
+        "logs/benchmarks/finalize_extraction/{model}/{dataset}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/finalize_extraction.py"

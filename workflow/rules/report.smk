@@ -1,17 +1,8 @@
 # Statistics of each cache, analysis plots, and the reports (per run and across the grid).
+# Each job reads exactly its inputs: a file left by a removed method or an earlier, larger run
+# never reaches a table, a plot or a report.
 from kvcore.plots import RESULT_PLOTS, STAT_PLOTS
 from kvcore.stats import STATS_TABLES
-
-
-def run_results(wc):
-    """Every ppl and compress JSON of one run."""
-    run = RUN.format(model=wc.model, dataset=wc.dataset)
-    return [f"{run}/ppl/{m}.json" for m in METHODS] + [f"{run}/compress/{m}.json" for m in COMPRESSIBLE]
-
-
-def plot_outputs(names, subcategory):
-    return [report(f"{RUN}/plots/{name}.png", caption=f"../report/{name}.rst", category="{model} · {dataset}",
-                   subcategory=subcategory) for name in names]
 
 
 rule stats:
@@ -19,27 +10,32 @@ rule stats:
         tables=expand(f"{RUN}/stats/{{table}}.parquet", table=STATS_TABLES, allow_missing=True),
     input:
         metadata=rules.finalize_extraction.output.metadata,
-        shards=lambda wc: expand(rules.extract.output.safetensors, shard=shards(wc.dataset), allow_missing=True),
+        shards=shard_files("safetensors"),
         code=code("kvcore.stats"),
     threads: 1
     log:
         "logs/stats/{model}/{dataset}.log",
     benchmark:
         "logs/benchmarks/stats/{model}/{dataset}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/stats.py"
 
 
+# The cache plots draw only the statistics: no method setting reaches them.
 rule plots_cache:
     output:
         plot_outputs(STAT_PLOTS, "cache"),
     input:
         tables=rules.stats.output.tables,
         code=code("kvcore.plots", "kvcore.stats"),
-    params:
-        methods=config["methods"],
     log:
         "logs/plots_cache/{model}/{dataset}.log",
+    benchmark:
+        "logs/benchmarks/plots_cache/{model}/{dataset}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/plots.py"
 
@@ -52,9 +48,13 @@ rule plots_results:
         results=run_results,
         code=code("kvcore.plots", "kvcore.report", "kvcore.stats"),
     params:
-        methods=config["methods"],
+        methods=canonical(config["methods"]),
     log:
         "logs/plots_results/{model}/{dataset}.log",
+    benchmark:
+        "logs/benchmarks/plots_results/{model}/{dataset}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/plots.py"
 
@@ -65,12 +65,18 @@ rule run_report:
     input:
         rules.plots_cache.output,
         rules.plots_results.output,
+        metadata=rules.finalize_extraction.output.metadata,
         results=run_results,
+        tasks=lambda wc: task_results(wc.model),
         code=code("kvcore.report"),
     params:
-        methods=config["methods"],
+        methods=canonical(config["methods"]),
     log:
         "logs/run_report/{model}/{dataset}.log",
+    benchmark:
+        "logs/benchmarks/run_report/{model}/{dataset}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/run_report.py"
 
@@ -81,11 +87,17 @@ rule grid_report:
         summary="results/summary.parquet",
     input:
         reports=expand(rules.run_report.output.md, model=MODELS, dataset=DATASETS),
+        results=run_files("ppl", METHODS) + run_files("compress", COMPRESSIBLE),
+        tasks=[f for model in MODELS for f in task_results(model)],
         code=code("kvcore.report"),
     params:
-        methods=config["methods"],
+        methods=canonical(config["methods"]),
     log:
         "logs/grid_report.log",
+    benchmark:
+        "logs/benchmarks/grid_report.tsv"
+    conda:
+        ENV
     script:
         "../scripts/grid_report.py"
 
@@ -94,11 +106,13 @@ rule perplexity_table:
     output:
         md="results/perplexity.md",
     input:
-        ppl=[path for paths in run_files("ppl", METHODS).values() for path in paths],
+        ppl=run_files("ppl", METHODS),
         code=code("kvcore.report"),
-    params:
-        runs=run_files("ppl", METHODS),
     log:
         "logs/perplexity_table.log",
+    benchmark:
+        "logs/benchmarks/perplexity_table.tsv"
+    conda:
+        ENV
     script:
         "../scripts/perplexity_table.py"

@@ -3,44 +3,17 @@
 # Needs the top-level `tasks:` config key; the Snakefile includes this file and adds
 # task_outputs() to rule all.
 
-TASKS = (config.get("tasks") or {}).get("suite") or {}
-TASK_METHODS = (config.get("tasks") or {}).get("methods") or []
-TASK_MODELS = (config.get("tasks") or {}).get("models") or MODELS
-
-
-def task_filler(wc):
-    """The needle task's filler corpus (a dataset of the config); nothing for other types."""
-    spec = TASKS[wc.task]
-    if spec["type"] != "needle":
-        return []
-    return rules.download_dataset.output.text.format(dataset=spec.get("dataset", DATASETS[0]))
-
-
-def task_settings():
-    keys = ("keep_ratios", "max_new_tokens", "device", "dtype", "seed", "scorers", "keep_predictions")
-    return {k: v for k, v in (config.get("tasks") or {}).items() if k in keys}
-
-
-def task_outputs():
-    """Every task JSON and each (model, task)'s task_accuracy.png (for rule all)."""
-    if not TASK_METHODS:
-        return []
-    return expand("results/{model}/tasks/{task}/{task_method}.json",
-                  model=TASK_MODELS, task=list(TASKS), task_method=TASK_METHODS) + expand(
-        "results/{model}/tasks/{task}/task_accuracy.png", model=TASK_MODELS, task=list(TASKS))
-
-
 rule task:
     output:
         result="results/{model}/tasks/{task}/{task_method}.json",
     input:
-        model=rules.download_model.output.manifest,
+        model=rules.download_model.output.model,
         filler=task_filler,
         code=code("kvcore.tasks.evaluate", "kvcore.tasks.loaders", "kvcore.tasks.cache", "kvcore.model"),
     params:
-        task_spec=lambda wc: TASKS[wc.task],
+        task_spec=lambda wc: canonical(TASKS[wc.task]),
         settings=task_settings(),
-        methods=config["methods"],
+        methods=canonical(config["methods"]),
     wildcard_constraints:
         task="|".join(map(re.escape, TASKS)) or "^$",
         task_method="|".join(map(re.escape, TASK_METHODS)) or "^$",
@@ -50,6 +23,8 @@ rule task:
         "logs/tasks/{model}/{task}/{task_method}.log",
     benchmark:
         "logs/benchmarks/tasks/{model}/{task}/{task_method}.tsv"
+    conda:
+        ENV
     script:
         "../scripts/tasks.py"
 
@@ -63,5 +38,9 @@ rule task_plot:
         task="|".join(map(re.escape, TASKS)) or "^$",
     log:
         "logs/tasks/{model}/{task}/plot.log",
+    benchmark:
+        "logs/benchmarks/tasks/{model}/{task}/plot.tsv"
+    conda:
+        ENV
     script:
         "../scripts/tasks.py"

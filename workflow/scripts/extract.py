@@ -5,7 +5,7 @@ from kvcore.jobs import run_job
 
 p, w = snakemake.params, snakemake.wildcards
 run_job(snakemake.log[0], lambda: extract_shard(
-    Path(snakemake.input.model).parent, snakemake.input.tokens, Path(snakemake.output.manifest).parent.parent,
+    snakemake.input.model, snakemake.input.tokens, Path(snakemake.output.manifest).parent.parent,
     int(w.shard), p.shard_size, p.batch_size, p.device, p.dtype, p.top_k, w.model, w.dataset,
     parquet_layers=p.parquet_layers, parquet_heads=p.parquet_heads, parts=p.parts, storage_dtype=p.storage_dtype),
     p.device)

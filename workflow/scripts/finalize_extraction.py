@@ -1,7 +1,5 @@
-from pathlib import Path
-
 from kvcore.jobs import run_job
-from kvcore.storage import finalize_run
+from kvcore.storage import finalize_shards
 
-run_job(snakemake.log[0], lambda: finalize_run(Path(snakemake.output.metadata).parent,
-                                               len(snakemake.input.manifests)))
+i, o = snakemake.input, snakemake.output
+run_job(snakemake.log[0], lambda: finalize_shards(list(i.manifests), list(i.predictions), o.metadata, o.predictions))

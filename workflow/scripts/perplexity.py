@@ -1,7 +1,5 @@
 """Thin: one perplexity job, one shard of it (perplexity.shards > 1), or the merge of its shards."""
 
-from pathlib import Path
-
 from kvcore.jobs import run_job
 from kvcore.perplexity import merge_shard_files, run_perplexity, run_perplexity_shard
 
@@ -11,8 +9,8 @@ if "shards" in i.keys():  # the merge: no model, no GPU
     run_job(snakemake.log[0], lambda: merge_shard_files(list(i.shards), out))
 elif "shard" in w.keys():
     run_job(snakemake.log[0], lambda: run_perplexity_shard(
-        Path(i.model).parent, i.text, w.method, p.spec, p.settings, int(w.shard), p.shards, out),
+        i.model, i.text, w.method, p.spec, p.settings, int(w.shard), p.shards, out),
         p.settings.get("device", "auto"))
 else:
-    run_job(snakemake.log[0], lambda: run_perplexity(Path(i.model).parent, i.text, w.method, p.spec, p.settings, out),
+    run_job(snakemake.log[0], lambda: run_perplexity(i.model, i.text, w.method, p.spec, p.settings, out),
             p.settings.get("device", "auto"))

@@ -15,7 +15,7 @@ else:
 
     w = snakemake.wildcards
     run_job(snakemake.log[0], lambda: run_task(
-        Path(snakemake.input.model).parent, w.task, snakemake.params.task_spec, [w.task_method],
+        snakemake.input.model, w.task, snakemake.params.task_spec, [w.task_method],
         snakemake.params.settings, {w.task_method: snakemake.output.result},
         filler_parquet=snakemake.input.filler or None, config_methods=snakemake.params.methods),
         snakemake.params.settings.get("device", "auto"))  # claims a free GPU, as extraction does
