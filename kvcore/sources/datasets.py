@@ -71,11 +71,13 @@ def joined_text(path: str | Path) -> str:
 
 
 def _parse(fmt: str, path: Path, spec: dict) -> Iterator[Document]:
-    if fmt == "lines":  # one document per non-empty line (the Lee corpus)
-        with open(path, encoding="utf-8", errors="replace") as fh:
+    if fmt == "lines":  # one document per non-empty line (the Lee corpus), kept exactly as in the file
+        with open(path, encoding="utf-8", errors="replace", newline="") as fh:
             for i, line in enumerate(fh):
-                if line.strip():
-                    yield f"{path.stem}-{i}", line.strip()
+                # only the line break goes: trailing spaces stay, so the text is what other tools read
+                text = line.removesuffix("\n").removesuffix("\r")
+                if text.strip():
+                    yield f"{path.stem}-{i}", text
     elif fmt == "mediawiki":
         yield from _mediawiki_articles(path)
     elif fmt == "text":  # paragraphs separated by blank lines
