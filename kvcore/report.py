@@ -3,7 +3,7 @@ across the grid, plus `results/summary.parquet` (every ppl + compress result of 
 
 Results are read as DESIGN.md lays them out: {run}/ppl/{method}.json joined on the method name with
 {run}/compress/{method}.json. A ppl file is one record, a record whose `protocols` maps each protocol
-to its full record (kvcore.perplexity: one row per protocol is reported), or a list of records.
+to its full record (kvcore.evaluation.perplexity: one row per protocol is reported), or a list of records.
 Missing stages are left out, never an error: a report can be written after extraction alone.
 """
 
@@ -96,7 +96,7 @@ def _record(method: str, ppl: dict, comp: dict, methods: dict) -> dict:
     for key in rec:
         first, second = (comp, ppl) if key in _COMPRESS_FIRST else (ppl, comp)
         rec[key] = first.get(key, second.get(key))
-    stored = dict(ppl.get("spec") or {})  # the parsed spec kvcore.perplexity writes
+    stored = dict(ppl.get("spec") or {})  # the parsed spec kvcore.evaluation.perplexity writes
     rec["method"] = method
     rec["family"] = (ppl.get("family") or stored.get("family") or comp.get("family") or spec.get("family")
                      or ("none" if method == "baseline" else None))

@@ -16,7 +16,7 @@ threshold per layer) behave the same for every scorer.
     random        a seeded uniform draw (the floor)                    none
 
 Attention weights are computed by kvcore itself from Q and K inside the attention call
-(`kvcore.protocols`), in query chunks, so memory stays bounded (heads x chunk x keys
+(`kvcore.evaluation.attention`), in query chunks, so memory stays bounded (heads x chunk x keys
 floats) however long the context; no eager attention pass and no stored attention maps.
 """
 

@@ -36,7 +36,7 @@ rule task:
     input:
         model=rules.download_model.output.manifest,
         filler=task_filler,
-        code=code("kvcore.tasks.evaluate", "kvcore.tasks.loaders", "kvcore.tasks.cache", "kvcore.model"),
+        code=code("kvcore.tasks.evaluate", "kvcore.tasks.loaders", "kvcore.evaluation.context", "kvcore.model"),
     params:
         task_spec=lambda wc: TASKS[wc.task],
         settings=task_settings(),
