@@ -79,7 +79,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="exit 1 when the metrics do not pass")
 
 
-def _pairs(items: list[str], option: str) -> dict:
+def key_values(items: list[str], option: str) -> dict:
     import yaml
 
     out = {}
@@ -97,7 +97,7 @@ def _pairs(items: list[str], option: str) -> dict:
 def _method(args):
     from kvcore.compress import parse_method
 
-    params = _pairs(args.param, "--param")
+    params = key_values(args.param, "--param")
     method = parse_method(args.method, params or None)
     if method.needs_scores:
         raise UsageError(
@@ -129,7 +129,7 @@ def run_compress(args) -> int:
     from kvcore.compress import compress_file
 
     method = _method(args)
-    thresholds = _pairs(args.threshold, "--threshold") or None
+    thresholds = key_values(args.threshold, "--threshold") or None
     metrics = compress_file(args.input, args.output, method, device=args.device, thresholds=thresholds)
     if args.metrics:
         write_json(args.metrics, metrics)
@@ -140,7 +140,7 @@ def run_metrics(args) -> int:
     from kvcore.compress import measure
 
     method = _method(args)
-    thresholds = _pairs(args.threshold, "--threshold") or None
+    thresholds = key_values(args.threshold, "--threshold") or None
     return _report(args, measure(args.input, method, device=args.device, thresholds=thresholds))
 
 

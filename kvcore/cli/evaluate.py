@@ -52,9 +52,9 @@ def register(subparsers) -> None:
 
 
 def _spec(args):
-    from kvcore.cli.compress import _pairs
+    from kvcore.cli.compress import key_values
 
-    return _pairs(args.param, "--param") or None
+    return key_values(args.param, "--param") or None
 
 
 def run_validate(args) -> int:

@@ -60,9 +60,9 @@ def _texts(args) -> list[str]:
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if args.random < 1:
         raise UsageError("--random needs a positive number of sequences")
-    from kvcore.sources.datasets import _random_documents
+    from kvcore.sources.datasets import random_documents
 
-    docs, _ = _random_documents({"n_documents": args.random, "seed": args.seed}, Path("."), Path("."))
+    docs, _ = random_documents({"n_documents": args.random, "seed": args.seed}, Path("."), Path("."))
     return [text for _, text in docs]
 
 

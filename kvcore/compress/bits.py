@@ -9,15 +9,15 @@ actually wrote (`compressed_size_bytes`) are reported beside it, never instead o
 
 from __future__ import annotations
 
-import torch
-
 BASIS = "fp16"  # how tables and plots name the convention
 LABEL = "bits/elem (fp16 basis)"
 
 
-def counted_nbytes(method, shape, kind: str, *, layer: int | None = None, keep: torch.Tensor | None = None) -> int:
+def counted_nbytes(method, shape, kind: str, *, layer: int | None = None, keep=None) -> int:
     """Bytes of `method`'s stored form of one [n, n_kv, seq, dim] tensor under the convention
-    (`method` None: the uncompressed float16 tensor)."""
+    (`method` None: the uncompressed float16 tensor; `keep`: an evict method's mask)."""
+    import torch  # here, not at the top: reports read LABEL without loading torch
+
     if method is None:
         n = 1
         for s in shape:
