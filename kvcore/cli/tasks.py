@@ -9,7 +9,9 @@
 
 
 A method is an eviction scorer name (kvzip, snapkv, h2o, streamingllm, knorm, random:
-evict with 4 sink tokens), or a preset (evict-snapkv-0.5-s4-global, int4-g64, ...);
+evict with 4 sink tokens under the scorer's own budget, model-wide for kvzip, snapkv and
+h2o), such a name with a budget (kvzip-uniform, knorm-model, ...), or a preset
+(evict-snapkv-0.5-s4-global, int4-g64, ...);
 keep ratios replace an eviction method's keep_ratio. One JSON per method is written to
 --out-dir/{method}.json; a table of the primary metric is printed (needle: also one
 per context length); `table` prints them again from the JSONs.

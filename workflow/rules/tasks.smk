@@ -65,3 +65,9 @@ rule task_plot:
         "logs/tasks/{model}/{task}/plot.log",
     script:
         "../scripts/tasks.py"
+
+
+rule tasks:
+    # a target: every task JSON and plot of the config (`snakemake ... tasks`), nothing else
+    input:
+        task_outputs(),
