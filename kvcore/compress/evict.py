@@ -9,9 +9,10 @@ name. Given per-token scores, `select_keep` picks which tokens stay:
 - budget `uniform`: exactly k per (sequence, KV head), the top scores of that head;
 - budget `global`: exactly k * n_kv per sequence, the top scores across all heads of
   the layer (one threshold), so heads keep different counts;
-- budget `model`: one threshold over every layer and head (KVzip's and kvpress's
-  default); callers that hold all layers pass their scores side by side on the head
-  axis, a single layer's scores select as `global`.
+- budget `model`: one threshold over every layer and head (KVzip's default);
+  `Evict.select_layers` puts every layer's scores side by side on the head axis (the
+  one selection perplexity, tasks and the compress job call); a single layer's scores
+  select as `global`.
 
 Stored form per tensor: `keep`, a 1-bit mask of kept (sequence, head, token) slots
 (ceil(n*h*seq / 8) bytes, cheaper than token indices for any keep ratio above 1/16),

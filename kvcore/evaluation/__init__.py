@@ -2,6 +2,8 @@
 
 Modules, each importing only those listed before it:
 
+    options    the evaluator's options; which protocols fit which family
+    timing     device-synchronised timers
     windows    the HF guide's sliding windows, kvpress's chunks, shards of windows
     nll        next-token NLL of scored tokens, pooling, paired per-window differences
     attention  kvcore's attention function (per-head masks, attention statistics)

@@ -54,11 +54,11 @@ class Rope:
         return q * cos + self.rotate_half(q) * sin
 
 
-def fake_tensor(method, x, kind: str, layer: int, start: int = 0, rope: Rope | None = None, keep=None):
+def fake_tensor(method, x, kind: str, layer: int, start: int = 0, rope: Rope | None = None):
     """`method.fake` of one layer's keys or values (pre-RoPE for keys when `rope` is given)."""
     if kind == "key" and rope is not None:
         return rope.quantize(method, x, start)
-    return method.fake(x, kind, keep, layer=layer)
+    return method.fake(x, kind, layer=layer)
 
 
 def fake_quant_cache(model, method, recorder, rope: Rope | None):
