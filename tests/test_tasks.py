@@ -238,7 +238,7 @@ def test_paired_table_counts_who_got_which_example(tmp_path, capsys):
     from kvcore.cli.tasks import mcnemar_p
 
     def doc(name, right):
-        examples = [{"id": str(i), "contains_answer": r} for i, r in enumerate(right)]
+        examples = [{"id": str(i), "contains_answer": float(r)} for i, r in enumerate(right)]  # as run_task writes
         return {"method": name, "primary_metric": "accuracy", "n_examples": len(right), "accuracy": {"0.5": 0},
                 "baseline": {"accuracy": 1.0, "by_cell": []},
                 "results": [{"keep_ratio": 0.5, "accuracy": sum(right) / len(right), "examples": examples}]}

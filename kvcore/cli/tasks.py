@@ -187,8 +187,8 @@ def paired_table(docs: list[dict], pairs: list[tuple[str, str]]) -> str:
             right_b = {e["id"]: e["contains_answer"] for e in rb.get("examples", [])}
             if not right_a or set(right_a) != set(right_b):
                 raise UsageError(f"--versus {a}:{b}: the results do not hold the same examples' predictions")
-            only_a = sum(right_a[i] and not right_b[i] for i in right_a)
-            only_b = sum(right_b[i] and not right_a[i] for i in right_a)
+            only_a = sum(bool(right_a[i]) and not right_b[i] for i in right_a)  # scores are 0.0 / 1.0
+            only_b = sum(bool(right_b[i]) and not right_a[i] for i in right_a)
             lines.append(f"| {a} vs {b} | {ra['keep_ratio']:g} | {ra['accuracy']:.3f} | {rb['accuracy']:.3f} | "
                          f"{only_a} | {only_b} | {mcnemar_p(only_a, only_b):.2g} |")
     return "\n".join(lines)
