@@ -1,7 +1,7 @@
 """Perplexity under compression, side by side: our methods, eviction scorers and transformers'
 QuantizedCache (quanto backend), on one model and corpus, in one process.
 
-One prefill per window serves every method (kvcore.protocols.evaluate_methods), so the
+One prefill per window serves every method (kvcore.evaluation.protocols.evaluate_methods), so the
 baseline, ours and the peers are timed on the same device in the same job. Writes one JSON
 per protocol under --out; benchmarks/ppl_table.py turns them into the markdown table.
 
@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 RATIOS = (0.5, 0.25)
-# kvpress's settings: KVzip 4 sinks and one threshold over all layers and heads; SnapKV
-# protects its 64-token window; StreamingLLM and the random floor keep 4 sinks.
+# kvpress's settings: KVzip 4 sinks and one threshold over all layers and heads (budget
+# model); SnapKV protects its 64-token window; StreamingLLM and the random floor keep 4 sinks.
 EVICTION = {
-    "kvzip": "evict-kvzip-{r}-s4-global",
+    "kvzip": "evict-kvzip-{r}-s4-model",
     "snapkv": "evict-snapkv-{r}",
     "h2o": "evict-h2o-{r}",
     "streamingllm": "evict-streamingllm-{r}-s4",
@@ -33,52 +33,42 @@ QUANT = ["kivi4-g64", "kivi4-g32", "kivi3-g64", "kivi2-g32", "kivi2-g64"]
 # levers: sinks kept exact, a dense-and-sparse outlier store, keys quantized before RoPE
 LEVERS = ["kivi2-g64-s4", "kivi2-g64-o0.005", "kivi2-g64-s4-o0.005", "kivi3-g64-s4", "kivi2-g32-s4",
           "kivi3-g64-s1", "kivi2-g64-s1"]
-# the same full-precision residual as the quanto peers get (see QuantoPeer), for a like-for-like row
-LIKE_QUANTO = ["kivi2-g64-r63", "kivi2-g32-r31"]
 PRE_ROPE = ["kivi2-g64-s4", "kivi3-g64-s4", "kivi4-g64", "kivi3-g64-s1", "kivi2-g64-s1", "kivi2-g64-s4-o0.005"]  # also run with pre-RoPE keys, named +prerope
 
 
 class QuantoPeer:
-    """transformers' QuantizedCache (quanto backend) holding the prefilled context."""
+    """transformers' QuantizedCache (quanto backend) holding the prefilled context.
+
+    It quantizes every context token, as our methods do (prefill-compress prefills the whole
+    context: 512 tokens x 3 KV heads divide every group size used here), and its size is
+    counted under our one bits convention through the kvcore method that stores the same
+    thing (`size_method`: codes + a float16 scale and zero per group)."""
 
     def __init__(self, bits: int, group: int, axis_key: int, axis_value: int):
-        self.bits, self.group, self.axis_key, self.axis_value = bits, group, axis_key, axis_value
+        from kvcore.compress import parse_method
 
-    def build_cache(self, model, keys, values):
+        self.bits, self.group, self.axis_key, self.axis_value = bits, group, axis_key, axis_value
+        axes = "" if (axis_key, axis_value) == (-1, 0) else "-tok"
+        self.size_method = parse_method(f"{'kivi' if not axes else 'int'}{bits}-g{group}{axes}")
+
+    def build_cache(self, model, keys, values, recorder):
         from transformers import QuantizedCache
 
         cache = QuantizedCache(backend="quanto", config=model.config, nbits=self.bits, axis_key=self.axis_key,
                                axis_value=self.axis_value, q_group_size=self.group,
                                # the scored forward reads what update() returns before any
-                               # re-quantization, so the residual length only has to keep quanto
-                               # from re-grouping (and failing on) lengths it cannot divide
+                               # re-quantization: a long residual keeps quanto from re-grouping
                                residual_length=1 << 30)
         for i, (k, v) in enumerate(zip(keys, values)):
-            # quanto groups keys per channel over the flattened (batch, head, token) axis, so
-            # it needs n_kv * tokens divisible by the group: the longest such prefix is
-            # quantized, the few tokens after it stay in QuantizedCache's own full-precision
-            # residual (what it does with tokens that arrive after a prefill)
-            n = self.quantized_tokens(k.shape[1], k.shape[2])
-            cache.update(k[:, :, :n], v[:, :, :n], i)
-            if n < k.shape[2]:
-                cache.update(k[:, :, n:], v[:, :, n:], i)
-        self.shape = tuple(keys[0].shape)
+            if (k.shape[1] * k.shape[2]) % self.group and self.axis_key != 0:
+                raise ValueError(f"quanto groups keys over (head, token): {k.shape[1]} x {k.shape[2]} tokens "
+                                 f"do not divide into groups of {self.group}")
+            cache.update(k, v, i)  # the prefill: quantized whole
+            layer = cache.layers[i]
+            # what the scored forward will read back (quanto's own dequantization)
+            recorder.add(self.size_method, k, layer._dequantize(layer._quantized_keys), "key", i)
+            recorder.add(self.size_method, v, layer._dequantize(layer._quantized_values), "value", i)
         return cache
-
-    def quantized_tokens(self, n_kv: int, seq: int) -> int:
-        if self.axis_key == 0 and self.axis_value == 0:
-            return seq
-        n = seq
-        while (n * n_kv) % self.group:
-            n -= 1
-        return n
-
-    @property
-    def bits_per_element(self) -> float:
-        """float16 scale + zero per group (as the issue counts), the residual at 16 bits."""
-        _, h, seq, _ = self.shape
-        n = self.quantized_tokens(h, seq)
-        return ((self.bits + 2 * 16 / self.group) * n + 16 * (seq - n)) / seq
 
 
 def quanto_peers() -> dict:
@@ -101,51 +91,47 @@ def latency(model, tokenizer, ids, max_length, stride, repeats, device) -> dict:
 
     import torch
 
-    from kvcore import protocols
     from kvcore.compress import parse_method
-    from kvcore.eviction import make_scorer
+    from kvcore.evaluation.attention import PassState, attention_pass
+    from kvcore.evaluation.cache import cache_from
+    from kvcore.evaluation.context import compress_context
+    from kvcore.evaluation.options import check_options
+    from kvcore.evaluation.prefill import make_scorers, prefill_context
+    from kvcore.evaluation.timing import Timer
     from kvcore.model import kv_shape
 
     window = torch.tensor([ids[:max_length]], device=device)
-    prefix = max_length - stride - 1
-    ctx, feed = window[:, :prefix], window[:, prefix:max_length - 1]
-    pos = torch.arange(prefix, prefix + feed.shape[1], device=device)[None]
-    opts = protocols.check_options({"global_scope": "model"})
-    scorer, stats = make_scorer("kvzip"), {}
-    cache = protocols._cache_from(model, [], [])
-    with torch.inference_mode():
-        with protocols.kvcore_attention_pass(model):
-            model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                  position_ids=torch.arange(prefix, device=device)[None])
-        keys, values = [l.keys for l in cache.layers], [l.values for l in cache.layers]
-        protocols._reconstruction_pass(model, cache, ctx, scorer, tokenizer, stats, opts, prefix)
+    n_ctx = max_length - stride
+    ctx, feed = window[:, :n_ctx], window[:, n_ctx:max_length - 1]
+    pos = torch.arange(n_ctx, n_ctx + feed.shape[1], device=device)[None]
+    opts = check_options(None)
     layers = kv_shape(model.config)["num_layers"]
-    names = ["none", "kivi4-g64", "evict-kvzip-0.5-s4", "evict-kvzip-0.25-s4", "evict-kvzip-0.5-s4-global",
+    names = ["none", "kivi4-g64", "evict-kvzip-0.5-s4", "evict-kvzip-0.25-s4", "evict-kvzip-0.5-s4-model",
              f"prune-l{','.join(str(i) for i in range(0, layers, 2))}"]
+    methods = {name: parse_method(name) for name in names}
+    scorers = make_scorers(methods.values(), opts, tokenizer)
+    with torch.inference_mode():
+        pre = prefill_context(model, ctx, scorers, opts, tokenizer)
     variants, scores = {}, {}
-    for name in names:
-        method = parse_method(name)
-        variants[name] = protocols._compress(method, keys, values, {"kvzip": scorer}, stats, scores, 0,
-                                             protocols._Recorder(), None, opts)
+    for name, method in methods.items():
+        variants[name] = compress_context(method, pre, scorers, opts, scores=scores)
     times = {name: [] for name in ["none (transformers sdpa)", *names]}
     with torch.inference_mode():
         for _ in range(repeats):
             for name in times:
                 if name.startswith("none (transformers"):
-                    c = protocols._cache_from(model, keys, values)
-                    with protocols._Timer(device) as t:
+                    c = cache_from(model, pre.keys, pre.values)
+                    with Timer(device) as t:
                         model(input_ids=feed, past_key_values=c, use_cache=True, position_ids=pos)
                 else:
-                    k, v, hidden = variants[name]
-                    c = protocols._cache_from(model, k, v)
-                    with protocols._Timer(device) as t, \
-                            protocols.kvcore_attention_pass(model, protocols._PassState(hidden=hidden)):
+                    c = variants[name].cache(model)
+                    with Timer(device) as t, attention_pass(model, PassState(hidden=variants[name].hidden)):
                         model(input_ids=feed, past_key_values=c, use_cache=True, position_ids=pos)
                 times[name].append(t.seconds)
     base = statistics.median(times["none"])
     return {name: {"median_seconds": statistics.median(ts), "vs_baseline": statistics.median(ts) / base,
-                   "cached_tokens": (sum(int(k.shape[2]) for k in variants[name][0]) / layers
-                                     if name in variants else prefix), "all_seconds": ts}
+                   "cached_tokens": (sum(int(k.shape[2]) for k in variants[name].keys) / layers
+                                     if name in variants else n_ctx), "all_seconds": ts}
             for name, ts in times.items()}
 
 
@@ -174,8 +160,10 @@ def main(argv=None) -> int:
 
     from kvcore.compress import parse_method
     from kvcore.model import load_model
-    from kvcore.perplexity import eval_token_ids, protocol_record
-    from kvcore.protocols import evaluate_methods
+    from kvcore.compress.bits import LABEL
+    from kvcore.evaluation.perplexity import eval_token_ids
+    from kvcore.evaluation.protocols import evaluate_methods
+    from kvcore.evaluation.records import protocol_record
     from kvcore.sources.datasets import joined_text
 
     if args.threads:
@@ -223,23 +211,21 @@ def main(argv=None) -> int:
             methods = {n: m for n, m in chosen.items() if protocol == "prefill-compress" or n not in peers}
         elif protocol == "prefill-compress":
             peers = quanto_peers()
-            like = {n: parse_method(n) for n in LIKE_QUANTO} if peers and not args.quick else {}
-            methods = {**evict, **methods, **like, **peers}
+            methods = {**evict, **methods, **peers}
         started = time.perf_counter()
         run = evaluate_methods(model, ids, methods, protocol=protocol, max_length=args.max_length,
                                stride=args.stride, layout=args.layout, tokenizer=tokenizer, device=device,
-                               options={"pre_rope": pre_rope, "global_scope": "model"}, progress=protocol)
+                               options={"pre_rope": pre_rope}, progress=protocol)
         records = {"baseline": protocol_record(run, None, method="baseline", **settings)}
         for name, method in methods.items():
             rec = protocol_record(run, name, method=name, **settings)
             if isinstance(method, QuantoPeer):
-                rec["bits_per_element"] = method.bits_per_element
-                rec["compression_ratio"] = 16 / method.bits_per_element
                 rec["peer"] = "transformers QuantizedCache (optimum-quanto)"
             records[name] = rec
         meta = {"model": args.model, "dataset": args.dataset, "n_tokens": len(ids), "protocol": protocol,
                 "layout": args.layout, "max_length": args.max_length, "stride": args.stride, "device": device,
                 "dtype": dtype, "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - started,
+                "bits": LABEL, "token_ids_sha256": run["token_ids_sha256"],
                 "command": " ".join([sys.executable.split("/")[-1], *sys.argv])}
         path = out / f"{protocol}{args.suffix}.json"
         path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))

@@ -18,6 +18,8 @@ def fmt(x, spec=".2f", none="–"):
 
 
 def rows(path: Path) -> tuple[dict, list[str]]:
+    from kvcore.compress.bits import LABEL
+
     data = json.loads(path.read_text())
     meta, records = data["meta"], data["records"]
     base = records["baseline"]
@@ -25,7 +27,7 @@ def rows(path: Path) -> tuple[dict, list[str]]:
            f"{meta['layout']} {meta['max_length']}/{meta['stride']}, {base['n_windows']} windows, "
            f"{base['n_tokens']} scored, {meta['dtype']} on {meta['device']}; baseline perplexity "
            f"{base['baseline_perplexity']:.4f}; {meta['seconds'] / 60:.1f} min", "",
-           "| method | bits/elem | ratio | perplexity | Δ % | paired Δ % (95% CI) | windows worse | "
+           f"| method | {LABEL} | ratio | perplexity | Δ % | paired Δ % (95% CI) | windows worse | "
            "latency vs baseline | quality |",
            "|---|---:|---:|---:|---:|---|---:|---:|---|"]
     for name, r in records.items():

@@ -126,7 +126,7 @@ def plain(threads: int | None):
 
 def bench_size(root: Path, rows: int, args) -> dict:
     import kvcore
-    from kvcore.query.verbs import _stats
+    from kvcore.query.verbs import stats_columns
 
     root.mkdir(parents=True, exist_ok=True)
     if args.reuse and (root / "run" / "metadata.json").is_file() and (root / "naive.parquet").is_file():
@@ -184,7 +184,7 @@ WHERE k.key_norm BETWEEN 0.5 AND 1.0 ORDER BY k.layer, k.seq_id, k.pos, k.head""
     layer = 5
     q = run.query("layer_summary", layer)
     res["layer_kvcore_s"] = timed(lambda: run.arrow(q), args.repeats)
-    naive_layer = f"""SELECT layer, head, {_stats()} FROM read_parquet('{naive}') WHERE layer = {layer}
+    naive_layer = f"""SELECT layer, head, {stats_columns()} FROM read_parquet('{naive}') WHERE layer = {layer}
 GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
     want = run.arrow(q).column("key_mean").to_pylist()
     got = con.sql(naive_layer).to_arrow_table().column("key_mean").to_pylist()
@@ -301,7 +301,7 @@ def layout_experiment(root: Path, files, coords, args) -> list[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kvcore.query.verbs import _stats
+    from kvcore.query.verbs import stats_columns
 
     table = pa.concat_tables([pq.read_table(f) for f in files])
     layer = int(files[0].parent.name.split("=")[1])
@@ -314,7 +314,7 @@ def layout_experiment(root: Path, files, coords, args) -> list[dict]:
         lookups = [(h, p, s) for la, h, p, s in coords]
         sql = f"SELECT * FROM read_parquet('{path}') WHERE head = ? AND pos = ? AND seq_id = ?"
         lookup = median_over(lambda *c: con.sql(sql, params=list(c)).to_arrow_table(), lookups)
-        scan_sql = f"SELECT head, {_stats()} FROM read_parquet('{path}') GROUP BY head"
+        scan_sql = f"SELECT head, {stats_columns()} FROM read_parquet('{path}') GROUP BY head"
         scan = timed(lambda: con.sql(scan_sql).to_arrow_table(), args.repeats)
         out.append({"row_group_rows": group, "bytes": path.stat().st_size, "lookup_ms": 1e3 * lookup,
                     "layer_scan_s": scan, "layer_scan_GBps": table.num_rows * LAYER_BYTES / scan / 1e9})

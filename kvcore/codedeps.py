@@ -53,3 +53,23 @@ def module_files(*modules: str) -> tuple[str, ...]:
         seen[module] = path
         todo.extend(_imports(path, module))
     return tuple(sorted(str(p) for p in set(seen.values())))
+
+
+def method_modules(method: str, spec: dict | None) -> list[str]:
+    """The modules a method's jobs load lazily, found without importing torch: its family in
+    kvcore.compress and, for eviction, its scorer (imports alone miss them)."""
+    from kvcore.compress.presets import preset_spec
+    from kvcore.errors import UsageError
+
+    if spec is None or "family" not in spec:
+        spec = {**preset_spec(method), **(spec or {})}
+    family = spec.get("family", "none")
+    modules = [f"kvcore.compress.{'identity' if family == 'none' else family}"]
+    if family == "evict":
+        from kvcore.eviction import SCORERS
+
+        if spec.get("scorer") not in SCORERS:
+            raise UsageError(f"method {method!r}: scorer must be one of {', '.join(SCORERS)} "
+                             f"(got {spec.get('scorer')!r})")
+        modules.append(f"kvcore.eviction.{spec['scorer']}")
+    return modules

@@ -109,7 +109,7 @@ def check(config: dict) -> None:
                          f"({pp['max_length']})")
     shards = pp.get("shards", 1)
     if shards > 1:  # max_tokens bounds the windows a dataset gives; a shard beyond them would idle
-        from kvcore.perplexity import layout_windows
+        from kvcore.evaluation.windows import layout_windows
 
         max_tokens = pp.get("max_tokens", 8192)
         n_windows = len(layout_windows(max_tokens, pp["max_length"], pp["stride"], pp.get("layout", "sliding")))

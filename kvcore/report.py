@@ -3,7 +3,7 @@ across the grid, plus `results/summary.parquet` (every ppl + compress result of 
 
 Results are read as DESIGN.md lays them out: {run}/ppl/{method}.json joined on the method name with
 {run}/compress/{method}.json. A ppl file is one record, a record whose `protocols` maps each protocol
-to its full record (kvcore.perplexity: one row per protocol is reported), or a list of records.
+to its full record (kvcore.evaluation.perplexity: one row per protocol is reported), or a list of records.
 Missing stages are left out, never an error: a report can be written after extraction alone.
 """
 
@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 
+from kvcore.compress.bits import LABEL as BITS_LABEL
 from kvcore.errors import KvcoreError
 
 CAPTIONS = {
@@ -56,8 +57,11 @@ SUMMARY_COLUMNS = (
     ("max_length", "int64"), ("stride", "int64"), ("n_tokens", "int64"), ("dtype", "string"),
     ("seconds", "float64"), ("tokens_per_second", "float64"), ("latency_ratio", "float64"),
 )
-_COMPRESS_FIRST = ("bits_per_element", "compression_ratio", "original_size_bytes", "compressed_size_bytes", "rmse",
-                   "snr_db", "cosine_similarity", "max_error", "quality_level", "processing_time_ms")
+# Sizes and errors of the stored cache come from the compress job; bits per element and the
+# ratio from the perplexity record when there is one, so a row shows the bits of what it measured
+# (both follow kvcore.compress.bits's one convention).
+_COMPRESS_FIRST = ("original_size_bytes", "compressed_size_bytes", "rmse", "snr_db", "cosine_similarity",
+                   "max_error", "quality_level", "processing_time_ms")
 
 
 def _load(path: Path):
@@ -101,7 +105,7 @@ def _record(method: str, ppl: dict, comp: dict, methods: dict) -> dict:
     for key in rec:
         first, second = (comp, ppl) if key in _COMPRESS_FIRST else (ppl, comp)
         rec[key] = first.get(key, second.get(key))
-    stored = dict(ppl.get("spec") or {})  # the parsed spec kvcore.perplexity writes
+    stored = dict(ppl.get("spec") or {})  # the parsed spec kvcore.evaluation.perplexity writes
     rec["method"] = method
     rec["family"] = (ppl.get("family") or stored.get("family") or comp.get("family") or spec.get("family")
                      or ("none" if method == "baseline" else None))
@@ -207,9 +211,9 @@ def _ppl_rows(records):
     return rows
 
 
-PPL_HEADER = ["method", "family", "protocol", "bits/elem", "ratio", "baseline ppl", "ppl", "Δ", "Δ %", "passed",
+PPL_HEADER = ["method", "family", "protocol", BITS_LABEL, "ratio", "baseline ppl", "ppl", "Δ", "Δ %", "passed",
               "tokens/s", "latency ×"]
-COMPRESS_HEADER = ["method", "family", "bits/elem", "ratio", "ratio vs fp16", "bytes written", "RMSE", "SNR dB",
+COMPRESS_HEADER = ["method", "family", BITS_LABEL, "ratio", "ratio vs fp16", "bytes written", "RMSE", "SNR dB",
                    "cosine", "max error", "quality", "passed"]
 
 
@@ -396,7 +400,7 @@ def write_grid_report(runs, out_md: str | Path, results=(), methods: dict | None
 
 # ---------------------------------------------------------------- the perplexity comparison table
 
-PERPLEXITY_HEADER = ["method", "family", "protocol", "bits/elem", "ratio vs fp16", "perplexity", "Δ %",
+PERPLEXITY_HEADER = ["method", "family", "protocol", BITS_LABEL, "ratio vs fp16", "perplexity", "Δ %",
                      "paired Δ % (95% CI)", "windows worse", "latency ×", "passed"]
 
 
@@ -487,7 +491,8 @@ def write_compression_table(runs: dict, out_md: str | Path) -> Path:
     method's stored size and reconstruction error, as the compress jobs measured them."""
     return _write_run_tables(out_md, "Compression of the extracted caches",
                              "Sizes are the bytes each compress job wrote (everything stored: codes, scales, zero "
-                             "points, indices, masks, header); bits/elem = 8 × bytes ÷ K and V elements. `ratio` is "
+                             "points, indices, masks, header); bits/elem counts full-precision parts as 16 bits and codes, "
+                             "scales, zeros, indices and masks as stored (kvcore.compress.bits). `ratio` is "
                              "against the extracted file in its own dtype, `ratio vs fp16` against the same tensors "
                              "stored as float16. RMSE, SNR and cosine (mean over head_dim vectors; an evicted or "
                              "pruned vector counts 0) compare the decompressed cache with the extracted one.",

@@ -89,7 +89,7 @@ def stored(path):
 @pytest.fixture(scope="module")
 def compressed(work, tmp_path_factory):
     """{name: (path to .safetensors, metrics)}: the workflow's job, and the in-process runs."""
-    from kvcore.compress.run import compress_run
+    from kvcore.evaluation.extracted import compress_extracted
 
     run = work / "results" / MODEL / DATASET
     out = {name: (run / "compress" / f"{name}.safetensors", json.loads((run / "compress" / f"{name}.json")
@@ -97,9 +97,9 @@ def compressed(work, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("in-process")
     for name, spec in IN_PROCESS.items():
         path = tmp / f"{name}.safetensors"
-        compress_run(sorted((run / "kv").glob("part-*.safetensors")), path, tmp / f"{name}.json", name, spec,
-                     model_dir=work / "resources" / "models" / MODEL, tokens=run / "tokens.parquet",
-                     model_device="cpu", model_dtype="float32")
+        compress_extracted(sorted((run / "kv").glob("part-*.safetensors")), path, tmp / f"{name}.json", name, spec,
+                           model_dir=work / "resources" / "models" / MODEL, tokens=run / "tokens.parquet",
+                           model_device="cpu", model_dtype="float32")
         out[name] = (path, json.loads((tmp / f"{name}.json").read_text()))
     return out
 
@@ -113,7 +113,8 @@ def test_evicted_files_hold_the_budget_and_the_extracted_vectors(work, compresse
         method = parse_method(name, {**METHODS, **IN_PROCESS}[name])
         packed = stored(path)
         assert os.path.getsize(path) == metrics["compressed_size_bytes"]
-        assert metrics["family"] == "evict" and 0 < metrics["bits_per_element"] < 32 * 0.6
+        assert metrics["family"] == "evict" and metrics["bits_basis"] == "fp16"
+        assert len(metrics["kept_by_layer"]) == n_layers
         budgets = torch.tensor([kept_per_head(n, method.keep_ratio, method.sink_tokens, method.recent_tokens)
                                 for n in lengths])
         masks = []
@@ -132,6 +133,11 @@ def test_evicted_files_hold_the_budget_and_the_extracted_vectors(work, compresse
                 else:  # one threshold over the layer's heads: the same total, heads differ
                     assert torch.equal(keep.sum((1, 2)), budgets * keep.shape[1])
                 masks.append(keep)
+        # fp16 basis over every stored slot (padding too): kept vectors at 16 bits + a 1-bit mask per slot
+        kept, slots = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+        dim = original["layer_0_key"].shape[-1]  # (+ each tensor's small header)
+        assert metrics["bits_per_element"] == pytest.approx(16 * kept / slots + 1 / dim, abs=0.05)
+        assert metrics["kept_fraction"] == pytest.approx(kept / 2 / (sum(lengths) * masks[0].shape[1] * n_layers))
         # chosen by the scores, not by position alone: sequences keep different token sets
         first = masks[0][:, :, :min(lengths)]
         assert not all(torch.equal(first[0], first[i]) for i in range(1, len(lengths)))
@@ -140,7 +146,7 @@ def test_evicted_files_hold_the_budget_and_the_extracted_vectors(work, compresse
 def test_the_choice_is_the_perplexity_protocols(work):
     # the job's mask for a sequence equals what prefill-compress chooses for that context
     from kvcore.model import load_model
-    from kvcore.protocols import context_keep
+    from kvcore.evaluation.extracted import context_keep
     from kvcore.tokens import read_sequences
 
     run = work / "results" / MODEL / DATASET
@@ -196,15 +202,15 @@ def test_evict_needs_the_model_and_matching_tokens(work, tmp_path):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from kvcore.compress.run import compress_run
+    from kvcore.evaluation.extracted import compress_extracted
 
     run = work / "results" / MODEL / DATASET
     shards = sorted((run / "kv").glob("part-*.safetensors"))
     with pytest.raises(UsageError, match="scores tokens with the model"):
-        compress_run(shards, tmp_path / "k.safetensors", tmp_path / "k.json", "kvzip-0.5", METHODS["kvzip-0.5"])
+        compress_extracted(shards, tmp_path / "k.safetensors", tmp_path / "k.json", "kvzip-0.5", METHODS["kvzip-0.5"])
     table = pq.read_table(run / "tokens.parquet")
     pq.write_table(table.filter(pc.not_equal(table["pos"], 0)), tmp_path / "tokens.parquet")  # one token short
     with pytest.raises(KvcoreError, match="tokenize and extract again"):
-        compress_run(shards, tmp_path / "k.safetensors", tmp_path / "k.json", "kvzip-0.5", METHODS["kvzip-0.5"],
-                     model_dir=work / "resources" / "models" / MODEL, tokens=tmp_path / "tokens.parquet")
+        compress_extracted(shards, tmp_path / "k.safetensors", tmp_path / "k.json", "kvzip-0.5", METHODS["kvzip-0.5"],
+                           model_dir=work / "resources" / "models" / MODEL, tokens=tmp_path / "tokens.parquet")
     assert not (tmp_path / "k.safetensors").exists() and not (tmp_path / "k.json").exists()

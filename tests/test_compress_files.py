@@ -117,7 +117,25 @@ def test_size_on_disk_equals_the_formula(tmp_path, shard, name):
         for i in range(N_LAYERS) for kind in ("key", "value")
     )
     assert out.stat().st_size == 8 + header_len(out) + payload == metrics["compressed_size_bytes"]
-    assert metrics["bits_per_element"] == pytest.approx(8 * out.stat().st_size / (N_LAYERS * 2 * 2 * 3 * 40 * 64))
+    n = N_LAYERS * 2 * 2 * 3 * 40 * 64
+    assert metrics["written_bits_per_element"] == pytest.approx(8 * out.stat().st_size / n)
+    keep = [method.select(knorm(i, tensors[f"layer_{i}_key"], None)) if method.needs_scores else None
+            for i in range(N_LAYERS)]
+    counted = sum(method.packed_nbytes(tensors[f"layer_{i}_{kind}"].shape, torch.float16, kind, layer=i,
+                                       keep=keep[i]) for i in range(N_LAYERS) for kind in ("key", "value"))
+    assert metrics["bits_per_element"] == pytest.approx(8 * counted / n) and metrics["bits_basis"] == "fp16"
+
+
+def test_bits_per_element_do_not_depend_on_the_extracted_dtype(tmp_path):
+    """The one convention: full-precision parts count 16 bits, so a float32 extraction and a
+    float16 one give the same bits (the bytes written differ)."""
+    for dtype in (torch.float16, torch.float32):
+        make_shard(tmp_path / f"{dtype}.safetensors", shape=(2, 3, 64, 64), layers=2, dtype=dtype)
+    for name in ("kivi4-g64", "int2-g32-s4", "baseline"):
+        f16, f32 = (measure(tmp_path / f"{d}.safetensors", parse_method(name)) for d in (torch.float16, torch.float32))
+        assert f16["bits_per_element"] == pytest.approx(f32["bits_per_element"])
+        if name != "kivi4-g64":  # exact sinks / the whole cache: written in the extraction's dtype
+            assert f32["written_bits_per_element"] > f16["written_bits_per_element"]
 
 
 def test_int4_g64_ratio_on_float16(tmp_path):
@@ -152,8 +170,8 @@ def test_metrics_fields_and_levels(shard):
     base = measure(path, parse_method("baseline"))
     assert set(base) == {
         "method", "family", "compression_ratio", "compression_ratio_vs_fp16", "original_size_bytes",
-        "compressed_size_bytes", "bits_per_element", "rmse", "snr_db", "cosine_similarity", "max_error",
-        "quality_level", "processing_time_ms", "passed", "violations"}
+        "compressed_size_bytes", "bits_per_element", "bits_basis", "written_bits_per_element", "rmse", "snr_db",
+        "cosine_similarity", "max_error", "quality_level", "processing_time_ms", "passed", "violations"}
     assert base["rmse"] == 0 and base["snr_db"] is None and base["quality_level"] == "EXCELLENT"
     assert base["passed"] and base["violations"] == []
     assert 0.98 < base["compression_ratio"] <= 1.0  # same bytes, a slightly longer header

@@ -11,7 +11,11 @@ from kvcore.eviction import SCORERS, make_scorer
 from kvcore.eviction.base import AttentionReceived, ScoreInputs
 from kvcore.eviction.kvzip import FIRST_PROMPT, NEXT_PROMPT, template_suffix
 from kvcore.model import kv_shape, load_model
-from kvcore import protocols
+from kvcore.evaluation.attention import Observer, PassState, attention_pass
+from kvcore.evaluation.cache import cache_from, cached_tensors, gather_kept
+from kvcore.evaluation.context import compress_context
+from kvcore.evaluation.options import check_options
+from kvcore.evaluation.prefill import ContextPrefill, layer_scores as prefill_layer_scores, reconstruction_pass
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +31,18 @@ def layer_scores(model, tokenizer, name, n_ctx=40, seed=0, **options):
     stats = {}
     prefix = n_ctx
     sets = {scorer.query_key: scorer.query_start(prefix)} if scorer.queries in ("context", "window") else {}
-    observer = protocols._Observer(sets, prefix, 1 << 12, stats) if sets else None  # tiny chunks: chunking runs
-    cache = protocols._cache_from(model, [], [])
-    with torch.inference_mode(), protocols.kvcore_attention_pass(model, protocols._PassState(observer=observer)):
+    observer = Observer(sets, prefix, 1 << 12, stats) if sets else None  # tiny chunks: chunking runs
+    cache = cache_from(model, [], [])
+    with torch.inference_mode(), attention_pass(model, PassState(observer=observer)):
         model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True)
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
+    keys, values = cached_tensors(cache)
     if scorer.queries == "repeat":
         with torch.inference_mode():
-            protocols._reconstruction_pass(model, cache, ids[:, :prefix], scorer, tokenizer, stats,
-                                           protocols.check_options(None), prefix)
+            reconstruction_pass(model, cache, ids[:, :prefix], scorer, tokenizer, stats, check_options(None))
         assert all(layer.keys.shape[2] == prefix for layer in cache.layers)  # the pass left nothing behind
-    opts = protocols.check_options({"seed": seed})
-    return protocols._layer_scores(scorer, keys, values, stats, 0, opts), keys
+    opts = check_options({"seed": seed})
+    prefilled = ContextPrefill(keys, values, stats, None, (0.0, 0), 0.0)
+    return prefill_layer_scores(scorer, prefilled, 0, opts), keys
 
 
 @pytest.mark.parametrize("name", SCORERS)
@@ -138,27 +141,25 @@ def test_unknown_scorer_and_options():
 def test_gather_kept_shrinks_or_masks():
     k = torch.arange(2 * 6, dtype=torch.float32).reshape(1, 2, 6, 1)
     keep = torch.tensor([[[1, 0, 1, 0, 1, 0], [0, 1, 1, 1, 0, 0]]], dtype=torch.bool)
-    k2, v2, hidden = protocols.gather_kept(k, k, keep)
+    k2, v2, hidden = gather_kept(k, k, keep)
     assert hidden is None and k2[0, 0, :, 0].tolist() == [0, 2, 4] and k2[0, 1, :, 0].tolist() == [7, 8, 9]
     keep[0, 1, 3] = False
-    k2, _, hidden = protocols.gather_kept(k, k, keep)
+    k2, _, hidden = gather_kept(k, k, keep)
     assert k2.shape[2] == 3 and hidden[0].tolist() == [[False] * 3, [False, False, True]]
 
 
 def test_one_threshold_across_layers(llama):
-    """global_scope model: the layers' heads compete under one threshold (KVzip's default)."""
+    """budget model: the layers' heads compete under one threshold (KVzip's default)."""
     model, tokenizer, _ = llama
     shape = kv_shape(model.config)
     scores, keys = layer_scores(model, tokenizer, "kvzip")
-    # the evaluator option on a `global` method, and the method key `budget: model`
-    for preset, options in (("evict-kvzip-0.25-s2-global", {"global_scope": "model"}),
-                            ("evict-kvzip-0.25-s2-model", {})):
-        out_k, _, hidden = protocols._compress(parse_method(preset), keys, keys, {"kvzip": make_scorer("kvzip")},
-                                               {}, {"kvzip": scores}, 0, protocols._Recorder(), None,
-                                               protocols.check_options(options))
-        kept = [int(k.shape[2] * k.shape[1]) - (int(hidden[i].sum()) if i in hidden else 0)
-                for i, k in enumerate(out_k)]
-        assert sum(kept) == 10 * shape["num_kv_heads"] * shape["num_layers"]
-        assert len(set(kept)) > 1  # layers keep different counts: one threshold over all of them
-    with pytest.raises(UsageError, match="global_scope"):
-        protocols.check_options({"global_scope": "everything"})
+    prefilled = ContextPrefill(keys, keys, {}, None, (0.0, 0), 0.0)
+    out = compress_context(parse_method("evict-kvzip-0.25-s2-model"), prefilled, {"kvzip": make_scorer("kvzip")},
+                           check_options(None), scores={"kvzip": scores})
+    kept = [int(k.shape[2] * k.shape[1]) - (int(out.hidden[i].sum()) if i in out.hidden else 0)
+            for i, k in enumerate(out.keys)]
+    assert kept == [int(m.sum()) for m in out.keep]
+    assert sum(kept) == 10 * shape["num_kv_heads"] * shape["num_layers"]
+    assert len(set(kept)) > 1  # layers keep different counts: one threshold over all of them
+    with pytest.raises(UsageError, match="budget"):  # the old evaluator option is gone: the method says it
+        check_options({"global_scope": "model"})

@@ -9,7 +9,8 @@ import torch
 
 from kvcore.errors import UsageError
 from kvcore.model import load_model
-from kvcore.perplexity import evaluate, windows
+from kvcore.evaluation.protocols import evaluate
+from kvcore.evaluation.windows import windows
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def test_window_edges():
 
 
 def test_shards_of_windows_merge_to_the_same_number(model_and_ids):
-    from kvcore.perplexity import summarize
+    from kvcore.evaluation.nll import summarize
 
     model, ids = model_and_ids
     whole = evaluate(model, ids, 64, 32)

@@ -59,7 +59,7 @@ def llama(tiny_models):
 
 
 def _sharded(loaded, ids, method, shards):
-    from kvcore.perplexity import evaluate_shard, merge_shards
+    from kvcore.evaluation.perplexity import evaluate_shard, merge_shards
 
     parts = [json.loads(json.dumps(evaluate_shard(None, ids, method, None, SETTINGS, loaded=loaded, shard=i,
                                                   shards=shards)))  # through JSON, as the shard files are
@@ -71,7 +71,7 @@ def _sharded(loaded, ids, method, shards):
 # quantization under both protocols, a seeded-random eviction (its seed is the window index), the baseline
 @pytest.mark.parametrize("method,shards", [("int4-g32-ch", 2), ("evict-random-0.5", 3), ("baseline", 4)])
 def test_merged_shards_equal_one_job_in_every_number(llama, method, shards):
-    from kvcore.perplexity import validate_method
+    from kvcore.evaluation.perplexity import validate_method
 
     loaded, ids = llama
     one = validate_method(None, ids, method, None, SETTINGS, loaded=loaded)
@@ -91,7 +91,7 @@ def test_merged_shards_equal_one_job_in_every_number(llama, method, shards):
 
 
 def test_more_shards_than_windows_leave_empty_shards_that_still_merge(llama):
-    from kvcore.perplexity import validate_method
+    from kvcore.evaluation.perplexity import validate_method
 
     loaded, ids = llama
     short = ids[:80]  # 2 windows
@@ -102,7 +102,7 @@ def test_more_shards_than_windows_leave_empty_shards_that_still_merge(llama):
 
 
 def test_shards_that_do_not_fit_together_are_refused(llama, tmp_path):
-    from kvcore.perplexity import merge_shard_files, merge_shards
+    from kvcore.evaluation.perplexity import merge_shard_files, merge_shards
 
     loaded, ids = llama
     parts, _ = _sharded(loaded, ids[:80], "baseline", 2)

@@ -1,4 +1,4 @@
-"""The two perplexity protocols (kvcore.protocols) on tiny models, and one slow check on SmolLM2."""
+"""The two perplexity protocols (kvcore.evaluation.protocols) on tiny models, and one slow check on SmolLM2."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from kvcore.compress import parse_method
 from kvcore.errors import UsageError
 from kvcore.model import load_model
-from kvcore.perplexity import evaluate, layout_windows
-from kvcore.protocols import evaluate_methods, split_window
+from kvcore.evaluation.protocols import evaluate, evaluate_methods
+from kvcore.evaluation.windows import layout_windows, split_window
 
 
 # head_dim of the tiny models is 16: quantize along tokens (channel axis) there
@@ -62,8 +62,10 @@ def test_keep_ratio_one_is_the_baseline(loaded):
 
 
 def test_sinks_only_keeps_true_positions(tiny_models):
-    """Keep only 4 sink tokens: the targets must read them at positions 0..3 and sit at their
-    own positions. Reference: one plain forward over [sinks, targets] with explicit positions."""
+    """Keep only 4 sink tokens of a 48-token context: the first target is scored from the
+    whole context's prefill (its last logits), the others read the sinks at positions 0..3
+    and sit at their own positions. Reference: a plain forward over the context for the first
+    target, one over [sinks, targets[:-1]] with explicit positions for the rest."""
     for arch in ("llama", "gpt2"):
         model, _, _ = load_model(tiny_models[arch], "cpu", "float32")
         ids = torch.randint(0, model.config.vocab_size, (96,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -74,10 +76,11 @@ def test_sinks_only_keeps_true_positions(tiny_models):
         got = result["methods"]["sinks"]["windows"][0]["nll_sum"]
 
         ctx = 48
-        x = torch.tensor([ids[:4] + ids[ctx - 1:95]])
-        pos = torch.tensor([list(range(4)) + list(range(ctx - 1, 95))])
+        x = torch.tensor([ids[:4] + ids[ctx:95]])
+        pos = torch.tensor([list(range(4)) + list(range(ctx, 95))])
         with torch.no_grad():
-            logits = model(input_ids=x, position_ids=pos).logits[0, 4:]
+            first = model(input_ids=torch.tensor([ids[:ctx]])).logits[0, -1:]
+            logits = torch.cat([first, model(input_ids=x, position_ids=pos).logits[0, 4:]])
         target = torch.tensor(ids[ctx:96])
         want = float(-torch.log_softmax(logits.double(), -1).gather(1, target[:, None]).sum())
         assert got == pytest.approx(want, rel=1e-5), arch
@@ -97,9 +100,7 @@ def test_fake_quant_8_bit_within_one_percent(loaded):
     assert result["methods"]["int2-g32-ch"]["metrics"]["bits_per_element"] == pytest.approx(3.0, abs=0.3)
 
 
-def test_prefill_compress_leaves_the_targets_exact(loaded):
-    """Under prefill-compress only the context is compressed: with a context of one token
-    per window nothing changes; with a real context the result moves."""
+def test_prefill_compress_changes_the_result_not_the_scored_tokens(loaded):
     model, _, ids = loaded
     result = run(model, ids, ["int2-g32-ch", "prune-l0"], "prefill-compress")
     for name in ("int2-g32-ch", "prune-l0"):
@@ -107,17 +108,43 @@ def test_prefill_compress_leaves_the_targets_exact(loaded):
         assert result["methods"][name]["n_scored"] == result["baseline"]["n_scored"]
 
 
-def test_pruned_layer_holds_no_context(tiny_models):
-    """Dropping a whole layer's cache = that layer's targets see only themselves."""
-    from kvcore import protocols
+def test_the_whole_context_is_compressed_and_the_first_target_read_from_the_prefill(tiny_models):
+    """As kvpress and QuantizedCache do it: every context token is compressed, the last one
+    included, and the first target is scored from the prefill's last logits. Reference: one
+    forward over the context, then the targets against the compressed context by hand."""
+    from kvcore.evaluation.cache import cache_from
 
     model, _, _ = load_model(tiny_models["llama"], "cpu", "float32")
+    ids = torch.randint(0, model.config.vocab_size, (64,), generator=torch.Generator().manual_seed(9)).tolist()
+    method = parse_method("int2-g32-ch")
+    result = evaluate_methods(model, ids, {"q": method}, protocol="prefill-compress", max_length=64, stride=32,
+                              layout="chunks")
+    got = result["methods"]["q"]["windows"][0]["nll_sum"]
+    with torch.no_grad():
+        cache = cache_from(model, [], [])
+        first = model(input_ids=torch.tensor([ids[:32]]), past_key_values=cache, use_cache=True).logits[0, -1:]
+        keys = [method.fake(layer.keys, "key", layer=i) for i, layer in enumerate(cache.layers)]
+        values = [method.fake(layer.values, "value", layer=i) for i, layer in enumerate(cache.layers)]
+        assert not torch.equal(keys[0][:, :, -1], cache.layers[0].keys[:, :, -1])  # the last token is lossy
+        rest = model(input_ids=torch.tensor([ids[32:63]]), past_key_values=cache_from(model, keys, values),
+                     position_ids=torch.arange(32, 63)[None], use_cache=True).logits[0]
+    logp = torch.log_softmax(torch.cat([first, rest]).double(), -1)
+    want = float(-logp.gather(1, torch.tensor(ids[32:64])[:, None]).sum())
+    assert got == pytest.approx(want, rel=1e-6)
+    assert result["baseline"]["windows"][0]["nll_sum"] != pytest.approx(want, rel=1e-4)
+
+
+def test_pruned_layer_holds_no_context(tiny_models):
+    """Dropping a whole layer's cache = that layer's targets see only themselves."""
+    from kvcore.evaluation.context import compress_context
+    from kvcore.evaluation.options import check_options
+    from kvcore.evaluation.prefill import ContextPrefill
+
     method = parse_method("prune-l0-h1.0")
     keys = [torch.randn(1, 2, 10, 16) for _ in range(2)]
-    out_k, out_v, hidden = protocols._compress(method, keys, keys, {}, {}, {}, 0, protocols._Recorder(), None,
-                                               protocols.check_options(None))
-    assert out_k[0].shape[2] == 0 and out_k[1].shape[2] == 10
-    assert hidden[1][0, 0].all() and not hidden[1][0, 1].any()
+    out = compress_context(method, ContextPrefill(keys, keys, {}, None, (0.0, 0), 0.0), {}, check_options(None))
+    assert out.keys[0].shape[2] == 0 and out.keys[1].shape[2] == 10
+    assert out.hidden[1][0, 0].all() and not out.hidden[1][0, 1].any()
 
 
 def test_layouts_and_window_split():
@@ -126,6 +153,7 @@ def test_layouts_and_window_split():
     assert len(layout_windows(8192, 1024, 512, "chunks")) == 8
     assert split_window(1024, 512, 1024, 512) == (512, False)
     assert split_window(1024, 1024, 1024, 512) == (512, True)  # the first sliding window
+    assert split_window(64, 64, 64, 64) == (0, True)  # stride = max_length: nothing to compress
     with pytest.raises(UsageError, match="layout"):
         layout_windows(100, 32, 16, "diagonal")
     with pytest.raises(UsageError, match="at least"):
@@ -143,7 +171,8 @@ def test_protocol_checks(loaded):
 
 
 def test_record_has_design_fields_and_both_protocols(tiny_models, tmp_path):
-    from kvcore.perplexity import validate_method
+    from kvcore.evaluation.nll import token_ids_sha256
+    from kvcore.evaluation.perplexity import validate_method
 
     loaded = load_model(tiny_models["llama"], "cpu", "float32")
     ids = torch.randint(0, 500, (160,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -157,10 +186,16 @@ def test_record_has_design_fields_and_both_protocols(tiny_models, tmp_path):
     assert record["protocols"]["prefill-compress"]["protocol"] == "prefill-compress"
     assert len(record["paired"]["delta_percent_per_window"]) == len(record["windows"])
     assert record["latency_ratio"] > 0
+    assert record["token_ids_sha256"] == token_ids_sha256(ids) != token_ids_sha256(ids[:-1])
+    assert record["bits_basis"] == "fp16" and "kept_fraction" not in record
     json.dumps(record)
     evict = validate_method(None, ids, "evict-knorm-0.5", None, settings, loaded=loaded)
     assert evict["protocol"] == "prefill-compress" and list(evict["protocols"]) == ["prefill-compress"]
     assert 7.5 < evict["bits_per_element"] < 8.5  # half the tokens kept + a 1-bit mask per token and head
+    assert evict["kept_fraction"] == pytest.approx(0.5, abs=0.02) and len(evict["kept_by_layer"]) == 2
+    model_wide = validate_method(None, ids, "evict-knorm-0.5-model", None, settings, loaded=loaded)
+    assert model_wide["kept_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert model_wide["kept_by_layer"] != evict["kept_by_layer"]  # one threshold: layers keep different shares
     base = validate_method(None, ids, "baseline", None, settings, loaded=loaded)
     assert base["delta"] == 0 and base["passed"]
 
@@ -169,7 +204,7 @@ def test_record_has_design_fields_and_both_protocols(tiny_models, tmp_path):
 def test_smollm2_two_bits_worse_than_four_bits(smollm2_dir, lee_news_dir):
     """Sanity ordering on real weights (SmolLM2-135M, Lee corpus, 2 windows of 256 tokens,
     128 scored each; 4-bit may land a hair under the baseline, so only the ordering is checked)."""
-    from kvcore.perplexity import eval_token_ids
+    from kvcore.evaluation.perplexity import eval_token_ids
     from kvcore.sources.datasets import joined_text
 
     model, tokenizer, _ = load_model(smollm2_dir, "cpu", "float32")
@@ -183,21 +218,20 @@ def test_smollm2_two_bits_worse_than_four_bits(smollm2_dir, lee_news_dir):
 
 
 def test_pre_rope_undoes_and_redoes_rope(tiny_models):
-    """Keys un-rotated by _Rope are the k_proj outputs before RoPE; identity round-trips."""
-    from kvcore import protocols
+    """Keys un-rotated by Rope are the k_proj outputs before RoPE; identity round-trips."""
+    from kvcore.evaluation.cache import Rope, cache_from
 
     model, _, _ = load_model(tiny_models["llama"], "cpu", "float32")
     ids = torch.randint(0, 400, (1, 20), generator=torch.Generator().manual_seed(0))
-    cache = protocols._cache_from(model, [], [])
+    cache = cache_from(model, [], [])
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True)
         attn = model.model.layers[0].self_attn
         h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
         raw = attn.k_proj(h).view(1, 20, -1, attn.head_dim).transpose(1, 2)
-    rope = protocols._Rope(model)
+    rope = Rope(model)
     keys = cache.layers[0].keys
-    cos, sin = rope.cos_sin(keys, 0)
-    torch.testing.assert_close(keys * cos - rope._half(keys) * sin, raw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rope.unrotate(keys, 0), raw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rope.quantize(parse_method("none"), keys, 0), keys, rtol=1e-5, atol=1e-5)
     ids_list = ids[0].tolist() * 8
     result = evaluate_methods(model, ids_list, {"q": parse_method("int8-ch")}, protocol="fake-quant",

@@ -39,7 +39,7 @@ def grid(tmp_path_factory):
     (run / "ppl").mkdir()
     (run / "compress").mkdir()
     (run / "ppl" / "baseline.json").write_text(json.dumps(ppl("baseline", "none", "fake-quant", 0.0)))
-    # kvcore.perplexity's layout: the primary protocol's record on top, every protocol under `protocols`
+    # kvcore.evaluation.perplexity's layout: the primary protocol's record on top, every protocol under `protocols`
     fq, pc = ppl("int4-g64", None, "fake-quant", 0.1), ppl("int4-g64", None, "prefill-compress", 0.05)
     (run / "ppl" / "int4-g64.json").write_text(json.dumps({**fq, "spec": {"family": "quant", "bits": 4},
                                                            "protocols": {"fake-quant": fq, "prefill-compress": pc}}))

@@ -41,6 +41,18 @@ def test_a_wheel_member_with_the_right_hash_becomes_documents(wheel_cache, tmp_p
     assert docs["doc_id"] == [0, 1, 2]
 
 
+def test_lines_are_kept_exactly_as_in_the_file(tmp_path):
+    """Only the line break goes: trailing (and leading) spaces stay, so the joined text is the
+    file's own text with blank lines between documents (what other tools read from it)."""
+    from kvcore.sources.datasets import joined_text
+
+    text = "  Lead space.  \nTrailing space \r\n\nlast line"
+    (tmp_path / "c.cor").write_bytes(text.encode())
+    out = prepare_dataset("c", {"source": "local", "path": str(tmp_path / "c.cor"), "format": "lines"},
+                          tmp_path / "ds")
+    assert joined_text(out / "text.parquet") == "  Lead space.  \n\nTrailing space \n\nlast line"
+
+
 def test_a_sha256_mismatch_fails_clearly_and_leaves_no_file(wheel_cache, tmp_path):
     with pytest.raises(KvcoreError, match="does not match the pinned"):
         prepare_dataset("demo", spec("0" * 64), tmp_path / "ds", wheel_cache)

@@ -233,6 +233,27 @@ def test_tables_per_context_length(tmp_path, capsys):
     assert out.split("1024 tokens")[1].splitlines()[2] == "| uncompressed | 0.750 |"
 
 
+def test_paired_table_counts_who_got_which_example(tmp_path, capsys):
+    from kvcore.cli import main
+    from kvcore.cli.tasks import mcnemar_p
+
+    def doc(name, right):
+        examples = [{"id": str(i), "contains_answer": float(r)} for i, r in enumerate(right)]  # as run_task writes
+        return {"method": name, "primary_metric": "accuracy", "n_examples": len(right), "accuracy": {"0.5": 0},
+                "baseline": {"accuracy": 1.0, "by_cell": []},
+                "results": [{"keep_ratio": 0.5, "accuracy": sum(right) / len(right), "examples": examples}]}
+
+    a, b = doc("kvzip", [1, 1, 1, 1, 0, 1]), doc("kvzip-uniform", [0, 0, 0, 1, 1, 1])
+    for d in (a, b):
+        (tmp_path / f"{d['method']}.json").write_text(json.dumps(d))
+    paths = [str(tmp_path / "kvzip.json"), str(tmp_path / "kvzip-uniform.json")]
+    assert main(["tasks", "table", *paths, "--versus", "kvzip:kvzip-uniform"]) == 0
+    assert "| kvzip vs kvzip-uniform | 0.5 | 0.833 | 0.500 | 3 | 1 | 0.62 |" in capsys.readouterr().out
+    assert mcnemar_p(3, 1) == pytest.approx(0.625) and mcnemar_p(10, 0) == pytest.approx(2 / 1024)
+    assert main(["tasks", "table", *paths, "--versus", "kvzip:h2o"]) != 0
+    assert "no result for method 'h2o'" in capsys.readouterr().err
+
+
 def test_cli_errors(capsys, tmp_path):
     from kvcore.cli import main
 

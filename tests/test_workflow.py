@@ -82,7 +82,7 @@ def test_changing_the_stride_reruns_only_perplexity(workdir):
 def test_editing_a_perplexity_module_reruns_only_perplexity(workdir):
     # Snakemake skips inputs whose checksum is unchanged, so a bare `touch` is (rightly) not an
     # edit: change the content, then put the file back exactly as it was.
-    module = REPO / "kvcore" / "perplexity.py"
+    module = REPO / "kvcore" / "evaluation" / "protocols.py"
     text, before = module.read_text(), module.stat()
     module.write_text(text + "\n# edited by tests/test_workflow.py\n")
     try:

@@ -79,7 +79,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="exit 1 when the metrics do not pass")
 
 
-def _pairs(items: list[str], option: str) -> dict:
+def key_values(items: list[str], option: str) -> dict:
     import yaml
 
     from kvcore.inputs import parse_yaml
@@ -99,7 +99,7 @@ def _pairs(items: list[str], option: str) -> dict:
 def _method(args):
     from kvcore.compress import parse_method
 
-    params = _pairs(args.param, "--param")
+    params = key_values(args.param, "--param")
     method = parse_method(args.method, params or None)
     if method.needs_scores:
         raise UsageError(
@@ -133,7 +133,7 @@ def run_compress(args) -> int:
     method = _method(args)
     if args.metrics:
         check_output(args.metrics, "--metrics", inputs=[args.input, args.output])
-    thresholds = _pairs(args.threshold, "--threshold") or None
+    thresholds = key_values(args.threshold, "--threshold") or None
     metrics = compress_file(args.input, args.output, method, device=args.device, thresholds=thresholds)
     if args.metrics:
         write_json(args.metrics, metrics)
@@ -144,7 +144,7 @@ def run_metrics(args) -> int:
     from kvcore.compress import measure
 
     method = _method(args)
-    thresholds = _pairs(args.threshold, "--threshold") or None
+    thresholds = key_values(args.threshold, "--threshold") or None
     return _report(args, measure(args.input, method, device=args.device, thresholds=thresholds))
 
 

@@ -2,11 +2,11 @@
 
     kvcore validate --method int4-g64 --model resources/models/smollm2-135m \\
                     --dataset resources/datasets/lee-news/text.parquet [--out ppl.json]
-    kvcore validate --method evict-kvzip-0.5-s4-global --quick
+    kvcore validate --method evict-kvzip-0.5-s4-model --quick
 
 Runs every protocol that makes sense for the method (fake-quant and prefill-compress for
 quantization and sparsification, prefill-compress for eviction and pruning; see
-kvcore.protocols), prints baseline and compressed perplexity, delta, bits per element,
+kvcore.evaluation.protocols), prints baseline and compressed perplexity, delta, bits per element,
 latency and pass/fail, and exits 1 when the primary protocol's delta is not below the
 threshold. `--quick` needs no download: a tiny random-weight LLaMA and random tokens,
 built on the spot (it checks the pipeline, not the method's quality).
@@ -56,9 +56,9 @@ def register(subparsers) -> None:
 
 
 def _spec(args):
-    from kvcore.cli.compress import _pairs
+    from kvcore.cli.compress import key_values
 
-    return _pairs(args.param, "--param") or None
+    return key_values(args.param, "--param") or None
 
 
 def run_validate(args) -> int:
@@ -67,7 +67,7 @@ def run_validate(args) -> int:
 
     from kvcore.atomic import check_output, write_json
     from kvcore.compress import parse_method
-    from kvcore.perplexity import validate_method
+    from kvcore.evaluation.perplexity import validate_method
 
     if args.stride > args.max_length:
         raise UsageError(f"--stride ({args.stride}) must not exceed --max-length ({args.max_length})")
@@ -119,8 +119,9 @@ def _print(record: dict) -> None:
         return "–" if x is None else format(x, spec)
 
     print(f"method {record['method']}  ({record['n_windows']} windows of {record['max_length']}, "
-          f"stride {record['stride']}, {record['layout']}, {record['dtype']})")
-    head = (f"{'protocol':<17} {'baseline':>10} {'compressed':>11} {'delta':>9} {'delta %':>8} {'bits':>6} "
+          f"stride {record['stride']}, {record['layout']}, {record['dtype']}; bits16 = bits per element, "
+          f"fp16 basis)")
+    head = (f"{'protocol':<17} {'baseline':>10} {'compressed':>11} {'delta':>9} {'delta %':>8} {'bits16':>6} "
             f"{'ratio':>6} {'latency':>8} {'quality':<10} passed")
     print(head)
     for name, r in record["protocols"].items():

@@ -62,11 +62,9 @@ def _texts(args) -> list[str]:
         from kvcore.inputs import read_text
 
         return [line.strip() for line in read_text(args.text_file, "--text-file").splitlines() if line.strip()]
-    if args.random < 1:
-        raise UsageError("--random needs a positive number of sequences")
-    from kvcore.sources.datasets import _random_documents
+    from kvcore.sources.datasets import random_documents
 
-    docs, _ = _random_documents({"n_documents": args.random, "seed": args.seed}, Path("."), Path("."))
+    docs, _ = random_documents({"n_documents": args.random, "seed": args.seed}, Path("."), Path("."))
     return [text for _, text in docs]
 
 

@@ -9,7 +9,9 @@
 
 
 A method is an eviction scorer name (kvzip, snapkv, h2o, streamingllm, knorm, random:
-evict with 4 sink tokens), or a preset (evict-snapkv-0.5-s4-global, int4-g64, ...);
+evict with 4 sink tokens under the scorer's own budget, model-wide for kvzip, snapkv and
+h2o), such a name with a budget (kvzip-uniform, knorm-model, ...), or a preset
+(evict-snapkv-0.5-s4-global, int4-g64, ...);
 keep ratios replace an eviction method's keep_ratio. One JSON per method is written to
 --out-dir/{method}.json; a table of the primary metric is printed (needle: also one
 per context length); `table` prints them again from the JSONs.
@@ -73,6 +75,8 @@ def register(subparsers) -> None:
                         description="Print the primary metric per method x keep ratio (needle: also per "
                                     "context length) from task JSONs.")
     tb.add_argument("results", nargs="+", metavar="JSON", help="results/{model}/tasks/{task}/{method}.json files")
+    tb.add_argument("--versus", action="append", default=[], metavar="A:B",
+                    help="also compare methods A and B example by example (paired: who gets which right)")
     tb.set_defaults(func=run_table)
 
 
@@ -201,8 +205,43 @@ def _read_results(paths) -> list[dict]:
     return docs
 
 
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value of b vs c discordant pairs (binomial, p = 1/2)."""
+    from math import comb
+
+    n = b + c
+    return min(1.0, 2 * sum(comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
+
+
+def paired_table(docs: list[dict], pairs: list[tuple[str, str]]) -> str:
+    """Per keep ratio, A's and B's accuracy on the same examples, the examples only A / only B
+    got right, and the exact McNemar p-value of that split."""
+    by_name = {d["method"]: d for d in docs}
+    missing = [n for pair in pairs for n in pair if n not in by_name]
+    if missing:
+        raise UsageError(f"--versus: no result for method {missing[0]!r} (have: {', '.join(by_name)})")
+    lines = ["| A vs B | keep | A | B | only A right | only B right | McNemar p |", "|---|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        for ra, rb in zip(by_name[a]["results"], by_name[b]["results"]):
+            right_a = {e["id"]: e["contains_answer"] for e in ra.get("examples", [])}
+            right_b = {e["id"]: e["contains_answer"] for e in rb.get("examples", [])}
+            if not right_a or set(right_a) != set(right_b):
+                raise UsageError(f"--versus {a}:{b}: the results do not hold the same examples' predictions")
+            only_a = sum(bool(right_a[i]) and not right_b[i] for i in right_a)  # scores are 0.0 / 1.0
+            only_b = sum(bool(right_b[i]) and not right_a[i] for i in right_a)
+            lines.append(f"| {a} vs {b} | {ra['keep_ratio']:g} | {ra['accuracy']:.3f} | {rb['accuracy']:.3f} | "
+                         f"{only_a} | {only_b} | {mcnemar_p(only_a, only_b):.2g} |")
+    return "\n".join(lines)
+
+
 def run_table(args) -> int:
-    print(format_tables(_read_results(args.results)))
+    docs = _read_results(args.results)
+    print(format_tables(docs))
+    pairs = [tuple(v.split(":", 1)) for v in args.versus]
+    if any(len(p) != 2 for p in pairs):
+        raise UsageError("--versus takes A:B (two method names)")
+    if pairs:
+        print("\n" + paired_table(docs, pairs))
     return 0
 
 

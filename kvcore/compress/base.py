@@ -227,8 +227,9 @@ class Method:
         """
 
     def packed_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype, kind: str = "key", *,
-                      layer: int | None = None) -> int:
-        """Payload bytes of `compress` for this shape: the documented size formula."""
+                      layer: int | None = None, keep: torch.Tensor | None = None) -> int:
+        """Payload bytes of `compress` for this shape: the documented size formula (`keep`: the
+        mask an evict method was given, counted exactly; other families ignore it)."""
         raise NotImplementedError
 
     def validate(self) -> None:

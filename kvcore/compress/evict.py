@@ -9,9 +9,10 @@ name. Given per-token scores, `select_keep` picks which tokens stay:
 - budget `uniform`: exactly k per (sequence, KV head), the top scores of that head;
 - budget `global`: exactly k * n_kv per sequence, the top scores across all heads of
   the layer (one threshold), so heads keep different counts;
-- budget `model`: one threshold over every layer and head (KVzip's and kvpress's
-  default); callers that hold all layers pass their scores side by side on the head
-  axis, a single layer's scores select as `global`.
+- budget `model`: one threshold over every layer and head (KVzip's default);
+  `Evict.select_layers` puts every layer's scores side by side on the head axis (the
+  one selection perplexity, tasks and the compress job call); a single layer's scores
+  select as `global`.
 
 Stored form per tensor: `keep`, a 1-bit mask of kept (sequence, head, token) slots
 (ceil(n*h*seq / 8) bytes, cheaper than token indices for any keep ratio above 1/16),
@@ -99,6 +100,14 @@ class Evict(Method):
             return scores
         return select_keep(scores, self.keep_ratio, self.sink_tokens, self.recent_tokens, self.budget)
 
+    def select_layers(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer, the keep mask for every layer's scores [n_seq, n_kv, seq]: per head or per
+        layer (budgets uniform, global), or under one threshold over every layer and head
+        (budget model: the layers' heads side by side). The one selection every caller uses."""
+        if self.budget == "model" and len(scores) > 1:
+            return list(self.select(torch.cat(scores, dim=1)).split([s.shape[1] for s in scores], dim=1))
+        return [self.select(s) for s in scores]
+
     def _check_input(self, x, kind, keep, layer):
         self._check_kind(kind)
         if keep is None:
@@ -134,52 +143,10 @@ class Evict(Method):
         shape, _, _ = read_header(packed)
         return self._unpack(dict(packed), shape, "key")["keep"]
 
-    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None):
-        """For a mask from `select`: both budgets keep n * h * k vectors."""
+    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None, keep=None):
+        """The kept vectors + a 1-bit mask: the vectors of `keep` when given, else n * h * k
+        (what `select` keeps of one layer under any budget on average)."""
         n, h, t, d = shape
-        k = kept_per_head(t, self.keep_ratio, self.sink_tokens, self.recent_tokens)
-        return HEADER_NBYTES + packed_nbytes(n * h * t, 1) + n * h * k * d * dtype.itemsize
-
-    def select_extracted(self, path, model_dir, tokens, *, device: str = "auto", dtype: str = "auto",
-                         options: dict | None = None) -> tuple[list[torch.Tensor], int]:
-        """(masks, n_tokens) for an extracted safetensors `path` (the workflow's compress job):
-        per layer, the bool mask [n_seq, n_kv, seq_len] of the tokens this method keeps, and
-        how many real tokens the sequences hold. Each sequence's tokens (from `tokens`, the
-        tokens.parquet it was extracted from) are prefilled again with the model and chosen
-        as the perplexity protocol chooses a context (`kvcore.protocols.context_keep`), at
-        the sequence's own length: padding is never kept. The random scorer is seeded by
-        seq_id. `device`/`dtype` should be the extraction's; `options` the protocol's."""
-        import json
-
-        from safetensors import safe_open
-
-        # Imported here, not at the top: only a compress job of this family runs a model.
-        from kvcore.model import kv_shape, load_model
-        from kvcore.protocols import context_keep
-        from kvcore.tokens import read_sequences
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            n, n_kv, width, _ = f.get_slice("layer_0_key").get_shape()
-        seq_ids = json.loads(meta.get("seq_ids", "[]"))
-        lengths = json.loads(meta.get("seq_lengths", "null")) or [width] * len(seq_ids)
-        if len(seq_ids) != n or len(lengths) != n:
-            raise KvcoreError(f"{path}: its metadata names {len(seq_ids)} sequences but it holds {n}")
-        sequences = read_sequences(tokens, seq_ids)
-        model, tokenizer, device = load_model(model_dir, device, dtype)
-        shape = kv_shape(model.config)
-        stated = int(meta.get("num_layers", shape["num_layers"]))
-        if (shape["num_layers"], shape["num_kv_heads"]) != (stated, n_kv):
-            raise KvcoreError(f"{model_dir}: the model has {shape['num_layers']} layers x {shape['num_kv_heads']} "
-                              f"KV heads but {path} holds {stated} x {n_kv}; extract again with this model")
-        masks = [torch.zeros((n, n_kv, width), dtype=torch.bool) for _ in range(shape["num_layers"])]
-        for i, (seq_id, length) in enumerate(zip(seq_ids, lengths)):
-            ids = sequences.get(seq_id, [])
-            if len(ids) != length:  # tokens.parquet was rewritten since this extraction
-                raise KvcoreError(f"{tokens}: sequence {seq_id} has {len(ids)} tokens but {length} were "
-                                  "extracted; tokenize and extract again")
-            keeps = context_keep(model, torch.tensor([ids], device=device), self, tokenizer=tokenizer,
-                                 options=options, index=seq_id)
-            for layer, keep in enumerate(keeps):
-                masks[layer][i, :, :length] = keep[0].cpu()
-        return masks, sum(lengths)
+        kept = int(keep.sum()) if keep is not None else n * h * kept_per_head(t, self.keep_ratio, self.sink_tokens,
+                                                                                self.recent_tokens)
+        return HEADER_NBYTES + packed_nbytes(n * h * t, 1) + kept * d * dtype.itemsize

@@ -13,8 +13,11 @@ Sizes (all in bytes, measured, never estimated):
   8 + header_json_len + sum over tensors of `Method.packed_nbytes`.
 - compression_ratio = original / compressed; compression_ratio_vs_fp16 = the same
   input stored as float16 (8 + its header + 2 bytes per element) / compressed.
-- bits_per_element = 8 * compressed_size_bytes / (K and V elements): everything
-  written (codes, scales, zeros, indices, windows, header) per original value.
+- bits_per_element: the one convention of kvcore.compress.bits (full-precision parts
+  counted as 16 bits, codes, scales, zeros, indices and masks as stored), so a float32
+  extraction and a float16 one report the same bits; `bits_basis` names it.
+  written_bits_per_element = 8 * compressed_size_bytes / (K and V elements): what this
+  file spends per original value, in the extraction's dtype.
 - processing_time_ms: time inside `Method.compress` over all tensors (device
   synchronised), not reading, writing or measuring.
 """
@@ -38,6 +41,7 @@ from kvcore.tensorfile import save_tensors
 
 from kvcore.atomic import atomic_path, check_output
 from kvcore.compress.base import KINDS, Method
+from kvcore.compress.bits import BASIS, bits_per_element, counted_nbytes
 from kvcore.compress.metrics import ErrorStats, check_thresholds, quality_level, violations
 from kvcore.errors import KvcoreError, UsageError
 
@@ -209,6 +213,7 @@ def _compress_all(in_path, method: Method, scores, device):
         stats = ErrorStats()
         seconds = 0.0
         n_elements = 0
+        counted = 0  # bytes under the bits convention
         warmed = False
         for layer in layers:
             k = _load(f, in_path, f"layer_{layer}_key", dev)
@@ -234,6 +239,7 @@ def _compress_all(in_path, method: Method, scores, device):
                         f"values beyond float16 need scale_dtype: float32)"
                     )
                 n_elements += x.numel()
+                counted += counted_nbytes(method, x.shape, kind, layer=layer, keep=keep)
                 for field, t in packed.items():
                     tensors[f"layer_{layer}_{kind}.{field}"] = t.cpu()
     metadata = {
@@ -248,6 +254,7 @@ def _compress_all(in_path, method: Method, scores, device):
         "original_size_bytes": in_size,
         "fp16_size_bytes": 8 + _header_len(in_path) + 2 * n_elements,
         "n_elements": n_elements,
+        "counted_nbytes": counted,
         "seconds": seconds,
     }
     return tensors, metadata, partial
@@ -261,7 +268,9 @@ def _finish(partial: dict, size: int, method: Method, thresholds: dict) -> dict:
         "compression_ratio_vs_fp16": partial["fp16_size_bytes"] / size,
         "original_size_bytes": partial["original_size_bytes"],
         "compressed_size_bytes": size,
-        "bits_per_element": 8 * size / partial["n_elements"],
+        "bits_per_element": bits_per_element(partial["counted_nbytes"], partial["n_elements"]),
+        "bits_basis": BASIS,
+        "written_bits_per_element": 8 * size / partial["n_elements"],
         "rmse": partial["rmse"],
         "snr_db": partial["snr_db"],
         "cosine_similarity": partial["cosine_similarity"],

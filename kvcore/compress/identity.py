@@ -15,6 +15,6 @@ class Identity(Method):
     def _decode(self, fields, shape, dtype, device, kind):
         return fields["data"]
 
-    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None):
+    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None, keep=None):
         n, h, t, d = shape
         return HEADER_NBYTES + n * h * t * d * dtype.itemsize

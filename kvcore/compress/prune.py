@@ -62,7 +62,7 @@ class Prune(Method):
             out[:, fields["heads"].bool()] = fields["data"]
         return out
 
-    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None):
+    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None, keep=None):
         n, h, t, d = shape
         kept = sum(self.kept_heads(layer, h))
         return HEADER_NBYTES + h + n * kept * t * d * dtype.itemsize

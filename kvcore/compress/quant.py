@@ -243,7 +243,7 @@ class Quant(Method):
             return n * h * (stop - start) * (d // g)
         return n * h * -(-(stop - start) // g) * d
 
-    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None):
+    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None, keep=None):
         """header + b*ceil(N/8) codes + groups*(1 or 2)*scale bytes + windows + outliers."""
         n, h, seq, d = shape
         start, stop = self.window(seq)

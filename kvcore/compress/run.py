@@ -4,11 +4,9 @@ The workflow's `compress` job: `compress/{method}.safetensors` is the compressed
 every extracted sequence of the run, and `compress/{method}.json` its metrics.
 
 Eviction needs to know which tokens matter, and attention-based scorers (kvzip, h2o,
-snapkv) need the model for that. So for family `evict` each extracted sequence's tokens
-(tokens.parquet) are prefilled again, scored and selected exactly as the perplexity
-protocol selects a context (`Evict.select_extracted`), each sequence at its own length
-(padding is never kept); the stored form then holds the *extracted* K/V at the kept
-positions, bit for bit. knorm, random and streamingllm go through the same path.
+snapkv) need the model for that: the caller passes the keep masks (`select`), which
+kvcore.evaluation.extracted chooses through the evaluation's one context-compression
+path; the stored form then holds the *extracted* K/V at the kept positions, bit for bit.
 """
 
 from __future__ import annotations
@@ -24,23 +22,12 @@ from kvcore.errors import KvcoreError, UsageError
 
 
 def code_modules(method: str, spec: dict | None) -> list[str]:
-    """The kvcore modules a method's compress job runs (for the workflow's code inputs), found
-    without importing torch: kvcore.compress loads families lazily (and kvcore.eviction its
-    scorers), so the imports of this module alone would miss them."""
-    from kvcore.compress.presets import preset_spec
+    """The kvcore modules a method's compress job runs (for the workflow's code inputs)."""
+    from kvcore.codedeps import method_modules
 
-    if spec is None or "family" not in spec:
-        spec = {**preset_spec(method), **(spec or {})}
-    family = spec.get("family", "none")
-    modules = ["kvcore.compress.run", f"kvcore.compress.{'identity' if family == 'none' else family}"]
-    if family == "evict":
-        from kvcore.eviction import SCORERS
-
-        if spec.get("scorer") not in SCORERS:
-            raise UsageError(f"method {method!r}: scorer must be one of {', '.join(SCORERS)} "
-                             f"(got {spec.get('scorer')!r})")
-        modules.append(f"kvcore.eviction.{spec['scorer']}")  # evict.py imports the prefill machinery
-    return modules
+    modules = method_modules(method, spec)
+    job = "kvcore.evaluation.extracted" if modules[-1].startswith("kvcore.eviction.") else "kvcore.compress.run"
+    return [job, *modules]
 
 
 def merge_shards(paths: list[str | Path], out_path: Path) -> None:
@@ -70,18 +57,16 @@ def merge_shards(paths: list[str | Path], out_path: Path) -> None:
 
 
 def compress_run(shards: list[str | Path], out_safetensors, out_json, name: str, spec: dict,
-                 device: str | None = None, *, model_dir=None, tokens=None, model_device: str = "auto",
-                 model_dtype: str = "auto", options: dict | None = None) -> dict:
+                 device: str | None = None, *, select=None) -> dict:
     """Compress the run's shards with one method into out_safetensors and write its metrics.
 
-    Family `evict` needs `model_dir` (the model that was extracted) and `tokens`
-    (tokens.parquet) to score the tokens; `model_device`/`model_dtype` are the extraction's
-    settings and `options` the perplexity protocol's (seed, scorer options, global_scope).
+    An evict method needs `select(merged_path) -> (masks, extra metrics)`: per layer the keep
+    mask of every sequence (kvcore.evaluation.extracted chooses them with the model).
     `device` is where the compression itself runs (default CPU)."""
     from kvcore.compress.files import compress_file
 
     method = parse_method(name, spec)
-    if method.needs_scores and (model_dir is None or tokens is None):
+    if method.needs_scores and select is None:
         raise UsageError(f"method {name!r} (family {method.family}) scores tokens with the model: "
                          "pass the model directory and tokens.parquet")
     with tempfile.TemporaryDirectory(dir=Path(out_safetensors).parent) as work:
@@ -90,13 +75,10 @@ def compress_run(shards: list[str | Path], out_safetensors, out_json, name: str,
         extra, scores = {}, None
         if method.needs_scores:
             start = time.perf_counter()
-            masks, n_tokens = method.select_extracted(merged, model_dir, tokens, device=model_device,
-                                                      dtype=model_dtype, options=options)
+            masks, extra = select(merged)
             # the masks are final: Evict.select returns a bool mask as it is
             scores = lambda layer, k, v: masks[layer]  # noqa: E731
-            kept = sum(int(m.sum()) for m in masks) / (n_tokens * masks[0].shape[1] * len(masks))
-            extra = {"scorer": method.scorer, "scoring_time_ms": 1000 * (time.perf_counter() - start),
-                     "kept_fraction": kept}
+            extra = {"scorer": method.scorer, "scoring_time_ms": 1000 * (time.perf_counter() - start), **extra}
         metrics = compress_file(merged, out_safetensors, method, scores, device=device)
     metrics.update(extra)
     write_json(out_json, metrics)

@@ -63,7 +63,7 @@ class Sparsify(Method):
             idx = packed["idx"].long()
         return {"idx": idx, "values": packed["values"]}
 
-    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None):
+    def packed_nbytes(self, shape, dtype, kind="key", *, layer=None, keep=None):
         n, h, t, d = shape
         vectors, k = n * h * t, self.n_kept(d)
         if self._uses_mask(d):

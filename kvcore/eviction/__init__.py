@@ -2,8 +2,10 @@
 
 A scorer implements only `score()` (see `base.Scorer`); the shared top-k that turns
 scores into a keep mask is `kvcore.compress.evict.select_keep` (via an `evict` method's
-`select`), so sink tokens, the recent window and the per-head budget (uniform, or one
-threshold per layer) behave the same for every scorer.
+`select_layers`), so sink tokens, the recent window and the budget (uniform per head, one
+threshold per layer, or one over the whole model) behave the same for every scorer.
+`Scorer.budget` is the budget a method named after the scorer alone gets (kvcore.tasks):
+the model-wide one for kvzip, h2o and snapkv, as KVzip selects.
 
     name          scores a token by                                    attention it reads
     kvzip         max attention from a "repeat the context" pass       reconstruction queries
@@ -16,7 +18,7 @@ threshold per layer) behave the same for every scorer.
     random        a seeded uniform draw (the floor)                    none
 
 Attention weights are computed by kvcore itself from Q and K inside the attention call
-(`kvcore.protocols`), in query chunks, so memory stays bounded (heads x chunk x keys
+(`kvcore.evaluation.attention`), in query chunks, so memory stays bounded (heads x chunk x keys
 floats) however long the context; no eager attention pass and no stored attention maps.
 """
 

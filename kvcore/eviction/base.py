@@ -3,7 +3,7 @@
 `inputs` (`ScoreInputs`) holds one layer's cached context: keys and values
 [n, n_kv, seq, dim] as the model caches them (after RoPE), and, for scorers that read
 attention, `attention`: what the queries the scorer asked for (`queries`) gave each
-cached token, per query head, computed in chunks by kvcore.protocols:
+cached token, per query head, computed in chunks by kvcore.evaluation.attention:
 
     sum    [n, n_kv, group, seq]  attention summed over those queries
     max    [n, n_kv, group, seq]  its maximum over those queries
@@ -58,6 +58,9 @@ class Scorer:
 
     name: ClassVar[str] = ""
     queries: ClassVar[str | None] = None
+    # the budget a method named after the scorer alone uses (kvcore.tasks): "model", one
+    # threshold over every layer and head as KVzip selects, for the attention scorers
+    budget: ClassVar[str] = "uniform"
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options):

@@ -11,6 +11,7 @@ from kvcore.eviction.base import Scorer
 class H2O(Scorer):
     name = "h2o"
     queries = "context"
+    budget = "model"
 
     def score(self, inputs):
         return inputs.attention.mean().mean(dim=2)

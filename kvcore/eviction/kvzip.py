@@ -50,6 +50,7 @@ def encode(tokenizer, text: str) -> list[int]:
 class KVzip(Scorer):
     name = "kvzip"
     queries = "repeat"
+    budget = "model"
     defaults = {"chunk_size": 2048}
 
     def reconstruction_chunks(self, tokenizer, context_ids: torch.Tensor, room: int | None = None) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ from kvcore.eviction.base import Scorer
 class SnapKV(Scorer):
     name = "snapkv"
     queries = "window"
+    budget = "model"
     defaults = {"window": 64, "kernel": 5}
 
     def score(self, inputs):

@@ -93,7 +93,7 @@ def plot_compression_tradeoff(records, out_png, meta: dict | None = None) -> dic
 
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlim(left=0)
-    ax.set(xlabel="bits per element (incl. scales, zero points, indices)",
+    ax.set(xlabel="bits per element, fp16 basis (full-precision parts 16 bits; codes, scales, zeros, masks as stored)",
            ylabel="perplexity change vs uncompressed (%; symlog, linear within ±0.1)",
            title="Lower-left is better; lines join each family's best points per protocol")
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)

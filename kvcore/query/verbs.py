@@ -159,7 +159,7 @@ WHERE true{extra}
 ORDER BY k.model, k.dataset, k.seq_id, k.pos, k.layer, k.head""", [text] + params)
 
 
-def _stats(dim: int | None = None) -> str:
+def stats_columns(dim: int | None = None) -> str:
     """Norm statistics and element statistics of key and value vectors.
 
     Element variance comes from the stored norms (sum of squares = norm^2). With one head_dim
@@ -188,7 +188,7 @@ def layer_summary(runs: list[RunFiles], layer: int) -> Query:
     """Per KV head of one layer, plus an all-heads row (head NULL)."""
     check_layer(runs, layer)
     return Query(f"""SELECT model, dataset, layer, head,
-       {_stats(_dim(runs))}
+       {stats_columns(_dim(runs))}
 FROM {layer_view(layer)}
 GROUP BY GROUPING SETS ((model, dataset, layer, head), (model, dataset, layer))
 ORDER BY model, dataset, head NULLS LAST""")
@@ -200,7 +200,7 @@ def head_summary(runs: list[RunFiles], layer: int, head: int) -> Query:
     check_head(runs, head)
     return Query(f"""WITH s AS (
   SELECT model, dataset, layer, head,
-       {_stats(_dim(runs))},
+       {stats_columns(_dim(runs))},
        arg_max({{'seq_id': seq_id, 'pos': pos}}, key_norm) AS key_norm_argmax,
        arg_max({{'seq_id': seq_id, 'pos': pos}}, value_norm) AS value_norm_argmax
   FROM {layer_view(layer)}

@@ -34,7 +34,7 @@ def prepare_dataset(name: str, spec: dict, out_dir: str | Path, cache_dir: str |
     out_dir = Path(out_dir)
     source = spec.get("source")
     readers = {"wheel": _from_wheel, "hf": _from_hub, "local": _from_local, "prompts": _from_prompts,
-               "random": _random_documents}
+               "random": random_documents}
     if source not in readers:
         raise UsageError(f"dataset '{name}': source must be one of {', '.join(SOURCES)} (got {source!r})")
     with tempfile.TemporaryDirectory() as work:
@@ -77,11 +77,13 @@ def joined_text(path: str | Path) -> str:
 
 
 def _parse(fmt: str, path: Path, spec: dict) -> Iterator[Document]:
-    if fmt == "lines":  # one document per non-empty line (the Lee corpus)
-        with open(path, encoding="utf-8", errors="replace") as fh:
+    if fmt == "lines":  # one document per non-empty line (the Lee corpus), kept exactly as in the file
+        with open(path, encoding="utf-8", errors="replace", newline="") as fh:
             for i, line in enumerate(fh):
-                if line.strip():
-                    yield f"{path.stem}-{i}", line.strip()
+                # only the line break goes: trailing spaces stay, so the text is what other tools read
+                text = line.removesuffix("\n").removesuffix("\r")
+                if text.strip():
+                    yield f"{path.stem}-{i}", text
     elif fmt == "mediawiki":
         yield from _mediawiki_articles(path)
     elif fmt == "text":  # paragraphs separated by blank lines
@@ -198,7 +200,7 @@ def _from_prompts(spec: dict, work: Path, cache: Path):
     return [(f"prompt-{i}", p) for i, p in enumerate(prompt_list(spec))], {"n_prompts": len(prompt_list(spec))}
 
 
-def _random_documents(spec: dict, work: Path, cache: Path):
+def random_documents(spec: dict, work: Path, cache: Path):
     """Random word sequences (the old dataset generator's --random), seeded."""
     rng = random.Random(int(spec.get("seed", 0)))
     lo, hi = int(spec.get("min_words", 3)), int(spec.get("max_words", 8))

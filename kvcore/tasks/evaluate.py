@@ -8,11 +8,11 @@ Per example:
    compression (query-agnostic, as in KVzip). A tokenizer without a chat template gets
    "CONTEXT" / "\\n\\nQUESTION\\nAnswer:".
 2. The prefill collects what the scorers need (attention statistics, kvzip's
-   reconstruction pass) through `kvcore.tasks.cache`, i.e. exactly the perplexity
-   protocol's prefill-compress code.
-3. For the uncompressed baseline and every (method, keep ratio): a fresh cache over the
-   prefill's tensors is compressed (evicted tokens physically removed, or masked per
-   head), then the suffix is fed with the position ids it has in the full prompt
+   reconstruction pass): `kvcore.evaluation.prefill`, as perplexity's prefill-compress.
+3. For the uncompressed baseline and every (method, keep ratio): the prefilled context
+   is compressed through the evaluation's one path (`kvcore.evaluation.context`, the
+   method's own budget scope; evicted tokens physically removed, or masked per head),
+   then the suffix is fed with the position ids it has in the full prompt
    (prefix length onwards, whatever was evicted) and the answer generated greedily,
    at most `max_new_tokens` tokens, stopping at an end-of-sequence / end-of-turn token.
    An example's `answer_prefix` (needle: "The secret passkey is") ends the suffix, so
@@ -21,8 +21,12 @@ Per example:
 Keep ratios apply to methods of family `evict` (the method's keep_ratio is replaced by
 each); other families (quant, sparsify, prune) are evaluated once (keep_ratio null).
 A method name is a `methods:` entry of the config, an eviction scorer name (kvzip,
-snapkv, h2o, streamingllm, knorm, random: evict with sink_tokens 4 and a uniform
-per-head budget), or a preset (evict-snapkv-0.5-s4-global, int4-g64, ...).
+snapkv, h2o, streamingllm, knorm, random: evict with sink_tokens 4 under the scorer's own
+budget, `Scorer.budget`: one threshold over the whole model for kvzip and the attention
+scorers, as KVzip selects, uniform per head for the others), a scorer name with a budget
+(`kvzip-uniform`, `snapkv-global`, `knorm-model`, ...), or a preset
+(evict-snapkv-0.5-s4-global, int4-g64, ...). Eviction results record kept_fraction and
+kept_by_layer (means over the examples).
 
 kv_bytes_held is the stored size of the compressed context cache, in the model's dtype
 (`method.packed_nbytes`: for eviction the kept vectors plus a 1-bit mask), summed over
@@ -92,12 +96,12 @@ def greedy_answer(model, cache, hidden, suffix_ids, start: int, max_new_tokens: 
     """Greedy decoding of the suffix's continuation from `cache`; positions from `start`."""
     import torch
 
-    from kvcore.tasks.cache import attention
+    from kvcore.evaluation.attention import PassState, attention_pass
 
     device = next(model.parameters()).device
     ids = torch.tensor([suffix_ids], device=device)
     position, out = start, []
-    with attention(model, hidden):
+    with attention_pass(model, PassState(hidden=hidden or {})):
         for _ in range(max_new_tokens):
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
                            position_ids=torch.arange(position, position + ids.shape[1], device=device)[None]).logits
@@ -116,16 +120,19 @@ def greedy_answer(model, cache, hidden, suffix_ids, start: int, max_new_tokens: 
 def resolve_methods(names, config_methods: dict | None = None) -> dict[str, dict]:
     """name -> spec dict (with `family`) for each method name (see the module docstring)."""
     from kvcore.compress import parse_method
-    from kvcore.eviction import SCORERS
+    from kvcore.compress.evict import BUDGETS
+    from kvcore.eviction import SCORERS, scorer_class
 
     config_methods = config_methods or {}
     out = {}
     for name in names:
+        scorer, _, budget = name.rpartition("-") if name.rpartition("-")[2] in BUDGETS else (name, "", None)
         if name in config_methods:
             spec = config_methods[name]
             method = parse_method(name, spec)
-        elif name in SCORERS:
-            method = parse_method(name, {"family": "evict", "scorer": name, "sink_tokens": DEFAULT_SINKS})
+        elif scorer in SCORERS:
+            method = parse_method(name, {"family": "evict", "scorer": scorer, "sink_tokens": DEFAULT_SINKS,
+                                         "budget": budget or scorer_class(scorer).budget})
         else:
             method = parse_method(name)
         out[name] = dict(method.spec) if hasattr(method, "spec") else dict(spec)
@@ -154,13 +161,15 @@ def check_settings(settings: dict | None) -> dict:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _nbytes(method, keys, values) -> int:
+def _nbytes(method, keys, values, keep=None) -> int:
+    """Stored bytes of the context cache in the model's dtype (`keep`: eviction's masks)."""
     if method is None:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(keys, values))
     total = 0
     for i, (k, v) in enumerate(zip(keys, values)):
-        total += method.packed_nbytes(tuple(k.shape), k.dtype, "key", layer=i)
-        total += method.packed_nbytes(tuple(v.shape), v.dtype, "value", layer=i)
+        mask = keep[i] if keep is not None else None
+        total += method.packed_nbytes(tuple(k.shape), k.dtype, "key", layer=i, keep=mask)
+        total += method.packed_nbytes(tuple(v.shape), v.dtype, "value", layer=i, keep=mask)
     return total
 
 
@@ -197,12 +206,14 @@ def evaluate_task(model, tokenizer, examples: list[Example], methods: dict[str, 
     import torch
     from tqdm.auto import tqdm
 
-    from kvcore.tasks.cache import check_options, compressed_cache, prefill, _scorers
+    from kvcore.evaluation.context import compress_context, kept_summary
+    from kvcore.evaluation.options import check_options
+    from kvcore.evaluation.prefill import make_scorers, prefill_context
 
     settings = check_settings(settings)
     options = check_options({"seed": settings["seed"], "scorers": settings["scorers"]})
     plans = {name: _methods_at(name, spec, settings["keep_ratios"]) for name, spec in methods.items()}
-    scorers = _scorers({f"{n}@{r}": m for n, plan in plans.items() for r, m in plan if m is not None}, options)
+    scorers = make_scorers([m for plan in plans.values() for _, m in plan if m is not None], options, tokenizer)
     stops = stop_ids(model, tokenizer)
     device = next(model.parameters()).device
     if str(device).startswith("cuda"):
@@ -211,6 +222,7 @@ def evaluate_task(model, tokenizer, examples: list[Example], methods: dict[str, 
     records: dict = {None: []}
     timing: dict = {None: 0.0}
     held: dict = {None: []}
+    kept: dict = {}
     full_bytes = []
     prefill_seconds = 0.0
     started = time.perf_counter()
@@ -219,7 +231,7 @@ def evaluate_task(model, tokenizer, examples: list[Example], methods: dict[str, 
         for index, example in enumerate(tqdm(examples, desc=progress, unit="example", disable=progress is None)):
             head, tail = prompt_ids(tokenizer, example.context, example.question, example.answer_prefix)
             t0 = time.perf_counter()
-            state = prefill(model, tokenizer, torch.tensor([head], device=device), scorers, options)
+            state = prefill_context(model, torch.tensor([head], device=device), scorers, options, tokenizer)
             prefill_seconds += time.perf_counter() - t0
             full_bytes.append(_nbytes(None, state.keys, state.values))
             scores_cache: dict = {}
@@ -227,12 +239,12 @@ def evaluate_task(model, tokenizer, examples: list[Example], methods: dict[str, 
             for name, ratio, method in runs:
                 key = None if name is None else (name, ratio)
                 t1 = time.perf_counter()
-                cache, hidden = compressed_cache(model, state, method, scorers, scores_cache, index, options)
-                layers_k = [layer.keys for layer in cache.layers]
-                layers_v = [layer.values for layer in cache.layers]
-                nbytes = _nbytes(method, layers_k if method is None else state.keys,
-                                 layers_v if method is None else state.values)
-                answer_ids = greedy_answer(model, cache, hidden, tail, len(head), settings["max_new_tokens"], stops)
+                compressed = compress_context(method, state, scorers, options, index=index, scores=scores_cache)
+                nbytes = _nbytes(method, state.keys, state.values, compressed.keep)
+                if compressed.keep is not None:
+                    kept.setdefault(key, []).append(kept_summary(compressed.keep))
+                answer_ids = greedy_answer(model, compressed.cache(model), compressed.hidden, tail, len(head),
+                                           settings["max_new_tokens"], stops)
                 timing[key] = timing.get(key, 0.0) + time.perf_counter() - t1
                 prediction = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
                 record = {"id": example.id, "prediction": prediction, "answers": example.answers,
@@ -248,6 +260,9 @@ def evaluate_task(model, tokenizer, examples: list[Example], methods: dict[str, 
                "kv_bytes_held": _mean(held[key]), "kv_bytes_full": _mean(full_bytes),
                "kv_fraction": _mean(held[key]) / _mean(full_bytes) if full_bytes else None,
                "seconds": timing[key], "by_cell": _by_cell(records[key])}
+        if key in kept:  # eviction: what the method's budget kept, averaged over the examples
+            out["kept_fraction"] = _mean(k["kept_fraction"] for k in kept[key])
+            out["kept_by_layer"] = [_mean(layer) for layer in zip(*(k["kept_by_layer"] for k in kept[key]))]
         if settings["keep_predictions"]:
             out["examples"] = records[key]
         return out
@@ -290,6 +305,7 @@ def method_result(run: dict, name: str, *, task: str, task_type: str, model: str
         "accuracy": by_ratio("accuracy"), "exact_match": by_ratio("exact_match"),
         "f1": by_ratio("f1"), "rouge_l": by_ratio("rouge_l"),
         "kv_bytes_held": by_ratio("kv_bytes_held"),
+        "kept_fraction": by_ratio("kept_fraction"), "kept_by_layer": by_ratio("kept_by_layer"),
         "baseline": {k: v for k, v in run["baseline"].items() if k != "examples"},
         "results": rows,
         "peak_memory_bytes": run["peak_memory_bytes"], "seconds": run["seconds"],

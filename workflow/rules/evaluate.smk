@@ -1,10 +1,10 @@
-# Perplexity under each method (DESIGN.md "Perplexity protocols"; kvcore.protocols).
+# Perplexity under each method (DESIGN.md "Perplexity protocols"; kvcore.evaluation.protocols).
 # One job per (model, dataset, method): the method's baseline and every protocol that makes
 # sense for its family run in the same job, on the same device, so latencies compare.
 # With perplexity.shards = N > 1 each method's windows are cut into N contiguous blocks, one
-# perplexity_shard job each, and `perplexity` merges them (kvcore.perplexity.merge_shards)
+# perplexity_shard job each, and `perplexity` merges them (kvcore.evaluation.perplexity.merge_shards)
 # into the same ppl/{method}.json one job writes.
-from kvcore.perplexity import code_modules
+from kvcore.evaluation.perplexity import code_modules
 
 PPL_SHARDS = config["perplexity"].get("shards", 1)
 # What a perplexity job computes with; `shards` only says how the work is split, so it stays
@@ -65,7 +65,7 @@ else:
         input:
             shards=expand(rules.perplexity_shard.output.result, shard=[f"{i:05d}" for i in range(PPL_SHARDS)],
                           allow_missing=True),
-            code=code("kvcore.perplexity"),
+            code=code("kvcore.evaluation.perplexity"),
         log:
             "logs/perplexity/{model}/{dataset}/{method}.log",
         benchmark:

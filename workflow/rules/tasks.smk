@@ -9,7 +9,7 @@ rule task:
     input:
         model=rules.download_model.output.model,
         filler=task_filler,
-        code=code("kvcore.tasks.evaluate", "kvcore.tasks.loaders", "kvcore.tasks.cache", "kvcore.model"),
+        code=code("kvcore.tasks.evaluate", "kvcore.tasks.loaders", "kvcore.evaluation.context", "kvcore.model"),
     params:
         task_spec=lambda wc: canonical(TASKS[wc.task]),
         settings=task_settings(),
@@ -44,3 +44,9 @@ rule task_plot:
         ENV
     script:
         "../scripts/tasks.py"
+
+
+rule tasks:
+    # a target: every task JSON and plot of the config (`snakemake ... tasks`), nothing else
+    input:
+        task_outputs(),

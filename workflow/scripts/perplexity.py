@@ -1,7 +1,7 @@
 """Thin: one perplexity job, one shard of it (perplexity.shards > 1), or the merge of its shards."""
 
 from kvcore.jobs import run_job
-from kvcore.perplexity import merge_shard_files, run_perplexity, run_perplexity_shard
+from kvcore.evaluation.perplexity import merge_shard_files, run_perplexity, run_perplexity_shard
 
 i, p, w = snakemake.input, snakemake.params, snakemake.wildcards
 out = snakemake.output.result

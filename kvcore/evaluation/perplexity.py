@@ -1,0 +1,196 @@
+"""A method's perplexity job: its windows in shards, their merge, the workflow's entry points.
+
+The evaluated text is the dataset's documents joined by blank lines, tokenized once (no
+special tokens). A job evaluates a contiguous block of windows (`evaluate_shard`) and keeps
+every window's NLL sum, latency and compression sums; `merge_shards` pools them in window
+order into ppl/{method}.json, with the method's primary protocol at top level and every
+protocol under `protocols`. One job is the one-shard case of the same code, so N shards give
+exactly its numbers.
+"""
+
+from __future__ import annotations
+
+from kvcore.errors import KvcoreError, UsageError
+from kvcore.evaluation.nll import summarize
+from kvcore.evaluation.options import FAMILY_PROTOCOLS
+from kvcore.evaluation.records import pooled_metrics, protocol_record
+from kvcore.evaluation.windows import layout_windows, shard_windows
+
+SHARD_FORMAT = "kvcore-perplexity-shard/2"
+SHARD_KEYS = ("format", "method", "spec", "family", "shards", "n_windows_total", "max_length", "stride",
+              "threshold", "dtype", "token_ids_sha256")
+
+
+def eval_token_ids(tokenizer, text: str, max_tokens: int | None) -> list[int]:
+    from kvcore.tokens import encode_joined
+
+    ids, _ = encode_joined(tokenizer, [text], max_tokens)
+    return ids
+
+
+def check_protocols(method: str, spec: dict | None, protocols: list[str] | None):
+    """(Method, protocols): the family's protocols, or the chosen ones if they fit it."""
+    from kvcore.compress import parse_method
+
+    m = parse_method(method, spec)
+    allowed = FAMILY_PROTOCOLS[m.family]
+    protocols = list(protocols or allowed)
+    bad = [p for p in protocols if p not in allowed]
+    if bad:
+        raise UsageError(f"method {method!r}: family {m.family} has no {bad[0]} protocol (valid: {', '.join(allowed)})")
+    return m, protocols
+
+
+def evaluate_shard(model_dir, text_or_ids, method: str, spec: dict | None, settings: dict,
+                   options: dict | None = None, protocols: list[str] | None = None, loaded=None,
+                   shard: int = 0, shards: int = 1) -> dict:
+    """Per-window results of one method under its protocols over shard `shard` of `shards`."""
+    from pathlib import Path
+
+    from kvcore.evaluation.nll import token_ids_sha256
+    from kvcore.evaluation.protocols import evaluate_methods
+    from kvcore.model import load_model
+
+    m, protocols = check_protocols(method, spec, protocols)
+    if loaded is None:  # (model, tokenizer, device) from load_model, to reuse a loaded model
+        loaded = load_model(Path(model_dir), settings.get("device", "auto"), settings.get("dtype", "float32"))
+    model, tokenizer, device = loaded
+    ids = (eval_token_ids(tokenizer, text_or_ids, settings.get("max_tokens")) if isinstance(text_or_ids, str)
+           else list(text_or_ids))
+    layout = settings.get("layout", "sliding")
+    n_windows = len(layout_windows(len(ids), settings["max_length"], settings["stride"], layout))
+    selected = list(shard_windows(n_windows, shard, shards))
+    methods = {} if m.family == "none" else {method: m}
+    runs = {}
+    for protocol in protocols:
+        out = {"protocol": protocol, "layout": layout, "baseline": {"windows": []},
+               "methods": {name: {"windows": [], "metric_parts": []} for name in methods}}
+        if selected:  # more shards than windows leaves some empty
+            run = evaluate_methods(model, ids, methods, protocol=protocol, max_length=settings["max_length"],
+                                   stride=settings["stride"], layout=layout, tokenizer=tokenizer, device=device,
+                                   selected=selected, options=options, progress=f"{method} {protocol}")
+            out["baseline"]["windows"] = run["baseline"]["windows"]
+            for name in methods:
+                out["methods"][name] = {"windows": run["methods"][name]["windows"],
+                                        "metric_parts": run["methods"][name]["metric_parts"]}
+        runs[protocol] = out
+    return {"format": SHARD_FORMAT, "method": method, "spec": m.spec, "family": m.family, "shard": shard,
+            "shards": shards, "n_windows_total": n_windows, "max_length": settings["max_length"],
+            "stride": settings["stride"], "threshold": settings.get("threshold", 0.5),
+            "dtype": str(model.dtype).replace("torch.", ""), "token_ids_sha256": token_ids_sha256(ids),
+            "protocols": runs}
+
+
+def merge_shards(shards: list[dict]) -> dict:
+    """The ppl/{method}.json record of a method from all of its shards (any order)."""
+    if not shards:
+        raise KvcoreError("no perplexity shards to merge")
+    first = shards[0]
+    for shard in shards:
+        for key in SHARD_KEYS:
+            if shard.get(key) != first.get(key):
+                raise KvcoreError(f"perplexity shards of {first.get('method')!r} disagree on {key} "
+                                  f"({shard.get(key)!r} vs {first.get(key)!r}); rerun the perplexity_shard jobs")
+    ids = sorted(s["shard"] for s in shards)
+    if ids != list(range(first["shards"])):
+        raise KvcoreError(f"perplexity shards of {first['method']!r}: expected shards 0..{first['shards'] - 1}, "
+                          f"got {ids}")
+    method, family, n_total = first["method"], first["family"], first["n_windows_total"]
+    settings = {"max_length": first["max_length"], "stride": first["stride"], "dtype": first["dtype"],
+                "threshold": first["threshold"]}
+    name = None if family == "none" else method
+    records = {}
+    for protocol, head in first["protocols"].items():
+        parts = [s["protocols"][protocol] for s in shards]
+        base = [w for p in parts for w in p["baseline"]["windows"]]
+        if sorted(w["index"] for w in base) != list(range(n_total)):
+            raise KvcoreError(f"perplexity shards of {method!r} ({protocol}) do not cover windows 0..{n_total - 1} "
+                              f"exactly once")
+        run = {"protocol": protocol, "layout": head["layout"], "token_ids_sha256": first["token_ids_sha256"],
+               "baseline": summarize(base), "methods": {}}
+        for m in head["methods"]:
+            run["methods"][m] = summarize([w for p in parts for w in p["methods"][m]["windows"]]) | {
+                "metrics": pooled_metrics([x for p in parts for x in p["methods"][m]["metric_parts"]])}
+        records[protocol] = protocol_record(run, name, method=method, **settings)
+        if family == "none":
+            records[protocol]["bits_per_element"] = 16.0  # an uncompressed cache, under the fp16 convention
+    top = dict(next(iter(records.values())))
+    top["spec"] = first["spec"]
+    top["protocols"] = records
+    return top
+
+
+def read_shard(path) -> dict:
+    import json
+    from pathlib import Path
+
+    try:
+        shard = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise KvcoreError(f"{path}: not a readable perplexity shard ({error}); rerun its perplexity_shard job") \
+            from None
+    if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
+        raise KvcoreError(f"{path}: not a perplexity shard (format {SHARD_FORMAT} expected); "
+                          "rerun its perplexity_shard job")
+    return shard
+
+
+def validate_method(model_dir, text_or_ids, method: str, spec: dict | None, settings: dict,
+                    options: dict | None = None, protocols: list[str] | None = None, loaded=None) -> dict:
+    """Baseline and compressed perplexity of one method under its protocols: the ppl record."""
+    return merge_shards([evaluate_shard(model_dir, text_or_ids, method, spec, settings, options=options,
+                                        protocols=protocols, loaded=loaded)])
+
+
+# --------------------------------------------------------------------------- workflow jobs
+
+
+def job_inputs(text_parquet, settings: dict, options: dict | None):
+    """(evaluated text, evaluator options) of a perplexity job."""
+    from kvcore.sources.datasets import joined_text
+
+    options = options if options is not None else settings.get("options")  # perplexity.options, if any
+    return joined_text(text_parquet), options
+
+
+def run_perplexity(model_dir, text_parquet, method: str, spec: dict, settings: dict, out_path,
+                   options: dict | None = None) -> dict:
+    """Evaluate one method on a dataset and write ppl/{method}.json (the workflow's job).
+
+    Every protocol that fits the method's family runs (options.FAMILY_PROTOCOLS); the first
+    is the primary: its record is the file's top level, `protocols` holds each one's record.
+    """
+    from kvcore.atomic import write_json
+
+    text, options = job_inputs(text_parquet, settings, options)
+    record = validate_method(model_dir, text, method, spec, settings, options=options)
+    write_json(out_path, record)
+    return record
+
+
+def run_perplexity_shard(model_dir, text_parquet, method: str, spec: dict, settings: dict, shard: int,
+                         shards: int, out_path, options: dict | None = None) -> dict:
+    """Evaluate shard `shard` of `shards` of one method and write ppl/shards/{method}-{shard}.json."""
+    from kvcore.atomic import write_json
+
+    text, options = job_inputs(text_parquet, settings, options)
+    result = evaluate_shard(model_dir, text, method, spec, settings, options=options, shard=shard, shards=shards)
+    write_json(out_path, result)
+    return result
+
+
+def merge_shard_files(paths: list, out_path) -> dict:
+    """Merge a method's shard files into ppl/{method}.json (the same record as one job's)."""
+    from kvcore.atomic import write_json
+
+    record = merge_shards([read_shard(p) for p in paths])
+    write_json(out_path, record)
+    return record
+
+
+def code_modules(method: str, spec: dict | None) -> list[str]:
+    """The kvcore modules a method's perplexity job runs (for the workflow's code inputs)."""
+    from kvcore.codedeps import method_modules
+
+    return ["kvcore.evaluation.perplexity", "kvcore.evaluation.protocols", "kvcore.model",
+            *method_modules(method, spec)]

@@ -1,0 +1,107 @@
+"""Imports run one way: no kvcore module imports another that imports it back (directly or
+through others), and no module anywhere imports another module's underscore names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+CHECKED = ["kvcore", "benchmarks", "tests", "workflow/scripts"]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def is_module(name: str) -> bool:
+    base = REPO / Path(*name.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def kvcore_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(imported kvcore module, names taken from it) for every import in the file, lazy ones too."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names if a.name.startswith("kvcore")]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            if not base.startswith("kvcore"):
+                continue
+            names = [a.name for a in node.names]
+            plain = [n for n in names if not is_module(f"{base}.{n}")]
+            if plain:  # names defined in `base` itself (not its submodules)
+                out.append((base, plain))
+            out += [(f"{base}.{n}", []) for n in names if is_module(f"{base}.{n}")]
+    return out
+
+
+def files():
+    for top in CHECKED:
+        yield from sorted((REPO / top).rglob("*.py"))
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_module_imports_another_modules_underscore_names():
+    found = []
+    for path in files():
+        tree = ast.parse(path.read_text())
+        modules = {}  # local name -> kvcore module bound to it
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvcore"):
+                for a in node.names:
+                    if private(a.name):
+                        found.append(f"{path.relative_to(REPO)}: from {node.module} import {a.name}")
+                    elif is_module(f"{node.module}.{a.name}"):
+                        modules[a.asname or a.name] = f"{node.module}.{a.name}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("kvcore") and a.asname:
+                        modules[a.asname] = a.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                    and private(node.attr):
+                found.append(f"{path.relative_to(REPO)}: {modules[node.value.id]}.{node.attr}")
+    assert not found, "underscore names used across modules:\n" + "\n".join(found)
+
+
+def test_no_import_cycles_inside_kvcore():
+    graph = {}
+    for path in sorted((REPO / "kvcore").rglob("*.py")):
+        me = module_name(path)
+        if me == "kvcore":  # the package root only holds the version and lazy re-exports for users
+            continue
+        graph[me] = {m for m, _ in kvcore_imports(path) if is_module(m) and m != me}
+
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_checker_sees_what_it_must(tmp_path):
+    """The cycle walk finds the evaluation package's own imports (a guard against checking nothing)."""
+    graph = {m for m, _ in kvcore_imports(REPO / "kvcore" / "evaluation" / "protocols.py")}
+    assert {"kvcore.evaluation.context", "kvcore.evaluation.prefill"} <= graph
