@@ -97,6 +97,13 @@ def test_prompts_random_and_local_jsonl(tmp_path):
         prepare_dataset("b", {"source": "local", "path": str(tmp_path / "bad.jsonl")}, tmp_path / "b")
     with pytest.raises(KvcoreError, match="no such file"):
         prepare_dataset("m", {"source": "local", "path": str(tmp_path / "missing.txt")}, tmp_path / "m")
+    (tmp_path / "binary.jsonl").write_bytes(b'{"text": "\xff\xfe"}\n')  # a binary file under a text name
+    with pytest.raises(KvcoreError, match="binary.jsonl is not UTF-8 text"):
+        prepare_dataset("x", {"source": "local", "path": str(tmp_path / "binary.jsonl")}, tmp_path / "x")
+    (tmp_path / "sep.jsonl").write_text('{"text": "a\u2028b"}\n', encoding="utf-8")  # U+2028 raw inside a string
+    out = prepare_dataset("s", {"source": "local", "path": str(tmp_path / "sep.jsonl")}, tmp_path / "s")
+    assert pq.read_table(out / "text.parquet").column("text").to_pylist() == ["a\u2028b"]
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
 
 
 def test_unknown_model_or_dataset_name_lists_the_valid_ones(tmp_path, capsys):

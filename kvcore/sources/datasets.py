@@ -92,15 +92,15 @@ def _parse(fmt: str, path: Path, spec: dict) -> Iterator[Document]:
             yield f"{path.stem}-{i}", para.strip()
     elif fmt == "jsonl":
         field = spec.get("text_field", "text")
-        with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    yield str(row.get("title", f"{path.stem}-{i}")), str(row[field])
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                    raise KvcoreError(f"{path}:{i + 1}: not a JSON object with a {field!r} field") from None
+        # split on "\n" only: a JSON string may hold U+2028, which splitlines() would break on
+        for i, line in enumerate(read_text(path, "dataset file").split("\n")):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                yield str(row.get("title", f"{path.stem}-{i}")), str(row[field])
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise KvcoreError(f"{path}:{i + 1}: not a JSON object with a {field!r} field") from None
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
