@@ -118,8 +118,8 @@ class QueryGuard:
         why: list[str] = []
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
-        old_fd = old_handler = None
-        if threading.current_thread() is threading.main_thread():
+        in_main = threading.current_thread() is threading.main_thread()  # signals reach only that one
+        if in_main:
             old_handler = signal.signal(signal.SIGINT, lambda *_: why.append("interrupt") if not why else None)
             old_fd = signal.set_wakeup_fd(write_fd)
         done = threading.Event()
@@ -142,9 +142,9 @@ class QueryGuard:
             done.set()
             os.write(write_fd, b"\0")  # wake the watcher so it ends now
             watcher.join()
-            if old_handler is not None:
+            if in_main:  # (None: a handler not set from Python, which cannot be put back)
                 signal.set_wakeup_fd(old_fd)
-                signal.signal(signal.SIGINT, old_handler)
+                signal.signal(signal.SIGINT, signal.default_int_handler if old_handler is None else old_handler)
             os.close(read_fd)
             os.close(write_fd)
 
