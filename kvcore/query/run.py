@@ -92,9 +92,12 @@ class Run:
 
     def execute(self, query: str | Query, params: list | None = None) -> Result:
         """Run read-only SQL; returns a Result over the last statement's rows (fetched on demand)."""
+        return Result(self._run(query, params, lazy=True), self._guard, lambda exc: self._translate(exc, query))
+
+    def _translate(self, exc: Exception, query: str | Query) -> QueryError:
+        """DuckDB's error as one QueryError line, naming the columns of the views the query reads."""
         sql = query.sql if isinstance(query, Query) else query
-        return Result(self._run(query, params, lazy=True), self._guard,
-                      lambda exc: translate(exc, self.views, self._columns_named_in(sql)))
+        return translate(exc, self.views, self._columns_named_in(sql))
 
     def _run(self, query: str | Query, params: list | None, lazy: bool):
         import duckdb
@@ -115,7 +118,7 @@ class Run:
                 # milliseconds per query when a view lists hundreds of files (point lookups).
                 return self._con.execute(parts[-1], params or [])
         except duckdb.Error as exc:
-            raise translate(exc, self.views, self._columns_named_in(query)) from None
+            raise self._translate(exc, query) from None
 
     def _create_named_views(self, sql: str) -> None:
         for schema, number in set(LAZY_VIEW.findall(sql)):
@@ -161,8 +164,7 @@ class Run:
                 with self._guard():
                     yield from source
             except duckdb.Error as exc:  # errors can surface while rows are produced
-                sql = query.sql if isinstance(query, Query) else query
-                raise translate(exc, self.views, self._columns_named_in(sql)) from None
+                raise self._translate(exc, query) from None
 
         return pa.RecordBatchReader.from_batches(source.schema, batches())
 
@@ -177,8 +179,7 @@ class Run:
                     warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
                     return how(result)
         except duckdb.Error as exc:  # errors can surface while rows are produced
-            sql = query.sql if isinstance(query, Query) else query
-            raise translate(exc, self.views, self._columns_named_in(sql)) from None
+            raise self._translate(exc, query) from None
 
     def explain(self, query: str | Query, params: list | None = None, analyze: bool = True) -> str:
         """DuckDB's plan (with rows, files and row groups scanned when `analyze`)."""
