@@ -90,10 +90,6 @@ def _refuse_directory(target: Path, allow_empty: bool = True) -> None:
                          "for an output: name a file path, or remove the directory yourself")
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 def run_dir_of(path: Path) -> Path | None:
     """The run directory (what `kvcore extract` writes) that holds `path`, if any."""
     for parent in path.parents:
@@ -116,7 +112,7 @@ def check_output(target: str | os.PathLike, option: str, inputs: Iterable[str | 
         if real == Path(os.path.realpath(item)):
             raise UsageError(f"{option} {target} would overwrite the input {item}; name another file")
     for root in protected:
-        if _inside(real, Path(os.path.realpath(root))):
+        if real.is_relative_to(os.path.realpath(root)):
             raise UsageError(f"{option} {target} is inside the run directory {root}, which this command "
                              "reads or writes; name a path outside it")
     run = run_dir_of(real)

@@ -352,6 +352,21 @@ def test_the_grid_with_ppl_and_compress_json_opens(run, tmp_path, capsys):
     assert cli(capsys, "query", tmp_path / "results", "--info")[0] == 0
 
 
+def test_result_jsons_with_only_a_method_or_their_own_filename_key_open(run, capsys):
+    (run / "ppl" / "bare.json").write_text(json.dumps({"method": "bare"}))
+    (run / "ppl" / "named.json").write_text(json.dumps({"method": "named", "filename": "x.json", "delta": 1.5}))
+    code, out, err = cli(capsys, "query", run, "--sql", "SELECT method, filename, delta FROM ppl ORDER BY method",
+                         "--format", "csv")
+    assert code == 0, err
+    assert csv_rows(out) == [["method", "filename", "delta"], ["bare", "", ""], ["int4-g64", "", ""],
+                             ["named", "x.json", "1.5"]]
+    (run / "ppl" / "named.json").unlink()
+    (run / "ppl" / "int4-g64.json").write_text(json.dumps({"method": "int4-g64"}))
+    code, out, _ = cli(capsys, "query", run, "--sql", "SELECT * FROM ppl ORDER BY method", "--format", "csv")
+    assert code == 0 and csv_rows(out) == [["model", "dataset", "method"], ["synthetic", "random", "bare"],
+                                           ["synthetic", "random", "int4-g64"]]
+
+
 @pytest.mark.parametrize("argv, header", [(["--layer-summary", "0"], "head"), (["--token-summary", "0"], "layer")])
 def test_verbs_given_zero_run_that_verb(argv, header, run, capsys):
     code, out, _ = cli(capsys, "query", run, *argv, "--format", "csv")

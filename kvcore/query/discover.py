@@ -38,6 +38,7 @@ class RunFiles:
     stats: list[Path] = field(default_factory=list)
     compress: list[Path] = field(default_factory=list)
     ppl: list[Path] = field(default_factory=list)
+    result_keys: dict[Path, set[str]] = field(default_factory=dict)  # compress/ and ppl/ JSON -> its keys
 
     @property
     def all_files(self) -> list[Path]:
@@ -116,12 +117,12 @@ def confined(run_dir: Path, entry: str | Path) -> Path:
     if Path(entry).is_absolute() or ".." in Path(entry).parts:
         raise KvcoreError(f"{run_dir}: {entry} leaves the run directory; refusing to read it")
     real = path.resolve()
-    if real != root and root not in real.parents:
+    if not real.is_relative_to(root):
         raise KvcoreError(f"{path} is a link to {real}, outside the run directory {root}; refusing to read it")
     return path
 
 
-def _manifest_files(path: Path, manifest_path: Path, m: dict) -> list[str]:
+def _manifest_files(manifest_path: Path, m: dict) -> list[str]:
     fields = {"shard": int, "seq_ids": list, "seq_lengths": list, "files": list}
     bad = [k for k, kind in fields.items() if not isinstance(m.get(k), kind) or isinstance(m.get(k), bool)]
     if bad or len(m["seq_ids"]) != len(m["seq_lengths"]) or not all(isinstance(f, str) for f in m["files"]):
@@ -143,20 +144,23 @@ def _check_complete(path: Path, meta: dict, manifests: list[dict]) -> None:
                           f"manifests remain (missing: {names}); re-extract this run")
 
 
-def _result_files(path: Path, pattern: str, what: str) -> list[Path]:
-    """The JSON results (ppl/, compress/) that parse: one broken file must not hide the rest."""
+def _result_files(path: Path, pattern: str, what: str, keys: dict[Path, set[str]]) -> list[Path]:
+    """The JSON results (ppl/, compress/) that parse, each one's keys added to `keys` (the view
+    needs them); one broken file must not hide the rest."""
     good = []
     for p in sorted(path.glob(pattern)):
         if not p.is_file() or p.name.startswith("."):
             continue
+        inside = confined(path, p.relative_to(path))
         try:
-            ok = isinstance(json.loads(confined(path, p.relative_to(path)).read_text()), dict)
+            data = json.loads(inside.read_text())
         except (OSError, ValueError) as exc:
-            ok, why = False, one_line(exc)
+            data, why = None, one_line(exc)
         else:
             why = "not a JSON object"
-        if ok:
-            good.append(confined(path, p.relative_to(path)))
+        if isinstance(data, dict):
+            good.append(inside)
+            keys[inside] = set(data)
         else:
             warnings.warn(f"{p}: unreadable {what} left out of the views ({why})", KvcoreWarning, stacklevel=2)
     return good
@@ -171,7 +175,7 @@ def load_run(path: Path) -> RunFiles:
     if not manifests:
         raise KvcoreError(f"{path}: no complete shard yet (shards/kv-*.json missing); wait for the extraction "
                           "to finish a shard")
-    files_of = [_manifest_files(path, mp, m) for mp, m in zip(manifest_paths, manifests)]
+    files_of = [_manifest_files(mp, m) for mp, m in zip(manifest_paths, manifests)]
     if meta_path:
         _check_complete(path, meta, manifests)
     first = manifests[0]
@@ -200,14 +204,16 @@ def load_run(path: Path) -> RunFiles:
         return [confined(path, p.relative_to(path)) for p in sorted(path.glob(pattern))
                 if p.is_file() and not p.name.startswith(".")]
 
+    result_keys: dict[Path, set[str]] = {}
+    compress = _result_files(path, "compress/*.json", "compress result", result_keys)
+    ppl = _result_files(path, "ppl/*.json", "perplexity result", result_keys)
     return RunFiles(path=path.resolve(), model=str(meta.get("model") or path.parent.name),
                     dataset=str(meta.get("dataset") or path.name), meta=meta, finalized=meta_path is not None,
                     seq_lengths=dict(sorted(seq_lengths.items())), n_shards=len(manifests), n_kv_rows=n_rows,
                     kv_files=kv_files, seq_shard=seq_shard, shard_files=shard_files,
                     tokens=confined(path, "tokens.parquet") if tokens.is_file() else None,
                     predictions=[confined(path, p.relative_to(path)) for p in preds],
-                    stats=files("stats/*.parquet"), compress=_result_files(path, "compress/*.json", "compress result"),
-                    ppl=_result_files(path, "ppl/*.json", "perplexity result"))
+                    stats=files("stats/*.parquet"), compress=compress, ppl=ppl, result_keys=result_keys)
 
 
 def load_runs(path: str | Path, model: str | None = None, dataset: str | None = None) -> list[RunFiles]:

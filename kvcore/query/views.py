@@ -21,7 +21,6 @@ whole results/ grid.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -161,6 +160,9 @@ def stats_table_views(runs: list[RunFiles]) -> list[tuple[str, str]]:
     return [(name, "\nUNION ALL BY NAME\n".join(parts)) for name, parts in sorted(by_name.items())]
 
 
+SOURCE_FILE = "kvcore_source_file"  # read_json's file-name column in the ppl / compress_metrics views
+
+
 def json_rows_sql(runs: list[RunFiles], attr: str) -> str | None:
     """compress/{method}.json or ppl/{method}.json: one row per file, `method` from its name."""
     selects = []
@@ -169,12 +171,14 @@ def json_rows_sql(runs: list[RunFiles], attr: str) -> str | None:
         if not files:
             continue
         # The run's model/dataset and the file name's method win over the file's own keys: a
-        # second `method` column would make UNION BY NAME across runs fail.
-        keys = set().union(*(json.loads(f.read_text()) for f in files))
-        own = sorted(keys & {"method", "model", "dataset", "filename"})
-        rest = f", * EXCLUDE ({', '.join(['filename', *own])})" if keys - set(own) else ""
-        selects.append(f"SELECT {_run_columns(r)}, parse_filename(filename, true) AS method{rest} "
-                       f"FROM read_json({_files(files)}, union_by_name = true, filename = true, format = 'auto')")
+        # second `method` column would make UNION BY NAME across runs fail. The file name comes
+        # in a column of our own name, so a JSON key `filename` is just a column.
+        keys = set().union(*(r.result_keys[f] for f in files))
+        own = sorted(keys & {"method", "model", "dataset"})
+        rest = f", * EXCLUDE ({', '.join([SOURCE_FILE, *own])})" if keys - set(own) else ""
+        selects.append(f"SELECT {_run_columns(r)}, parse_filename({SOURCE_FILE}, true) AS method{rest} "
+                       f"FROM read_json({_files(files)}, union_by_name = true, filename = '{SOURCE_FILE}', "
+                       "format = 'auto')")
     return _by_name(selects)
 
 
