@@ -180,6 +180,19 @@ def test_the_connection_is_bounded_and_spills_outside_the_working_directory(run,
     assert not spill.exists() and not (tmp_path / ".tmp").exists()
 
 
+def test_a_run_never_closed_still_removes_its_spill_directory(run):
+    import gc
+
+    import kvcore
+
+    r = kvcore.open_run(run)
+    spill = r._spill  # noqa: SLF001 - the test inspects where DuckDB spills
+    assert spill.is_dir()
+    del r
+    gc.collect()
+    assert not spill.exists()
+
+
 def test_a_query_past_its_time_limit_stops_with_one_line(run, capsys):
     start = time.monotonic()
     code, _, err = cli(capsys, "query", run, "--sql", SLOW_SQL, "--timeout", "0.5")

@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 from kvcore.query import verbs
@@ -77,10 +78,13 @@ class Run:
         self.views = [name for name, _ in views]
         files = [f for r in self.runs for f in r.all_files]
         self._spill = Path(tempfile.mkdtemp(prefix="kvcore-query-spill-"))
+        # A Run that is never closed (a notebook, a failed constructor) still removes its spill
+        # directory when it is collected or the interpreter exits.
+        self._remove_spill = weakref.finalize(self, shutil.rmtree, self._spill, ignore_errors=True)
         try:
             self._con = connect(files, views, threads=threads, memory_limit=memory, temp_directory=self._spill)
         except BaseException:
-            shutil.rmtree(self._spill, ignore_errors=True)
+            self._remove_spill()
             raise
         self._guard = QueryGuard(self._con.interrupt, timeout_s)
         # by_layer.kv_{L} / by_seq.kv_{S} are created when a query first names them: creating
@@ -268,7 +272,7 @@ class Run:
 
     def close(self) -> None:
         self._con.close()
-        shutil.rmtree(self._spill, ignore_errors=True)
+        self._remove_spill()
 
     def __enter__(self) -> "Run":
         return self
