@@ -180,6 +180,17 @@ def test_the_connection_is_bounded_and_spills_outside_the_working_directory(run,
     assert not spill.exists() and not (tmp_path / ".tmp").exists()
 
 
+def test_output_cut_short_by_the_reader_ends_quietly(run):
+    """`kvcore query ... | head`: a closed pipe is the reader's choice, not an error."""
+    query = subprocess.Popen([sys.executable, "-m", "kvcore", "query", str(run), "--format", "csv",
+                              "--sql", "SELECT a.pos, b.pos FROM kv a, kv b"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    query.stdout.read(100)
+    query.stdout.close()  # like `head -c 100`: far less than the ~1 MB the query prints
+    _, err = query.communicate(timeout=60)
+    assert query.returncode == 0 and err.decode() == ""
+
+
 def test_a_run_never_closed_still_removes_its_spill_directory(run):
     import gc
 
