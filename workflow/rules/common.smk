@@ -7,20 +7,17 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-import kvcore.config
-from kvcore.codedeps import module_files
-from kvcore.errors import UsageError
-from kvcore.sources.layers import num_layers
+import kvcore.jobs.rules as jobs
 
 try:  # a key given twice: Snakemake's YAML reader keeps the last one without a word
-    kvcore.config.check_files(workflow.configfiles)
-except UsageError as error:
+    jobs.check_files(workflow.configfiles)
+except jobs.UsageError as error:
     raise WorkflowError(str(error)) from None
 try:
     validate(config, workflow.source_path("../schemas/config.schema.yaml"))
-    kvcore.config.check(config)
-except (WorkflowError, UsageError) as error:
-    raise WorkflowError(kvcore.config.explain(config) or str(error)) from None
+    jobs.check(config)
+except (WorkflowError, jobs.UsageError) as error:
+    raise WorkflowError(jobs.explain(config) or str(error)) from None
 
 MODELS = list(config["models"])
 DATASETS = list(config["datasets"])
@@ -56,9 +53,9 @@ def one_of(names):
     return "|".join(map(re.escape, names)) or "(?!)"
 
 
-def code(*modules):
-    """The kvcore source files a rule runs, so editing them reruns exactly that rule."""
-    return list(module_files(*modules))
+def code(rule):
+    """The kvcore source files a rule's job runs, so editing them reruns exactly that rule."""
+    return jobs.code_files(rule)
 
 
 def n_sequences(dataset):
@@ -68,9 +65,7 @@ def n_sequences(dataset):
     if sequence_mode(dataset) == "chunks":
         return cap
     if spec["source"] == "prompts":
-        from kvcore.sources.datasets import prompt_list
-
-        return min(cap, len(prompt_list(spec)))
+        return min(cap, len(jobs.prompt_list(spec)))
     if spec["source"] == "random":
         return min(cap, spec.get("n_documents", 10))
     raise WorkflowError(f"dataset '{dataset}': sequences: documents needs a prompts or random source")
@@ -85,9 +80,9 @@ def shards(dataset):
     return [f"{i:05d}" for i in range(math.ceil(n_sequences(dataset) / config["extract"]["shard_size"]))]
 
 
-def method_code(code_modules):
-    """A rule's code input: the kvcore files `code_modules(method, spec)` names for the job's method."""
-    return lambda wc: code(*code_modules(wc.method, config["methods"][wc.method]))
+def method_code(rule):
+    """A method's rule's code input: the kvcore files its job runs for the job's method."""
+    return lambda wc: jobs.code_files(rule, wc.method, config["methods"][wc.method])
 
 
 def parquet_layers(model):
@@ -95,12 +90,12 @@ def parquet_layers(model):
     chosen = config["extract"].get("parquet_layers")
     if chosen is not None:
         return sorted(set(chosen))
-    return list(range(num_layers(model, config["models"][model], f"resources/models/{model}")))
+    return list(range(jobs.num_layers(model, config["models"][model], f"resources/models/{model}")))
 
 
 try:
     PARQUET_LAYERS = {model: parquet_layers(model) for model in MODELS}
-except UsageError as error:
+except jobs.UsageError as error:
     raise WorkflowError(str(error)) from None
 
 

@@ -1,8 +1,6 @@
 # Compress each run's extracted cache with each method: the real stored form and its metrics.
 # Eviction has its own rule: picking the kept tokens prefills each extracted sequence again
 # with the model (the scorers read attention), so it takes the model, the tokens and a GPU.
-from kvcore.compress.run import code_modules as compress_code_modules
-
 
 rule compress:
     output:
@@ -10,7 +8,7 @@ rule compress:
         metrics=f"{RUN}/compress/{{method}}.json",
     input:
         shards=shard_files("safetensors"),
-        code=method_code(compress_code_modules),
+        code=method_code("compress"),
     params:
         spec=method_spec,
     wildcard_constraints:
@@ -33,7 +31,7 @@ rule compress_evict:
         shards=shard_files("safetensors"),
         model=rules.download_model.output.model,
         tokens=rules.tokenize.output.tokens,
-        code=method_code(compress_code_modules),
+        code=method_code("compress_evict"),
     params:
         spec=method_spec,
         # score with the model exactly as it was extracted
@@ -50,7 +48,7 @@ rule compress_evict:
     conda:
         ENV
     script:
-        "../scripts/compress.py"
+        "../scripts/compress_evict.py"
 
 
 rule compression_table:
@@ -58,7 +56,7 @@ rule compression_table:
         md="results/compression.md",
     input:
         metrics=run_files("compress", COMPRESSIBLE),
-        code=code("kvcore.report"),
+        code=code("compression_table"),
     log:
         "logs/compression_table.log",
     benchmark:

@@ -6,7 +6,7 @@ rule download_model:
         # the whole Hugging Face directory (its files depend on the source), manifest.json inside
         model=directory("resources/models/{model}"),
     input:
-        code=code("kvcore.sources.models"),
+        code=code("download_model"),
     params:
         spec=lambda wc: canonical(config["models"][wc.model]),
     log:
@@ -24,7 +24,7 @@ rule download_dataset:
         text="resources/datasets/{dataset}/text.parquet",
         manifest="resources/datasets/{dataset}/manifest.json",
     input:
-        code=code("kvcore.sources.datasets"),
+        code=code("download_dataset"),
     params:
         spec=lambda wc: canonical(config["datasets"][wc.dataset]),
     log:

@@ -2,10 +2,8 @@
 # One job per (model, dataset, method): the method's baseline and every protocol that makes
 # sense for its family run in the same job, on the same device, so latencies compare.
 # With perplexity.shards = N > 1 each method's windows are cut into N contiguous blocks, one
-# perplexity_shard job each, and `perplexity` merges them (kvcore.evaluation.perplexity.merge_shards)
+# perplexity_shard job each, and `perplexity` merges them (kvcore.jobs.perplexity.merge_shard_files)
 # into the same ppl/{method}.json one job writes.
-from kvcore.evaluation.perplexity import code_modules
-
 PPL_SHARDS = config["perplexity"].get("shards", 1)
 # What a perplexity job computes with; `shards` only says how the work is split, so it stays
 # out of the params (changing it must not look like a changed setting to one-job runs).
@@ -20,7 +18,7 @@ if PPL_SHARDS == 1:
         input:
             model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
-            code=method_code(code_modules),
+            code=method_code("perplexity"),
         params:
             spec=method_spec,
             settings=PPL_SETTINGS,
@@ -43,7 +41,7 @@ else:
         input:
             model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
-            code=method_code(code_modules),
+            code=method_code("perplexity_shard"),
         params:
             spec=method_spec,
             settings=PPL_SETTINGS,
@@ -57,7 +55,7 @@ else:
         conda:
             ENV
         script:
-            "../scripts/perplexity.py"
+            "../scripts/perplexity_shard.py"
 
     rule perplexity:
         output:
@@ -65,7 +63,7 @@ else:
         input:
             shards=expand(rules.perplexity_shard.output.result, shard=[f"{i:05d}" for i in range(PPL_SHARDS)],
                           allow_missing=True),
-            code=code("kvcore.evaluation.perplexity"),
+            code=code("perplexity_merge"),
         log:
             "logs/perplexity/{model}/{dataset}/{method}.log",
         benchmark:
@@ -73,4 +71,4 @@ else:
         conda:
             ENV
         script:
-            "../scripts/perplexity.py"
+            "../scripts/perplexity_merge.py"

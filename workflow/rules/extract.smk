@@ -7,7 +7,7 @@ rule tokenize:
     input:
         model=rules.download_model.output.model,
         text=rules.download_dataset.output.text,
-        code=code("kvcore.tokens", "kvcore.model"),
+        code=code("tokenize"),
     params:
         seq_len=config["extract"]["seq_len"],
         n_sequences=lambda wc: n_sequences(wc.dataset),
@@ -26,6 +26,9 @@ rule tokenize:
 # so storage plugins upload them, --delete-all-output removes them and deleting one reruns its job.
 # The layer count is known before the model is downloaded (kvcore.sources.models.num_layers);
 # models with different layer lists get one rule each (outputs cannot vary with a wildcard).
+EXTRACT_SETTINGS = canonical({
+    "parquet_layers": None, "parquet_heads": None, "parts": "both", "storage_dtype": "float32",
+    **{k: v for k, v in config["extract"].items() if k not in ("seq_len", "n_sequences")}})
 LAYER_GROUPS = {}
 for model, layers in PARQUET_LAYERS.items():
     LAYER_GROUPS.setdefault(tuple(layers), []).append(model)
@@ -40,17 +43,9 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
         input:
             model=rules.download_model.output.model,
             tokens=rules.tokenize.output.tokens,
-            code=code("kvcore.extract"),
+            code=code("extract"),
         params:
-            shard_size=config["extract"]["shard_size"],
-            batch_size=config["extract"]["batch_size"],
-            dtype=config["extract"]["dtype"],
-            device=config["extract"]["device"],
-            top_k=config["extract"]["top_k"],
-            parquet_layers=config["extract"].get("parquet_layers"),
-            parquet_heads=config["extract"].get("parquet_heads"),
-            parts=config["extract"].get("parts", "both"),
-            storage_dtype=config["extract"].get("storage_dtype", "float32"),
+            settings=EXTRACT_SETTINGS,
         wildcard_constraints:
             model=one_of(models),
         resources:
@@ -72,7 +67,7 @@ rule finalize_extraction:
     input:
         manifests=shard_files("manifest"),
         predictions=shard_files("predictions"),
-        code=code("kvcore.storage"),
+        code=code("finalize_extraction"),
     log:
         "logs/finalize_extraction/{model}/{dataset}.log",
     benchmark:

@@ -1,17 +1,15 @@
 # Statistics of each cache, analysis plots, and the reports (per run and across the grid).
 # Each job reads exactly its inputs: a file left by a removed method or an earlier, larger run
 # never reaches a table, a plot or a report.
-from kvcore.plots import RESULT_PLOTS, STAT_PLOTS
-from kvcore.stats import STATS_TABLES
 
 
 rule stats:
     output:
-        tables=expand(f"{RUN}/stats/{{table}}.parquet", table=STATS_TABLES, allow_missing=True),
+        tables=expand(f"{RUN}/stats/{{table}}.parquet", table=jobs.STATS_TABLES, allow_missing=True),
     input:
         metadata=rules.finalize_extraction.output.metadata,
         shards=shard_files("safetensors"),
-        code=code("kvcore.stats"),
+        code=code("stats"),
     threads: 1
     log:
         "logs/stats/{model}/{dataset}.log",
@@ -26,10 +24,10 @@ rule stats:
 # The cache plots draw only the statistics: no method setting reaches them.
 rule plots_cache:
     output:
-        plot_outputs(STAT_PLOTS, "cache"),
+        plot_outputs(jobs.STAT_PLOTS, "cache"),
     input:
         tables=rules.stats.output.tables,
-        code=code("kvcore.plots", "kvcore.stats"),
+        code=code("plots_cache"),
     log:
         "logs/plots_cache/{model}/{dataset}.log",
     benchmark:
@@ -37,16 +35,16 @@ rule plots_cache:
     conda:
         ENV
     script:
-        "../scripts/plots.py"
+        "../scripts/plots_cache.py"
 
 
 rule plots_results:
     output:
-        plot_outputs(RESULT_PLOTS, "compression"),
+        plot_outputs(jobs.RESULT_PLOTS, "compression"),
     input:
         tables=rules.stats.output.tables,
         results=run_results,
-        code=code("kvcore.plots", "kvcore.report", "kvcore.stats"),
+        code=code("plots_results"),
     params:
         methods=canonical(config["methods"]),
     log:
@@ -56,7 +54,7 @@ rule plots_results:
     conda:
         ENV
     script:
-        "../scripts/plots.py"
+        "../scripts/plots_results.py"
 
 
 rule run_report:
@@ -68,7 +66,7 @@ rule run_report:
         metadata=rules.finalize_extraction.output.metadata,
         results=run_results,
         tasks=lambda wc: task_results(wc.model),
-        code=code("kvcore.report"),
+        code=code("run_report"),
     params:
         methods=canonical(config["methods"]),
     log:
@@ -89,7 +87,7 @@ rule grid_report:
         reports=expand(rules.run_report.output.md, model=MODELS, dataset=DATASETS),
         results=run_files("ppl", METHODS) + run_files("compress", COMPRESSIBLE),
         tasks=[f for model in MODELS for f in task_results(model)],
-        code=code("kvcore.report"),
+        code=code("grid_report"),
     params:
         methods=canonical(config["methods"]),
     log:
@@ -107,7 +105,7 @@ rule perplexity_table:
         md="results/perplexity.md",
     input:
         ppl=run_files("ppl", METHODS),
-        code=code("kvcore.report"),
+        code=code("perplexity_table"),
     log:
         "logs/perplexity_table.log",
     benchmark:

@@ -9,7 +9,7 @@ rule task:
     input:
         model=rules.download_model.output.model,
         filler=task_filler,
-        code=code("kvcore.tasks.evaluate", "kvcore.tasks.loaders", "kvcore.evaluation.context", "kvcore.model"),
+        code=code("task"),
     params:
         task_spec=lambda wc: canonical(TASKS[wc.task]),
         settings=task_settings(),
@@ -26,7 +26,7 @@ rule task:
     conda:
         ENV
     script:
-        "../scripts/tasks.py"
+        "../scripts/task.py"
 
 
 rule task_plot:
@@ -34,6 +34,7 @@ rule task_plot:
         png="results/{model}/tasks/{task}/task_accuracy.png",
     input:
         results=lambda wc: expand(rules.task.output.result, model=wc.model, task=wc.task, task_method=TASK_METHODS),
+        code=code("task_plot"),
     wildcard_constraints:
         task="|".join(map(re.escape, TASKS)) or "^$",
     log:
@@ -43,7 +44,7 @@ rule task_plot:
     conda:
         ENV
     script:
-        "../scripts/tasks.py"
+        "../scripts/task_plot.py"
 
 
 rule tasks:
