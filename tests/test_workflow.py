@@ -228,3 +228,10 @@ def test_a_run_with_fewer_shards_reads_only_its_own(copy_of):
 def test_snakemake_lint_is_clean(workdir):
     done = snakemake(workdir, "--lint")
     assert "Congratulations, your workflow is in a good condition!" in done.stdout + done.stderr
+
+
+def test_the_rule_files_are_snakefmt_formatted():
+    """`snakefmt --check` (its settings in pyproject.toml) passes on every rule file and the Snakefile."""
+    done = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "workflow/", "Snakefile"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

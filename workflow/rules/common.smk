@@ -28,6 +28,7 @@ COMPRESSIBLE = METHODS
 EVICTING = [m for m in METHODS if (config["methods"][m] or {}).get("family") == "evict"]
 RUN = "results/{model}/{dataset}"
 ENV = "../envs/kvcore.yaml"  # every rule runs the same Python stack (pyproject.toml)
+RUN_CATEGORY = "{model} · {dataset}"  # a run's section of the --report HTML
 
 
 wildcard_constraints:
@@ -101,22 +102,29 @@ except jobs.UsageError as error:
 
 def shard_outputs(layers):
     """Every file one extract job writes (DESIGN.md "Data flow"), its Parquet file of each layer included."""
-    return dict(safetensors=f"{RUN}/kv/part-{{shard}}.safetensors",
-                parquet=[f"{RUN}/kv/layer={layer}/part-{{shard}}.parquet" for layer in layers],
-                predictions=f"{RUN}/shards/predictions-{{shard}}.parquet",
-                manifest=f"{RUN}/shards/kv-{{shard}}.json")
+    return dict(
+        safetensors=f"{RUN}/kv/part-{{shard}}.safetensors",
+        parquet=[f"{RUN}/kv/layer={layer}/part-{{shard}}.parquet" for layer in layers],
+        predictions=f"{RUN}/shards/predictions-{{shard}}.parquet",
+        manifest=f"{RUN}/shards/kv-{{shard}}.json",
+    )
 
 
 def shard_files(name):
     """One kind of extract output (safetensors, parquet, manifest, predictions) of every shard of the job's run."""
-    return lambda wc: expand(shard_outputs(PARQUET_LAYERS[wc.model])[name], shard=shards(wc.dataset),
-                             model=wc.model, dataset=wc.dataset)
+    return lambda wc: expand(
+        shard_outputs(PARQUET_LAYERS[wc.model])[name], shard=shards(wc.dataset), model=wc.model, dataset=wc.dataset
+    )
 
 
 def run_files(folder, methods):
     """Every run's {folder}/{method}.json files, runs and methods in config order (the tables' inputs)."""
-    return [f"{RUN.format(model=model, dataset=dataset)}/{folder}/{m}.json"
-            for model in MODELS for dataset in DATASETS for m in methods]
+    return [
+        f"{RUN.format(model=model, dataset=dataset)}/{folder}/{m}.json"
+        for model in MODELS
+        for dataset in DATASETS
+        for m in methods
+    ]
 
 
 def run_results(wc):
@@ -126,8 +134,14 @@ def run_results(wc):
 
 
 def plot_outputs(names, subcategory):
-    return [report(f"{RUN}/plots/{name}.png", caption=f"../report/{name}.rst", category="{model} · {dataset}",
-                   subcategory=subcategory) for name in names]
+    """The plots' PNGs, each in the --report HTML with its caption (workflow/report/{name}.rst)."""
+
+    def plot(name):  # not `report(` at the start of a line: snakefmt 2.1 would take it for a directive
+        return report(
+            f"{RUN}/plots/{name}.png", caption=f"../report/{name}.rst", category=RUN_CATEGORY, subcategory=subcategory
+        )
+
+    return [plot(name) for name in names]
 
 
 # Needle / QA tasks (tasks.smk): the top-level `tasks:` key, when the config has one.
@@ -153,8 +167,9 @@ def task_results(model):
     """Every task JSON of one model (what the reports tabulate)."""
     if not TASK_METHODS or model not in TASK_MODELS:
         return []
-    return expand("results/{model}/tasks/{task}/{task_method}.json", model=model, task=list(TASKS),
-                  task_method=TASK_METHODS)
+    return expand(
+        "results/{model}/tasks/{task}/{task_method}.json", model=model, task=list(TASKS), task_method=TASK_METHODS
+    )
 
 
 def task_outputs():
@@ -162,7 +177,8 @@ def task_outputs():
     if not TASK_METHODS:
         return []
     return [f for model in TASK_MODELS for f in task_results(model)] + expand(
-        "results/{model}/tasks/{task}/task_accuracy.png", model=TASK_MODELS, task=list(TASKS))
+        "results/{model}/tasks/{task}/task_accuracy.png", model=TASK_MODELS, task=list(TASKS)
+    )
 
 
 def all_outputs():

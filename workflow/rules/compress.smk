@@ -2,61 +2,62 @@
 # Eviction has its own rule: picking the kept tokens prefills each extracted sequence again
 # with the model (the scorers read attention), so it takes the model, the tokens and a GPU.
 
+
 rule compress:
-    output:
-        safetensors=f"{RUN}/compress/{{method}}.safetensors",
-        metrics=f"{RUN}/compress/{{method}}.json",
     input:
         shards=shard_files("safetensors"),
         code=method_code("compress"),
-    params:
-        spec=method_spec,
-    wildcard_constraints:
-        method=one_of([m for m in METHODS if m not in EVICTING]),
+    output:
+        safetensors=f"{RUN}/compress/{{method}}.safetensors",
+        metrics=f"{RUN}/compress/{{method}}.json",
     log:
         "logs/compress/{model}/{dataset}/{method}.log",
     benchmark:
         "logs/benchmarks/compress/{model}/{dataset}/{method}.tsv"
+    wildcard_constraints:
+        method=one_of([m for m in METHODS if m not in EVICTING]),
     conda:
         ENV
+    params:
+        spec=method_spec,
     script:
         "../scripts/compress.py"
 
 
 rule compress_evict:
-    output:
-        safetensors=f"{RUN}/compress/{{method}}.safetensors",
-        metrics=f"{RUN}/compress/{{method}}.json",
     input:
         shards=shard_files("safetensors"),
         model=rules.download_model.output.model,
         tokens=rules.tokenize.output.tokens,
         code=method_code("compress_evict"),
+    output:
+        safetensors=f"{RUN}/compress/{{method}}.safetensors",
+        metrics=f"{RUN}/compress/{{method}}.json",
+    log:
+        "logs/compress/{model}/{dataset}/{method}.log",
+    benchmark:
+        "logs/benchmarks/compress/{model}/{dataset}/{method}.tsv"
+    wildcard_constraints:
+        method=one_of(EVICTING),
+    conda:
+        ENV
+    resources:
+        gpu=1,
     params:
         spec=method_spec,
         # score with the model exactly as it was extracted
         device=config["extract"]["device"],
         dtype=config["extract"]["dtype"],
-    wildcard_constraints:
-        method=one_of(EVICTING),
-    resources:
-        gpu=1,
-    log:
-        "logs/compress/{model}/{dataset}/{method}.log",
-    benchmark:
-        "logs/benchmarks/compress/{model}/{dataset}/{method}.tsv"
-    conda:
-        ENV
     script:
         "../scripts/compress_evict.py"
 
 
 rule compression_table:
-    output:
-        md="results/compression.md",
     input:
         metrics=run_files("compress", COMPRESSIBLE),
         code=code("compression_table"),
+    output:
+        md="results/compression.md",
     log:
         "logs/compression_table.log",
     benchmark:

@@ -13,57 +13,58 @@ PPL_SETTINGS = canonical({k: v for k, v in config["perplexity"].items() if k != 
 if PPL_SHARDS == 1:
 
     rule perplexity:
-        output:
-            result=f"{RUN}/ppl/{{method}}.json",
         input:
             model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
             code=method_code("perplexity"),
-        params:
-            spec=method_spec,
-            settings=PPL_SETTINGS,
-        resources:
-            gpu=1,
+        output:
+            result=f"{RUN}/ppl/{{method}}.json",
         log:
             "logs/perplexity/{model}/{dataset}/{method}.log",
         benchmark:
             "logs/benchmarks/perplexity/{model}/{dataset}/{method}.tsv"
         conda:
             ENV
+        resources:
+            gpu=1,
+        params:
+            spec=method_spec,
+            settings=PPL_SETTINGS,
         script:
             "../scripts/perplexity.py"
 
 else:
 
     rule perplexity_shard:
-        output:
-            result=f"{RUN}/ppl/shards/{{method}}-{{shard}}.json",
         input:
             model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
             code=method_code("perplexity_shard"),
-        params:
-            spec=method_spec,
-            settings=PPL_SETTINGS,
-            shards=PPL_SHARDS,
-        resources:
-            gpu=1,
+        output:
+            result=f"{RUN}/ppl/shards/{{method}}-{{shard}}.json",
         log:
             "logs/perplexity/{model}/{dataset}/{method}-{shard}.log",
         benchmark:
             "logs/benchmarks/perplexity/{model}/{dataset}/{method}-{shard}.tsv"
         conda:
             ENV
+        resources:
+            gpu=1,
+        params:
+            spec=method_spec,
+            settings=PPL_SETTINGS,
+            shards=PPL_SHARDS,
         script:
             "../scripts/perplexity_shard.py"
 
     rule perplexity:
+        input:
+            shards=expand(
+                rules.perplexity_shard.output.result, shard=[f"{i:05d}" for i in range(PPL_SHARDS)], allow_missing=True
+            ),
+            code=code("perplexity_merge"),
         output:
             result=f"{RUN}/ppl/{{method}}.json",
-        input:
-            shards=expand(rules.perplexity_shard.output.result, shard=[f"{i:05d}" for i in range(PPL_SHARDS)],
-                          allow_missing=True),
-            code=code("perplexity_merge"),
         log:
             "logs/perplexity/{model}/{dataset}/{method}.log",
         benchmark:

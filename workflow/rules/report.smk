@@ -4,30 +4,30 @@
 
 
 rule stats:
-    output:
-        tables=expand(f"{RUN}/stats/{{table}}.parquet", table=jobs.STATS_TABLES, allow_missing=True),
     input:
         metadata=rules.finalize_extraction.output.metadata,
         shards=shard_files("safetensors"),
         code=code("stats"),
-    threads: 1
+    output:
+        tables=expand(f"{RUN}/stats/{{table}}.parquet", table=jobs.STATS_TABLES, allow_missing=True),
     log:
         "logs/stats/{model}/{dataset}.log",
     benchmark:
         "logs/benchmarks/stats/{model}/{dataset}.tsv"
     conda:
         ENV
+    threads: 1
     script:
         "../scripts/stats.py"
 
 
 # The cache plots draw only the statistics: no method setting reaches them.
 rule plots_cache:
-    output:
-        plot_outputs(jobs.STAT_PLOTS, "cache"),
     input:
         tables=rules.stats.output.tables,
         code=code("plots_cache"),
+    output:
+        plot_outputs(jobs.STAT_PLOTS, "cache"),
     log:
         "logs/plots_cache/{model}/{dataset}.log",
     benchmark:
@@ -39,27 +39,25 @@ rule plots_cache:
 
 
 rule plots_results:
-    output:
-        plot_outputs(jobs.RESULT_PLOTS, "compression"),
     input:
         tables=rules.stats.output.tables,
         results=run_results,
         code=code("plots_results"),
-    params:
-        methods=canonical(config["methods"]),
+    output:
+        plot_outputs(jobs.RESULT_PLOTS, "compression"),
     log:
         "logs/plots_results/{model}/{dataset}.log",
     benchmark:
         "logs/benchmarks/plots_results/{model}/{dataset}.tsv"
     conda:
         ENV
+    params:
+        methods=canonical(config["methods"]),
     script:
         "../scripts/plots_results.py"
 
 
 rule run_report:
-    output:
-        md=report(f"{RUN}/report.md", caption="../report/run_report.rst", category="{model} · {dataset}"),
     input:
         rules.plots_cache.output,
         rules.plots_results.output,
@@ -67,45 +65,47 @@ rule run_report:
         results=run_results,
         tasks=lambda wc: task_results(wc.model),
         code=code("run_report"),
-    params:
-        methods=canonical(config["methods"]),
+    output:
+        md=report(f"{RUN}/report.md", caption="../report/run_report.rst", category="{model} · {dataset}"),
     log:
         "logs/run_report/{model}/{dataset}.log",
     benchmark:
         "logs/benchmarks/run_report/{model}/{dataset}.tsv"
     conda:
         ENV
+    params:
+        methods=canonical(config["methods"]),
     script:
         "../scripts/run_report.py"
 
 
 rule grid_report:
-    output:
-        md=report("results/report.md", caption="../report/grid_report.rst", category="grid"),
-        summary="results/summary.parquet",
     input:
         reports=expand(rules.run_report.output.md, model=MODELS, dataset=DATASETS),
         results=run_files("ppl", METHODS) + run_files("compress", COMPRESSIBLE),
         tasks=[f for model in MODELS for f in task_results(model)],
         code=code("grid_report"),
-    params:
-        methods=canonical(config["methods"]),
+    output:
+        md=report("results/report.md", caption="../report/grid_report.rst", category="grid"),
+        summary="results/summary.parquet",
     log:
         "logs/grid_report.log",
     benchmark:
         "logs/benchmarks/grid_report.tsv"
     conda:
         ENV
+    params:
+        methods=canonical(config["methods"]),
     script:
         "../scripts/grid_report.py"
 
 
 rule perplexity_table:
-    output:
-        md="results/perplexity.md",
     input:
         ppl=run_files("ppl", METHODS),
         code=code("perplexity_table"),
+    output:
+        md="results/perplexity.md",
     log:
         "logs/perplexity_table.log",
     benchmark:
