@@ -58,6 +58,7 @@ rule compression_table:
         code=code("compression_table"),
     output:
         md="results/compression.md",
+        html=report("results/compression.html", caption="../report/compression_table.rst", category="grid"),
     log:
         "logs/compression_table.log",
     benchmark:

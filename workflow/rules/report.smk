@@ -66,7 +66,7 @@ rule run_report:
         tasks=lambda wc: task_results(wc.model),
         code=code("run_report"),
     output:
-        md=report(f"{RUN}/report.md", caption="../report/run_report.rst", category="{model} · {dataset}"),
+        md=report(f"{RUN}/report.md", caption="../report/run_report.rst", category=RUN_CATEGORY),
     log:
         "logs/run_report/{model}/{dataset}.log",
     benchmark:
@@ -88,6 +88,7 @@ rule grid_report:
     output:
         md=report("results/report.md", caption="../report/grid_report.rst", category="grid"),
         summary="results/summary.parquet",
+        summary_html=report("results/summary.html", caption="../report/summary.rst", category="grid"),
     log:
         "logs/grid_report.log",
     benchmark:
@@ -106,6 +107,7 @@ rule perplexity_table:
         code=code("perplexity_table"),
     output:
         md="results/perplexity.md",
+        html=report("results/perplexity.html", caption="../report/perplexity_table.rst", category="grid"),
     log:
         "logs/perplexity_table.log",
     benchmark:
