@@ -186,8 +186,9 @@ def test_every_plot_has_a_caption_and_a_report_rst():
     import docutils.core
     import io
 
-    for name in list(plots.ALL_PLOTS) + ["attention_sinks"]:
-        assert name in report.CAPTIONS
+    figures = list(plots.ALL_PLOTS) + ["attention_sinks"]
+    assert all(name in report.CAPTIONS for name in figures)
+    for name in figures + ["perplexity_table", "compression_table", "summary"]:  # + the --report tables
         rst = ROOT / "workflow" / "report" / f"{name}.rst"
         assert rst.is_file(), rst
         text = rst.read_text().replace("{{ snakemake.wildcards.model }}", "m").replace(
