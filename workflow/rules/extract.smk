@@ -26,6 +26,8 @@ rule tokenize:
 # so storage plugins upload them, --delete-all-output removes them and deleting one reruns its job.
 # The layer count is known before the model is downloaded (kvcore.sources.models.num_layers);
 # models with different layer lists get one rule each (outputs cannot vary with a wildcard).
+# What an extract job computes with: config `extract:` and its defaults (seq_len and n_sequences reach it
+# through tokens.parquet, so they stay out of its params).
 EXTRACT_SETTINGS = canonical(
     {
         "parquet_layers": None,
