@@ -52,3 +52,14 @@ def test_inside_a_job_lines_go_to_the_log_and_the_console(tmp_path, monkeypatch)
 
 def test_durations():
     assert [duration(s) for s in (0.4, 12, 144, 3720)] == ["0s", "12s", "2m24s", "1h02m"]
+
+
+def test_a_job_turns_other_libraries_tqdm_bars_off(tmp_path, monkeypatch):
+    """transformers' weight-loading bar is a \\r stream: a job's log gets none (tqdm reads TQDM_DISABLE on import)."""
+    import subprocess
+
+    code = ("import sys; from kvcore.jobs import run_job; "
+            "run_job(sys.argv[1], lambda: [None for _ in __import__('tqdm.auto').auto.tqdm(range(3), desc='bar')])")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "job.log")], check=True, cwd=tmp_path)
+    assert (tmp_path / "job.log").read_text() == ""

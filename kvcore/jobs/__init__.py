@@ -7,6 +7,7 @@ kvcore function. kvcore itself never imports Snakemake.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,9 @@ def run_job(log: str | None, job: Callable[[], object], device: str = "cpu") -> 
     from kvcore.gpus import claim_gpu
     from kvcore.progress import to_console
 
+    # other libraries' tqdm bars (transformers loading weights) would put \r streams in the log; tqdm
+    # reads this when it is imported, which in a job happens inside job()
+    os.environ.setdefault("TQDM_DISABLE", "1")
     console = sys.stderr
     if log:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
