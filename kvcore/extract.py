@@ -91,10 +91,11 @@ def extract_sequences(model, tokenizer, sequences: dict[int, list[int]], writer,
 
 def _extract_sequences(model, tokenizer, sequences, writer, batch_size, top_k, device, progress) -> None:
     import torch
-    from tqdm.auto import tqdm
+
+    from kvcore.progress import Progress
 
     seq_ids = sorted(sequences)
-    bar = tqdm(total=sum(len(sequences[s]) for s in seq_ids), unit="tok", desc=progress, disable=progress is None)
+    bar = Progress(progress, sum(len(sequences[s]) for s in seq_ids), "tok") if progress else None
     for batch in batches(seq_ids, batch_size):
         rows = [sequences[s] for s in batch]
         lengths = [len(r) for r in rows]
@@ -107,8 +108,8 @@ def _extract_sequences(model, tokenizer, sequences, writer, batch_size, top_k, d
         uniform = min(lengths) == width  # no padding: skip the mask, the fast path
         logits, keys, values = forward_cache(model, ids.to(device), None if uniform else mask.to(device))
         writer.add(batch, rows, keys, values, predictions_table(tokenizer, logits, lengths, batch, top_k))
-        bar.update(sum(lengths))
-    bar.close()
+        if bar:
+            bar.update(sum(lengths))
 
 
 def parquet_selection(model, parquet_layers=None, parquet_heads=None, parts: str = "both",

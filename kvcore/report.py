@@ -9,6 +9,7 @@ Missing stages are left out, never an error: a report can be written after extra
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -164,15 +165,21 @@ def _coerce(v, typ: str):
     return str(v)
 
 
-def write_summary(results, out_parquet: str | Path, methods: dict | None = None) -> Path:
-    """Write `summary.parquet`: one row per (model, dataset, method, protocol) of these result files."""
+def write_summary(results, out_parquet: str | Path, methods: dict | None = None, out_html: str | Path | None = None
+                  ) -> Path:
+    """Write `summary.parquet`: one row per (model, dataset, method, protocol) of these result files
+    (and, with `out_html`, the same rows as an HTML table, for `snakemake --report`)."""
     import pyarrow.parquet as pq
 
-    from kvcore.atomic import atomic_path
+    from kvcore.atomic import atomic_path, write_text
 
     table = summary_table(results, methods)
     with atomic_path(out_parquet) as tmp:
         pq.write_table(table, tmp)
+    if out_html is not None:
+        rows = table.to_pandas().to_html(index=False, na_rep="–", border=0)
+        write_text(out_html, html_page("Summary of every result", [f"<p>{table.num_rows} rows of "
+                                                                    f"summary.parquet</p>", rows]))
     return Path(out_parquet)
 
 
@@ -193,6 +200,26 @@ def md_table(header: list[str], rows: list[list]) -> str:
     lines += ["| " + " | ".join(_fmt(v) if not isinstance(v, str) else v.replace("|", "\\|") for v in row) + " |"
               for row in rows]
     return "\n".join(lines)
+
+
+def html_table(header: list[str], rows: list[list]) -> str:
+    """The rows of `md_table` as an HTML table (the cells' text as md_table shows it)."""
+    def cell(tag, v):
+        text = v if isinstance(v, str) else _fmt(v).replace("\\|", "|")
+        return f"<{tag}>{html.escape(text)}</{tag}>"
+
+    lines = ["<table>", "<tr>" + "".join(cell("th", h) for h in header) + "</tr>"]
+    lines += ["<tr>" + "".join(cell("td", v) for v in row) + "</tr>" for row in rows]
+    return "\n".join(lines + ["</table>"])
+
+
+def html_page(title: str, parts: list[str]) -> str:
+    """A self-contained HTML page: the title, then `parts` (HTML) in order."""
+    style = ("body{font-family:sans-serif} table{border-collapse:collapse} "
+             "th,td{border:1px solid #ccc;padding:2px 6px;text-align:right} th{background:#eee}")
+    return "\n".join(["<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
+                      f"<style>{style}</style></head><body>", f"<h1>{html.escape(title)}</h1>", *parts,
+                      "</body></html>", ""])
 
 
 def _rel(target: Path, out_md: Path) -> str:
@@ -433,25 +460,31 @@ def perplexity_rows(ppl_paths) -> tuple[str, list[list]]:
     return line, rows
 
 
-def write_perplexity_table(runs: dict, out_md: str | Path) -> Path:
+def write_perplexity_table(runs: dict, out_md: str | Path, out_html: str | Path | None = None) -> Path:
     """results/perplexity.md: for each run ("model · dataset" -> its ppl JSON paths), the methods'
     perplexity under every protocol, with the paired per-window interval against the baseline."""
     return _write_run_tables(out_md, "Perplexity under compression",
                              "Δ % is the pooled change against the same job's baseline; the paired interval is "
                              "over the per-window differences of mean NLL; `passed`: Δ below the threshold. Ratios "
                              "count the stored form as if the cache were float16.",
-                             runs, perplexity_rows, PERPLEXITY_HEADER)
+                             runs, perplexity_rows, PERPLEXITY_HEADER, out_html)
 
 
-def _write_run_tables(out_md, title: str, intro: str, runs: dict, rows_of, header: list[str]) -> Path:
-    """A markdown page: the title, the intro, then per run a heading, rows_of(paths)'s line and table."""
+def _write_run_tables(out_md, title: str, intro: str, runs: dict, rows_of, header: list[str], out_html=None) -> Path:
+    """A markdown page: the title, the intro, then per run a heading, rows_of(paths)'s line and table
+    (and, with `out_html`, the same page in HTML, for `snakemake --report`)."""
     from kvcore.atomic import write_text
 
     lines = [f"# {title}", "", intro, ""]
+    parts = [f"<p>{html.escape(intro)}</p>"]
     for run, paths in runs.items():
         line, rows = rows_of(paths)
         lines += [f"## {run}", "", line, "", md_table(header, rows) if rows else "No methods.", ""]
+        parts += [f"<h2>{html.escape(run)}</h2>", f"<p>{html.escape(line)}</p>",
+                  html_table(header, rows) if rows else "<p>No methods.</p>"]
     write_text(out_md, "\n".join(lines))
+    if out_html is not None:
+        write_text(out_html, html_page(title, parts))
     return Path(out_md)
 
 
@@ -486,7 +519,7 @@ def _stored_metadata(path: Path) -> dict:
         raise KvcoreError(f"{path}: not a readable compressed file ({exc})") from None
 
 
-def write_compression_table(runs: dict, out_md: str | Path) -> Path:
+def write_compression_table(runs: dict, out_md: str | Path, out_html: str | Path | None = None) -> Path:
     """results/compression.md: for each run ("model · dataset" -> its compress JSON paths), every
     method's stored size and reconstruction error, as the compress jobs measured them."""
     return _write_run_tables(out_md, "Compression of the extracted caches",
@@ -496,4 +529,4 @@ def write_compression_table(runs: dict, out_md: str | Path) -> Path:
                              "against the extracted file in its own dtype, `ratio vs fp16` against the same tensors "
                              "stored as float16. RMSE, SNR and cosine (mean over head_dim vectors; an evicted or "
                              "pruned vector counts 0) compare the decompressed cache with the extracted one.",
-                             runs, compression_rows, COMPRESS_HEADER)
+                             runs, compression_rows, COMPRESS_HEADER, out_html)

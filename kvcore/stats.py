@@ -274,6 +274,8 @@ def _compute(shards, metadata, chunk_bytes, sparsity_rel):
     import torch
     from safetensors import safe_open
 
+    from kvcore.progress import Progress
+
     total = 0
     for i, path in enumerate(shards):
         with safe_open(str(path), framework="pt") as f:
@@ -284,15 +286,18 @@ def _compute(shards, metadata, chunk_bytes, sparsity_rel):
                 n_layers = sum(1 for n in f.keys() if n.endswith("_key"))
                 _, n_kv, seq_len, dim = shape
     acc = _Acc(n_layers, n_kv, dim, seq_len, sample_stride=max(1, math.ceil(total / CKA_TOKENS)))
+    progress = Progress("stats (two passes)", 2 * total, "tok", jobs_only=True)
     with torch.inference_mode():
         for keys, values, pos in iter_chunks(shards, chunk_bytes):
             acc.first_pass(keys, values, pos)
+            progress.update(len(pos))
         if acc.n_tok == 0:
             raise KvcoreError(f"{shards[0].parent}: the KV cache holds no tokens")
         mom = _Moments(acc)
         threshold = sparsity_rel * mom.head["rms"]
-        for keys, values, _ in iter_chunks(shards, chunk_bytes):
+        for keys, values, pos in iter_chunks(shards, chunk_bytes):
             acc.second_pass(keys, values, threshold)
+            progress.update(len(pos))
         tables = _tables(acc, mom, threshold)
     meta = _run_meta(metadata)
     meta.update(sparsity_rel=sparsity_rel, hist_lo=HIST_LO, hist_hi=HIST_HI, hist_per_decade=HIST_PER_DECADE)

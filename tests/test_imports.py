@@ -105,3 +105,29 @@ def test_the_checker_sees_what_it_must(tmp_path):
     """The cycle walk finds the evaluation package's own imports (a guard against checking nothing)."""
     graph = {m for m, _ in kvcore_imports(REPO / "kvcore" / "evaluation" / "protocols.py")}
     assert {"kvcore.evaluation.context", "kvcore.evaluation.prefill"} <= graph
+
+
+def test_rules_and_scripts_reach_kvcore_only_through_kvcore_jobs():
+    import re
+
+    found = []
+    for path in sorted((REPO / "workflow").rglob("*.smk")) + [REPO / "Snakefile"]:
+        for line in path.read_text().splitlines():
+            match = re.match(r"\s*(?:from|import)\s+(kvcore[\w.]*)", line)
+            if match and not (match[1] + ".").startswith("kvcore.jobs."):
+                found.append(f"{path.relative_to(REPO)}: {line.strip()}")
+    for path in sorted((REPO / "workflow" / "scripts").glob("*.py")):
+        found += [f"{path.relative_to(REPO)}: {m}" for m, _ in kvcore_imports(path)
+                  if not (m + ".").startswith("kvcore.jobs.")]
+    assert not found, "rule files and scripts import kvcore only through kvcore.jobs:\n" + "\n".join(found)
+
+
+def test_the_library_imports_neither_jobs_nor_cli():
+    """Imports run one way: cli/ and jobs/ call the library, never the reverse."""
+    found = []
+    for path in sorted((REPO / "kvcore").rglob("*.py")):
+        me = module_name(path)
+        if me.startswith(("kvcore.cli", "kvcore.jobs")) or me in ("kvcore", "kvcore.__main__"):
+            continue
+        found += [f"{me}: {m}" for m, _ in kvcore_imports(path) if m.startswith(("kvcore.cli", "kvcore.jobs"))]
+    assert not found, "library modules importing cli/ or jobs/:\n" + "\n".join(found)

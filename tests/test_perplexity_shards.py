@@ -102,7 +102,8 @@ def test_more_shards_than_windows_leave_empty_shards_that_still_merge(llama):
 
 
 def test_shards_that_do_not_fit_together_are_refused(llama, tmp_path):
-    from kvcore.evaluation.perplexity import merge_shard_files, merge_shards
+    from kvcore.evaluation.perplexity import merge_shards
+    from kvcore.jobs.perplexity import merge_shard_files
 
     loaded, ids = llama
     parts, _ = _sharded(loaded, ids[:80], "baseline", 2)

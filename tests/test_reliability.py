@@ -461,13 +461,14 @@ def test_perplexity_and_task_jobs_claim_a_gpu_like_extraction(monkeypatch, devic
     ppl = dict(input={"model": "m/manifest.json", "text": "t.parquet"}, output={"result": "r.json"}, log=log,
                params={"spec": {}, "settings": {"device": device}, "shards": 2})
     assert _script_devices("perplexity.py", monkeypatch, wildcards={"method": "q"}, **ppl) == [device]
-    assert _script_devices("perplexity.py", monkeypatch, wildcards={"method": "q", "shard": "00001"}, **ppl) == [device]
+    assert _script_devices("perplexity_shard.py", monkeypatch, wildcards={"method": "q", "shard": "00001"},
+                           **ppl) == [device]
     merge = dict(input={"shards": ["a.json", "b.json"]}, output={"result": "r.json"}, log=log, params={},
                  wildcards={"method": "q"})
-    assert _script_devices("perplexity.py", monkeypatch, **merge) == ["cpu"]  # merging needs no GPU
+    assert _script_devices("perplexity_merge.py", monkeypatch, **merge) == ["cpu"]  # merging needs no GPU
     task = dict(input={"model": "m/manifest.json", "filler": []}, output={"result": "r.json"}, log=log,
                 params={"task_spec": {}, "settings": {"device": device}, "methods": {}},
                 wildcards={"task": "needle", "task_method": "q"})
-    assert _script_devices("tasks.py", monkeypatch, **task) == [device]
+    assert _script_devices("task.py", monkeypatch, **task) == [device]
     task["params"]["settings"] = {}  # the tasks' own default device
-    assert _script_devices("tasks.py", monkeypatch, **task) == ["auto"]
+    assert _script_devices("task.py", monkeypatch, **task) == ["auto"]

@@ -186,8 +186,9 @@ def test_every_plot_has_a_caption_and_a_report_rst():
     import docutils.core
     import io
 
-    for name in list(plots.ALL_PLOTS) + ["attention_sinks"]:
-        assert name in report.CAPTIONS
+    figures = list(plots.ALL_PLOTS) + ["attention_sinks"]
+    assert all(name in report.CAPTIONS for name in figures)
+    for name in figures + ["perplexity_table", "compression_table", "summary"]:  # + the --report tables
         rst = ROOT / "workflow" / "report" / f"{name}.rst"
         assert rst.is_file(), rst
         text = rst.read_text().replace("{{ snakemake.wildcards.model }}", "m").replace(
@@ -196,3 +197,22 @@ def test_every_plot_has_a_caption_and_a_report_rst():
         docutils.core.publish_string(text, writer="html",
                                      settings_overrides={"warning_stream": errors, "report_level": 2})
         assert not errors.getvalue(), (name, errors.getvalue())
+
+
+def test_the_html_tables_hold_the_markdown_tables_rows(grid, tmp_path):
+    """perplexity.html / summary.html (for `snakemake --report`): the same rows as the markdown page and
+    the Parquet file, cell for cell."""
+    import html
+
+    results, run, methods = grid
+    ppl_files = [run / "ppl" / f"{m}.json" for m in ("baseline", "int4-g64", "drop-l1")]
+    md = report.write_perplexity_table({"tiny": ppl_files}, tmp_path / "p.md", tmp_path / "p.html").read_text()
+    page = (tmp_path / "p.html").read_text()
+    md_rows = [[c.strip().replace("\\|", "|") for c in line.strip("|").split(" | ")]
+               for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+    html_rows = [[html.unescape(c) for c in re.findall(r"<t[dh]>(.*?)</t[dh]>", line)]
+                 for line in page.splitlines() if line.startswith("<tr>")]
+    assert len(md_rows) == 3 and html_rows == md_rows  # the header, int4-g64 under each of its two protocols
+    report.write_summary(all_results(results), tmp_path / "s.parquet", methods, tmp_path / "s.html")
+    summary = (tmp_path / "s.html").read_text()
+    assert summary.count("<tr") == 1 + pq.read_table(tmp_path / "s.parquet").num_rows and "int4-g64" in summary

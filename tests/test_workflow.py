@@ -104,9 +104,18 @@ def test_an_invalid_config_fails_before_any_job_naming_the_key(tmp_path):
 
 
 def test_snakemake_report_builds_the_html(workdir):
+    import base64
+
     snakemake(workdir, "--report", "report.html")
     html = (workdir / "report.html").read_text(errors="replace")
     assert len(html) > 100_000 and "layer_statistics" in html and "compression_tradeoff" in html
+    # the perplexity and compression tables and the summary are inside, each as an HTML table of its rows
+    embedded = {name: base64.b64decode(data).decode() for name, data in
+                re.findall(r"data:text/html;charset=utf8;filename=([\w.]+);base64,([A-Za-z0-9+/=]+)", html)}
+    for name, row in (("perplexity.html", "kivi4-g32"), ("compression.html", "kivi4-g32"),
+                      ("summary.html", "kivi4-g32")):
+        assert "<table" in embedded[name] and row in embedded[name], name
+    assert "fake-quant" in embedded["perplexity.html"] and "tiny-llama" in embedded["summary.html"]
 
 
 # --- reruns exactly right, every output declared (issue 17) -----------------------------------------------
@@ -228,3 +237,10 @@ def test_a_run_with_fewer_shards_reads_only_its_own(copy_of):
 def test_snakemake_lint_is_clean(workdir):
     done = snakemake(workdir, "--lint")
     assert "Congratulations, your workflow is in a good condition!" in done.stdout + done.stderr
+
+
+def test_the_rule_files_are_snakefmt_formatted():
+    """`snakefmt --check` (its settings in pyproject.toml) passes on every rule file and the Snakefile."""
+    done = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "workflow/", "Snakefile"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -44,6 +44,7 @@ from kvcore.compress.base import KINDS, Method
 from kvcore.compress.bits import BASIS, bits_per_element, counted_nbytes
 from kvcore.compress.metrics import ErrorStats, check_thresholds, quality_level, violations
 from kvcore.errors import KvcoreError, UsageError
+from kvcore.progress import each
 
 FORMAT = "1"
 _COMPRESS_KEYS = ("compress_method", "compress_spec", "compress_format")
@@ -215,7 +216,7 @@ def _compress_all(in_path, method: Method, scores, device):
         n_elements = 0
         counted = 0  # bytes under the bits convention
         warmed = False
-        for layer in layers:
+        for layer in each(layers, f"compress {method.name}", "layers", jobs_only=True):
             k = _load(f, in_path, f"layer_{layer}_key", dev)
             v = _load(f, in_path, f"layer_{layer}_value", dev)
             if k.shape != v.shape:

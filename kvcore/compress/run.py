@@ -21,15 +21,6 @@ from kvcore.compress import parse_method
 from kvcore.errors import KvcoreError, UsageError
 
 
-def code_modules(method: str, spec: dict | None) -> list[str]:
-    """The kvcore modules a method's compress job runs (for the workflow's code inputs)."""
-    from kvcore.codedeps import method_modules
-
-    modules = method_modules(method, spec)
-    job = "kvcore.evaluation.extracted" if modules[-1].startswith("kvcore.eviction.") else "kvcore.compress.run"
-    return [job, *modules]
-
-
 def merge_shards(paths: list[str | Path], out_path: Path) -> None:
     """One extracted-format safetensors holding every shard's sequences (right-padded)."""
     import torch

@@ -37,6 +37,7 @@ def keep_masks(path, method, model_dir, tokens, *, device: str = "auto", dtype: 
     from safetensors import safe_open
 
     from kvcore.model import kv_shape, load_model
+    from kvcore.progress import each
     from kvcore.tokens import read_sequences
 
     with safe_open(str(path), "pt") as f:
@@ -54,7 +55,8 @@ def keep_masks(path, method, model_dir, tokens, *, device: str = "auto", dtype: 
         raise KvcoreError(f"{model_dir}: the model has {shape['num_layers']} layers x {shape['num_kv_heads']} "
                           f"KV heads but {path} holds {stated} x {n_kv}; extract again with this model")
     masks = [torch.zeros((n, n_kv, width), dtype=torch.bool) for _ in range(shape["num_layers"])]
-    for i, (seq_id, length) in enumerate(zip(seq_ids, lengths)):
+    for i, (seq_id, length) in enumerate(each(list(zip(seq_ids, lengths)), f"score {method.name}", "sequences",
+                                                      jobs_only=True)):
         ids = sequences.get(seq_id, [])
         if len(ids) != length:  # tokens.parquet was rewritten since this extraction
             raise KvcoreError(f"{tokens}: sequence {seq_id} has {len(ids)} tokens but {length} were "

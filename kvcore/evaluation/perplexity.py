@@ -1,4 +1,4 @@
-"""A method's perplexity job: its windows in shards, their merge, the workflow's entry points.
+"""A method's perplexity: its windows in shards and their merge (kvcore.jobs.perplexity runs them).
 
 The evaluated text is the dataset's documents joined by blank lines, tokenized once (no
 special tokens). A job evaluates a contiguous block of windows (`evaluate_shard`) and keeps
@@ -140,57 +140,3 @@ def validate_method(model_dir, text_or_ids, method: str, spec: dict | None, sett
     """Baseline and compressed perplexity of one method under its protocols: the ppl record."""
     return merge_shards([evaluate_shard(model_dir, text_or_ids, method, spec, settings, options=options,
                                         protocols=protocols, loaded=loaded)])
-
-
-# --------------------------------------------------------------------------- workflow jobs
-
-
-def job_inputs(text_parquet, settings: dict, options: dict | None):
-    """(evaluated text, evaluator options) of a perplexity job."""
-    from kvcore.sources.datasets import joined_text
-
-    options = options if options is not None else settings.get("options")  # perplexity.options, if any
-    return joined_text(text_parquet), options
-
-
-def run_perplexity(model_dir, text_parquet, method: str, spec: dict, settings: dict, out_path,
-                   options: dict | None = None) -> dict:
-    """Evaluate one method on a dataset and write ppl/{method}.json (the workflow's job).
-
-    Every protocol that fits the method's family runs (options.FAMILY_PROTOCOLS); the first
-    is the primary: its record is the file's top level, `protocols` holds each one's record.
-    """
-    from kvcore.atomic import write_json
-
-    text, options = job_inputs(text_parquet, settings, options)
-    record = validate_method(model_dir, text, method, spec, settings, options=options)
-    write_json(out_path, record)
-    return record
-
-
-def run_perplexity_shard(model_dir, text_parquet, method: str, spec: dict, settings: dict, shard: int,
-                         shards: int, out_path, options: dict | None = None) -> dict:
-    """Evaluate shard `shard` of `shards` of one method and write ppl/shards/{method}-{shard}.json."""
-    from kvcore.atomic import write_json
-
-    text, options = job_inputs(text_parquet, settings, options)
-    result = evaluate_shard(model_dir, text, method, spec, settings, options=options, shard=shard, shards=shards)
-    write_json(out_path, result)
-    return result
-
-
-def merge_shard_files(paths: list, out_path) -> dict:
-    """Merge a method's shard files into ppl/{method}.json (the same record as one job's)."""
-    from kvcore.atomic import write_json
-
-    record = merge_shards([read_shard(p) for p in paths])
-    write_json(out_path, record)
-    return record
-
-
-def code_modules(method: str, spec: dict | None) -> list[str]:
-    """The kvcore modules a method's perplexity job runs (for the workflow's code inputs)."""
-    from kvcore.codedeps import method_modules
-
-    return ["kvcore.evaluation.perplexity", "kvcore.evaluation.protocols", "kvcore.model",
-            *method_modules(method, spec)]

@@ -204,11 +204,11 @@ def evaluate_task(model, tokenizer, examples: list[Example], methods: dict[str, 
     "methods": {name: {"results": [per keep ratio], "seconds": ...}}, "seconds", ...}.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from kvcore.evaluation.context import compress_context, kept_summary
     from kvcore.evaluation.options import check_options
     from kvcore.evaluation.prefill import make_scorers, prefill_context
+    from kvcore.progress import each
 
     settings = check_settings(settings)
     options = check_options({"seed": settings["seed"], "scorers": settings["scorers"]})
@@ -228,7 +228,7 @@ def evaluate_task(model, tokenizer, examples: list[Example], methods: dict[str, 
     started = time.perf_counter()
     model.eval()
     with torch.inference_mode():
-        for index, example in enumerate(tqdm(examples, desc=progress, unit="example", disable=progress is None)):
+        for index, example in enumerate(each(examples, progress, "examples")):
             head, tail = prompt_ids(tokenizer, example.context, example.question, example.answer_prefix)
             t0 = time.perf_counter()
             state = prefill_context(model, torch.tensor([head], device=device), scorers, options, tokenizer)

@@ -7,20 +7,17 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-import kvcore.config
-from kvcore.codedeps import module_files
-from kvcore.errors import UsageError
-from kvcore.sources.layers import num_layers
+import kvcore.jobs.rules as jobs
 
 try:  # a key given twice: Snakemake's YAML reader keeps the last one without a word
-    kvcore.config.check_files(workflow.configfiles)
-except UsageError as error:
+    jobs.check_files(workflow.configfiles)
+except jobs.UsageError as error:
     raise WorkflowError(str(error)) from None
 try:
     validate(config, workflow.source_path("../schemas/config.schema.yaml"))
-    kvcore.config.check(config)
-except (WorkflowError, UsageError) as error:
-    raise WorkflowError(kvcore.config.explain(config) or str(error)) from None
+    jobs.check(config)
+except (WorkflowError, jobs.UsageError) as error:
+    raise WorkflowError(jobs.explain(config) or str(error)) from None
 
 MODELS = list(config["models"])
 DATASETS = list(config["datasets"])
@@ -31,6 +28,7 @@ COMPRESSIBLE = METHODS
 EVICTING = [m for m in METHODS if (config["methods"][m] or {}).get("family") == "evict"]
 RUN = "results/{model}/{dataset}"
 ENV = "../envs/kvcore.yaml"  # every rule runs the same Python stack (pyproject.toml)
+RUN_CATEGORY = "{model} · {dataset}"  # a run's section of the --report HTML
 
 
 wildcard_constraints:
@@ -56,9 +54,9 @@ def one_of(names):
     return "|".join(map(re.escape, names)) or "(?!)"
 
 
-def code(*modules):
-    """The kvcore source files a rule runs, so editing them reruns exactly that rule."""
-    return list(module_files(*modules))
+def code(rule):
+    """The kvcore source files a rule's job runs, so editing them reruns exactly that rule."""
+    return jobs.code_files(rule)
 
 
 def n_sequences(dataset):
@@ -68,9 +66,7 @@ def n_sequences(dataset):
     if sequence_mode(dataset) == "chunks":
         return cap
     if spec["source"] == "prompts":
-        from kvcore.sources.datasets import prompt_list
-
-        return min(cap, len(prompt_list(spec)))
+        return min(cap, len(jobs.prompt_list(spec)))
     if spec["source"] == "random":
         return min(cap, spec.get("n_documents", 10))
     raise WorkflowError(f"dataset '{dataset}': sequences: documents needs a prompts or random source")
@@ -85,9 +81,9 @@ def shards(dataset):
     return [f"{i:05d}" for i in range(math.ceil(n_sequences(dataset) / config["extract"]["shard_size"]))]
 
 
-def method_code(code_modules):
-    """A rule's code input: the kvcore files `code_modules(method, spec)` names for the job's method."""
-    return lambda wc: code(*code_modules(wc.method, config["methods"][wc.method]))
+def method_code(rule):
+    """A method's rule's code input: the kvcore files its job runs for the job's method."""
+    return lambda wc: jobs.code_files(rule, wc.method, config["methods"][wc.method])
 
 
 def parquet_layers(model):
@@ -95,33 +91,40 @@ def parquet_layers(model):
     chosen = config["extract"].get("parquet_layers")
     if chosen is not None:
         return sorted(set(chosen))
-    return list(range(num_layers(model, config["models"][model], f"resources/models/{model}")))
+    return list(range(jobs.num_layers(model, config["models"][model], f"resources/models/{model}")))
 
 
 try:
     PARQUET_LAYERS = {model: parquet_layers(model) for model in MODELS}
-except UsageError as error:
+except jobs.UsageError as error:
     raise WorkflowError(str(error)) from None
 
 
 def shard_outputs(layers):
     """Every file one extract job writes (DESIGN.md "Data flow"), its Parquet file of each layer included."""
-    return dict(safetensors=f"{RUN}/kv/part-{{shard}}.safetensors",
-                parquet=[f"{RUN}/kv/layer={layer}/part-{{shard}}.parquet" for layer in layers],
-                predictions=f"{RUN}/shards/predictions-{{shard}}.parquet",
-                manifest=f"{RUN}/shards/kv-{{shard}}.json")
+    return dict(
+        safetensors=f"{RUN}/kv/part-{{shard}}.safetensors",
+        parquet=[f"{RUN}/kv/layer={layer}/part-{{shard}}.parquet" for layer in layers],
+        predictions=f"{RUN}/shards/predictions-{{shard}}.parquet",
+        manifest=f"{RUN}/shards/kv-{{shard}}.json",
+    )
 
 
 def shard_files(name):
     """One kind of extract output (safetensors, parquet, manifest, predictions) of every shard of the job's run."""
-    return lambda wc: expand(shard_outputs(PARQUET_LAYERS[wc.model])[name], shard=shards(wc.dataset),
-                             model=wc.model, dataset=wc.dataset)
+    return lambda wc: expand(
+        shard_outputs(PARQUET_LAYERS[wc.model])[name], shard=shards(wc.dataset), model=wc.model, dataset=wc.dataset
+    )
 
 
 def run_files(folder, methods):
     """Every run's {folder}/{method}.json files, runs and methods in config order (the tables' inputs)."""
-    return [f"{RUN.format(model=model, dataset=dataset)}/{folder}/{m}.json"
-            for model in MODELS for dataset in DATASETS for m in methods]
+    return [
+        f"{RUN.format(model=model, dataset=dataset)}/{folder}/{m}.json"
+        for model in MODELS
+        for dataset in DATASETS
+        for m in methods
+    ]
 
 
 def run_results(wc):
@@ -131,8 +134,14 @@ def run_results(wc):
 
 
 def plot_outputs(names, subcategory):
-    return [report(f"{RUN}/plots/{name}.png", caption=f"../report/{name}.rst", category="{model} · {dataset}",
-                   subcategory=subcategory) for name in names]
+    """The plots' PNGs, each in the --report HTML with its caption (workflow/report/{name}.rst)."""
+
+    def plot(name):  # not `report(` at the start of a line: snakefmt 2.1 would take it for a directive
+        return report(
+            f"{RUN}/plots/{name}.png", caption=f"../report/{name}.rst", category=RUN_CATEGORY, subcategory=subcategory
+        )
+
+    return [plot(name) for name in names]
 
 
 # Needle / QA tasks (tasks.smk): the top-level `tasks:` key, when the config has one.
@@ -158,8 +167,9 @@ def task_results(model):
     """Every task JSON of one model (what the reports tabulate)."""
     if not TASK_METHODS or model not in TASK_MODELS:
         return []
-    return expand("results/{model}/tasks/{task}/{task_method}.json", model=model, task=list(TASKS),
-                  task_method=TASK_METHODS)
+    return expand(
+        "results/{model}/tasks/{task}/{task_method}.json", model=model, task=list(TASKS), task_method=TASK_METHODS
+    )
 
 
 def task_outputs():
@@ -167,7 +177,8 @@ def task_outputs():
     if not TASK_METHODS:
         return []
     return [f for model in TASK_MODELS for f in task_results(model)] + expand(
-        "results/{model}/tasks/{task}/task_accuracy.png", model=TASK_MODELS, task=list(TASKS))
+        "results/{model}/tasks/{task}/task_accuracy.png", model=TASK_MODELS, task=list(TASKS)
+    )
 
 
 def all_outputs():

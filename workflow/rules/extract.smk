@@ -2,22 +2,22 @@
 
 
 rule tokenize:
-    output:
-        tokens=f"{RUN}/tokens.parquet",
     input:
         model=rules.download_model.output.model,
         text=rules.download_dataset.output.text,
-        code=code("kvcore.tokens", "kvcore.model"),
-    params:
-        seq_len=config["extract"]["seq_len"],
-        n_sequences=lambda wc: n_sequences(wc.dataset),
-        mode=lambda wc: sequence_mode(wc.dataset),
+        code=code("tokenize"),
+    output:
+        tokens=f"{RUN}/tokens.parquet",
     log:
         "logs/tokenize/{model}/{dataset}.log",
     benchmark:
         "logs/benchmarks/tokenize/{model}/{dataset}.tsv"
     conda:
         ENV
+    params:
+        seq_len=config["extract"]["seq_len"],
+        n_sequences=lambda wc: n_sequences(wc.dataset),
+        mode=lambda wc: sequence_mode(wc.dataset),
     script:
         "../scripts/tokenize.py"
 
@@ -26,6 +26,17 @@ rule tokenize:
 # so storage plugins upload them, --delete-all-output removes them and deleting one reruns its job.
 # The layer count is known before the model is downloaded (kvcore.sources.models.num_layers);
 # models with different layer lists get one rule each (outputs cannot vary with a wildcard).
+# What an extract job computes with: config `extract:` and its defaults (seq_len and n_sequences reach it
+# through tokens.parquet, so they stay out of its params).
+EXTRACT_SETTINGS = canonical(
+    {
+        "parquet_layers": None,
+        "parquet_heads": None,
+        "parts": "both",
+        "storage_dtype": "float32",
+        **{k: v for k, v in config["extract"].items() if k not in ("seq_len", "n_sequences")},
+    }
+)
 LAYER_GROUPS = {}
 for model, layers in PARQUET_LAYERS.items():
     LAYER_GROUPS.setdefault(tuple(layers), []).append(model)
@@ -35,44 +46,36 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
     rule:
         name:
             "extract" if group == 0 else f"extract_{group}"
-        output:
-            **shard_outputs(layers),
         input:
             model=rules.download_model.output.model,
             tokens=rules.tokenize.output.tokens,
-            code=code("kvcore.extract"),
-        params:
-            shard_size=config["extract"]["shard_size"],
-            batch_size=config["extract"]["batch_size"],
-            dtype=config["extract"]["dtype"],
-            device=config["extract"]["device"],
-            top_k=config["extract"]["top_k"],
-            parquet_layers=config["extract"].get("parquet_layers"),
-            parquet_heads=config["extract"].get("parquet_heads"),
-            parts=config["extract"].get("parts", "both"),
-            storage_dtype=config["extract"].get("storage_dtype", "float32"),
-        wildcard_constraints:
-            model=one_of(models),
-        resources:
-            gpu=1,
+            code=code("extract"),
+        output:
+            **shard_outputs(layers),
         log:
             "logs/extract/{model}/{dataset}/{shard}.log",
         benchmark:
             "logs/benchmarks/extract/{model}/{dataset}/{shard}.tsv"
+        wildcard_constraints:
+            model=one_of(models),
         conda:
             ENV
+        resources:
+            gpu=1,
+        params:
+            settings=EXTRACT_SETTINGS,
         script:
             "../scripts/extract.py"
 
 
 rule finalize_extraction:
-    output:
-        metadata=f"{RUN}/metadata.json",
-        predictions=f"{RUN}/predictions.parquet",
     input:
         manifests=shard_files("manifest"),
         predictions=shard_files("predictions"),
-        code=code("kvcore.storage"),
+        code=code("finalize_extraction"),
+    output:
+        metadata=f"{RUN}/metadata.json",
+        predictions=f"{RUN}/predictions.parquet",
     log:
         "logs/finalize_extraction/{model}/{dataset}.log",
     benchmark:

@@ -1,11 +1,6 @@
-from pathlib import Path
-
-from kvcore.evaluation.extracted import compress_extracted
 from kvcore.jobs import run_job
+from kvcore.jobs.compress import compress
 
-i, o, p = snakemake.input, snakemake.output, snakemake.params
-# rule compress_evict also hands over the model and tokens (to score tokens) and its device
-scoring = {"model_dir": Path(i.model), "tokens": i.tokens, "model_device": p.device,
-           "model_dtype": p.dtype} if "tokens" in i.keys() else {}
-run_job(snakemake.log[0], lambda: compress_extracted(
-    i.shards, o.safetensors, o.metrics, snakemake.wildcards.method, p.spec, **scoring), p.get("device", "cpu"))
+i, o = snakemake.input, snakemake.output
+run_job(snakemake.log[0], lambda: compress(i.shards, o.safetensors, o.metrics, snakemake.wildcards.method,
+                                           snakemake.params.spec))

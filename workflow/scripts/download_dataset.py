@@ -1,7 +1,5 @@
-from pathlib import Path
-
 from kvcore.jobs import run_job
-from kvcore.sources import prepare_dataset
+from kvcore.jobs.data import download_dataset
 
-out = Path(snakemake.output.text).parent
-run_job(snakemake.log[0], lambda: prepare_dataset(snakemake.wildcards.dataset, snakemake.params.spec, out))
+run_job(snakemake.log[0], lambda: download_dataset(snakemake.wildcards.dataset, snakemake.params.spec,
+                                                   snakemake.output.text))

@@ -1,11 +1,6 @@
-from pathlib import Path
-
-from kvcore.extract import extract_shard
 from kvcore.jobs import run_job
+from kvcore.jobs.extract import extract
 
-p, w = snakemake.params, snakemake.wildcards
-run_job(snakemake.log[0], lambda: extract_shard(
-    snakemake.input.model, snakemake.input.tokens, Path(snakemake.output.manifest).parent.parent,
-    int(w.shard), p.shard_size, p.batch_size, p.device, p.dtype, p.top_k, w.model, w.dataset,
-    parquet_layers=p.parquet_layers, parquet_heads=p.parquet_heads, parts=p.parts, storage_dtype=p.storage_dtype),
-    p.device)
+i, w, settings = snakemake.input, snakemake.wildcards, snakemake.params.settings
+run_job(snakemake.log[0], lambda: extract(i.model, i.tokens, snakemake.output.manifest, w.shard, w.model, w.dataset,
+                                          settings), settings["device"])

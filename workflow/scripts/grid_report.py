@@ -1,14 +1,6 @@
-from pathlib import Path
-
 from kvcore.jobs import run_job
-from kvcore.report import write_grid_report, write_summary
+from kvcore.jobs.report import grid_report
 
-i, o, methods = snakemake.input, snakemake.output, snakemake.params.methods
-
-
-def job():
-    write_summary(list(i.results), o.summary, methods)
-    write_grid_report([Path(r).parent for r in i.reports], o.md, list(i.results), methods, list(i.tasks))
-
-
-run_job(snakemake.log[0], job)
+i, o = snakemake.input, snakemake.output
+run_job(snakemake.log[0], lambda: grid_report(i.reports, i.results, i.tasks, snakemake.params.methods, o.md,
+                                              o.summary, o.summary_html))

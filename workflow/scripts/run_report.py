@@ -1,8 +1,5 @@
-from pathlib import Path
-
 from kvcore.jobs import run_job
-from kvcore.report import write_run_report
+from kvcore.jobs.report import run_report
 
-out, i = Path(snakemake.output.md), snakemake.input
-run_job(snakemake.log[0], lambda: write_run_report(out.parent, out, methods=snakemake.params.methods,
-                                                   results=list(i.results), tasks=list(i.tasks)))
+i = snakemake.input
+run_job(snakemake.log[0], lambda: run_report(snakemake.output.md, snakemake.params.methods, i.results, i.tasks))

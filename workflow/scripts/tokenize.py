@@ -1,8 +1,5 @@
 from kvcore.jobs import run_job
-from kvcore.model import load_tokenizer
-from kvcore.tokens import write_tokens
+from kvcore.jobs.extract import tokenize
 
-p = snakemake.params
-run_job(snakemake.log[0], lambda: write_tokens(
-    snakemake.input.text, load_tokenizer(snakemake.input.model), snakemake.output.tokens,
-    p.seq_len, p.n_sequences, p.mode))
+i, p = snakemake.input, snakemake.params
+run_job(snakemake.log[0], lambda: tokenize(i.text, i.model, snakemake.output.tokens, p.seq_len, p.n_sequences, p.mode))

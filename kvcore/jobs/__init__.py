@@ -7,6 +7,7 @@ kvcore function. kvcore itself never imports Snakemake.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -18,15 +19,22 @@ def run_job(log: str | None, job: Callable[[], object], device: str = "cpu") -> 
     """Call `job()` with stdout/stderr written to `log`; exit 1 with one line on KvcoreError.
 
     A job on device "auto" or "cuda" first claims a free GPU of this host (kvcore.gpus), so
-    jobs started together with `--resources gpu=N` land on different GPUs.
+    jobs started together with `--resources gpu=N` land on different GPUs. Its progress lines
+    (kvcore.progress) go to the log and to the console, named by the log's path.
     """
     from kvcore.gpus import claim_gpu
+    from kvcore.progress import to_console
 
+    # other libraries' tqdm bars (transformers loading weights) would put \r streams in the log; tqdm
+    # reads this when it is imported, which in a job happens inside job()
+    os.environ.setdefault("TQDM_DISABLE", "1")
     console = sys.stderr
     if log:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     sink = open(log, "w") if log else contextlib.nullcontext(sys.stderr)
-    with sink as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+    name = Path(log).with_suffix("").as_posix().removeprefix("logs/") if log else "job"
+    with sink as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream), \
+            to_console(console, name):
         try:
             # An explicit cuda:N is the user's choice; "auto"/"cuda" take any free GPU.
             with claim_gpu() if device in ("auto", "cuda") else contextlib.nullcontext() as gpu:

@@ -1,0 +1,58 @@
+"""What the rule files need while Snakemake reads them: the config check, the grid's sizes,
+the names of tables and plots, and each rule's code inputs.
+
+A rule's code inputs are the kvcore files its job runs, so that editing one reruns exactly
+the jobs it changes (Snakemake does not see edits to an imported package): the rule's
+kvcore.jobs module (the glue: which file goes where) and the library modules its job calls,
+with everything they import (kvcore.codedeps), plus for a method's job the modules its method
+loads lazily.
+"""
+
+from __future__ import annotations
+
+from kvcore.codedeps import PACKAGE_DIR, method_modules, module_files
+from kvcore.config import check, check_files, explain
+from kvcore.errors import UsageError
+from kvcore.plots import RESULT_PLOTS, STAT_PLOTS
+from kvcore.sources.datasets import prompt_list
+from kvcore.sources.layers import num_layers
+from kvcore.stats import STATS_TABLES
+
+__all__ = ["RESULT_PLOTS", "STAT_PLOTS", "STATS_TABLES", "UsageError", "check", "check_files", "code_files",
+           "code_modules", "explain", "num_layers", "prompt_list"]
+
+PERPLEXITY = ["kvcore.evaluation.perplexity", "kvcore.evaluation.protocols", "kvcore.model", "kvcore.sources.datasets"]
+# rule -> (its kvcore.jobs module, the library modules its job calls)
+JOBS = {
+    "download_model": ("data", ["kvcore.sources.models"]),
+    "download_dataset": ("data", ["kvcore.sources.datasets"]),
+    "tokenize": ("extract", ["kvcore.tokens", "kvcore.model"]),
+    "extract": ("extract", ["kvcore.extract"]),
+    "finalize_extraction": ("extract", ["kvcore.storage"]),
+    "compress": ("compress", ["kvcore.compress.run"]),
+    "compress_evict": ("compress", ["kvcore.evaluation.extracted"]),
+    "perplexity": ("perplexity", PERPLEXITY),
+    "perplexity_shard": ("perplexity", PERPLEXITY),
+    "perplexity_merge": ("perplexity", ["kvcore.evaluation.perplexity"]),
+    "stats": ("stats", ["kvcore.stats"]),
+    "plots_cache": ("report", ["kvcore.plots", "kvcore.stats"]),
+    "plots_results": ("report", ["kvcore.plots", "kvcore.report", "kvcore.stats"]),
+    "run_report": ("report", ["kvcore.report"]),
+    "grid_report": ("report", ["kvcore.report"]),
+    "perplexity_table": ("report", ["kvcore.report"]),
+    "compression_table": ("report", ["kvcore.report"]),
+    "task": ("tasks", ["kvcore.tasks.evaluate", "kvcore.tasks.loaders", "kvcore.evaluation.context", "kvcore.model"]),
+    "task_plot": ("tasks", ["kvcore.plots_tasks"]),
+}
+
+
+def code_modules(rule: str, method: str | None = None, spec: dict | None = None) -> list[str]:
+    """The library modules the job of `rule` calls (for a method's job, `method` with its config
+    `spec`: the modules the method loads lazily too)."""
+    return [*JOBS[rule][1], *(method_modules(method, spec) if method else [])]
+
+
+def code_files(rule: str, method: str | None = None, spec: dict | None = None) -> list[str]:
+    """The job's code inputs: its kvcore.jobs module and the files of `code_modules`, transitively."""
+    glue = str(PACKAGE_DIR / "jobs" / f"{JOBS[rule][0]}.py")
+    return sorted({glue, *module_files(*code_modules(rule, method, spec))})

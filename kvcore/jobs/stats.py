@@ -1,0 +1,12 @@
+"""The stats rule's job: per layer/head/kind statistics of a run's extracted cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def stats(shards, metadata, tables, threads: int) -> None:
+    """Every stats table of `tables` (results/{model}/{dataset}/stats/{table}.parquet) from exactly `shards`."""
+    from kvcore.stats import write_stats
+
+    write_stats(list(shards), Path(tables[0]).parent, metadata=metadata, threads=threads)
