@@ -57,8 +57,9 @@ def one_of(names):
 
 
 def code(*modules):
-    """The kvcore source files a rule runs, so editing them reruns exactly that rule."""
-    return list(module_files(*modules))
+    """The kvcore source files a rule runs, so editing them reruns exactly that rule. They are
+    local() files: with a storage provider (docs/cluster.md) they stay where kvcore is installed."""
+    return [local(path) for path in module_files(*modules)]
 
 
 def n_sequences(dataset):
@@ -146,7 +147,7 @@ def task_filler(wc):
     spec = TASKS[wc.task]
     if spec["type"] != "needle":
         return []
-    return rules.download_dataset.output.text.format(dataset=spec.get("dataset", DATASETS[0]))
+    return f"resources/datasets/{spec.get('dataset', DATASETS[0])}/text.parquet"
 
 
 def task_settings():

@@ -63,8 +63,8 @@ else:
         output:
             result=f"{RUN}/ppl/{{method}}.json",
         input:
-            shards=expand(rules.perplexity_shard.output.result, shard=[f"{i:05d}" for i in range(PPL_SHARDS)],
-                          allow_missing=True),
+            shards=expand(f"{RUN}/ppl/shards/{{method}}-{{shard}}.json",
+                          shard=[f"{i:05d}" for i in range(PPL_SHARDS)], allow_missing=True),
             code=code("kvcore.evaluation.perplexity"),
         log:
             "logs/perplexity/{model}/{dataset}/{method}.log",

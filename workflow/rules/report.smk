@@ -86,7 +86,7 @@ rule grid_report:
         md=report("results/report.md", caption="../report/grid_report.rst", category="grid"),
         summary="results/summary.parquet",
     input:
-        reports=expand(rules.run_report.output.md, model=MODELS, dataset=DATASETS),
+        reports=expand(f"{RUN}/report.md", model=MODELS, dataset=DATASETS),
         results=run_files("ppl", METHODS) + run_files("compress", COMPRESSIBLE),
         tasks=[f for model in MODELS for f in task_results(model)],
         code=code("kvcore.report"),
