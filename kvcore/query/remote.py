@@ -37,7 +37,8 @@ def as_path(path):
         except ImportError as exc:
             raise UsageError(f"{path}: reading runs in S3 needs s3fs and universal_pathlib "
                              f"(pip install 'kvcore[s3]'; {one_line(exc)})") from None
-        return UPath(path)
+        path = UPath(path)
+    path.fs.invalidate_cache()  # s3fs keeps listings: a new open sees the shards written since
     return path
 
 

@@ -33,7 +33,8 @@ rule task_plot:
     output:
         png="results/{model}/tasks/{task}/task_accuracy.png",
     input:
-        results=lambda wc: expand("results/{model}/tasks/{task}/{task_method}.json", model=wc.model, task=wc.task, task_method=TASK_METHODS),
+        results=lambda wc: expand("results/{model}/tasks/{task}/{task_method}.json", model=wc.model,
+                                  task=wc.task, task_method=TASK_METHODS),
     wildcard_constraints:
         task="|".join(map(re.escape, TASKS)) or "^$",
     log:
