@@ -73,10 +73,10 @@ def is_run_dir(path: Path) -> bool:
 def find_runs(path: str | Path, max_depth: int = 4) -> list[Path]:
     """`path` itself when it is a run, else every run below it (results/{model}/{dataset})."""
     root = as_path(path)
-    if not root.exists() and is_remote(root):
-        raise UsageError(f"{root}: no such bucket, or no object under this prefix (give the prefix of a run, "
-                         "s3://BUCKET/PREFIX/results/MODEL/DATASET, or one above it)")
     if not root.exists():
+        if is_remote(root):
+            raise UsageError(f"{root}: no such bucket, or no object under this prefix (give the prefix of a run, "
+                             "s3://BUCKET/PREFIX/results/MODEL/DATASET, or one above it)")
         raise UsageError(f"{root}: no such directory (give a run directory such as results/MODEL/DATASET, "
                          "or results/ for every run)")
     if not root.is_dir():
