@@ -58,7 +58,9 @@ def register(subparsers) -> None:
                "  kvcore query RUN --search-norm 0.5 1.0 key --layer 3 --export-csv hits.csv\n"
                "  kvcore query results/ --sql 'SELECT model, layer, avg(key_norm) FROM kv GROUP BY ALL'",
         formatter_class=_Formatter)
-    p.add_argument("path", metavar="RUN", help="run directory (results/MODEL/DATASET) or results/ for every run")
+    p.add_argument("path", metavar="RUN", help="run directory (results/MODEL/DATASET) or results/ for every run; "
+                   "or a bucket prefix, s3://BUCKET/PREFIX, read in place (endpoint and credentials from "
+                   "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; docs/cluster.md)")
     verbs = p.add_argument_group("verbs (one; --info when none is given)").add_mutually_exclusive_group()
     verbs.add_argument("--info", action="store_true", help="shape, sizes and views of each run")
     verbs.add_argument("--coordinate", nargs=3, type=INDEX, metavar=("LAYER", "HEAD", "TOKEN"),
@@ -202,7 +204,7 @@ def run(args) -> int:
             query = Query(select, query.params, query.vertical).limited(args.limit)
         exports = [(f, "csv") for f in [args.export_csv] if f] + [(f, "parquet") for f in [args.export_parquet] if f]
         for path, fmt in exports:  # every check before the first row is written
-            check_output(path, f"--export-{fmt}", protected=[run.path for run in r.runs])
+            check_output(path, f"--export-{fmt}", protected=[run.path for run in r.runs if isinstance(run.path, Path)])
         if len({str(Path(path).resolve()) for path, _ in exports}) < len(exports):
             raise UsageError("--export-csv and --export-parquet name the same file; give two paths")
         for path, fmt in exports:

@@ -2,7 +2,8 @@
 
 A run directory is what `kvcore extract` writes (kvcore/storage.py). Only shards whose
 manifest (`shards/kv-*.json`, written last) exists are read, so a query during an
-extraction sees complete shards only, never a half-written Parquet file.
+extraction sees complete shards only, never a half-written Parquet file. A run in a
+bucket (s3://BUCKET/PREFIX) is read by the same code through a UPath (kvcore.query.remote).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvcore.errors import KvcoreError, KvcoreWarning, UsageError, one_line
+from kvcore.query.remote import as_path, is_remote, reading
 
 SHAPE_KEYS = ("num_layers", "num_kv_heads", "num_heads", "head_dim", "seq_len", "dtype")
 
@@ -70,8 +72,11 @@ def is_run_dir(path: Path) -> bool:
 
 def find_runs(path: str | Path, max_depth: int = 4) -> list[Path]:
     """`path` itself when it is a run, else every run below it (results/{model}/{dataset})."""
-    root = Path(path)
+    root = as_path(path)
     if not root.exists():
+        if is_remote(root):
+            raise UsageError(f"{root}: no such bucket, or no object under this prefix (give the prefix of a run, "
+                             "s3://BUCKET/PREFIX/results/MODEL/DATASET, or one above it)")
         raise UsageError(f"{root}: no such directory (give a run directory such as results/MODEL/DATASET, "
                          "or results/ for every run)")
     if not root.is_dir():
@@ -79,8 +84,8 @@ def find_runs(path: str | Path, max_depth: int = 4) -> list[Path]:
     if is_run_dir(root):
         return [root]
     found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        here = Path(dirpath)
+    for dirpath, dirnames, _ in root.walk() if is_remote(root) else os.walk(root):
+        here = dirpath if is_remote(root) else Path(dirpath)
         depth = len(here.relative_to(root).parts)
         if here != root and is_run_dir(here):
             found.append(here)
@@ -112,7 +117,7 @@ def confined(run_dir: Path, entry: str | Path) -> Path:
     The sandbox lets DuckDB read exactly the files listed, so a listed path that leaves the
     run (`..`, an absolute path, a link to elsewhere) would open files outside it.
     """
-    root = run_dir.resolve()
+    root, entry = run_dir.resolve(), str(entry)  # str: a bucket's relative paths are UPaths
     path = root / entry  # as it is inside the run: a link keeps its own name (ppl/{method}.json)
     if Path(entry).is_absolute() or ".." in Path(entry).parts:
         raise KvcoreError(f"{run_dir}: {entry} leaves the run directory; refusing to read it")
@@ -217,7 +222,8 @@ def load_run(path: Path) -> RunFiles:
 
 
 def load_runs(path: str | Path, model: str | None = None, dataset: str | None = None) -> list[RunFiles]:
-    runs = [load_run(p) for p in find_runs(path)]
+    with reading(path):
+        runs = [load_run(p) for p in find_runs(path)]
     chosen = [r for r in runs if (model is None or r.model == model) and (dataset is None or r.dataset == dataset)]
     if not chosen:
         have = ", ".join(r.name for r in runs)

@@ -19,6 +19,7 @@ from pathlib import Path
 from kvcore.query import verbs
 from kvcore.query.discover import RunFiles, load_runs
 from kvcore.query.limits import QueryGuard, check_threads, check_timeout, memory_limit_bytes
+from kvcore.query.remote import as_path, filesystems
 from kvcore.query.sandbox import QueryError, connect, statements, translate
 from kvcore.query.verbs import Query
 from kvcore.query.views import LAZY_VIEW, lazy_view_sql, view_statements
@@ -72,7 +73,7 @@ class Run:
                  threads: int | None = None, timeout: float | None = None, memory_limit: str | int | None = None):
         threads, timeout_s = check_threads(threads), check_timeout(timeout)
         memory = memory_limit_bytes(memory_limit)
-        self.path = Path(path)
+        self.path = as_path(path)
         self.runs: list[RunFiles] = load_runs(path, model, dataset)
         views = view_statements(self.runs)
         self.views = [name for name, _ in views]
@@ -82,7 +83,8 @@ class Run:
         # directory when it is collected or the interpreter exits.
         self._remove_spill = weakref.finalize(self, shutil.rmtree, self._spill, ignore_errors=True)
         try:
-            self._con = connect(files, views, threads=threads, memory_limit=memory, temp_directory=self._spill)
+            self._con = connect(files, views, threads=threads, memory_limit=memory, temp_directory=self._spill,
+                                filesystems=filesystems(r.path for r in self.runs))
         except BaseException:
             self._remove_spill()
             raise
@@ -287,5 +289,6 @@ class Run:
 
 def open_run(path: str | Path, model: str | None = None, dataset: str | None = None,
              threads: int | None = None, timeout: float | None = None, memory_limit: str | int | None = None) -> Run:
-    """Open a run directory, or a directory of runs (results/), for read-only queries."""
+    """Open a run directory, or a directory of runs (results/), for read-only queries; also a bucket
+    prefix, s3://BUCKET/PREFIX (kvcore.query.remote: endpoint and credentials from the AWS_* variables)."""
     return Run(path, model=model, dataset=dataset, threads=threads, timeout=timeout, memory_limit=memory_limit)

@@ -2,7 +2,8 @@
 
 Four locks, each DuckDB's own:
   * `allowed_paths` lists exactly the files the views read (as they are inside the run:
-    kvcore.query.discover refuses links and manifest entries that lead out of it), and
+    kvcore.query.discover refuses links and manifest entries that lead out of it; s3://
+    URLs for a run in a bucket, read through the fsspec `filesystems` given), and
     `enable_external_access = false` makes those the only files the engine opens: no
     /etc/passwd, no ATTACH, no extension downloads;
   * `lock_configuration` refuses the SET that would undo any of this;
@@ -28,12 +29,14 @@ class QueryError(KvcoreError):
 
 
 def connect(files: list[Path], views: list[tuple[str, str]], *, threads: int, memory_limit: int,
-            temp_directory: Path):
+            temp_directory: Path, filesystems: list = ()):
     import duckdb
 
     config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False, "threads": threads,
               "memory_limit": f"{memory_limit}B", "temp_directory": str(temp_directory)}
     con = duckdb.connect(":memory:", config=config)
+    for fs in filesystems:  # before the locks below
+        con.register_filesystem(fs)
     # Warm point lookups reuse the Parquet footers instead of re-reading them per query.
     con.execute("SET parquet_metadata_cache = true")
     con.execute("SET python_enable_replacements = false")  # SQL cannot reach Python variables

@@ -55,8 +55,9 @@ def one_of(names):
 
 
 def code(rule):
-    """The kvcore source files a rule's job runs, so editing them reruns exactly that rule."""
-    return jobs.code_files(rule)
+    """The kvcore source files a rule's job runs, so editing them reruns exactly that rule. They are
+    local() files: with a storage provider (docs/cluster.md) they stay where kvcore is installed."""
+    return [local(path) for path in jobs.code_files(rule)]
 
 
 def n_sequences(dataset):
@@ -83,7 +84,7 @@ def shards(dataset):
 
 def method_code(rule):
     """A method's rule's code input: the kvcore files its job runs for the job's method."""
-    return lambda wc: jobs.code_files(rule, wc.method, config["methods"][wc.method])
+    return lambda wc: [local(path) for path in jobs.code_files(rule, wc.method, config["methods"][wc.method])]
 
 
 def parquet_layers(model):
@@ -155,7 +156,7 @@ def task_filler(wc):
     spec = TASKS[wc.task]
     if spec["type"] != "needle":
         return []
-    return rules.download_dataset.output.text.format(dataset=spec.get("dataset", DATASETS[0]))
+    return f"resources/datasets/{spec.get('dataset', DATASETS[0])}/text.parquet"
 
 
 def task_settings():

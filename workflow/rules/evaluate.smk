@@ -60,7 +60,9 @@ else:
     rule perplexity:
         input:
             shards=expand(
-                rules.perplexity_shard.output.result, shard=[f"{i:05d}" for i in range(PPL_SHARDS)], allow_missing=True
+                f"{RUN}/ppl/shards/{{method}}-{{shard}}.json",
+                shard=[f"{i:05d}" for i in range(PPL_SHARDS)],
+                allow_missing=True,
             ),
             code=code("perplexity_merge"),
         output:

@@ -81,7 +81,7 @@ rule run_report:
 
 rule grid_report:
     input:
-        reports=expand(rules.run_report.output.md, model=MODELS, dataset=DATASETS),
+        reports=expand(f"{RUN}/report.md", model=MODELS, dataset=DATASETS),
         results=run_files("ppl", METHODS) + run_files("compress", COMPRESSIBLE),
         tasks=[f for model in MODELS for f in task_results(model)],
         code=code("grid_report"),

@@ -32,7 +32,9 @@ rule task:
 
 rule task_plot:
     input:
-        results=lambda wc: expand(rules.task.output.result, model=wc.model, task=wc.task, task_method=TASK_METHODS),
+        results=lambda wc: expand(
+            "results/{model}/tasks/{task}/{task_method}.json", model=wc.model, task=wc.task, task_method=TASK_METHODS
+        ),
         code=code("task_plot"),
     output:
         png="results/{model}/tasks/{task}/task_accuracy.png",
