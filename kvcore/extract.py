@@ -20,11 +20,16 @@ from kvcore.errors import KvcoreError, UsageError
 
 
 def forward_cache(model, input_ids, attention_mask=None):
-    """(logits, [keys per layer], [values per layer]) of one forward pass."""
+    """(logits, [keys per layer], [values per layer]) of one forward pass.
+
+    A plain DynamicCache keeps every token in every layer: sliding-window layers (Gemma-2/3)
+    would otherwise keep only their last window, while their attention masks the rest anyway."""
     import torch
+    from transformers import DynamicCache
 
     with torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                    past_key_values=DynamicCache())
     cache = out.past_key_values
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
