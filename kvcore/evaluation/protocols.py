@@ -45,13 +45,13 @@ def evaluate(model, token_ids: list[int], max_length: int, stride: int, device: 
              selected: list[int] | None = None, progress: str | None = None, layout: str = "sliding") -> dict:
     """Plain perplexity of `token_ids` (the HF guide); `selected` evaluates only those windows."""
     import torch
-    from tqdm.auto import tqdm
+    from kvcore.progress import progress_bar
 
     all_windows = layout_windows(len(token_ids), max_length, stride, layout)
     chosen = range(len(all_windows)) if selected is None else selected
     ids = torch.tensor([token_ids], device=device)
     per_window, started = [], time.perf_counter()
-    for i in tqdm(chosen, desc=progress, unit="window", disable=progress is None):
+    for i in progress_bar(chosen, desc=progress, unit="window"):
         w = all_windows[i]
         nll_sum, count = plain_window(model, ids[:, w.begin:w.end], w.target_len)
         per_window.append({"index": i, "begin": w.begin, "end": w.end, "nll_sum": nll_sum, "n_scored": count})
@@ -107,7 +107,7 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
     summary is `nll.summarize(...)` plus `metrics` (records.pooled_metrics) and `metric_parts`.
     """
     import torch
-    from tqdm.auto import tqdm
+    from kvcore.progress import progress_bar
 
     options = check_options(options)
     check_protocol("baseline", None, protocol)
@@ -124,7 +124,7 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
     started = time.perf_counter()
     model.eval()
     with torch.inference_mode():
-        for i in tqdm(chosen, desc=progress, unit="window", disable=progress is None):
+        for i in progress_bar(chosen, desc=progress, unit="window"):
             w = all_windows[i]
             for recorder in run.recorders.values():
                 recorder.window = i

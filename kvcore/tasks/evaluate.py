@@ -204,7 +204,7 @@ def evaluate_task(model, tokenizer, examples: list[Example], methods: dict[str, 
     "methods": {name: {"results": [per keep ratio], "seconds": ...}}, "seconds", ...}.
     """
     import torch
-    from tqdm.auto import tqdm
+    from kvcore.progress import progress_bar
 
     from kvcore.evaluation.context import compress_context, kept_summary
     from kvcore.evaluation.options import check_options
@@ -228,7 +228,7 @@ def evaluate_task(model, tokenizer, examples: list[Example], methods: dict[str, 
     started = time.perf_counter()
     model.eval()
     with torch.inference_mode():
-        for index, example in enumerate(tqdm(examples, desc=progress, unit="example", disable=progress is None)):
+        for index, example in enumerate(progress_bar(examples, desc=progress, unit="example")):
             head, tail = prompt_ids(tokenizer, example.context, example.question, example.answer_prefix)
             t0 = time.perf_counter()
             state = prefill_context(model, torch.tensor([head], device=device), scorers, options, tokenizer)
@@ -325,7 +325,7 @@ def run_task(model_dir, task: str, task_spec: dict, method_names: list[str], set
     settings = check_settings(settings)
     kind = task_type(task_spec)
     methods = resolve_methods(method_names, config_methods)
-    model, tokenizer, _ = load_model(model_dir, settings["device"], settings["dtype"])
+    model, tokenizer, _ = load_model(model_dir, settings["device"], settings["dtype"], settings.get("attn_implementation"))
     examples = load_examples(task_spec, tokenizer, filler_parquet)
     print(f"task {task}: {len(examples)} examples, methods {', '.join(methods)}, "
           f"keep ratios {settings['keep_ratios']}", file=sys.stderr)
