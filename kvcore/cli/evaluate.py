@@ -88,11 +88,11 @@ def run_validate(args) -> int:
 
         settings.update(max_length=QUICK["max_length"], stride=QUICK["stride"], device="cpu")
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = prepare_model("quick", {"source": "random-init", "architecture": "llama",
+            quick_model = prepare_model("quick", {"source": "random-init", "architecture": "llama",
                                                 "config": {"head_dim": 64, "hidden_size": 128}}, Path(tmp) / "m")
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(0, 400, (QUICK["tokens"],), generator=g).tolist()
-            record = validate_method(model_dir, ids, args.method, spec, settings, options, args.protocol)
+            record = validate_method(quick_model, ids, args.method, spec, settings, options, args.protocol)
     else:
         if not args.model or not args.dataset:
             raise UsageError("validate needs --model MODEL and --dataset PARQUET (or --quick for a synthetic check)")

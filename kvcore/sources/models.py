@@ -105,7 +105,7 @@ ARCHITECTURES = {
                   hidden_size=64, intermediate_size=128, max_position_embeddings=2048),
     # Gemma-2's shape: softcapped attention (eager only), sliding-window and global layers alternating
     "gemma2": dict(model_type="gemma2", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   head_dim=16, hidden_size=64, intermediate_size=128, max_position_embeddings=2048,
+                   head_dim=32, hidden_size=64, intermediate_size=128, max_position_embeddings=2048,
                    sliding_window=16),
 }
 
