@@ -97,7 +97,7 @@ def check_methods(config: dict) -> None:
 def expand_models(config: dict) -> None:
     """Replace each model given as a string (a hub id or a directory) by its explicit spec, in place,
     so the workflow and the library read one form."""
-    from kvcore.sources.resolve import shorthand_spec
+    from kvcore.sources.model_ids import shorthand_spec
 
     models = config.get("models") or {}
     for name, spec in models.items():

@@ -228,7 +228,7 @@ class Extraction:
                              for i, (k, v) in enumerate(zip(self.keys, self.values))}}
 
     def to_seed_dict(self, max_elements: int | None = None) -> dict:
-        """The seed extractor's layout (README "JSON layouts"), so scripts written for it keep working:
+        """The seed extractor's layout (README, "JSON copies"), so scripts written for it keep working:
         kv_cache.layer_i.head_j.tokens is a list of {token_idx, key, value}; heads are KV heads."""
         check_json_size(2 * sum(x.numel() for x in self.keys), max_elements)
         p = self.prediction

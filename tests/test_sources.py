@@ -109,7 +109,8 @@ def test_prompts_random_and_local_jsonl(tmp_path):
 def test_unknown_model_or_dataset_name_lists_the_valid_ones(tmp_path, capsys):
     assert main(["download", "--config", str(REPO / "config.yaml"), "--model", "gpt5"]) == 2
     err = capsys.readouterr().err
-    assert err == "kvcore: error: unknown model 'gpt5'; valid models: smollm2-135m\n"
+    assert err == ("kvcore: error: unknown model 'gpt5'; valid prepared names: smollm2-135m; or give a model "
+                   "directory (with config.json) or a hub id org/name[@revision]\n")
     assert main(["download", "--config", str(REPO / "config.yaml"), "--dataset", "imdb"]) == 2
     assert "valid datasets: lee-news, enwiki-sample" in capsys.readouterr().err
 
