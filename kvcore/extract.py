@@ -22,15 +22,18 @@ from kvcore.errors import KvcoreError, UsageError
 def forward_cache(model, input_ids, attention_mask=None):
     """(logits, [keys per layer], [values per layer]) of one forward pass.
 
-    A plain DynamicCache keeps every token in every layer: sliding-window layers (Gemma-2/3)
-    would otherwise keep only their last window, while their attention masks the rest anyway."""
+    A plain DynamicCache of our own keeps every token in every layer: sliding-window layers
+    (Gemma-2/3) would otherwise keep only their last window, while their attention masks the
+    rest anyway. (transformers 5 names the argument `cache`, earlier versions `past_key_values`.)"""
+    import inspect
+
     import torch
     from transformers import DynamicCache
 
+    cache = DynamicCache()
+    argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                    past_key_values=DynamicCache())
-    cache = out.past_key_values
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{argument: cache})
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
     return out.logits, keys, values

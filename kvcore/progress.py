@@ -18,6 +18,12 @@ def be_quiet() -> None:
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # also transformers' "Loading weights" bars
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     os.environ["TQDM_DISABLE"] = "1"
+    import warnings
+
+    from kvcore.errors import KvcoreWarning
+
+    warnings.filterwarnings("ignore")  # libraries' deprecation notices...
+    warnings.filterwarnings("default", category=KvcoreWarning)  # ...but not kvcore's own
 
 
 def progress_bar(iterable=None, desc: str | None = None, **kwargs):

@@ -26,9 +26,20 @@ def test_every_subcommand_and_option_has_help():
     assert "hub id org/name[@revision]" in parser.format_help()
 
 
-def test_quiet_before_and_after_the_command(tmp_path, capsys):
+def test_quiet_before_and_after_the_command(tiny_models, tmp_path, capsys, monkeypatch):
+    from kvcore.progress import QUIET_VARIABLE
+
+    for name in (QUIET_VARIABLE, "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test: --quiet sets them
+    extract = ["extract", "--model", str(tiny_models["gpt2"]), "--prompt", "a b c", "--device", "cpu"]
+    assert main([*extract, "--out", str(tmp_path / "loud")]) == 0
+    assert "extract: 100%" in capsys.readouterr().err  # kvcore's own progress bar
+    done = subprocess.run([sys.executable, "-m", "kvcore", *extract, "--out", str(tmp_path / "quiet"), "--quiet"],
+                          capture_output=True, text=True)  # a process of its own: as a user runs it
+    assert done.returncode == 0, done.stderr
+    assert "%|" not in done.stderr and '"n_sequences": 1' in done.stdout  # results still print
     assert main(["--quiet", "query", str(tmp_path / "none")]) == 2
-    assert main(["query", str(tmp_path / "none"), "--quiet"]) == 2
+    assert main(["query", str(tmp_path / "none"), "-q"]) == 2
     assert capsys.readouterr().err.count("kvcore: error:") == 2  # errors still show
 
 
