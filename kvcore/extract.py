@@ -254,13 +254,17 @@ class Extraction:
 
 
 class Extractor:
-    """One-off extraction: `Extractor(model_dir).extract("The quick brown fox")`."""
+    """One-off extraction: `Extractor("smollm2-135m").extract("The quick brown fox")`.
+
+    `model` is what `--model` takes: a model directory, a name of ./config.yaml's models or one
+    prepared under ./resources/models/, or a hub id org/name[@revision] (kvcore.sources.resolve)."""
 
     def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto",
                  attn_implementation: str | None = None):
         from kvcore.model import load_model
+        from kvcore.sources.resolve import resolve_model
 
-        self.model_dir = Path(model)
+        self.model_dir = resolve_model(str(model))
         self.model, self.tokenizer, self.device = load_model(self.model_dir, device, dtype, attn_implementation)
 
     def extract(self, text: str, top_k: int = 10, temperature: float = 0.0, seed: int = 0) -> Extraction:
