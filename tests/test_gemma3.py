@@ -33,7 +33,7 @@ def test_gemma3_270m_from_chunk_wheels(tmp_path):
     config = ex.model.config
     assert (config.model_type, config.num_hidden_layers, config.num_key_value_heads, config.head_dim) == (
         "gemma3_text", 18, 1, 256)
-    assert config.layer_types.count("full_attention") == 3
+    assert config.layer_types.count("full_attention") == 3 and config._attn_implementation == "sdpa"
     text = "The capital of France is"
     extraction = ex.extract(text)
     n = len(extraction.tokens)
