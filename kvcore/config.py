@@ -94,14 +94,26 @@ def check_methods(config: dict) -> None:
         parse_method(name, spec)
 
 
+def expand_models(config: dict) -> None:
+    """Replace each model given as a string (a hub id or a directory) by its explicit spec, in place,
+    so the workflow and the library read one form."""
+    from kvcore.sources.model_ids import shorthand_spec
+
+    models = config.get("models") or {}
+    for name, spec in models.items():
+        if isinstance(spec, str):
+            models[name] = shorthand_spec(spec, f"models.{name}")
+
+
 def check(config: dict) -> None:
-    """Raise UsageError with one line if the config is invalid."""
+    """Raise UsageError with one line if the config is invalid; model shorthands are expanded in place."""
     found = _non_finite(config)
     if found:
         raise UsageError(f"config: {found[0]} must be a finite number (got {found[1]})")
     problem = explain(config)
     if problem:
         raise UsageError(problem)
+    expand_models(config)
     check_methods(config)
     pp = config["perplexity"]
     if pp["stride"] > pp["max_length"]:

@@ -20,24 +20,33 @@ from kvcore.errors import KvcoreError, UsageError
 
 
 def forward_cache(model, input_ids, attention_mask=None):
-    """(logits, [keys per layer], [values per layer]) of one forward pass."""
-    import torch
+    """(logits, [keys per layer], [values per layer]) of one forward pass.
 
+    A plain DynamicCache of our own keeps every token in every layer: sliding-window layers
+    (Gemma-2/3) would otherwise keep only their last window, while their attention masks the
+    rest anyway. (transformers 5 names the argument `cache`, earlier versions `past_key_values`.)"""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-    cache = out.past_key_values
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{argument: cache})
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
     return out.logits, keys, values
 
 
-def predictions_table(tokenizer, logits, lengths: list[int], seq_ids: list[int], top_k: int):
-    """Next-token top-k after the last real token of each sequence."""
+def predictions_table(tokenizer, logits, lengths: list[int], seq_ids: list[int], top_k: int,
+                      temperature: float = 1.0):
+    """Next-token top-k after the last real token of each sequence (probabilities at `temperature`)."""
     import pyarrow as pa
     import torch
 
     last = logits[torch.arange(len(lengths)), torch.tensor(lengths) - 1].float()
-    probs = torch.softmax(last, dim=-1)
+    probs = torch.softmax(last / temperature, dim=-1)
     top_p, top_i = probs.topk(top_k, dim=-1)
     top_logit = last.gather(1, top_i)
     ids = top_i.cpu().tolist()
@@ -165,6 +174,16 @@ def extract_shard(model_dir: str | Path, tokens_parquet: str | Path, run_dir: st
     return writer.close()
 
 
+JSON_MAX_ELEMENTS = 2_000_000  # cache numbers a JSON file may hold (about 40 MB of text)
+
+
+def check_json_size(elements: int, max_elements: int | None = None) -> None:
+    max_elements = JSON_MAX_ELEMENTS if max_elements is None else max_elements
+    if elements > max_elements:
+        raise UsageError(f"{elements:,} cache elements is too many for JSON (limit {max_elements:,}); "
+                         "use the run's Parquet/safetensors instead, or shorter or fewer texts")
+
+
 @dataclass
 class Extraction:
     """The KV cache of one text: what `Extractor.extract` returns."""
@@ -175,6 +194,7 @@ class Extraction:
     values: list
     prediction: dict
     meta: dict = field(default_factory=dict)
+    text: str = ""
 
     def _check(self, layer: int, head: int, token: int) -> None:
         n_layers, n_kv, n_tok = len(self.keys), self.keys[0].shape[0], len(self.tokens)
@@ -203,41 +223,84 @@ class Extraction:
                 "value_std": float(v.std()), "min": float(both.min()), "max": float(both.max()),
                 "key_norm_mean": float(k.norm(dim=-1).mean()), "value_norm_mean": float(v.norm(dim=-1).mean())}
 
-    def to_dict(self, max_elements: int = 2_000_000) -> dict:
-        """Nested JSON-ready form (the old extractor's format); refused for large caches."""
-        total = 2 * sum(x.numel() for x in self.keys)
-        if total > max_elements:
-            raise UsageError(f"{total} cache elements is too many for JSON (limit {max_elements}); "
-                             "save to Parquet/safetensors with .save(run_dir) instead")
+    def to_dict(self, max_elements: int | None = None) -> dict:
+        """Nested JSON-ready form (kvcore's JSON layout); refused for large caches."""
+        check_json_size(2 * sum(x.numel() for x in self.keys), max_elements)
         return {"meta": self.meta, "tokens": self.tokens, "token_ids": self.token_ids, "prediction": self.prediction,
                 "kv_cache": {f"layer_{i}": {f"head_{h}": {"key": k[h].float().tolist(), "value": v[h].float().tolist()}
                                             for h in range(k.shape[0])}
                              for i, (k, v) in enumerate(zip(self.keys, self.values))}}
 
+    def to_seed_dict(self, max_elements: int | None = None) -> dict:
+        """The seed extractor's layout (README, "JSON copies"), so scripts written for it keep working:
+        kv_cache.layer_i.head_j.tokens is a list of {token_idx, key, value}; heads are KV heads."""
+        check_json_size(2 * sum(x.numel() for x in self.keys), max_elements)
+        p = self.prediction
+        return {
+            "model": self.meta.get("model"),
+            "input_text": self.text,
+            "input_tokens": self.tokens,
+            "predicted_next_token": {
+                "token": p["token"], "token_id": p["token_id"], "probability": p["probability"],
+                "top_k_candidates": [{"token": c["token"], "token_id": c["token_id"], "probability": c["probability"]}
+                                     for c in p["top_k"]]},
+            "kv_cache": {f"layer_{i}": {f"head_{h}": {"tokens": [
+                {"token_idx": t, "key": key, "value": value}
+                for t, (key, value) in enumerate(zip(k[h].float().tolist(), v[h].float().tolist()))]}
+                for h in range(k.shape[0])} for i, (k, v) in enumerate(zip(self.keys, self.values))},
+            "metadata": {"n_layers": self.meta.get("num_layers"), "n_heads": self.meta.get("num_kv_heads"),
+                         "n_query_heads": self.meta.get("num_heads"), "d_head": self.meta.get("head_dim"),
+                         "sequence_length": len(self.tokens), "temperature": p.get("temperature", 0.0)},
+        }
+
 
 class Extractor:
-    """One-off extraction: `Extractor(model_dir).extract("The quick brown fox")`."""
+    """One-off extraction: `Extractor("smollm2-135m").extract("The quick brown fox")`.
 
-    def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto"):
+    `model` is what `--model` takes: a model directory, a name of ./config.yaml's models or one
+    prepared under ./resources/models/, or a hub id org/name[@revision] (kvcore.sources.resolve)."""
+
+    def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto",
+                 attn_implementation: str | None = None):
         from kvcore.model import load_model
+        from kvcore.sources.resolve import resolve_model
 
-        self.model_dir = Path(model)
-        self.model, self.tokenizer, self.device = load_model(self.model_dir, device, dtype)
+        self.model_dir = resolve_model(str(model))
+        self.model, self.tokenizer, self.device = load_model(self.model_dir, device, dtype, attn_implementation)
 
-    def extract(self, text: str, top_k: int = 10) -> Extraction:
+    def extract(self, text: str, top_k: int = 10, temperature: float = 0.0, seed: int = 0) -> Extraction:
+        """The cache of `text` and its next token: the most likely one (temperature 0), or one
+        sampled from the top-k at `temperature` with a generator seeded by `seed`."""
         import torch
 
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise UsageError("the text has no tokens")
+        ids = self.token_ids(text)
         logits, keys, values = forward_cache(self.model, torch.tensor([ids], device=self.device))
-        pred = predictions_table(self.tokenizer, logits, [len(ids)], [0], top_k).to_pylist()
-        prediction = {"token": pred[0]["token"], "token_id": pred[0]["token_id"], "probability": pred[0]["probability"],
+        pred = predictions_table(self.tokenizer, logits, [len(ids)], [0], top_k, temperature or 1.0).to_pylist()
+        chosen = 0
+        if temperature > 0:
+            weights = torch.tensor([p["probability"] for p in pred], dtype=torch.float64)
+            chosen = int(torch.multinomial(weights, 1, generator=torch.Generator().manual_seed(seed)))
+        prediction = {"token": pred[chosen]["token"], "token_id": pred[chosen]["token_id"],
+                      "probability": pred[chosen]["probability"], "temperature": temperature,
                       "top_k": [{k: p[k] for k in ("token", "token_id", "probability", "logit")} for p in pred]}
         meta = run_meta(self.model, self.model_dir.name, "text", len(ids))
         return Extraction(tokens=self.tokenizer.batch_decode([[i] for i in ids]), token_ids=ids,
                           keys=[k[0].cpu() for k in keys], values=[v[0].cpu() for v in values],
-                          prediction=prediction, meta=meta)
+                          prediction=prediction, meta=meta, text=text)
+
+    def token_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UsageError("the text has no tokens")
+        return ids
+
+    def json_elements(self, texts: list[str]) -> int:
+        """Cache numbers the JSON of `texts` holds, from the model's shape (checked before any output)."""
+        from kvcore.model import kv_shape
+
+        shape = kv_shape(self.model.config)
+        per_token = 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"]
+        return per_token * sum(len(self.token_ids(t)) for t in texts)
 
     def extract_to_run(self, texts: list[str], run_dir: str | Path, top_k: int = 10, batch_size: int = 8,
                        dataset_name: str = "text", parquet_layers=None, parquet_heads=None, parts: str = "both",

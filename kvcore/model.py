@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvcore.errors import KvcoreError, UsageError
+from kvcore.errors import KvcoreError, UsageError, one_line
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTENTION = ("eager", "sdpa")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -43,8 +44,28 @@ def load_tokenizer(model_dir: str | Path):
         raise KvcoreError(f"could not load the tokenizer in {model_dir}: {type(exc).__name__}: {exc}") from None
 
 
-def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa"):
-    """(model, tokenizer, device) for a directory made by kvcore.sources.prepare_model."""
+def attention_choice(model_dir: Path, requested: str | None) -> str | None:
+    """The attention implementation asked for: the argument, else the model's config entry
+    (`attn_implementation`, kept in the prepared directory's manifest), else None: transformers'
+    own default, sdpa where the architecture supports it and eager where it must (Gemma-2)."""
+    if requested is None:
+        manifest = model_dir / "manifest.json"
+        if manifest.is_file():
+            from kvcore.inputs import read_json
+
+            requested = (read_json(manifest, "model manifest").get("spec") or {}).get("attn_implementation")
+    if requested is not None and requested not in ATTENTION:
+        raise UsageError(f"attn_implementation must be one of {', '.join(ATTENTION)} (got {requested!r})")
+    return requested
+
+
+def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
+               attn_implementation: str | None = None):
+    """(model, tokenizer, device) for a directory made by kvcore.sources.prepare_model.
+
+    Every model kvcore runs is loaded here; `attn_implementation` (eager/sdpa, None: see
+    `attention_choice`) ends up in `model.config._attn_implementation`.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -53,13 +74,14 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
         raise KvcoreError(f"{model_dir} is not a model directory (no config.json); run the download step first")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    attention = attention_choice(model_dir, attn_implementation)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=torch_dtype, use_safetensors=True, trust_remote_code=False,
-            attn_implementation=attn_implementation)
+            attn_implementation=attention)
     except (OSError, ValueError) as exc:
-        raise KvcoreError(f"could not load the model in {model_dir}: {exc}") from None
+        raise KvcoreError(f"could not load the model in {model_dir}: {one_line(exc)}") from None
     return model.to(device).eval(), load_tokenizer(model_dir), device
 
 

@@ -6,17 +6,38 @@ progress line goes to the job's stderr (its log) and to that console, prefixed t
 job's name. Lines are throttled, at most one every `EVERY` seconds per progress plus the
 last one, and never use carriage returns, so a log reads as plain lines. Outside a job a
 progress writes to stderr, unless it is `jobs_only` (library calls that never showed progress
-stay silent for their callers).
+stay silent for their callers), and nothing is written under `kvcore --quiet` (KVCORE_QUIET=1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 
 EVERY = 10.0  # seconds between two lines of one progress (the last line always comes)
 _console = None  # (stream, job name) while run_job runs a job
+QUIET_VARIABLE = "KVCORE_QUIET"
+
+
+def quiet() -> bool:
+    return os.environ.get(QUIET_VARIABLE) == "1"
+
+
+def be_quiet() -> None:
+    """No progress or library chatter from here on (this process and its children);
+    kvcore's own warnings and errors still print."""
+    os.environ[QUIET_VARIABLE] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # also transformers' "Loading weights" bars
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["TQDM_DISABLE"] = "1"
+    import warnings
+
+    from kvcore.errors import KvcoreWarning
+
+    warnings.filterwarnings("ignore")  # libraries' deprecation notices...
+    warnings.filterwarnings("default", category=KvcoreWarning)  # ...but not kvcore's own
 
 
 @contextlib.contextmanager
@@ -66,7 +87,7 @@ class Progress:
         now = self.clock()
         if now - self.last < self.every and not (self.total and self.done >= self.total):
             return
-        if self.jobs_only and _console is None:
+        if (self.jobs_only or quiet()) and _console is None:
             return
         self.last = now
         line = self.line(now)

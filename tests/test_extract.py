@@ -137,4 +137,4 @@ def test_cli_extract_writes_a_run_and_refuses_bad_input(tiny_models, tmp_path, c
     assert main(["extract", "--model", "no-such-model", "--prompt", "x", "--out", str(tmp_path / "o"),
                  "--config", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "neither a model directory" in err
+    assert err.count("\n") == 1 and "unknown model 'no-such-model'; valid prepared names:" in err

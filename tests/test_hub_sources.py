@@ -33,10 +33,11 @@ def test_hf_model_through_snapshot_download(tiny_models, tmp_path, monkeypatch):
 
     calls = {}
 
-    def fake_snapshot(repo_id, revision, local_dir, allow_patterns):
+    def fake_snapshot(repo_id, revision, allow_patterns):
         calls.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
-        shutil.copytree(tiny_models["llama"], local_dir, dirs_exist_ok=True)
-        return str(local_dir)
+        snapshot = tmp_path / "snapshot"
+        shutil.copytree(tiny_models["llama"], snapshot, dirs_exist_ok=True)
+        return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     out = prepare_model("tl", {"source": "hf", "repo_id": "org/tiny", "revision": "abc"}, tmp_path / "m")
@@ -47,9 +48,10 @@ def test_hf_model_through_snapshot_download(tiny_models, tmp_path, monkeypatch):
     model, tokenizer, _ = load_model(out, "cpu", "float32")
     assert model.config.num_key_value_heads == 2
 
-    def no_weights(repo_id, revision, local_dir, allow_patterns):
-        (local_dir / "config.json").write_text("{}")
-        return str(local_dir)
+    def no_weights(repo_id, revision, allow_patterns):
+        (tmp_path / "bare").mkdir()
+        (tmp_path / "bare" / "config.json").write_text("{}")
+        return str(tmp_path / "bare")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_weights)
     with pytest.raises(KvcoreError, match="no \\*.safetensors weights"):

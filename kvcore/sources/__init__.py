@@ -4,6 +4,9 @@
 kvcore reads (DESIGN.md, "Data flow"):
 - resources/models/{model}/    HF directory (config.json, model.safetensors, tokenizer) + manifest.json
 - resources/datasets/{dataset}/text.parquet (doc_id, title, text) + manifest.json
+
+`kvcore.sources.resolve.resolve_model` turns what `--model` takes (a name, a directory or a
+hub id) into such a directory, preparing it on first use.
 """
 
 from kvcore.sources.datasets import prepare_dataset

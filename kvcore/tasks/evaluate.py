@@ -325,7 +325,7 @@ def run_task(model_dir, task: str, task_spec: dict, method_names: list[str], set
     settings = check_settings(settings)
     kind = task_type(task_spec)
     methods = resolve_methods(method_names, config_methods)
-    model, tokenizer, _ = load_model(model_dir, settings["device"], settings["dtype"])
+    model, tokenizer, _ = load_model(model_dir, settings["device"], settings["dtype"], settings.get("attn_implementation"))
     examples = load_examples(task_spec, tokenizer, filler_parquet)
     print(f"task {task}: {len(examples)} examples, methods {', '.join(methods)}, "
           f"keep ratios {settings['keep_ratios']}", file=sys.stderr)
