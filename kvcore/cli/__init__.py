@@ -15,7 +15,7 @@ import warnings
 from kvcore.errors import KvcoreError, KvcoreWarning, UsageError, one_line
 
 # Order is the order shown in `kvcore --help`.
-COMMANDS = ["download", "extract", "query", "compress", "evaluate", "tasks"]
+COMMANDS = ["download", "extract", "query", "compress", "evaluate", "tasks", "score"]
 
 
 class _Parser(argparse.ArgumentParser):
