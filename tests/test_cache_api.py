@@ -68,6 +68,7 @@ def test_generation_continued_from_a_run_equals_generation_from_scratch(runs, ar
     loaded = kvcore.load_cache(run, [seq], model=model)
     assert loaded.lengths == [len(ids[seq])] and loaded.method is None and not loaded.hidden
     assert loaded.positions[0][0, 0].tolist() == list(range(len(ids[seq])))
+    assert loaded.token_ids == [ids[seq]] and loaded.next_token_ids == [top1[seq]]
     # the run's own prediction is the first new token; the cache holds every prompt token
     with torch.no_grad():
         cont = model.generate(torch.tensor([ids[seq] + [top1[seq]]]), past_key_values=loaded.cache,
@@ -144,6 +145,20 @@ def test_evicted_file_holds_only_kept_tokens_at_their_positions(runs, models, tm
             p = pos[0, h][pos[0, h] >= 0]
             assert torch.equal(b.keys[0, h, :len(p)], a.keys[0, h, p])
             assert p.tolist() == sorted(set(p.tolist()))
+    assert ev.hidden  # budget global: heads keep different counts, padded and masked
+    # continued at the true positions with the padding masked out, the file scores a
+    # continuation exactly as the prefill-compress protocol does with the same method
+    cont, n = [7, 99, 250, 3], len(ids[1])
+    want = score_continuation(model, ids[1], cont, {"e": parse_method("evict-knorm-0.5-global")},
+                              protocol="prefill-compress")["methods"]["e"]["nll_sum"]
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor([ids[1]])).logits[0, -1:]  # the prompt's last logits
+        with ev.attention(model):
+            rest = model(input_ids=torch.tensor([cont[:-1]]), past_key_values=ev.cache, use_cache=True,
+                         position_ids=torch.arange(n, n + len(cont) - 1)[None]).logits[0]
+    logits = torch.cat([first, rest]).double()
+    got = float(-torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum())
+    assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_bfloat16_shards_load_as_stored(models, tmp_path):
@@ -187,6 +202,31 @@ def test_generate_with_identity_and_kvzip_keep_one_equals_plain(runs, arch):
     assert "forward" not in model.__dict__  # the wrapper is gone after the block
     with kvcore.apply(model, "evict-kvzip-0.3", tokenizer=tokenizer):
         assert greedy(model, ids[1]) != plain  # and it does evict
+
+
+def test_generate_under_eviction_answers_as_the_task_protocol(runs):
+    """apply() evicts at prefill through the evaluation's one path: generate() gives the tokens
+    the task protocol's greedy decoding gives from the same compressed context (budget global:
+    heads keep different counts, so the padding masks are exercised too)."""
+    from kvcore.evaluation.context import compress_context
+    from kvcore.evaluation.options import check_options
+    from kvcore.evaluation.prefill import make_scorers, prefill_context
+    from kvcore.tasks.evaluate import greedy_answer
+
+    _, model, tokenizer, ids, _ = runs["llama"]
+    method, options = parse_method("evict-snapkv-0.4-global"), check_options(None)
+    with kvcore.apply(model, method):
+        got = greedy(model, ids[1])[len(ids[1]):]
+    scorers = make_scorers([method], options)
+    with torch.no_grad():
+        pre = prefill_context(model, torch.tensor([ids[1]]), scorers, options)
+        compressed = compress_context(method, pre, scorers, options)
+        first = int(pre.last_logits[0].argmax())
+        want = [first] + greedy_answer(model, compressed.cache(model), compressed.hidden, [first], len(ids[1]),
+                                       NEW - 1, set())
+    assert compressed.hidden  # heads kept different counts
+    assert got == want
+    assert got != greedy(model, ids[1])[len(ids[1]):]
 
 
 def test_generate_under_4bit_scores_as_the_fake_quant_protocol(runs):

@@ -45,6 +45,11 @@ def run_score(args) -> int:
     from kvcore.model import load_model
 
     method, protocols = check_protocols(args.method, key_values(args.param, "--param") or None, args.protocol)
+    for option, text in (("--prompt", args.prompt), ("--continuation", args.continuation)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as surrogates
+            raise UsageError(f"{option} is not valid UTF-8 text") from None
     model, tokenizer, device = load_model(args.model, args.device, args.dtype)
     prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     continuation = tokenizer(args.continuation, add_special_tokens=False)["input_ids"]
@@ -63,6 +68,6 @@ def run_score(args) -> int:
     print(f"{'protocol':<17} {'baseline NLL':>12} {'ppl':>10} {'method NLL':>11} {'ppl':>10} {'delta %':>8}")
     for protocol, s in scores.items():
         base, comp = s["baseline"], s["methods"][method.name]
-        print(f"{protocol:<17} {base['mean_nll']:>12.4f} {base['perplexity']:>10.3f} {comp['mean_nll']:>11.4f} "
-              f"{comp['perplexity']:>10.3f} {100 * (comp['perplexity'] / base['perplexity'] - 1):>+8.2f}")
+        print(f"{protocol:<17} {base['mean_nll']:>12.4f} {base['perplexity']:>10.4g} {comp['mean_nll']:>11.4f} "
+              f"{comp['perplexity']:>10.4g} {100 * (comp['perplexity'] / base['perplexity'] - 1):>+8.2f}")
     return 0

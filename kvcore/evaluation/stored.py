@@ -34,6 +34,8 @@ class LoadedCache:
     metadata: dict  # the file's string metadata (model, dataset, dtype, ...)
     method: str | None = None  # the compression method's name; None for an extracted shard
     hidden: dict = field(default_factory=dict)  # layer -> bool [n_seq, n_kv, slots]: padding slots
+    token_ids: list | None = None  # per sequence its tokens (the run's tokens.parquet), None without it
+    next_token_ids: list | None = None  # per sequence the run's top-1 next token (predictions.parquet)
 
     def attention(self, model):
         """Forwards of `model` inside this block mask the padding slots out (kvcore's attention)."""
@@ -172,7 +174,29 @@ def load_cache(run_or_file, seq_ids: list[int] | None = None, device: str = "cpu
         cache = DynamicCache()
         for layer, (k, v) in enumerate(zip(keys, values)):
             cache.update(k, v, layer)
-    return LoadedCache(cache, positions, chosen, lengths, meta, getattr(method, "name", None), hidden)
+    token_ids, next_ids = _run_tokens(Path(run_or_file), chosen)
+    return LoadedCache(cache, positions, chosen, lengths, meta, getattr(method, "name", None), hidden,
+                       token_ids, next_ids)
+
+
+def _run_tokens(path: Path, seq_ids: list[int]) -> tuple[list | None, list | None]:
+    """The sequences' tokens and predicted next tokens from the run holding `path` (a run
+    directory, or a file in its kv/ or compress/), where the run has them."""
+    import pyarrow.parquet as pq
+
+    from kvcore.tokens import read_sequences
+
+    run = path if path.is_dir() else path.parent.parent if path.parent.name in ("kv", "compress") else None
+    if run is None or not (run / "tokens.parquet").is_file():
+        return None, None
+    found = read_sequences(run / "tokens.parquet", seq_ids)
+    token_ids = [found.get(s) for s in seq_ids]
+    next_ids = None
+    if (run / "predictions.parquet").is_file():
+        top = pq.read_table(run / "predictions.parquet", columns=["seq_id", "rank", "token_id"]).to_pylist()
+        best = {r["seq_id"]: r["token_id"] for r in top if r["rank"] == 0}
+        next_ids = [best.get(s) for s in seq_ids]
+    return token_ids, next_ids
 
 
 def _metadata(path: Path) -> dict:
