@@ -259,6 +259,9 @@ def test_compressed_cache_refuses_prefill_methods(runs):
         kvcore.compressed_cache(model, "evict-knorm-0.5")
     with pytest.raises(UsageError, match="bits must be one of"):
         kvcore.compressed_cache(model, "int5")
+    with pytest.raises(UsageError, match="already compresses .*int8-g32"), kvcore.apply(model, "int4-g32"):
+        greedy(model, [1, 2, 3], past_key_values=kvcore.compressed_cache(model, "int8-g32"))
+    assert "forward" not in model.__dict__  # removed after an error too
 
 
 def test_score_equals_a_plain_forward_pass(runs, capsys):

@@ -3,6 +3,8 @@ physical eviction."""
 
 from __future__ import annotations
 
+import functools
+
 from kvcore.errors import UsageError
 
 
@@ -82,19 +84,22 @@ class CompressingLayer:
         return super().update(k, v, *args, **kwargs)
 
 
-_COMPRESSING: dict = {}  # transformers layer class -> its compressing subclass
+@functools.cache
+def compressing_class(base: type) -> type:
+    """The compressing subclass of a transformers cache layer class (DynamicLayer, sliding...)."""
+    return type(f"Compressing{base.__name__}", (CompressingLayer, base), {})
 
 
 def compress_layers(cache, method, recorder=None, rope: Rope | None = None):
     """Give an empty cache compressing layers of the same kinds (full, sliding window...), in place."""
     if cache.get_seq_length() > 0:
         raise UsageError("a cache that already holds tokens cannot start compressing them on write")
+    if any(isinstance(layer, CompressingLayer) for layer in cache.layers):
+        raise UsageError(f"the cache already compresses what is written to it (method "
+                         f"{cache.layers[0].method.name!r}); pass a plain cache")
     layers = []
     for index, layer in enumerate(cache.layers):
-        base = type(layer)
-        if base not in _COMPRESSING:
-            _COMPRESSING[base] = type(f"Compressing{base.__name__}", (CompressingLayer, base), {})
-        new = object.__new__(_COMPRESSING[base])
+        new = object.__new__(compressing_class(type(layer)))
         new.__dict__.update(layer.__dict__)  # an empty layer: only its settings (e.g. sliding_window)
         new.method, new.index, new.recorder, new.rope = method, index, recorder, rope
         layers.append(new)

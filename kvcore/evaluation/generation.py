@@ -107,9 +107,9 @@ class Applied:
 
         name = self.method.name
         if ids is None or ids.dim() != 2 or ids.shape[0] != 1:
-            raise UsageError(f"method {name!r} evicts at prefill: give input_ids of one sequence [1, n]")
+            raise UsageError(f"method {name!r} compresses the prompt at prefill: give input_ids of one sequence [1, n]")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise UsageError(f"method {name!r} evicts at prefill: the prompt must not be padded")
+            raise UsageError(f"method {name!r} compresses the prompt at prefill: it must not be padded")
         self.busy = True
         try:
             pre = prefill_context(self.model, ids, self.scorers, self.options, self.tokenizer)
