@@ -181,6 +181,10 @@ def test_load_cache_errors_are_one_line(runs, tmp_path):
     run = runs["llama"][0]
     with pytest.raises(UsageError, match=r"seq id 7 is not in .* ids 0\.\.2"):
         kvcore.load_cache(run, [7])
+    with pytest.raises(UsageError, match="seq_ids must be a list of integer"):
+        kvcore.load_cache(run, 0)
+    with pytest.raises(UsageError, match="device must be"):
+        kvcore.load_cache(run, [0], device="gpu")
     with pytest.raises(UsageError, match="no such run directory or safetensors file"):
         kvcore.load_cache(tmp_path / "missing")
     bad = tmp_path / "bad.safetensors"

@@ -99,12 +99,19 @@ def _check_layers(path, tensors: dict) -> None:
 
 def load_cache(run_or_file, seq_ids: list[int] | None = None, device: str = "cpu", *, dtype=None,
                model=None) -> LoadedCache:
-    """The stored cache of `seq_ids` (default: every sequence) as a DynamicCache.
+    """The stored cache of `seq_ids` (default: every sequence) as a DynamicCache on `device`
+    (auto, cpu, cuda, cuda:N).
 
     `dtype` converts the tensors (default: as stored); `model` checks them against its
     geometry (`validate_cache`) and builds the cache's layer types from its config."""
     import torch
 
+    from kvcore.model import resolve_device
+
+    device = resolve_device(device)
+    if seq_ids is not None and (isinstance(seq_ids, (str, int)) or any(
+            isinstance(s, bool) or not isinstance(s, int) for s in seq_ids)):
+        raise UsageError(f"seq_ids must be a list of integer sequence ids, e.g. [0] (got {seq_ids!r})")
     paths = _shard_paths(Path(run_or_file))
     where: dict[int, tuple[Path, int, int]] = {}  # seq_id -> (file, row, length)
     for path in paths:
@@ -115,7 +122,7 @@ def load_cache(run_or_file, seq_ids: list[int] | None = None, device: str = "cpu
             where.setdefault(int(s), (path, row, int(n)))
     if not where:
         raise KvcoreError(f"{run_or_file}: its metadata names no sequences (seq_ids)")
-    chosen = sorted(where) if seq_ids is None else [int(s) for s in seq_ids]
+    chosen = sorted(where) if seq_ids is None else list(seq_ids)
     missing = [s for s in chosen if s not in where]
     if missing or not chosen:
         raise UsageError(f"seq id {missing[0] if missing else '(none given)'} is not in {run_or_file} "
