@@ -192,6 +192,11 @@ def test_load_cache_errors_are_one_line(runs, tmp_path):
     with pytest.raises(KvcoreError, match="cannot read .*bad.safetensors") as err:
         kvcore.load_cache(bad)
     assert "\n" not in str(err.value)
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KvcoreError, match="not an extracted run, shard or compressed file"):
+        kvcore.load_cache(tmp_path / "model.safetensors")
     with pytest.raises(KvcoreError, match="does not fit the model"):
         kvcore.load_cache(run, [0], model=runs["gpt2"][1])
 

@@ -87,6 +87,8 @@ def _file_tensors(path: Path, rows: list[int], device) -> tuple[dict, list, obje
 
 
 def _check_layers(path, tensors: dict) -> None:
+    if not tensors:
+        raise KvcoreError(f"{path} holds no layer_{{i}}_key / layer_{{i}}_value tensors")
     for layer, (k, v, _) in tensors.items():
         if k is None or v is None:
             raise KvcoreError(f"{path}: layer_{layer}_{'key' if k is None else 'value'} is missing")
@@ -121,7 +123,8 @@ def load_cache(run_or_file, seq_ids: list[int] | None = None, device: str = "cpu
         for row, (s, n) in enumerate(zip(ids, lengths)):
             where.setdefault(int(s), (path, row, int(n)))
     if not where:
-        raise KvcoreError(f"{run_or_file}: its metadata names no sequences (seq_ids)")
+        raise KvcoreError(f"{run_or_file} is not an extracted run, shard or compressed file "
+                          "(its metadata names no sequences, seq_ids)")
     chosen = sorted(where) if seq_ids is None else list(seq_ids)
     missing = [s for s in chosen if s not in where]
     if missing or not chosen:
