@@ -7,6 +7,7 @@ one repeated token (which would make "equal generations" say little).
 
 from __future__ import annotations
 
+import json
 import math
 
 import pyarrow.parquet as pq
@@ -119,7 +120,7 @@ def test_int8_file_continues_as_its_prefill_compress_score(runs, tmp_path):
         got = float(-torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(cont)[:, None]).sum())
         assert got == pytest.approx(expected["nll_sum"], rel=1e-5)
     assert want["methods"]["q"]["nll_sum"] != pytest.approx(want["baseline"]["nll_sum"], rel=1e-7)
-    q8 = kvcore.load_cache(tmp_path / "int8.safetensors", [seq], model=model)
+    q8 = kvcore.load_cache(tmp_path / "int8.safetensors", [seq], model=model)  # fresh: the caches above grew
     with torch.no_grad():
         start = torch.tensor([ids[seq] + [top1[seq]]])
         from_exact = model.generate(start, past_key_values=kvcore.load_cache(run, [seq]).cache,
@@ -297,8 +298,6 @@ def test_score_cli(models, capsys):
     out = capsys.readouterr().out
     assert "fake-quant" in out and "prefill-compress" in out and "continuation" in out
     assert main([*args, "--method", "evict-knorm-0.5", "--json"]) == 0
-    import json
-
     record = json.loads(capsys.readouterr().out)
     assert list(record["protocols"]) == ["prefill-compress"]
     assert main([*args[:-2], "--continuation", "", "--method", "int4-g32"]) == 2

@@ -88,14 +88,17 @@ class Applied:
         if self.busy:
             return self.original(*args, **kwargs)
         key = "cache" if "cache" in kwargs else "past_key_values"
+        if kwargs.get("use_cache") is False:
+            raise UsageError(f"method {self.method.name!r} works on the KV cache: call the model without "
+                             "use_cache=False inside kvcore.apply")
         cache = kwargs.get(key)
-        if cache is None and kwargs.get("use_cache", True) is not False:
+        if cache is None:
             cache = kwargs[key] = cache_from(self.model, [], [])
-        if cache is not None and cache in self.hidden:  # decode against a cache evicted at prefill
+        if cache in self.hidden:  # decode against a cache evicted at prefill
             kwargs.pop("attention_mask", None)  # kvcore's attention aligns the new tokens itself
             with attention_pass(self.model, PassState(hidden=self.hidden[cache])):
                 return self.original(*args, **kwargs)
-        if cache is None or not hasattr(cache, "layers") or cache.get_seq_length() > 0:
+        if not hasattr(cache, "layers") or cache.get_seq_length() > 0:
             return self.original(*args, **kwargs)
         if writes_compressed(self.method):
             compress_layers(cache, self.method, None, self.rope)
