@@ -153,7 +153,7 @@ def test_query_arguments_never_escape_as_a_traceback(tiny_run, tmp_path_factory)
 # --- every subcommand, random argument vectors and random bytes ------------------------------------------------
 
 SUBCOMMANDS = [["download"], ["extract"], ["query"], ["compress"], ["decompress"], ["metrics"], ["validate"],
-               ["tasks", "needle"], ["tasks", "local"], ["tasks", "plot"], ["tasks", "table"]]
+               ["tasks", "needle"], ["tasks", "local"], ["tasks", "plot"], ["tasks", "table"], ["score"]]
 SKIPPED_FLAGS = {"--help", "-h", "--quick", "--shell", "--hub-id"}  # --quick trains nothing but runs a model for
 # seconds; --shell reads stdin; --hub-id needs a network. Each is tested on its own elsewhere.
 

@@ -31,7 +31,7 @@ The whole workflow (download, extract, compress, evaluate, report) runs with `sn
 (`pip install 'kvcore[workflow]'`); README.md describes both."""
 
 # Order is the order shown in `kvcore --help`.
-COMMANDS = ["download", "extract", "query", "compress", "evaluate", "tasks"]
+COMMANDS = ["download", "extract", "query", "compress", "evaluate", "tasks", "score"]
 
 
 class _Parser(argparse.ArgumentParser):

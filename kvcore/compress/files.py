@@ -76,13 +76,11 @@ def measure(in_path, method: Method, scores: Scores | None = None, *,
     return _finish(partial, size, method, thresholds)
 
 
-def decompress_file(in_path, out_path, *, device: str | None = None) -> dict:
-    """Write the extracted-format safetensors that a compressed file stands for."""
+def read_packed(in_path, device: str | None = None) -> tuple[Method, dict, dict]:
+    """(method, metadata, {(layer, kind): packed tensors}) of a compressed file, on `device`."""
     from kvcore.compress import parse_method
 
-    _check_paths(in_path, out_path)
     dev = _device(device)
-    start = time.perf_counter()
     with _open(in_path) as f:
         meta = f.metadata() or {}
         if "compress_spec" not in meta:
@@ -100,14 +98,26 @@ def decompress_file(in_path, out_path, *, device: str | None = None) -> dict:
             m = _PACKED_NAME.fullmatch(tname)
             if m:
                 groups.setdefault((int(m[1]), m[2]), {})[m[3]] = _get(f, in_path, tname).to(dev)
-        out = {}
-        for (layer, kind), packed in sorted(groups.items()):
-            try:
-                out[f"layer_{layer}_{kind}"] = method.decompress(packed, kind).cpu()
-            except (ValueError, RuntimeError, KeyError, IndexError) as exc:  # damaged file
-                raise KvcoreError(f"{in_path}: cannot decompress layer_{layer}_{kind} ({exc})") from None
-    if not out:
+    if not groups:
         raise KvcoreError(f"{in_path} holds no compressed layer_{{i}}_{{key,value}} tensors")
+    return method, meta, dict(sorted(groups.items()))
+
+
+def unpack(in_path, method: Method, packed: dict, layer: int, kind: str) -> torch.Tensor:
+    """`method.decompress` of one stored tensor; a damaged one is a one-line KvcoreError."""
+    try:
+        return method.decompress(packed, kind)
+    except (ValueError, RuntimeError, KeyError, IndexError) as exc:  # damaged file
+        raise KvcoreError(f"{in_path}: cannot decompress layer_{layer}_{kind} ({exc})") from None
+
+
+def decompress_file(in_path, out_path, *, device: str | None = None) -> dict:
+    """Write the extracted-format safetensors that a compressed file stands for."""
+    _check_paths(in_path, out_path)
+    start = time.perf_counter()
+    method, meta, groups = read_packed(in_path, device)
+    out = {f"layer_{layer}_{kind}": unpack(in_path, method, packed, layer, kind).cpu()
+           for (layer, kind), packed in groups.items()}
     metadata = {k: v for k, v in meta.items() if k not in _COMPRESS_KEYS}
     with atomic_path(out_path) as tmp:
         save_tensors(out, tmp, metadata=metadata)

@@ -1,6 +1,9 @@
-"""Caches over given tensors, the fake-quant cache, RoPE undo/redo and physical eviction."""
+"""Caches over given tensors, the compressing (fake-quant) cache layers, RoPE undo/redo and
+physical eviction."""
 
 from __future__ import annotations
+
+import functools
 
 from kvcore.errors import UsageError
 
@@ -61,26 +64,66 @@ def fake_tensor(method, x, kind: str, layer: int, start: int = 0, rope: Rope | N
     return method.fake(x, kind, layer=layer)
 
 
-def fake_quant_cache(model, method, recorder, rope: Rope | None):
-    """A DynamicCache whose every layer compresses what is written to it on update()."""
-    from transformers.cache_utils import DynamicLayer
+class CompressingLayer:
+    """Mixed into a transformers cache layer: `update()`, the one seam where K/V pass through,
+    stores `method.fake` of what is written (keys optionally quantized before RoPE), so every
+    attention read sees compressed keys and values (the fake-quant protocol)."""
 
-    class FakeQuantLayer(DynamicLayer):
-        def __init__(self, index):
-            super().__init__()
-            self.index = index
+    method = None
+    index = 0
+    recorder = None  # a records.Recorder measuring what was compressed, or None
+    rope: Rope | None = None
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            start = self.get_seq_length()
-            k = fake_tensor(method, key_states, "key", self.index, start, rope)
-            v = fake_tensor(method, value_states, "value", self.index, start)
-            recorder.add(method, key_states, k, "key", self.index)
-            recorder.add(method, value_states, v, "value", self.index)
-            return super().update(k, v)
+    def update(self, key_states, value_states, *args, **kwargs):
+        start = self.get_seq_length()
+        k = fake_tensor(self.method, key_states, "key", self.index, start, self.rope)
+        v = fake_tensor(self.method, value_states, "value", self.index, start)
+        if self.recorder is not None:
+            self.recorder.add(self.method, key_states, k, "key", self.index)
+            self.recorder.add(self.method, value_states, v, "value", self.index)
+        return super().update(k, v, *args, **kwargs)
 
-    cache = cache_from(model, [], [])
-    cache.layers = [FakeQuantLayer(i) for i in range(len(cache.layers))]
+
+@functools.cache
+def compressing_class(base: type) -> type:
+    """The compressing subclass of a transformers cache layer class (DynamicLayer, sliding...)."""
+    return type(f"Compressing{base.__name__}", (CompressingLayer, base), {})
+
+
+def compress_layers(cache, method, recorder=None, rope: Rope | None = None):
+    """Give an empty cache compressing layers of the same kinds (full, sliding window...), in place."""
+    if cache.get_seq_length() > 0:
+        raise UsageError("a cache that already holds tokens cannot start compressing them on write")
+    if any(isinstance(layer, CompressingLayer) for layer in cache.layers):
+        raise UsageError(f"the cache already compresses what is written to it (method "
+                         f"{cache.layers[0].method.name!r}); pass a plain cache")
+    layers = []
+    for index, layer in enumerate(cache.layers):
+        new = object.__new__(compressing_class(type(layer)))
+        new.__dict__.update(layer.__dict__)  # an empty layer: only its settings (e.g. sliding_window)
+        new.method, new.index, new.recorder, new.rope = method, index, recorder, rope
+        layers.append(new)
+    cache.layers = layers
     return cache
+
+
+def fake_quant_cache(model, method, recorder=None, rope: Rope | None = None):
+    """A DynamicCache for `model` whose every layer compresses what is written to it on update()."""
+    return compress_layers(cache_from(model, [], []), method, recorder, rope)
+
+
+def kept_order(keep):
+    """(order [n, n_kv, m], hidden) for a keep mask [n, n_kv, seq]: per head the kept token
+    indices in position order, padded to the largest count m; hidden [n, n_kv, m] marks the
+    padding (None when every head keeps m)."""
+    import torch
+
+    counts = keep.sum(dim=-1)
+    m = int(counts.max()) if keep.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :m]  # kept first, in order
+    if bool((counts == m).all()):
+        return order, None
+    return order, torch.arange(m, device=keep.device)[None, None, :] >= counts[..., None]
 
 
 def gather_kept(keys, values, keep):
@@ -90,14 +133,6 @@ def gather_kept(keys, values, keep):
     shrinks and hidden is None; otherwise each head is padded to the layer's largest
     count and hidden [n, n_kv, m] marks the padding (masked out of attention).
     """
-    import torch
-
-    counts = keep.sum(dim=-1)
-    m = int(counts.max()) if keep.numel() else 0
-    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :m]  # kept first, in order
+    order, hidden = kept_order(keep)
     index = order[..., None].expand(*order.shape, keys.shape[-1])
-    k2, v2 = keys.gather(2, index), values.gather(2, index)
-    if bool((counts == m).all()):
-        return k2, v2, None
-    hidden = torch.arange(m, device=keys.device)[None, None, :] >= counts[..., None]
-    return k2, v2, hidden
+    return keys.gather(2, index), values.gather(2, index), hidden

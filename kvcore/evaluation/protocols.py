@@ -101,8 +101,11 @@ def method_ropes(model, methods: dict, pre_rope) -> dict:
 def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: str, max_length: int, stride: int,
                      layout: str = "sliding", tokenizer=None, device: str = "cpu",
                      selected: list[int] | None = None, options: dict | None = None,
-                     progress: str | None = None) -> dict:
+                     progress: str | None = None, windows: list | None = None) -> dict:
     """Baseline and compressed perplexity of `token_ids` for each method under `protocol`.
+
+    `windows` (windows.Window list) replaces the layout's, e.g. one window scoring a given
+    continuation after its prompt (kvcore.evaluation.score).
 
     Returns {"baseline": summary, "methods": {name: summary}, "token_ids_sha256", ...} where a
     summary is `nll.summarize(...)` plus `metrics` (records.pooled_metrics) and `metric_parts`.
@@ -119,7 +122,7 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
     ropes = method_ropes(model, methods, options["pre_rope"])
     scorers = make_scorers(methods.values(), options, tokenizer)
 
-    all_windows = layout_windows(len(token_ids), max_length, stride, layout)
+    all_windows = layout_windows(len(token_ids), max_length, stride, layout) if windows is None else windows
     chosen = range(len(all_windows)) if selected is None else selected
     ids = torch.tensor([token_ids], device=device)
     run = WindowResults(recorders={name: Recorder() for name in methods})
