@@ -1,6 +1,6 @@
 """`kvcore score`: NLL of a given continuation after a given prompt, with and without a method.
 
-    kvcore score --model resources/models/smollm2-135m --method int4-g64 \\
+    kvcore score --model smollm2-135m --method int4-g64 \\
                  --prompt "The capital of France is" --continuation " Paris, a city of"
 
 Prompt and continuation are tokenized separately (no special tokens), so the scored tokens
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from kvcore.cli.options import add_model_options, model_dir
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -22,7 +24,7 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="prepared model directory (resources/models/NAME)")
+    add_model_options(p)
     p.add_argument("--method", required=True, metavar="NAME", help="preset name or method name (e.g. int4-g64)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="set a spec key (repeatable), e.g. --param family=quant --param bits=3")
@@ -50,7 +52,7 @@ def run_score(args) -> int:
             text.encode("utf-8")
         except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as surrogates
             raise UsageError(f"{option} is not valid UTF-8 text") from None
-    model, tokenizer, device = load_model(args.model, args.device, args.dtype)
+    model, tokenizer, device = load_model(model_dir(args), args.device, args.dtype, args.attn_implementation)
     prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     continuation = tokenizer(args.continuation, add_special_tokens=False)["input_ids"]
     if not prompt or not continuation:
