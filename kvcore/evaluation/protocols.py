@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from kvcore.errors import UsageError
 from kvcore.evaluation.attention import PassState, attention_pass
+from kvcore.evaluation.batched import batches, fake_quant_baseline, prefill_compress_baseline, window_batch
 from kvcore.evaluation.cache import Rope, cache_from, fake_quant_cache
 from kvcore.evaluation.context import compress_context
 from kvcore.evaluation.nll import plain_window, scored_nll, summarize, target_nll, token_ids_sha256
@@ -100,8 +101,10 @@ def method_ropes(model, methods: dict, pre_rope) -> dict:
 def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: str, max_length: int, stride: int,
                      layout: str = "sliding", tokenizer=None, device: str = "cpu",
                      selected: list[int] | None = None, options: dict | None = None,
-                     progress: str | None = None) -> dict:
+                     progress: str | None = None, batch: int | None = None) -> dict:
     """Baseline and compressed perplexity of `token_ids` for each method under `protocol`.
+
+    `batch`: windows per baseline forward (None: `batched.window_batch`, 1 on the CPU).
 
     Returns {"baseline": summary, "methods": {name: summary}, "token_ids_sha256", ...} where a
     summary is `nll.summarize(...)` plus `metrics` (records.pooled_metrics) and `metric_parts`.
@@ -123,17 +126,27 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
     run = WindowResults(recorders={name: Recorder() for name in methods})
     started = time.perf_counter()
     model.eval()
+    batch = window_batch(model, device, max_length) if batch is None else batch
     with torch.inference_mode():
-        for i in tqdm(chosen, desc=progress, unit="window", disable=progress is None):
-            w = all_windows[i]
-            for recorder in run.recorders.values():
-                recorder.window = i
-            window_ids = ids[:, w.begin:w.end]
-            if protocol == "fake-quant":
-                fake_quant_window(model, window_ids, w, i, methods, run, ropes, device)
-            else:
-                prefill_compress_window(model, window_ids, w, i, methods, run, ropes, device, max_length, stride,
-                                        scorers, tokenizer, options)
+        for group in tqdm(baseline_batches(chosen, all_windows, batch, protocol, methods, max_length, stride),
+                          desc=progress, unit="batch", disable=progress is None):
+            if len(group) > 1:  # the baseline of several windows in one forward (kvcore.evaluation.batched)
+                if protocol == "fake-quant":
+                    fake_quant_baseline(model, ids, all_windows, group, run, device)
+                else:
+                    n_ctx, _ = split_window(all_windows[group[0]].end - all_windows[group[0]].begin,
+                                            all_windows[group[0]].target_len, max_length, stride)
+                    prefill_compress_baseline(model, ids, all_windows, group, run, device, n_ctx, options)
+            for i in group:
+                w = all_windows[i]
+                for recorder in run.recorders.values():
+                    recorder.window = i
+                window_ids = ids[:, w.begin:w.end]
+                if protocol == "fake-quant":
+                    fake_quant_window(model, window_ids, w, i, methods, run, ropes, device, baseline=len(group) == 1)
+                elif len(group) == 1:
+                    prefill_compress_window(model, window_ids, w, i, methods, run, ropes, device, max_length,
+                                            stride, scorers, tokenizer, options)
     result = {"protocol": protocol, "layout": layout, "seconds": time.perf_counter() - started,
               "token_ids_sha256": token_ids_sha256(token_ids), "baseline": summarize(run.windows[None]),
               "methods": {}}
@@ -146,7 +159,25 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
     return result
 
 
-def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device):
+def baseline_batches(chosen, all_windows, batch: int, protocol: str, methods: dict, max_length: int,
+                     stride: int) -> list[list[int]]:
+    """The windows in the order they run, grouped where the baseline runs several per forward:
+    windows of one length; under prefill-compress only without methods (they share the
+    window's prefill) and never a first window that scores its own context."""
+    if batch <= 1 or (protocol != "fake-quant" and methods):
+        return [[i] for i in chosen]
+
+    def same(w):
+        length = w.end - w.begin
+        n_ctx, context_scored = split_window(length, w.target_len, max_length, stride)
+        if protocol != "fake-quant" and (n_ctx < 1 or context_scored):
+            return ("alone", w.begin)
+        return (length, w.target_len if protocol == "fake-quant" else n_ctx)
+
+    return batches(chosen, all_windows, batch, same)
+
+
+def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device, baseline: bool = True):
     key = (index, w.begin, w.end)
     labels = window_ids.clone()
     labels[:, :-w.target_len] = -100
@@ -156,7 +187,8 @@ def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device):
             logits = model(input_ids=window_ids, past_key_values=cache, use_cache=True).logits
         return (*scored_nll(logits, labels), t.seconds)
 
-    run.add(None, key, *forward(cache_from(model, [], [])))
+    if baseline:  # else it ran batched with its neighbours
+        run.add(None, key, *forward(cache_from(model, [], [])))
     for name, method in methods.items():
         if is_peer(method):
             raise UsageError(f"method {name!r}: external caches are measured under prefill-compress only")

@@ -1,6 +1,8 @@
 # Compress each run's extracted cache with each method: the real stored form and its metrics.
-# Eviction has its own rule: picking the kept tokens prefills each extracted sequence again
-# with the model (the scorers read attention), so it takes the model, the tokens and a GPU.
+# `compress` packs on the GPU when there is one (device auto) without holding the `gpu`
+# resource: a layer at a time, seconds of GPU work. Eviction by attention has its own rule:
+# picking the kept tokens prefills each extracted sequence again with the model (kvzip, h2o
+# and snapkv read attention), so it takes the model, the tokens and a GPU.
 from kvcore.compress.run import code_modules as compress_code_modules
 
 
@@ -13,6 +15,7 @@ rule compress:
         code=method_code(compress_code_modules),
     params:
         spec=method_spec,
+        device=config["extract"]["device"],
     wildcard_constraints:
         method=one_of([m for m in METHODS if m not in EVICTING]),
     log:

@@ -12,6 +12,9 @@ rule stats:
         metadata=rules.finalize_extraction.output.metadata,
         shards=shard_files("safetensors"),
         code=code("kvcore.stats"),
+    params:
+        # the sums run on the GPU when there is one, without the `gpu` resource (seconds of work)
+        device=config["extract"]["device"],
     threads: 1
     log:
         "logs/stats/{model}/{dataset}.log",
