@@ -78,10 +78,11 @@ def shard_paths(shards) -> list[Path]:
     return paths
 
 
-def iter_chunks(shards, chunk_bytes: int = CHUNK_BYTES):
+def iter_chunks(shards, chunk_bytes: int = CHUNK_BYTES, device=None):
     """Yield (keys, values, pos): per-layer float32 [N, n_kv, head_dim] of real tokens, pos [N].
 
     N tokens per chunk keep all layers' keys and values of the chunk under `chunk_bytes`.
+    `device`: where the chunk is converted and gathered (the stored slices travel as stored).
     """
     import torch
     from safetensors import safe_open
@@ -102,9 +103,10 @@ def iter_chunks(shards, chunk_bytes: int = CHUNK_BYTES):
                 pos = torch.arange(t0, t1).expand(len(sub), width)[mask]
                 if pos.numel() == 0:
                     continue
+                mask, pos = mask.to(device), pos.to(device)
                 out = {}
                 for kind in KINDS:
-                    out[kind] = [f.get_slice(f"layer_{i}_{kind}")[s0:s1, :, t0:t1].float()
+                    out[kind] = [f.get_slice(f"layer_{i}_{kind}")[s0:s1, :, t0:t1].to(device).float()
                                  .permute(0, 2, 1, 3)[mask] for i in range(n_layers)]
                 yield out["key"], out["value"], pos
 
@@ -301,9 +303,8 @@ def _compute(shards, metadata, chunk_bytes, sparsity_rel, device="cpu"):
                 _, n_kv, seq_len, dim = shape
     acc = _Acc(n_layers, n_kv, dim, seq_len, sample_stride=max(1, math.ceil(total / CKA_TOKENS)), device=dev)
 
-    def chunks():
-        for keys, values, pos in iter_chunks(shards, chunk_bytes):
-            yield [x.to(dev) for x in keys], [x.to(dev) for x in values], pos.to(dev)
+    def chunks():  # on a GPU, chunks 16 times larger: fewer, larger kernels
+        return iter_chunks(shards, chunk_bytes * (16 if dev.type == "cuda" else 1), dev)
 
     with torch.inference_mode():
         for keys, values, pos in chunks():

@@ -192,7 +192,7 @@ def test_kernels_on_cpu_tensors_give_the_torch_bytes(monkeypatch):
         pytest.skip("Triton was imported before TRITON_INTERPRET could be set")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when Triton and the kernels are defined
     monkeypatch.delitem(sys.modules, "kvcore.compress.triton_kernels", raising=False)
-    kernels._kernels.cache_clear()
+    kernels.compiled_kernels.cache_clear()
     calls = []
 
     @contextlib.contextmanager
@@ -205,5 +205,5 @@ def test_kernels_on_cpu_tensors_give_the_torch_bytes(monkeypatch):
         check_kernels("cpu", use, interpreted=True)
         assert True in calls
     finally:
-        kernels._kernels.cache_clear()
+        kernels.compiled_kernels.cache_clear()
         sys.modules.pop("kvcore.compress.triton_kernels", None)

@@ -44,7 +44,7 @@ from kvcore.atomic import atomic_path, check_output
 from kvcore.compress.base import KINDS, Method
 from kvcore.compress.bits import BASIS, bits_per_element, counted_nbytes
 from kvcore.compress.shards import MergedShards
-from kvcore.compress.metrics import ErrorStats, check_thresholds, quality_level, violations
+from kvcore.compress.metrics import ErrorStats, all_finite, check_thresholds, quality_level, violations
 from kvcore.errors import KvcoreError, UsageError
 
 FORMAT = "1"
@@ -207,7 +207,7 @@ def _load(f, path, tname, device) -> torch.Tensor:
             f"(got {x.dtype} {tuple(x.shape)})"
         )
     x = x.to(device)
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise KvcoreError(f"{path}: {tname} contains NaN or infinite values")
     return x
 

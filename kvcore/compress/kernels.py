@@ -43,7 +43,7 @@ def usable(x, bits: int) -> bool:
 
 
 @functools.cache
-def _kernels():
+def compiled_kernels():
     from kvcore.compress.triton_kernels import quantize_pack_kernel, unpack_dequantize_kernel
 
     return quantize_pack_kernel, unpack_dequantize_kernel
@@ -60,7 +60,7 @@ def quantize_pack(x, scale32, zero32, bits: int, group: int, channel: bool):
     n = x.numel()
     out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=x.device)
     n_bytes = out.numel()
-    kernel, _ = _kernels()
+    kernel, _ = compiled_kernels()
     s = scale32.contiguous()
     z = s if zero32 is None else zero32.contiguous()
     grid = (max(1, -(-n_bytes // BLOCK)),)
@@ -75,7 +75,7 @@ def unpack_dequantize(packed, scale, zero, shape, dtype, bits: int, group: int, 
 
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     n = out.numel()
-    _, kernel = _kernels()
+    _, kernel = compiled_kernels()
     s = scale.float().contiguous()
     z = s if zero is None else zero.float().contiguous()
     grid = (max(1, -(-n // BLOCK)),)

@@ -60,6 +60,23 @@ def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.sub(v, v.abs(), alpha=2**-10).sub_(2**-24).to(dtype)
 
 
+def largest(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of the k largest values of the flat `a`, ties at the k-th value broken by
+    the lower index, so every device picks the same ones (torch.topk's choice among ties is its
+    own, and the CPU and CUDA differ, e.g. on float16 data)."""
+    kth = a.topk(k).values[-1]
+    above = (a > kth).nonzero().squeeze(1)
+    tied = (a == kth).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, tied]).sort().values
+
+
+def _divide(v: torch.Tensor, levels: int) -> torch.Tensor:
+    """v / levels rounded as IEEE division on every device: CUDA divides by a Python number
+    as a multiplication by its reciprocal, which can differ in the last bit, so the divisor
+    is a tensor on v's device (filled there: no host-to-device copy, no sync)."""
+    return v / v.new_full((), float(levels))
+
+
 class Quant(Method):
     family = "quant"
     params = {
@@ -142,7 +159,7 @@ class Quant(Method):
         k = self.n_outliers(mid.numel())
         if k:
             xf = mid.float()
-            idx = xf.abs().reshape(-1).topk(k).indices.sort().values
+            idx = largest(xf.abs().reshape(-1), k)
             fields["outlier_idx"] = idx.to(torch.int32 if mid.numel() < 2**31 else torch.int64)
             fields["outlier_val"] = mid.reshape(-1)[idx]
             ignore = torch.zeros(xf.shape, dtype=torch.bool, device=x.device)
@@ -175,7 +192,7 @@ class Quant(Method):
         tiny = torch.finfo(sdtype).tiny  # a floor so constant groups do not divide by 0
         if self.symmetric:
             amax = groups.abs() if ignored is None else groups.abs().masked_fill(ignored, 0.0)
-            scale = (amax.amax(dim).float() / (2 ** (self.bits - 1) - 1)).clamp_min_(tiny).to(sdtype)
+            scale = _divide(amax.amax(dim).float(), 2 ** (self.bits - 1) - 1).clamp_min_(tiny).to(sdtype)
             return scale, None, scale.float(), None
         if ignored is None:
             lo, hi = (t.float() for t in torch.aminmax(groups, dim=dim))  # exact in any float dtype
@@ -186,7 +203,7 @@ class Quant(Method):
             lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
         zero = _round_down(lo, sdtype)
         zero32 = zero.float()
-        scale = ((hi - zero32) / (2**self.bits - 1)).clamp_min_(tiny).to(sdtype)
+        scale = _divide(hi - zero32, 2**self.bits - 1).clamp_min_(tiny).to(sdtype)
         return scale, zero, scale.float(), zero32
 
     def _quantize(self, groups, scale32, zero32, dim) -> torch.Tensor:

@@ -23,14 +23,15 @@ class MergedShards:
         from safetensors import safe_open
 
         self.paths = [Path(p) for p in paths]
-        self._files, seq_ids, lengths, meta, names = [], [], [], {}, None
+        self._shapes: list[dict] = []  # per shard, each tensor's shape
+        seq_ids, lengths, meta, names = [], [], {}, None
         for path in self.paths:
             try:
-                f = safe_open(str(path), "pt")
-                meta = f.metadata() or {}
-                shard_names = sorted(f.keys())
-                shapes = {name: f.get_slice(name).get_shape() for name in shard_names}
-                dtypes = {f.get_slice(name).get_dtype() for name in shard_names}
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+                    shard_names = sorted(f.keys())
+                    shapes = {name: f.get_slice(name).get_shape() for name in shard_names}
+                    dtypes = {f.get_slice(name).get_dtype() for name in shard_names}
             except Exception as exc:
                 raise KvcoreError(f"{path}: not a readable extracted shard ({exc})") from None
             if names is not None and shard_names != names:
@@ -40,12 +41,12 @@ class MergedShards:
             names = shard_names
             seq_ids += json.loads(meta.get("seq_ids", "[]"))
             lengths += json.loads(meta.get("seq_lengths", "[]"))
-            self._files.append((f, shapes))
-        if not self._files:
+            self._shapes.append(shapes)
+        if not self._shapes:
             raise KvcoreError("no extracted shards to compress")
         self._names = names
-        self.width = max(shape[2] for _, shapes in self._files for shape in shapes.values())
-        self.n_seq = sum(shapes[names[0]][0] for _, shapes in self._files)
+        self.width = max(shape[2] for shapes in self._shapes for shape in shapes.values())
+        self.n_seq = sum(shapes[names[0]][0] for shapes in self._shapes)
         self._metadata = {**meta, "seq_ids": json.dumps(seq_ids), "seq_lengths": json.dumps(lengths),
                           "seq_len": str(self.width)}
         self._dtype = dtypes.pop() if dtypes else "float32"
@@ -60,11 +61,16 @@ class MergedShards:
         """The merged tensor `name`: every shard's sequences, right-padded to the run's width."""
         import torch
 
-        parts = [f.get_tensor(name) for f, _ in self._files]
+        from safetensors import safe_open
+
+        parts = []
+        for path in self.paths:  # opened per tensor: the mapping goes with it, so the pages
+            with safe_open(str(path), "pt") as f:  # read stay out of this process's RSS
+                parts.append(f.get_tensor(name))
         return torch.cat([torch.nn.functional.pad(t, (0, 0, 0, self.width - t.shape[2])) for t in parts])
 
     def shape(self, name: str) -> tuple[int, ...]:
-        first = self._files[0][1][name]
+        first = self._shapes[0][name]
         return (self.n_seq, first[1], self.width, *first[3:])
 
     def header(self) -> bytes:
@@ -100,7 +106,7 @@ class MergedShards:
         return ", ".join(str(p) for p in self.paths)
 
     def close(self) -> None:
-        self._files = []
+        self._shapes = []
 
     def __enter__(self):
         return self
