@@ -7,7 +7,8 @@ metadata plus `compress_method` (name), `compress_spec` (the full spec as JSON) 
 `compress_format` ("1"), so `decompress_file` needs no flags.
 
 Sizes (all in bytes, measured, never estimated):
-- original_size_bytes: the input file on disk.
+- original_size_bytes: the input file on disk (a run's shards: the merged file they stand
+  for, `MergedShards.nbytes`, the size the merged copy had when one was written).
 - compressed_size_bytes: the output file on disk (for `measure`, the same file
   serialised in memory by safetensors.torch.save). It equals
   8 + header_json_len + sum over tensors of `Method.packed_nbytes`.
@@ -43,8 +44,8 @@ from kvcore.tensorfile import save_tensors
 from kvcore.atomic import atomic_path, check_output
 from kvcore.compress.base import KINDS, Method
 from kvcore.compress.bits import BASIS, bits_per_element, counted_nbytes
-from kvcore.compress.shards import MergedShards
 from kvcore.compress.metrics import ErrorStats, all_finite, check_thresholds, quality_level, violations
+from kvcore.compress.shards import MergedShards
 from kvcore.errors import KvcoreError, UsageError
 
 FORMAT = "1"

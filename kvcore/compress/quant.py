@@ -34,6 +34,9 @@ values of largest |x| among the N quantized values of the tensor are stored exac
 (flat int32 index, int64 beyond 2^31 elements, + original-dtype value), and are left
 out of the group ranges so they stop stretching the scales.
 
+On a GPU, 1/2/4/8-bit codes without token padding are quantized and packed, and unpacked and
+dequantized, by kvcore.compress.kernels (one pass each, the same bits as these torch ops).
+
 Stored fields: codes (uint8, bit-packed, b * ceil(N / 8) bytes), scale and zero
 (scale_dtype, one per group), sink / recent (original dtype), outlier_idx /
 outlier_val. Fields that would be empty are not stored.
@@ -63,7 +66,8 @@ def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def largest(a: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted indices of the k largest values of the flat `a`, ties at the k-th value broken by
     the lower index, so every device picks the same ones (torch.topk's choice among ties is its
-    own, and the CPU and CUDA differ, e.g. on float16 data)."""
+    own, and the CPU and CUDA differ, e.g. on float16 data). `nonzero` waits for the device:
+    outliers cost a sync per tensor."""
     kth = a.topk(k).values[-1]
     above = (a > kth).nonzero().squeeze(1)
     tied = (a == kth).nonzero().squeeze(1)[: k - above.numel()]

@@ -1,8 +1,9 @@
 """Several perplexity windows per forward, for the uncompressed baseline on a GPU.
 
-Windows of one length are independent rows of one batch: the baseline's fake-quant forward
-(an empty cache, the whole window) and, when no method shares the prefill, its
-prefill-compress prefill and scored feed run once per batch instead of once per window.
+Windows of one length are independent rows of one batch. When the baseline runs alone (the
+`baseline` method's job), its fake-quant forward (an empty cache, the whole window) and its
+prefill-compress prefill and scored feed run once per batch instead of once per window; with
+methods every window runs alone, so a method and its baseline keep one code path.
 Each row's NLL is the one-window function applied to that row (`nll.target_nll`,
 `nll.scored_nll`), so a batch gives each window's numbers up to the float rounding of a
 larger matrix product (tests/test_gpu_paths.py compares them on the CPU). Each window is

@@ -104,7 +104,8 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
                      progress: str | None = None, batch: int | None = None) -> dict:
     """Baseline and compressed perplexity of `token_ids` for each method under `protocol`.
 
-    `batch`: windows per baseline forward (None: `batched.window_batch`, 1 on the CPU).
+    `batch`: windows per forward of a baseline run without methods (the `baseline` job; None:
+    `batched.window_batch`, 1 on the CPU).
 
     Returns {"baseline": summary, "methods": {name: summary}, "token_ids_sha256", ...} where a
     summary is `nll.summarize(...)` plus `metrics` (records.pooled_metrics) and `metric_parts`.
@@ -131,22 +132,23 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
         for group in tqdm(baseline_batches(chosen, all_windows, batch, protocol, methods, max_length, stride),
                           desc=progress, unit="batch", disable=progress is None):
             if len(group) > 1:  # the baseline of several windows in one forward (kvcore.evaluation.batched)
+                w = all_windows[group[0]]
                 if protocol == "fake-quant":
                     fake_quant_baseline(model, ids, all_windows, group, run, device)
                 else:
-                    n_ctx, _ = split_window(all_windows[group[0]].end - all_windows[group[0]].begin,
-                                            all_windows[group[0]].target_len, max_length, stride)
+                    n_ctx, _ = split_window(w.end - w.begin, w.target_len, max_length, stride)
                     prefill_compress_baseline(model, ids, all_windows, group, run, device, n_ctx, options)
-            for i in group:
-                w = all_windows[i]
-                for recorder in run.recorders.values():
-                    recorder.window = i
-                window_ids = ids[:, w.begin:w.end]
-                if protocol == "fake-quant":
-                    fake_quant_window(model, window_ids, w, i, methods, run, ropes, device, baseline=len(group) == 1)
-                elif len(group) == 1:
-                    prefill_compress_window(model, window_ids, w, i, methods, run, ropes, device, max_length,
-                                            stride, scorers, tokenizer, options)
+                continue
+            i = group[0]
+            w = all_windows[i]
+            for recorder in run.recorders.values():
+                recorder.window = i
+            window_ids = ids[:, w.begin:w.end]
+            if protocol == "fake-quant":
+                fake_quant_window(model, window_ids, w, i, methods, run, ropes, device)
+            else:
+                prefill_compress_window(model, window_ids, w, i, methods, run, ropes, device, max_length, stride,
+                                        scorers, tokenizer, options)
     result = {"protocol": protocol, "layout": layout, "seconds": time.perf_counter() - started,
               "token_ids_sha256": token_ids_sha256(token_ids), "baseline": summarize(run.windows[None]),
               "methods": {}}
@@ -162,9 +164,10 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
 def baseline_batches(chosen, all_windows, batch: int, protocol: str, methods: dict, max_length: int,
                      stride: int) -> list[list[int]]:
     """The windows in the order they run, grouped where the baseline runs several per forward:
-    windows of one length; under prefill-compress only without methods (they share the
-    window's prefill) and never a first window that scores its own context."""
-    if batch <= 1 or (protocol != "fake-quant" and methods):
+    only without methods (a method's windows run one at a time, and its baseline beside it, so
+    the two keep one code path, identity stays bit-identical and latencies compare), windows of
+    one length, and under prefill-compress never a first window that scores its own context."""
+    if batch <= 1 or methods:
         return [[i] for i in chosen]
 
     def same(w):
@@ -177,7 +180,7 @@ def baseline_batches(chosen, all_windows, batch: int, protocol: str, methods: di
     return batches(chosen, all_windows, batch, same)
 
 
-def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device, baseline: bool = True):
+def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device):
     key = (index, w.begin, w.end)
     labels = window_ids.clone()
     labels[:, :-w.target_len] = -100
@@ -187,8 +190,7 @@ def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device, 
             logits = model(input_ids=window_ids, past_key_values=cache, use_cache=True).logits
         return (*scored_nll(logits, labels), t.seconds)
 
-    if baseline:  # else it ran batched with its neighbours
-        run.add(None, key, *forward(cache_from(model, [], [])))
+    run.add(None, key, *forward(cache_from(model, [], [])))
     for name, method in methods.items():
         if is_peer(method):
             raise UsageError(f"method {name!r}: external caches are measured under prefill-compress only")
