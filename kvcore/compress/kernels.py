@@ -34,12 +34,9 @@ def available() -> bool:
 
 
 def usable(x, bits: int) -> bool:
-    """Whether the kernels serve this tensor: on CUDA (or under Triton's CPU interpreter, which
-    the tests use) with Triton importable, and codes that fill whole bytes."""
-    import os
-
-    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and bits in PACKED_WIDTHS and available()
+    """Whether the kernels serve this tensor: on CUDA with Triton importable, and codes that
+    fill whole bytes (the tests also run them on CPU tensors under Triton's interpreter)."""
+    return x.is_cuda and bits in PACKED_WIDTHS and available()
 
 
 @functools.cache
