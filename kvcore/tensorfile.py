@@ -253,9 +253,13 @@ class SpooledTensorFile:
 
     def close(self) -> None:
         """Close and remove the spool (the output, if any, stays for the caller)."""
-        if not self._fh.closed:
-            self._fh.close()
-        self.spool.unlink(missing_ok=True)
+        try:
+            if not self._fh.closed:
+                self._fh.close()  # flushing may fail (disk full): the spool goes all the same
+        except OSError:
+            pass
+        finally:
+            self.spool.unlink(missing_ok=True)
 
 
 def _copy(src, dst, n: int) -> None:
