@@ -78,10 +78,11 @@ def shard_paths(shards) -> list[Path]:
     return paths
 
 
-def iter_chunks(shards, chunk_bytes: int = CHUNK_BYTES):
+def iter_chunks(shards, chunk_bytes: int = CHUNK_BYTES, device=None):
     """Yield (keys, values, pos): per-layer float32 [N, n_kv, head_dim] of real tokens, pos [N].
 
     N tokens per chunk keep all layers' keys and values of the chunk under `chunk_bytes`.
+    `device`: where the chunk is converted and gathered (the stored slices travel as stored).
     """
     import torch
     from safetensors import safe_open
@@ -102,9 +103,10 @@ def iter_chunks(shards, chunk_bytes: int = CHUNK_BYTES):
                 pos = torch.arange(t0, t1).expand(len(sub), width)[mask]
                 if pos.numel() == 0:
                     continue
+                mask, pos = mask.to(device), pos.to(device)
                 out = {}
                 for kind in KINDS:
-                    out[kind] = [f.get_slice(f"layer_{i}_{kind}")[s0:s1, :, t0:t1].float()
+                    out[kind] = [f.get_slice(f"layer_{i}_{kind}")[s0:s1, :, t0:t1].to(device).float()
                                  .permute(0, 2, 1, 3)[mask] for i in range(n_layers)]
                 yield out["key"], out["value"], pos
 
@@ -137,12 +139,13 @@ class _Acc:
     dim: int
     seq_len: int
     sample_stride: int = 1
+    device: str = "cpu"
 
     def __post_init__(self):
         import torch
 
         self.samples = [[[] for _ in range(self.n_layers)] for _ in KINDS]
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=self.device)  # noqa: E731
         K, L, H, D, P = 2, self.n_layers, self.n_kv, self.dim, self.seq_len
         self.pilot = None
         self.n_tok = 0
@@ -155,6 +158,13 @@ class _Acc:
         self.hist = z(K, L, H * self.nbins)
         self.gram = z(K, H, L, L)
         self.below = z(K, L, H)
+
+    def to_cpu(self) -> None:
+        """Every accumulator moved to the host (the tables are built there)."""
+        for name, value in vars(self).items():
+            if hasattr(value, "cpu"):
+                setattr(self, name, value.cpu())
+        self.samples = [[[b.cpu() for b in blocks] for blocks in kind] for kind in self.samples]
 
     def grow_positions(self, p: int) -> None:
         import torch
@@ -169,17 +179,18 @@ class _Acc:
         import torch
 
         n, L, H, D = pos.shape[0], self.n_layers, self.n_kv, self.dim
-        picked = torch.nonzero((torch.arange(n) + self.n_tok) % self.sample_stride == 0).squeeze(1)
+        dev = pos.device
+        picked = torch.nonzero((torch.arange(n, device=dev) + self.n_tok) % self.sample_stride == 0).squeeze(1)
         for k, xs in enumerate((keys, values)):
             for layer, x in enumerate(xs):
                 self.samples[k][layer].append(x[picked].reshape(len(picked), H * D).double())
         self.n_tok += n
         self.grow_positions(int(pos.max()) + 1)
-        self.pos_n.index_add_(0, pos, torch.ones(n, dtype=torch.float64))
+        self.pos_n.index_add_(0, pos, torch.ones(n, dtype=torch.float64, device=dev))
         if self.pilot is None:
             self.pilot = torch.stack([torch.stack([x.double().mean(0) for x in xs]) for xs in (keys, values)])
-        unit = torch.empty(2, H, L, n * D, dtype=torch.float64)  # unit vectors, for the cross-layer Gram
-        offsets = (torch.arange(H) * self.nbins)[None, :, None]
+        unit = torch.empty(2, H, L, n * D, dtype=torch.float64, device=dev)  # for the cross-layer Gram
+        offsets = (torch.arange(H, device=dev) * self.nbins)[None, :, None]
         for layer in range(L):
             ys, norms = [], []
             for k, x32 in enumerate((keys[layer], values[layer])):
@@ -217,7 +228,7 @@ class _Acc:
         # Compare in float32 against the smallest float32 >= the float64 threshold: for float32
         # entries that is exactly |x| < threshold.
         t32 = threshold.float()
-        t32 = torch.where(t32.double() < threshold, torch.nextafter(t32, torch.tensor(math.inf)), t32)
+        t32 = torch.where(t32.double() < threshold, torch.nextafter(t32, torch.full_like(t32, math.inf)), t32)
         for k, xs in enumerate((keys, values)):
             for layer, x in enumerate(xs):
                 self.below[k, layer] += (x.abs() < t32[k, layer][None, :, None]).sum((0, 2))
@@ -251,13 +262,16 @@ def _pool(mean, m2, m3, m4, n, dim):
 
 
 def compute_stats(shards, metadata: str | Path | None = None, chunk_bytes: int = CHUNK_BYTES,
-                  sparsity_rel: float = SPARSITY_REL, threads: int | None = None):
+                  sparsity_rel: float = SPARSITY_REL, threads: int | None = None, device: str = "cpu"):
     """All statistics tables of a run's `shards` (its kv/part-*.safetensors, in shard order):
     {name: pyarrow.Table} for the names in STATS_TABLES; `metadata` (the run's metadata.json)
     names the model and dataset in the tables' schema metadata.
 
     `threads` sets torch's intra-op threads for the call (the workflow passes the rule's
     `threads`; torch's default of every core collapses when several jobs share the cores).
+    `device` is where the sums run ("auto": CUDA when there is a GPU; chunks stream from the
+    host one at a time, the float64 sums stay on the device, the tables are built on the host):
+    the same sums, in another order, so the numbers agree to float64 rounding.
     """
     import torch
 
@@ -265,16 +279,19 @@ def compute_stats(shards, metadata: str | Path | None = None, chunk_bytes: int =
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _compute(shard_paths(shards), metadata, chunk_bytes, sparsity_rel)
+        return _compute(shard_paths(shards), metadata, chunk_bytes, sparsity_rel, device)
     finally:
         torch.set_num_threads(previous)
 
 
-def _compute(shards, metadata, chunk_bytes, sparsity_rel):
+def _compute(shards, metadata, chunk_bytes, sparsity_rel, device="cpu"):
     import torch
     from safetensors import safe_open
 
+    from kvcore.model import resolve_device
     from kvcore.progress import Progress
+
+    dev = torch.device(resolve_device(device))
 
     total = 0
     for i, path in enumerate(shards):
@@ -285,19 +302,25 @@ def _compute(shards, metadata, chunk_bytes, sparsity_rel):
             if i == 0:
                 n_layers = sum(1 for n in f.keys() if n.endswith("_key"))
                 _, n_kv, seq_len, dim = shape
-    acc = _Acc(n_layers, n_kv, dim, seq_len, sample_stride=max(1, math.ceil(total / CKA_TOKENS)))
+    acc = _Acc(n_layers, n_kv, dim, seq_len, sample_stride=max(1, math.ceil(total / CKA_TOKENS)), device=dev)
     progress = Progress("stats (two passes)", 2 * total, "tok", jobs_only=True)
+
+    def chunks():  # on a GPU, chunks 16 times larger: fewer, larger kernels
+        return iter_chunks(shards, chunk_bytes * (16 if dev.type == "cuda" else 1), dev)
+
     with torch.inference_mode():
-        for keys, values, pos in iter_chunks(shards, chunk_bytes):
+        for keys, values, pos in chunks():
             acc.first_pass(keys, values, pos)
             progress.update(len(pos))
         if acc.n_tok == 0:
             raise KvcoreError(f"{shards[0].parent}: the KV cache holds no tokens")
-        mom = _Moments(acc)
-        threshold = sparsity_rel * mom.head["rms"]
-        for keys, values, pos in iter_chunks(shards, chunk_bytes):
+        threshold = sparsity_rel * _Moments(acc).head["rms"]
+        for keys, values, pos in chunks():
             acc.second_pass(keys, values, threshold)
             progress.update(len(pos))
+        acc.to_cpu()
+        threshold = threshold.cpu()
+        mom = _Moments(acc)
         tables = _tables(acc, mom, threshold)
     meta = _run_meta(metadata)
     meta.update(sparsity_rel=sparsity_rel, hist_lo=HIST_LO, hist_hi=HIST_HI, hist_per_decade=HIST_PER_DECADE)

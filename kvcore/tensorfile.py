@@ -201,3 +201,84 @@ def _uint8():
     import torch
 
     return torch.uint8
+
+
+class SpooledTensorFile:
+    """A safetensors file of many dtypes built tensor by tensor, without holding the tensors.
+
+    `add(name, tensor)` appends the tensor's bytes to a spool file beside `path` at once;
+    `finish(metadata)` writes `path`: the header, then the data copied from the spool in the
+    order safetensors itself lays tensors out, so the bytes equal `save_tensors` of the same
+    tensors (tests/test_compress_files.py compares them). The caller renames `path`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.spool = self.path.with_name(self.path.name + ".spool")
+        self._specs: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # dtype, shape, spool start, end
+        self._fh = open(self.spool, "w+b")
+
+    def add(self, name: str, tensor) -> None:
+        data = tensor.detach().cpu().contiguous().view(-1).view(_uint8()).numpy()
+        start = self._fh.tell()
+        try:
+            self._fh.write(memoryview(data))
+        except OSError as exc:
+            raise KvcoreError(f"cannot write {self.spool}: {exc}") from None
+        self._specs[name] = (dtype_name(tensor.dtype), tuple(tensor.shape), start, start + data.nbytes)
+
+    def finish(self, metadata: dict[str, str] | None = None) -> None:
+        order = _data_order({name: spec[0] for name, spec in self._specs.items()})
+        header, at = {}, 0
+        for name in order:
+            dtype, shape, start, end = self._specs[name]
+            header[name] = {"dtype": DTYPE_TAGS[dtype], "shape": list(shape), "data_offsets": [at, at + end - start]}
+            at += end - start
+        if metadata is not None:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        text = _canonical_text(header)
+        text = text.ljust(len(text) + (8 - len(text) % 8) % 8, b" ")
+        try:
+            with open(self.path, "wb") as out:
+                out.write(struct.pack("<Q", len(text)) + text)
+                for name in order:
+                    _, _, start, end = self._specs[name]
+                    self._fh.seek(start)
+                    _copy(self._fh, out, end - start)
+            usual_mode(self.path)
+        except OSError as exc:  # disk full, file too large, ...
+            raise KvcoreError(f"cannot write {self.path}: {exc}") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close and remove the spool (the output, if any, stays for the caller)."""
+        try:
+            if not self._fh.closed:
+                self._fh.close()  # flushing may fail (disk full): the spool goes all the same
+        except OSError:
+            pass
+        finally:
+            self.spool.unlink(missing_ok=True)
+
+
+def _copy(src, dst, n: int) -> None:
+    while n > 0:
+        chunk = src.read(min(n, 64 << 20))
+        if not chunk:
+            raise OSError(f"spool file ended {n} bytes early")
+        dst.write(chunk)
+        n -= len(chunk)
+
+
+def _data_order(dtypes: dict[str, str]) -> list[str]:
+    """Tensor names in the order safetensors lays their data out (it sorts by dtype, then name):
+    read off the header it writes for one-element tensors of the same names and dtypes."""
+    import torch
+    from safetensors.torch import save
+
+    probe = save({name: torch.zeros(1, dtype=getattr(torch, dtype)) for name, dtype in dtypes.items()})
+    (n,) = struct.unpack("<Q", probe[:8])
+    header = json.loads(probe[8:8 + n])
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda name: header[name]["data_offsets"][0])

@@ -7,7 +7,8 @@ metadata plus `compress_method` (name), `compress_spec` (the full spec as JSON) 
 `compress_format` ("1"), so `decompress_file` needs no flags.
 
 Sizes (all in bytes, measured, never estimated):
-- original_size_bytes: the input file on disk.
+- original_size_bytes: the input file on disk (a run's shards: the merged file they stand
+  for, `MergedShards.nbytes`, the size the merged copy had when one was written).
 - compressed_size_bytes: the output file on disk (for `measure`, the same file
   serialised in memory by safetensors.torch.save). It equals
   8 + header_json_len + sum over tensors of `Method.packed_nbytes`.
@@ -24,6 +25,7 @@ Sizes (all in bytes, measured, never estimated):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,7 +44,8 @@ from kvcore.tensorfile import save_tensors
 from kvcore.atomic import atomic_path, check_output
 from kvcore.compress.base import KINDS, Method
 from kvcore.compress.bits import BASIS, bits_per_element, counted_nbytes
-from kvcore.compress.metrics import ErrorStats, check_thresholds, quality_level, violations
+from kvcore.compress.metrics import ErrorStats, all_finite, check_thresholds, quality_level, violations
+from kvcore.compress.shards import MergedShards
 from kvcore.errors import KvcoreError, UsageError
 from kvcore.progress import each
 
@@ -56,12 +59,19 @@ Scores = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def compress_file(in_path, out_path, method: Method, scores: Scores | None = None, *,
                   device: str | None = None, thresholds: dict | None = None) -> dict:
-    """Compress an extracted shard into `out_path`; return the metrics dict."""
+    """Compress an extracted shard (a path, or a run's `MergedShards`) into `out_path`; return
+    the metrics dict. One layer at a time: each packed tensor goes to disk as it is made."""
+    from kvcore.tensorfile import SpooledTensorFile
+
     _check_paths(in_path, out_path)
     thresholds = check_thresholds(thresholds)
-    tensors, metadata, partial = _compress_all(in_path, method, scores, device)
     with atomic_path(out_path) as tmp:
-        save_tensors(tensors, tmp, metadata=metadata)
+        writer = SpooledTensorFile(tmp)
+        try:
+            metadata, partial = _compress_all(in_path, method, scores, device, writer.add)
+            writer.finish(metadata)
+        finally:
+            writer.close()
         size = os.path.getsize(tmp)
     return _finish(partial, size, method, thresholds)
 
@@ -71,7 +81,9 @@ def measure(in_path, method: Method, scores: Scores | None = None, *,
     """The metrics of `compress_file` without writing anything."""
     _check_paths(in_path, None)
     thresholds = check_thresholds(thresholds)
-    tensors, metadata, partial = _compress_all(in_path, method, scores, device)
+    tensors: dict[str, torch.Tensor] = {}
+    metadata, partial = _compress_all(in_path, method, scores, device,
+                                      lambda name, t: tensors.__setitem__(name, t.cpu()))
     size = len(save(tensors, metadata=metadata))
     return _finish(partial, size, method, thresholds)
 
@@ -135,15 +147,20 @@ def decompress_file(in_path, out_path, *, device: str | None = None) -> dict:
 
 
 def _check_paths(in_path, out_path) -> None:
-    if not Path(in_path).is_file():
-        raise UsageError(f"input file not found: {in_path}")
+    inputs = in_path.paths if isinstance(in_path, MergedShards) else [in_path]
+    for path in inputs:
+        if not Path(path).is_file():
+            raise UsageError(f"input file not found: {path}")
     if out_path is not None:
-        check_output(out_path, "output", inputs=[in_path])
+        check_output(out_path, "output", inputs=inputs)
 
 
 def _device(device: str | None) -> torch.device:
+    """None: the CPU; "auto": CUDA when there is a GPU (the workflow's default), else the CPU."""
     if device is None:
         return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -154,6 +171,8 @@ def _device(device: str | None) -> torch.device:
 
 
 def _open(path):
+    if isinstance(path, MergedShards):
+        return contextlib.nullcontext(path)
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as exc:
@@ -200,12 +219,21 @@ def _load(f, path, tname, device) -> torch.Tensor:
             f"(got {x.dtype} {tuple(x.shape)})"
         )
     x = x.to(device)
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise KvcoreError(f"{path}: {tname} contains NaN or infinite values")
     return x
 
 
-def _compress_all(in_path, method: Method, scores, device):
+def _sizes(in_path) -> tuple[int, int]:
+    """(file size, JSON header length) of the input (for a run: of its merged file)."""
+    if isinstance(in_path, MergedShards):
+        return in_path.nbytes, in_path.header_len
+    return os.path.getsize(in_path), _header_len(in_path)
+
+
+def _compress_all(in_path, method: Method, scores, device, sink: Callable[[str, torch.Tensor], None]):
+    """Compress layer by layer, handing each packed tensor to `sink(name, tensor)`;
+    return (the output's metadata, the partial metrics)."""
     dev = _device(device)
     if method.needs_scores and scores is None:
         raise UsageError(
@@ -220,7 +248,6 @@ def _compress_all(in_path, method: Method, scores, device):
         if hasattr(method, "check_layers"):  # prune: every named layer must exist
             stated = meta.get("num_layers", "")
             method.check_layers(int(stated) if stated.isdigit() else max(layers) + 1)
-        tensors: dict[str, torch.Tensor] = {}
         stats = ErrorStats()
         seconds = 0.0
         n_elements = 0
@@ -252,23 +279,23 @@ def _compress_all(in_path, method: Method, scores, device):
                 n_elements += x.numel()
                 counted += counted_nbytes(method, x.shape, kind, layer=layer, keep=keep)
                 for field, t in packed.items():
-                    tensors[f"layer_{layer}_{kind}.{field}"] = t.cpu()
+                    sink(f"layer_{layer}_{kind}.{field}", t)
     metadata = {
         **meta,
         "compress_method": method.name,
         "compress_spec": json.dumps(method.spec),
         "compress_format": FORMAT,
     }
-    in_size = os.path.getsize(in_path)
+    in_size, header_len = _sizes(in_path)
     partial = {
         **stats.result(),
         "original_size_bytes": in_size,
-        "fp16_size_bytes": 8 + _header_len(in_path) + 2 * n_elements,
+        "fp16_size_bytes": 8 + header_len + 2 * n_elements,
         "n_elements": n_elements,
         "counted_nbytes": counted,
         "seconds": seconds,
     }
-    return tensors, metadata, partial
+    return metadata, partial
 
 
 def _finish(partial: dict, size: int, method: Method, thresholds: dict) -> dict:

@@ -90,6 +90,15 @@ def violations(metrics: dict, thresholds: dict) -> list[str]:
     return found
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or infinity in `x`, in one reduction: a float64 sum of float values is NaN or
+    infinite exactly when one of them is (float32/16 values cannot overflow a float64 sum;
+    float64 input is checked element by element)."""
+    if x.dtype == torch.float64:
+        return bool(torch.isfinite(x).all())
+    return bool(torch.isfinite(x.sum(dtype=torch.float64)))
+
+
 class ErrorStats:
     """Accumulates error sums over tensors, one layer at a time."""
 
@@ -103,16 +112,20 @@ class ErrorStats:
         self.nonfinite = 0
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        finite_y = all_finite(y)  # the usual case: one reduction instead of a mask and two selections
         x, y = x.double(), y.double()
-        finite = torch.isfinite(y)
-        self.nonfinite += int((~finite).sum())
-        err = torch.where(finite, y - x, 0.0)
+        if finite_y:
+            err = y - x
+        else:
+            finite = torch.isfinite(y)
+            self.nonfinite += int((~finite).sum())
+            err = torch.where(finite, y - x, 0.0)
+            y = torch.where(finite, y, 0.0)
         self.n += x.numel()
         self.sq_err += float((err * err).sum())
         self.sq_ref += float((x * x).sum())
         if err.numel():
             self.max_err = max(self.max_err, float(err.abs().max()))
-        y = torch.where(finite, y, 0.0)
         dot = (x * y).sum(-1)
         norms = x.norm(dim=-1) * y.norm(dim=-1)
         self.cos_sum += float((dot / norms.clamp_min(1e-300)).sum())

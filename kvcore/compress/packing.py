@@ -46,8 +46,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first `n_codes` codes as a flat uint8 tensor."""
+def check_packed(packed: torch.Tensor, bits: int, n_codes: int) -> None:
+    """Raise ValueError unless `packed` is what pack_bits makes of `n_codes` codes of `bits` bits."""
     if bits not in WIDTHS:
         raise ValueError(f"bits must be one of {WIDTHS} (got {bits})")
     if packed.dtype != torch.uint8 or packed.numel() != packed_nbytes(n_codes, bits):
@@ -55,6 +55,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
             f"packed codes hold {packed.numel()} {packed.dtype} values, "
             f"expected {packed_nbytes(n_codes, bits)} uint8 for {n_codes} {bits}-bit codes"
         )
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `n_codes` codes as a flat uint8 tensor."""
+    check_packed(packed, bits, n_codes)
     packed = packed.reshape(-1)
     if bits == 8:
         return packed

@@ -34,6 +34,9 @@ values of largest |x| among the N quantized values of the tensor are stored exac
 (flat int32 index, int64 beyond 2^31 elements, + original-dtype value), and are left
 out of the group ranges so they stop stretching the scales.
 
+On a GPU, 1/2/4/8-bit codes without token padding are quantized and packed, and unpacked and
+dequantized, by kvcore.compress.kernels (one pass each, the same bits as these torch ops).
+
 Stored fields: codes (uint8, bit-packed, b * ceil(N / 8) bytes), scale and zero
 (scale_dtype, one per group), sink / recent (original dtype), outlier_idx /
 outlier_val. Fields that would be empty are not stored.
@@ -45,8 +48,9 @@ import math
 
 import torch
 
+from kvcore.compress import kernels
 from kvcore.compress.base import HEADER_NBYTES, Method, choice, count, flag, fraction
-from kvcore.compress.packing import pack_bits, packed_nbytes, unpack_bits
+from kvcore.compress.packing import check_packed, pack_bits, packed_nbytes, unpack_bits
 
 _SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -57,6 +61,24 @@ def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float32:
         return v
     return torch.sub(v, v.abs(), alpha=2**-10).sub_(2**-24).to(dtype)
+
+
+def largest(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of the k largest values of the flat `a`, ties at the k-th value broken by
+    the lower index, so every device picks the same ones (torch.topk's choice among ties is its
+    own, and the CPU and CUDA differ, e.g. on float16 data). `nonzero` waits for the device:
+    outliers cost a sync per tensor."""
+    kth = a.topk(k).values[-1]
+    above = (a > kth).nonzero().squeeze(1)
+    tied = (a == kth).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, tied]).sort().values
+
+
+def _divide(v: torch.Tensor, levels: int) -> torch.Tensor:
+    """v / levels rounded as IEEE division on every device: CUDA divides by a Python number
+    as a multiplication by its reciprocal, which can differ in the last bit, so the divisor
+    is a tensor on v's device (filled there: no host-to-device copy, no sync)."""
+    return v / v.new_full((), float(levels))
 
 
 class Quant(Method):
@@ -134,13 +156,14 @@ class Quant(Method):
         mid = x[:, :, start:stop]
         if mid.numel() == 0:
             return fields
-        xf = mid.float()
 
-        # `ignore` marks values left out of the group ranges: outliers and padding.
-        ignore = None
+        # `ignore` marks values left out of the group ranges: outliers and padding. Without
+        # them the groups are read in x's own dtype (its float32 values: the same arithmetic).
+        ignore, xf = None, mid
         k = self.n_outliers(mid.numel())
         if k:
-            idx = xf.abs().reshape(-1).topk(k).indices.sort().values
+            xf = mid.float()
+            idx = largest(xf.abs().reshape(-1), k)
             fields["outlier_idx"] = idx.to(torch.int32 if mid.numel() < 2**31 else torch.int64)
             fields["outlier_val"] = mid.reshape(-1)[idx]
             ignore = torch.zeros(xf.shape, dtype=torch.bool, device=x.device)
@@ -152,8 +175,12 @@ class Quant(Method):
         ignored = None if ignore is None else self._groups(self._pad(ignore, kind, True), kind)[0]
 
         scale, zero, scale32, zero32 = self._ranges(groups, ignored, dim)
-        codes = self._quantize(groups, scale32, zero32, dim)
-        fields["codes"] = codes.reshape(padded.shape)[:, :, : mid.shape[2]]
+        if padded.shape == mid.shape and kernels.usable(x, self.bits):  # one pass: codes quantized and packed
+            fields["codes"] = kernels.quantize_pack(mid, scale32, zero32, self.bits, self.group(kind),
+                                                    self.axis(kind) == "channel")
+        else:
+            codes = self._quantize(groups, scale32, zero32, dim)
+            fields["codes"] = codes.reshape(padded.shape)[:, :, : mid.shape[2]]
         fields["scale"] = scale
         if zero is not None:
             fields["zero"] = zero
@@ -169,10 +196,10 @@ class Quant(Method):
         tiny = torch.finfo(sdtype).tiny  # a floor so constant groups do not divide by 0
         if self.symmetric:
             amax = groups.abs() if ignored is None else groups.abs().masked_fill(ignored, 0.0)
-            scale = (amax.amax(dim) / (2 ** (self.bits - 1) - 1)).clamp_min_(tiny).to(sdtype)
+            scale = _divide(amax.amax(dim).float(), 2 ** (self.bits - 1) - 1).clamp_min_(tiny).to(sdtype)
             return scale, None, scale.float(), None
         if ignored is None:
-            lo, hi = torch.aminmax(groups, dim=dim)
+            lo, hi = (t.float() for t in torch.aminmax(groups, dim=dim))  # exact in any float dtype
         else:
             lo = groups.masked_fill(ignored, math.inf).amin(dim)
             hi = groups.masked_fill(ignored, -math.inf).amax(dim)
@@ -180,7 +207,7 @@ class Quant(Method):
             lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
         zero = _round_down(lo, sdtype)
         zero32 = zero.float()
-        scale = ((hi - zero32) / (2**self.bits - 1)).clamp_min_(tiny).to(sdtype)
+        scale = _divide(hi - zero32, 2**self.bits - 1).clamp_min_(tiny).to(sdtype)
         return scale, zero, scale.float(), zero32
 
     def _quantize(self, groups, scale32, zero32, dim) -> torch.Tensor:
@@ -207,10 +234,14 @@ class Quant(Method):
             parts.append(fields["sink"])
         if stop > start:
             codes = fields["codes"]
-            padded = self._pad(codes, kind, 0)
-            groups, dim = self._groups(padded, kind)
-            mid = self._dequantize(groups, fields["scale"], fields.get("zero"), dim)
-            mid = mid.reshape(padded.shape)[:, :, : stop - start].to(dtype).contiguous()
+            if codes.dim() == 1:  # still packed (kernels.usable): unpacked and dequantized in one pass
+                mid = kernels.unpack_dequantize(codes, fields["scale"], fields.get("zero"), (n, h, stop - start, d),
+                                                dtype, self.bits, self.group(kind), self.axis(kind) == "channel")
+            else:
+                padded = self._pad(codes, kind, 0)
+                groups, dim = self._groups(padded, kind)
+                mid = self._dequantize(groups, fields["scale"], fields.get("zero"), dim)
+                mid = mid.reshape(padded.shape)[:, :, : stop - start].to(dtype).contiguous()
             if "outlier_idx" in fields:
                 mid.view(-1)[fields["outlier_idx"].long()] = fields["outlier_val"]
             parts.append(mid)
@@ -223,7 +254,7 @@ class Quant(Method):
     # ---- storage --------------------------------------------------------------------
 
     def _pack(self, fields, shape, kind):
-        if "codes" in fields:
+        if "codes" in fields and fields["codes"].dim() != 1:  # 1-D: packed by the kernel already
             fields = {**fields, "codes": pack_bits(fields["codes"], self.bits)}
         return fields
 
@@ -231,9 +262,21 @@ class Quant(Method):
         n, h, seq, d = shape
         start, stop = self.window(seq)
         if stop > start:
-            codes = unpack_bits(packed["codes"], self.bits, n * h * (stop - start) * d)
-            packed = {**packed, "codes": codes.view(n, h, stop - start, d)}
+            n_codes = n * h * (stop - start) * d
+            if self._unpadded(stop - start, kind) and kernels.usable(packed["codes"], self.bits):
+                check_packed(packed["codes"], self.bits, n_codes)  # _decode unpacks in its one pass
+                for name in ("scale", "zero"):  # the kernel indexes them: a damaged file must not
+                    if name in packed and packed[name].numel() != self.n_groups(shape, kind):
+                        raise ValueError(f"{name} holds {packed[name].numel()} values, expected "
+                                         f"{self.n_groups(shape, kind)}")
+            else:
+                codes = unpack_bits(packed["codes"], self.bits, n_codes)
+                packed = {**packed, "codes": codes.view(n, h, stop - start, d)}
         return packed
+
+    def _unpadded(self, n_tokens: int, kind: str) -> bool:
+        """No token padding in the groups (the kernels' case)."""
+        return self.axis(kind) == "token" or n_tokens % self.group(kind) == 0
 
     def n_groups(self, shape, kind) -> int:
         n, h, seq, d = shape

@@ -94,9 +94,7 @@ def reconstruction_pass(model, cache, ctx, scorer, tokenizer, stats: dict, optio
 def layer_scores(scorer, prefilled: ContextPrefill, index: int, options: dict) -> list:
     """Per layer, the scorer's scores [1, n_kv, n] of the prefilled context; `index` (a
     window, an example, a sequence id) seeds the random scorer with the layer."""
-    import torch
-
-    from kvcore.eviction.base import AttentionReceived, ScoreInputs
+    from kvcore.eviction.base import AttentionReceived
 
     out = []
     for i, (k, v) in enumerate(zip(prefilled.keys, prefilled.values)):
@@ -104,6 +102,16 @@ def layer_scores(scorer, prefilled: ContextPrefill, index: int, options: dict) -
         if scorer.queries is not None:
             s, m, count = prefilled.stats[scorer.query_key][i]
             attention = AttentionReceived(sum=s, max=m, count=count)
-        generator = torch.Generator().manual_seed(options["seed"] * 1_000_003 + index * 1009 + i)
-        out.append(scorer(ScoreInputs(layer=i, keys=k, values=v, attention=attention, generator=generator)))
+        out.append(score_layer(scorer, i, k, v, index, options, attention))
     return out
+
+
+def score_layer(scorer, layer: int, keys, values, index: int, options: dict, attention=None):
+    """One layer's scores [1, n_kv, n] of a context's keys and values; `index` and `layer` seed
+    the random scorer (so the cache-only scorers score an extracted sequence as its prefill)."""
+    import torch
+
+    from kvcore.eviction.base import ScoreInputs
+
+    generator = torch.Generator().manual_seed(options["seed"] * 1_000_003 + index * 1009 + layer)
+    return scorer(ScoreInputs(layer=layer, keys=keys, values=values, attention=attention, generator=generator))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from kvcore.errors import UsageError
 from kvcore.evaluation.attention import PassState, attention_pass
+from kvcore.evaluation.batched import batches, fake_quant_baseline, prefill_compress_baseline, window_batch
 from kvcore.evaluation.cache import Rope, cache_from, fake_quant_cache
 from kvcore.evaluation.context import compress_context
 from kvcore.evaluation.nll import plain_window, scored_nll, summarize, target_nll, token_ids_sha256
@@ -101,11 +102,12 @@ def method_ropes(model, methods: dict, pre_rope) -> dict:
 def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: str, max_length: int, stride: int,
                      layout: str = "sliding", tokenizer=None, device: str = "cpu",
                      selected: list[int] | None = None, options: dict | None = None,
-                     progress: str | None = None, windows: list | None = None) -> dict:
+                     progress: str | None = None, windows: list | None = None, batch: int | None = None) -> dict:
     """Baseline and compressed perplexity of `token_ids` for each method under `protocol`.
 
     `windows` (windows.Window list) replaces the layout's, e.g. one window scoring a given
-    continuation after its prompt (kvcore.evaluation.score).
+    continuation after its prompt (kvcore.evaluation.score). `batch`: windows per forward of a
+    baseline run without methods (the `baseline` job; None: `batched.window_batch`, 1 on the CPU).
 
     Returns {"baseline": summary, "methods": {name: summary}, "token_ids_sha256", ...} where a
     summary is `nll.summarize(...)` plus `metrics` (records.pooled_metrics) and `metric_parts`.
@@ -128,8 +130,20 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
     run = WindowResults(recorders={name: Recorder() for name in methods})
     started = time.perf_counter()
     model.eval()
+    batch = window_batch(model, device, max_length) if batch is None else batch
     with torch.inference_mode():
-        for i in each(chosen, progress, "windows"):
+        groups = baseline_batches(chosen, all_windows, batch, protocol, methods, max_length, stride)
+        unit = "windows" if all(len(group) == 1 for group in groups) else "window batches"
+        for group in each(groups, progress, unit):
+            if len(group) > 1:  # the baseline of several windows in one forward (kvcore.evaluation.batched)
+                w = all_windows[group[0]]
+                if protocol == "fake-quant":
+                    fake_quant_baseline(model, ids, all_windows, group, run, device)
+                else:
+                    n_ctx, _ = split_window(w.end - w.begin, w.target_len, max_length, stride)
+                    prefill_compress_baseline(model, ids, all_windows, group, run, device, n_ctx, options)
+                continue
+            i = group[0]
             w = all_windows[i]
             for recorder in run.recorders.values():
                 recorder.window = i
@@ -149,6 +163,25 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
     for summary in (result["baseline"], *result["methods"].values()):
         summary["n_windows_total"] = len(all_windows)
     return result
+
+
+def baseline_batches(chosen, all_windows, batch: int, protocol: str, methods: dict, max_length: int,
+                     stride: int) -> list[list[int]]:
+    """The windows in the order they run, grouped where the baseline runs several per forward:
+    only without methods (a method's windows run one at a time, and its baseline beside it, so
+    the two keep one code path, identity stays bit-identical and latencies compare), windows of
+    one length, and under prefill-compress never a first window that scores its own context."""
+    if batch <= 1 or methods:
+        return [[i] for i in chosen]
+
+    def same(w):
+        length = w.end - w.begin
+        n_ctx, context_scored = split_window(length, w.target_len, max_length, stride)
+        if protocol != "fake-quant" and (n_ctx < 1 or context_scored):
+            return ("alone", w.begin)
+        return (length, w.target_len if protocol == "fake-quant" else n_ctx)
+
+    return batches(chosen, all_windows, batch, same)
 
 
 def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device):

@@ -39,7 +39,7 @@ _SCORERS = {
 }
 SCORERS = tuple(_SCORERS)
 
-__all__ = ["SCORERS", "scorer_class", "make_scorer"]
+__all__ = ["SCORERS", "scorer_class", "make_scorer", "needs_model"]
 
 
 def scorer_class(name: str):
@@ -47,6 +47,12 @@ def scorer_class(name: str):
         raise UsageError(f"unknown eviction scorer {name!r} (valid: {', '.join(SCORERS)})")
     module, cls = _SCORERS[name].split(":")
     return getattr(importlib.import_module(f"kvcore.eviction.{module}"), cls)
+
+
+def needs_model(name: str) -> bool:
+    """Whether the scorer reads attention, so choosing tokens runs the model (kvzip, h2o,
+    snapkv); knorm, streamingllm and random score a cache from its keys and positions alone."""
+    return scorer_class(name).queries is not None
 
 
 def make_scorer(name: str, **options):

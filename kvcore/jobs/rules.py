@@ -13,13 +13,14 @@ from __future__ import annotations
 from kvcore.codedeps import PACKAGE_DIR, method_modules, module_files
 from kvcore.config import check, check_files, explain
 from kvcore.errors import UsageError
+from kvcore.eviction import needs_model
 from kvcore.plots import RESULT_PLOTS, STAT_PLOTS
 from kvcore.sources.datasets import prompt_list
 from kvcore.sources.layers import num_layers
 from kvcore.stats import STATS_TABLES
 
 __all__ = ["RESULT_PLOTS", "STAT_PLOTS", "STATS_TABLES", "UsageError", "check", "check_files", "code_files",
-           "code_modules", "explain", "num_layers", "prompt_list"]
+           "code_modules", "explain", "needs_model", "num_layers", "prompt_list"]
 
 PERPLEXITY = ["kvcore.evaluation.perplexity", "kvcore.evaluation.protocols", "kvcore.model", "kvcore.sources.datasets"]
 # rule -> (its kvcore.jobs module, the library modules its job calls)
@@ -49,7 +50,10 @@ JOBS = {
 def code_modules(rule: str, method: str | None = None, spec: dict | None = None) -> list[str]:
     """The library modules the job of `rule` calls (for a method's job, `method` with its config
     `spec`: the modules the method loads lazily too)."""
-    return [*JOBS[rule][1], *(method_modules(method, spec) if method else [])]
+    modules = [*JOBS[rule][1], *(method_modules(method, spec) if method else [])]
+    if rule == "compress" and any(m.startswith("kvcore.eviction.") for m in modules):
+        modules.append("kvcore.evaluation.extracted")  # where an evict method's tokens are chosen
+    return modules
 
 
 def code_files(rule: str, method: str | None = None, spec: dict | None = None) -> list[str]:

@@ -22,10 +22,16 @@ except (WorkflowError, jobs.UsageError) as error:
 MODELS = list(config["models"])
 DATASETS = list(config["datasets"])
 METHODS = list(config["methods"])
-# Every method is compressed from the extracted safetensors; eviction also needs the model
-# to score the tokens, so it has its own rule (compress_evict).
+# Every method is compressed from the extracted safetensors; eviction by attention also needs
+# the model to score the tokens, so it has its own rule (compress_evict) holding a GPU.
 COMPRESSIBLE = METHODS
-EVICTING = [m for m in METHODS if (config["methods"][m] or {}).get("family") == "evict"]
+# evict methods whose scorer reads attention: choosing their tokens runs the model (rule compress_evict)
+EVICTING = [
+    m
+    for m in METHODS
+    if (config["methods"][m] or {}).get("family") == "evict"
+    and jobs.needs_model((config["methods"][m] or {}).get("scorer", ""))
+]
 RUN = "results/{model}/{dataset}"
 ENV = "../envs/kvcore.yaml"  # every rule runs the same Python stack (pyproject.toml)
 RUN_CATEGORY = "{model} · {dataset}"  # a run's section of the --report HTML

@@ -1,6 +1,8 @@
 # Compress each run's extracted cache with each method: the real stored form and its metrics.
-# Eviction has its own rule: picking the kept tokens prefills each extracted sequence again
-# with the model (the scorers read attention), so it takes the model, the tokens and a GPU.
+# `compress` packs on the GPU when there is one (device auto) without holding the `gpu`
+# resource: a layer at a time, seconds of GPU work. Eviction by attention has its own rule:
+# picking the kept tokens prefills each extracted sequence again with the model (kvzip, h2o
+# and snapkv read attention), so it takes the model, the tokens and a GPU.
 
 
 rule compress:
@@ -20,6 +22,7 @@ rule compress:
         ENV
     params:
         spec=method_spec,
+        device=config["extract"]["device"],
     script:
         "../scripts/compress.py"
 

@@ -17,6 +17,9 @@ rule stats:
     conda:
         ENV
     threads: 1
+    params:
+        # the sums run on the GPU when there is one, without the `gpu` resource (seconds of work)
+        device=config["extract"]["device"],
     script:
         "../scripts/stats.py"
 

@@ -1,0 +1,194 @@
+"""The whole workflow from an empty results directory: wall time per rule and in total, how
+busy the GPU was, host peak RSS per job, and a no-op rerun; then the issue-18 targets.
+
+Runs `snakemake` (this checkout's Snakefile) in a fresh work directory on `--config`, samples
+the GPU with `nvidia-smi` every `--sample` seconds while it runs, reads the jobs' start and
+finish times from Snakemake's log and their peak RSS from the rules' `benchmark:` files
+(max_rss, MB), then runs Snakemake again with nothing to do and times that.
+
+    python benchmarks/workflow_bench.py --config configs/gpu-bench.yaml --workdir /tmp/wf --cores 16 --gpus 1
+
+Targets (issue 18, one H200): total <= 3 x the extraction jobs' total and <= 240 s; no job
+that holds the `gpu` resource leaves the GPU idle for more than 5 s at a stretch; host peak
+RSS of every compress job <= 2 GB; a no-op rerun <= 5 s. Writes the raw numbers to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GPU_RULES = ("extract", "perplexity", "perplexity_shard", "compress_evict", "tasks")  # rules with resources gpu=1
+STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
+RULE = re.compile(r"^(?:local)?rule (\w+):$")
+JOBID = re.compile(r"^\s+jobid: (\d+)$")
+WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
+FINISHED = re.compile(r"^Finished job(?:id:)? (\d+)")
+
+
+class GpuSampler(threading.Thread):
+    """(time, utilization %, memory MiB) of GPU 0 every `interval` seconds, from nvidia-smi."""
+
+    def __init__(self, interval: float):
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float, float]] = []
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                          "--format=csv,noheader,nounits", f"-lms={int(interval * 1000)}",
+                                          "--id=0"], stdout=subprocess.PIPE, text=True)
+
+    def run(self):
+        if self.proc is None:
+            return
+        for line in self.proc.stdout:
+            try:
+                util, mem = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.time(), util, mem))
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def parse_jobs(log: str) -> list[dict]:
+    """Jobs from Snakemake's log: rule, wildcards, start and finish (epoch seconds, 1 s resolution)."""
+    jobs, stamp, pending = {}, None, None
+    for line in log.splitlines():
+        if m := STAMP.match(line.strip()):
+            stamp = datetime.strptime(" ".join(m[1].split()), "%a %b %d %H:%M:%S %Y").timestamp()
+        elif m := RULE.match(line.strip()):
+            pending = {"rule": m[1], "start": stamp, "wildcards": ""}
+        elif pending is not None and (m := JOBID.match(line)):
+            jobs[m[1]] = pending
+        elif pending is not None and (m := WILDCARDS.match(line)):
+            pending["wildcards"] = m[1]
+        elif m := FINISHED.match(line.strip()):
+            if m[1] in jobs:
+                jobs[m[1]]["end"] = stamp
+    return [j for j in jobs.values() if j.get("end") is not None]
+
+
+def longest_idle(samples, start: float, end: float, interval: float) -> float:
+    """Longest stretch of 0 % utilization samples inside [start, end] (seconds)."""
+    best = run = 0
+    for t, util, _ in samples:
+        if start <= t <= end:
+            run = run + 1 if util == 0 else 0
+            best = max(best, run)
+    return best * interval
+
+
+def benchmark_rss(workdir: Path) -> list[dict]:
+    """Every benchmark file's wall seconds and max_rss (MB)."""
+    out = []
+    for path in sorted((workdir / "logs" / "benchmarks").rglob("*.tsv")):
+        with open(path) as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        if rows:
+            rss = rows[-1].get("max_rss", "NA")
+            out.append({"file": str(path.relative_to(workdir / "logs" / "benchmarks")),
+                        "seconds": float(rows[-1]["s"]), "max_rss_mb": None if rss == "NA" else float(rss)})
+    return out
+
+
+def snakemake(workdir: Path, config: Path, cores: int, gpus: int, log: Path) -> tuple[float, str, int]:
+    """(wall seconds, log text, exit code); the log is written to `log` as it comes (kept if killed)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(config), "--cores", str(cores), "--resources", f"gpu={gpus}"]
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+    return time.perf_counter() - start, log.read_text(), rc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, required=True, help="a new (or empty) directory")
+    ap.add_argument("--cores", type=int, default=16)
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--sample", type=float, default=0.5, help="GPU sampling interval, seconds")
+    ap.add_argument("--json", type=Path, help="write the raw numbers here")
+    args = ap.parse_args()
+    if args.workdir.exists() and any(args.workdir.iterdir()):
+        sys.exit(f"workflow_bench: error: {args.workdir} is not empty (the run must start from nothing)")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    sampler = GpuSampler(args.sample)
+    sampler.start()
+    wall, log, rc = snakemake(args.workdir, args.config.resolve(), args.cores, args.gpus,
+                              args.workdir / "snakemake.log")
+    sampler.stop()
+    if rc != 0:
+        print(log[-4000:])
+        sys.exit(f"workflow_bench: snakemake failed (exit {rc}) after {wall:.1f} s")
+    noop, noop_log, _ = snakemake(args.workdir, args.config.resolve(), args.cores, args.gpus,
+                                  args.workdir / "snakemake-noop.log")
+
+    jobs = parse_jobs(log)
+    samples = sampler.samples
+    for job in jobs:
+        job["seconds"] = job["end"] - job["start"]
+        if job["rule"] in GPU_RULES or job["rule"].startswith("extract"):
+            job["gpu_idle_max_s"] = longest_idle(samples, job["start"], job["end"], args.sample)
+    rules: dict[str, list] = {}
+    for job in jobs:
+        rules.setdefault(job["rule"], []).append(job["seconds"])
+    rss = benchmark_rss(args.workdir)
+
+    print(f"workflow {args.config} from an empty directory: {wall:.1f} s wall, {len(jobs)} jobs; "
+          f"no-op rerun {noop:.1f} s ({'nothing to be done' if 'Nothing to be done' in noop_log else 'RAN JOBS'})")
+    if samples:
+        busy = sum(1 for _, u, _ in samples if u > 0) / len(samples)
+        print(f"GPU busy (utilization > 0) in {busy:.0%} of {len(samples)} samples every {args.sample} s; "
+              f"peak GPU memory {max(m for *_, m in samples):.0f} MiB")
+    print("\n| rule | jobs | seconds each (min-max, from the log) | sum |\n|---|---:|---|---:|")
+    for rule, secs in sorted(rules.items(), key=lambda kv: -sum(kv[1])):
+        print(f"| {rule} | {len(secs)} | {min(secs):.0f}-{max(secs):.0f} | {sum(secs):.0f} |")
+    print("\n| job (benchmark file) | seconds | max RSS MB | longest GPU idle while holding it (s) |\n"
+          "|---|---:|---:|---:|")
+    idle_by_key = {(j["rule"], j["wildcards"]): j.get("gpu_idle_max_s") for j in jobs}
+    for row in rss:
+        print(f"| {row['file']} | {row['seconds']:.1f} | {row['max_rss_mb'] or 0:.0f} | |")
+    gpu_jobs = [j for j in jobs if "gpu_idle_max_s" in j]
+    for job in sorted(gpu_jobs, key=lambda j: -j["gpu_idle_max_s"])[:8]:
+        print(f"| {job['rule']} {job['wildcards']} | {job['seconds']:.0f} | | {job['gpu_idle_max_s']:.1f} |")
+
+    extract_total = sum(rules.get("extract", []))
+    compress_rss = [r["max_rss_mb"] or 0 for r in rss if r["file"].startswith("compress/")]
+    worst_idle = max((j["gpu_idle_max_s"] for j in gpu_jobs), default=None)
+    targets = [
+        (f"total {wall:.0f} s <= 3 x extraction {extract_total:.0f} s = {3 * extract_total:.0f} s",
+         wall <= 3 * extract_total),
+        (f"total {wall:.0f} s <= 240 s", wall <= 240),
+        (f"longest GPU idle inside a gpu job {worst_idle} s <= 5 s" if samples else "GPU idle: no nvidia-smi samples",
+         bool(samples) and worst_idle is not None and worst_idle <= 5),
+        (f"compress jobs' peak RSS {max(compress_rss, default=0):.0f} MB <= 2000 MB",
+         bool(compress_rss) and max(compress_rss) <= 2000),
+        (f"no-op rerun {noop:.1f} s <= 5 s", noop <= 5),
+    ]
+    print("\ntargets:")
+    for text, ok in targets:
+        print(f"  {'HOLDS' if ok else 'MISSES'}  {text}")
+    if args.json:
+        args.json.write_text(json.dumps({"wall_s": wall, "noop_s": noop, "jobs": jobs, "rss": rss,
+                                         "gpu_samples": samples, "idle": {str(k): v for k, v in idle_by_key.items()},
+                                         "targets": [[t, ok] for t, ok in targets]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
