@@ -1,4 +1,4 @@
-# Tokenize, extract the KV cache shard by shard (GPU when present), then merge metadata.
+# Tokenize, extract the KV cache shard by shard (GPU when present), then compact each layer and merge metadata.
 
 
 rule tokenize:
@@ -22,10 +22,12 @@ rule tokenize:
         "../scripts/tokenize.py"
 
 
-# Every file an extract job writes is a declared output, one Parquet file per stored layer included,
+# Every file an extract job writes is a declared output, its Parquet part of each stored layer included
+# (temp(): finalize_extraction compacts each layer's parts into one file, then Snakemake removes them),
 # so storage plugins upload them, --delete-all-output removes them and deleting one reruns its job.
 # The layer count is known before the model is downloaded (kvcore.sources.models.num_layers);
-# models with different layer lists get one rule each (outputs cannot vary with a wildcard).
+# models with different layer lists get one extract and one finalize rule each (outputs cannot
+# vary with a wildcard).
 LAYER_GROUPS = {}
 for model, layers in PARQUET_LAYERS.items():
     LAYER_GROUPS.setdefault(tuple(layers), []).append(model)
@@ -36,7 +38,7 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
         name:
             "extract" if group == 0 else f"extract_{group}"
         output:
-            **shard_outputs(layers),
+            **{**shard_outputs(layers), "parquet": temp(shard_outputs(layers)["parquet"])},
         input:
             model=rules.download_model.output.model,
             tokens=rules.tokenize.output.tokens,
@@ -65,19 +67,27 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
             "../scripts/extract.py"
 
 
-rule finalize_extraction:
-    output:
-        metadata=f"{RUN}/metadata.json",
-        predictions=f"{RUN}/predictions.parquet",
-    input:
-        manifests=shard_files("manifest"),
-        predictions=shard_files("predictions"),
-        code=code("kvcore.storage"),
-    log:
-        "logs/finalize_extraction/{model}/{dataset}.log",
-    benchmark:
-        "logs/benchmarks/finalize_extraction/{model}/{dataset}.tsv"
-    conda:
-        ENV
-    script:
-        "../scripts/finalize_extraction.py"
+for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
+
+    rule:
+        name:
+            "finalize_extraction" if group == 0 else f"finalize_extraction_{group}"
+        output:
+            metadata=f"{RUN}/metadata.json",
+            predictions=f"{RUN}/predictions.parquet",
+            layers=layer_outputs(layers),
+        input:
+            manifests=shard_files("manifest"),
+            predictions=shard_files("predictions"),
+            parts=shard_files("parquet"),
+            code=code("kvcore.storage"),
+        wildcard_constraints:
+            model=one_of(models),
+        log:
+            "logs/finalize_extraction/{model}/{dataset}.log",
+        benchmark:
+            "logs/benchmarks/finalize_extraction/{model}/{dataset}.tsv"
+        conda:
+            ENV
+        script:
+            "../scripts/finalize_extraction.py"
