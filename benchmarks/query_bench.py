@@ -389,7 +389,7 @@ def main() -> int:
     p.add_argument("--sharded", action="store_true",
                    help="also time the verbs on the shard parts before finalize compacts them (not with --reuse)")
     p.add_argument("--layout", action="store_true", help="also time one layer at other row-group sizes")
-    p.add_argument("--row-groups", default="4096,16384,32768,131072")
+    p.add_argument("--row-groups", default="4096,8192,16384,32768,131072")
     p.add_argument("--keep", action="store_true", help="keep the data under --dir")
     p.add_argument("--reuse", action="store_true", help="reuse (and keep) data left under --dir by an earlier --keep run")
     p.add_argument("--json", type=Path, help="also write the results here")

@@ -36,9 +36,9 @@ from kvcore.tensorfile import start_writeback
 ROW_GROUP_ROWS = 32768
 # zstd level 1, no dictionary and byte_stream_split on the vectors: 1.5-2.3x faster to write than
 # pyarrow's defaults, as fast or faster to read, and smaller (codec table in benchmarks/README.md).
-# The compacted layer files: 16,384-row groups keep a point lookup at ~half the decode of 32,768
-# while scans run as fast (benchmarks/query_bench.py --layout).
-LAYER_ROW_GROUP_ROWS = 16384
+# The compacted layer files: a point lookup decodes one whole row group of vectors, so 8,192 rows
+# cost it a quarter of 32,768's decode, while scans slow by a few % (benchmarks/query_bench.py --layout).
+LAYER_ROW_GROUP_ROWS = 8192
 PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 1
 METADATA_KEYS = ("model", "dataset", "num_layers", "num_kv_heads", "num_heads", "head_dim", "seq_len", "dtype")

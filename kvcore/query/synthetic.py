@@ -17,6 +17,7 @@ import numpy as np
 
 from kvcore.atomic import atomic_path, write_json
 from kvcore.storage import METADATA_KEYS, finalize_run, layer_table, part_file, write_parquet
+from kvcore.tokens import write_tokens_table
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -41,7 +42,7 @@ def write_synthetic_run(run_dir: str | Path, *, num_layers: int = 30, num_kv_hea
     token_ids = rng.integers(0, vocab, size=(n_sequences, seq_len), dtype=np.int32)
     words = np.array([f"w{i}" for i in range(vocab)], dtype=object)
     with atomic_path(run_dir / "tokens.parquet") as tmp:
-        pq.write_table(pa.table({
+        write_tokens_table(pa.table({
             "seq_id": np.repeat(np.arange(n_sequences, dtype=np.int32), seq_len),
             "pos": np.tile(np.arange(seq_len, dtype=np.int32), n_sequences),
             "token_id": token_ids.reshape(-1),
