@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kvcore.cli import main
+from kvcore.errors import KvcoreError
 from query_fixtures import build_run, load_reference
 
 ARCHS = ("gpt2", "llama")
@@ -275,6 +276,40 @@ def test_partial_run_reads_complete_shards_only(tmp_path):
         assert len(run.sql("SELECT * FROM predictions")) == 4
         with pytest.raises(kvcore.query.QueryError):  # the half-written file is not even readable
             run.sql(f"SELECT * FROM read_parquet('{run_dir}/shards/layer=0/part-00003.parquet')")
+
+
+def test_finalize_compacts_each_layer_into_one_file(tmp_path, monkeypatch):
+    """The shards' parts, in shard order, become one file per layer; a broken part is one clear
+    error and no metadata.json, so the run still reads as unfinished."""
+    import pyarrow as pa
+
+    import kvcore
+    from kvcore import storage
+    from kvcore.query.synthetic import write_synthetic_run
+
+    monkeypatch.setattr(storage, "LAYER_ROW_GROUP_ROWS", 30)
+    run_dir = tmp_path / "run"
+    n = write_synthetic_run(run_dir, num_layers=2, num_kv_heads=2, num_heads=4, head_dim=8, n_sequences=5,
+                            seq_len=10, shard_size=2, finalize=False)["n_shards"]
+    parts = {layer: pa.concat_tables([pq.read_table(run_dir / storage.part_file(layer, s)) for s in range(n)])
+             for layer in range(2)}
+    broken = run_dir / storage.part_file(1, 2)
+    good = broken.read_bytes()
+    broken.write_bytes(good[:len(good) // 2])
+    with pytest.raises(KvcoreError, match="part-00002.parquet: unreadable Parquet part"):
+        storage.finalize_run(run_dir, n)
+    assert not (run_dir / "metadata.json").exists() and not list((run_dir / "kv" / "layer=1").iterdir())
+    broken.write_bytes(good)
+    meta = storage.finalize_run(run_dir, n)
+    assert meta["files"] == ["kv/layer=0/data.parquet", "kv/layer=1/data.parquet"]
+    for layer in range(2):
+        compacted = pq.ParquetFile(run_dir / storage.layer_file(layer))
+        assert compacted.read().equals(parts[layer])  # same rows, same (seq_id, pos, head) order
+        groups = [compacted.metadata.row_group(i).num_rows for i in range(compacted.num_row_groups)]
+        assert groups == [30] * 3 + [10]  # 5 sequences x 10 positions x 2 heads
+    assert not (run_dir / "shards" / "layer=0").exists()  # the parts are gone, the manifests stay
+    with kvcore.open_run(run_dir) as run:
+        assert run.info().finalized[0] and run.sql("SELECT count(*) AS n FROM kv").n[0] == 2 * 100
 
 
 # ---- pruning: a point lookup reads one partition and one row group --------------------------
