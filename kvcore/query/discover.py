@@ -205,11 +205,12 @@ def load_run(path: Path) -> RunFiles:
         kv_files = [_listed_file(path, rel, "metadata.json") for rel in _string_list(meta_path, layer_files)]
     for m, rels in zip(manifests, files_of):
         for rel in rels:
-            f = _listed_file(path, rel, f"shard {m['shard']}") if layer_files is None else confined(path, rel)
-            if rel.endswith(".parquet") and layer_files is None:
-                kv_files.append(f)
-                shard_files.setdefault(m["shard"], []).append(f)
-        if layer_files is not None:
+            confined(path, rel)  # a listed path that leaves the run is refused, read or not
+        if layer_files is None:
+            shard_files[m["shard"]] = [_listed_file(path, rel, f"shard {m['shard']}") for rel in rels
+                                       if rel.endswith(".parquet")]
+            kv_files += shard_files[m["shard"]]
+        else:
             shard_files[m["shard"]] = kv_files
         seq_lengths.update(zip(m["seq_ids"], m["seq_lengths"]))
         seq_shard.update((s, m["shard"]) for s in m["seq_ids"])
