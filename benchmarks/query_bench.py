@@ -57,6 +57,20 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def side_by_side(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each fn, the calls alternating (a, b, a, b, ...) after one warmup each,
+    so that a load that changes over the run (a shared box) weighs on both alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
 def median_over(fn, args: list, warmup: int = 2) -> float:
     """Median seconds of fn(*a) over a list of argument tuples (each a different lookup)."""
     for a in args[:warmup]:
@@ -153,13 +167,15 @@ def plain(threads: int | None):
     return duckdb.connect(config={"threads": threads} if threads else {})
 
 
-def measure(run, coords, args) -> dict:
-    """The verbs through kvcore.open_run, whatever the layout under it."""
+def measure(run, coords, args, naive: dict | None = None) -> dict:
+    """The verbs through kvcore.open_run, whatever the layout under it; `naive` {"norm": fn,
+    "layer": fn}: the naive file's same questions, timed side by side (norm_naive_s, ...)."""
     res = {"lookup_ms": 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s, arrow=True), coords)}
-    q = run.query("search_norm", 0.5, 1.0, "key")
-    res["norm_s"] = timed(lambda: run.arrow(q), args.repeats)
-    q = run.query("layer_summary", 5)
-    res["layer_s"] = timed(lambda: run.arrow(q), args.repeats)
+    for name, q in (("norm", run.query("search_norm", 0.5, 1.0, "key")), ("layer", run.query("layer_summary", 5))):
+        if naive is None:
+            res[f"{name}_s"] = timed(lambda: run.arrow(q), args.repeats)
+        else:
+            res[f"{name}_s"], res[f"{name}_naive_s"] = side_by_side([lambda: run.arrow(q), naive[name]], args.repeats)
     la, h, p, s = coords[0]
     q = run.query("nearest", la, h, p, k=10, seq=s)
     res["nearest_duckdb_ms"] = 1e3 * timed(lambda: run.arrow(q), args.repeats)
@@ -190,10 +206,35 @@ def bench_size(root: Path, rows: int, args) -> dict:
     coords = lookups(n_seq, args)
     con = plain(args.threads)
     tokens = str(run_dir / "tokens.parquet")
-    names = {"lookup_ms": "lookup_kvcore_ms", "norm_s": "norm_kvcore_s", "layer_s": "layer_kvcore_s"}
-    res.update({names.get(k, k): v for k, v in measure(run, coords, args).items()})
 
-    # lookup
+    # the same questions of the naive file, checked to give the same answers
+    res["norm_hits"] = run.arrow(run.query("search_norm", 0.5, 1.0, "key")).num_rows
+    naive_norm = f"""SELECT k.layer, k.head, k.seq_id, k.pos, k.token_id, t.token, k.key_norm, k.value_norm
+FROM read_parquet('{naive}') k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id AND k.pos = t.pos
+WHERE k.key_norm BETWEEN 0.5 AND 1.0 ORDER BY k.layer, k.seq_id, k.pos, k.head"""
+    assert con.sql(naive_norm).to_arrow_table().num_rows == res["norm_hits"]
+    layer = 5
+    naive_layer = f"""SELECT layer, head, {stats_columns()} FROM read_parquet('{naive}') WHERE layer = {layer}
+GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
+    want = run.arrow(run.query("layer_summary", layer)).column("key_mean").to_pylist()
+    got = con.sql(naive_layer).to_arrow_table().column("key_mean").to_pylist()
+    assert np.allclose(want, got, rtol=1e-6), (want, got)
+
+    # lookup, norm search and layer summary (side by side with the naive file), nearest in SQL
+    naive_fns = {"norm": lambda: con.sql(naive_norm).to_arrow_table(),
+                 "layer": lambda: con.sql(naive_layer).to_arrow_table()}
+    names = {"lookup_ms": "lookup_kvcore_ms", "norm_s": "norm_kvcore_s", "layer_s": "layer_kvcore_s"}
+    res.update({names.get(k, k): v for k, v in measure(run, coords, args, naive_fns).items()})
+    layer_rows = n_rows // LAYERS
+    for side in ("kvcore", "naive"):
+        res[f"norm_{side}_rows_per_s"] = n_rows / res[f"norm_{side}_s"]
+        res[f"norm_{side}_GBps"] = n_rows * NORM_BYTES / res[f"norm_{side}_s"] / 1e9
+        res[f"layer_{side}_rows_per_s"] = layer_rows / res[f"layer_{side}_s"]
+        res[f"layer_{side}_GBps"] = layer_rows * LAYER_BYTES / res[f"layer_{side}_s"] / 1e9
+    log(f"  norm: {res['norm_kvcore_s']:.3f} s kvcore, {res['norm_naive_s']:.3f} s naive")
+    log(f"  layer: {res['layer_kvcore_s']:.3f} s kvcore, {res['layer_naive_s']:.3f} s naive")
+
+    # lookup: the other ways
     res["lookup_kvcore_pandas_ms"] = 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s), coords)
     naive_sql = f"SELECT * FROM read_parquet('{naive}') WHERE layer = ? AND head = ? AND pos = ? AND seq_id = ?"
     res["lookup_naive_ms"] = 1e3 * median_over(
@@ -206,34 +247,6 @@ def bench_size(root: Path, rows: int, args) -> dict:
     res["lookup_files"] = f"{scan['files_read']}/{len(run.runs[0].kv_files)}"
     res["lookup_row_groups"] = f"{scan['row_groups_scanned']}/{scan['row_groups_total']}"
     log(f"  lookup: {res['lookup_kvcore_ms']:.1f} ms kvcore, {res['lookup_naive_ms']:.1f} ms naive")
-
-    # norm-range search over every row
-    q = run.query("search_norm", 0.5, 1.0, "key")
-    res["norm_hits"] = run.arrow(q).num_rows
-    naive_norm = f"""SELECT k.layer, k.head, k.seq_id, k.pos, k.token_id, t.token, k.key_norm, k.value_norm
-FROM read_parquet('{naive}') k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id AND k.pos = t.pos
-WHERE k.key_norm BETWEEN 0.5 AND 1.0 ORDER BY k.layer, k.seq_id, k.pos, k.head"""
-    assert con.sql(naive_norm).to_arrow_table().num_rows == res["norm_hits"]
-    res["norm_naive_s"] = timed(lambda: con.sql(naive_norm).to_arrow_table(), args.repeats)
-    for side in ("kvcore", "naive"):
-        res[f"norm_{side}_rows_per_s"] = n_rows / res[f"norm_{side}_s"]
-        res[f"norm_{side}_GBps"] = n_rows * NORM_BYTES / res[f"norm_{side}_s"] / 1e9
-    log(f"  norm: {res['norm_kvcore_s']:.3f} s kvcore, {res['norm_naive_s']:.3f} s naive")
-
-    # layer summary
-    layer = 5
-    q = run.query("layer_summary", layer)
-    naive_layer = f"""SELECT layer, head, {stats_columns()} FROM read_parquet('{naive}') WHERE layer = {layer}
-GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
-    want = run.arrow(q).column("key_mean").to_pylist()
-    got = con.sql(naive_layer).to_arrow_table().column("key_mean").to_pylist()
-    assert np.allclose(want, got, rtol=1e-6), (want, got)
-    res["layer_naive_s"] = timed(lambda: con.sql(naive_layer).to_arrow_table(), args.repeats)
-    layer_rows = n_rows // LAYERS
-    for side in ("kvcore", "naive"):
-        res[f"layer_{side}_rows_per_s"] = layer_rows / res[f"layer_{side}_s"]
-        res[f"layer_{side}_GBps"] = layer_rows * LAYER_BYTES / res[f"layer_{side}_s"] / 1e9
-    log(f"  layer: {res['layer_kvcore_s']:.3f} s kvcore, {res['layer_naive_s']:.3f} s naive")
 
     # nearest neighbours in one (layer, head): the SQL verb was timed by measure()
     la, h, p, s = coords[0]
