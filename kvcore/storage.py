@@ -34,9 +34,10 @@ from kvcore.tensorfile import start_writeback
 # Row groups of this many rows: small enough that a point lookup reads one group of one
 # file, large enough that scans stay sequential (decided in benchmarks/, issue 9).
 ROW_GROUP_ROWS = 32768
-# The compacted layer files: a point lookup decodes one whole row group of vectors, so 8,192 rows
-# cost it a quarter of 32,768's decode, while scans slow by a few % (benchmarks/query_bench.py --layout).
-LAYER_ROW_GROUP_ROWS = 8192
+# The compacted layer files: a point lookup decodes one whole row group of vectors, so smaller
+# groups make it cheaper; below 16,384 rows a 20M-row run's layer scans take twice as long
+# (benchmarks/query_bench.py --layout, docs/query.md).
+LAYER_ROW_GROUP_ROWS = 16384
 # zstd level 1, no dictionary and byte_stream_split on the vectors: 1.5-2.3x faster to write than
 # pyarrow's defaults, as fast or faster to read, and smaller (codec table in benchmarks/README.md).
 PARQUET_COMPRESSION = "zstd"
