@@ -66,9 +66,6 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
         script:
             "../scripts/extract.py"
 
-
-for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
-
     rule:
         name:
             "finalize_extraction" if group == 0 else f"finalize_extraction_{group}"
