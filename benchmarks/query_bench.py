@@ -2,16 +2,20 @@
 
 For each size (KV rows; 30 layers x 3 KV heads x 64 dims, seq_len 512, 8 sequences per
 shard as config.yaml extracts them) this writes a run with kvcore's own writer
-(`layer_table` + `write_parquet`, kvcore/query/synthetic.py) and the same rows "the naive
-way" (one file, pyarrow defaults: snappy, 1Mi-row groups, a `layer` column, rows in
-extraction order), then reports medians over repeats, warm (files in the page cache):
+(`layer_table` + `write_parquet` per shard, then `finalize_run` compacting each layer's parts
+into one file, kvcore/query/synthetic.py) and the same rows "the naive way" (one file, pyarrow
+defaults: snappy, 1Mi-row groups, a `layer` column, rows in extraction order), then reports
+medians over repeats, warm (files in the page cache), side by side in one process:
 
   lookup     --coordinate (one row) via kvcore.open_run, vs plain duckdb on the naive file
              and plain duckdb on kvcore's files with the DESIGN.md glob query;
   norm       --search-norm 0.5 1.0 key over every row (the result joined to token text);
   layer      --layer-summary over one layer (norm and element statistics, reads the vectors);
-  nearest    --nearest --k 10 over one (layer, head): DuckDB brute force vs numpy
-             (end to end from Parquet, and on vectors already in memory);
+  nearest    --k 10 over one (layer, head): the verb's SQL in DuckDB (what `kvcore query
+             --nearest` runs), `Run.nearest` (numpy on vectors loaded once: the first search
+             loads them, later ones reuse them), numpy reading the Parquet with pyarrow;
+  sharded    (--sharded) the same queries on the run before compaction (one file per layer per
+             shard: what queries read while an extraction runs);
   layout     (--layout) one layer rewritten with other row-group sizes: lookup and scan.
 
 Throughput: rows/s counts the rows the question is about (every row for norm, the layer's
@@ -19,8 +23,8 @@ rows for layer), GB/s the same rows times the in-memory width of the columns the
 (norm: seq_id, pos, head, token_id, key_norm, value_norm = 22 B; layer: head, norms, key,
 value = 522 B), so kvcore and naive are divided by the same work.
 
-    python benchmarks/query_bench.py --quick                 # ~1 minute: 0.2M and 1M rows
-    python benchmarks/query_bench.py --sizes 2e6,2e7 --layout  # the figures in docs/query.md
+    python benchmarks/query_bench.py --quick                    # ~1 minute: 0.2M and 1M rows
+    nice python benchmarks/query_bench.py --sizes 2e6,2e7 --sharded --layout --threads 2  # docs/query.md
 """
 
 from __future__ import annotations
@@ -53,6 +57,20 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def side_by_side(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each fn, the calls alternating (a, b, a, b, ...) after one warmup each,
+    so that a load that changes over the run (a shared box) weighs on both alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
 def median_over(fn, args: list, warmup: int = 2) -> float:
     """Median seconds of fn(*a) over a list of argument tuples (each a different lookup)."""
     for a in args[:warmup]:
@@ -75,19 +93,44 @@ def log(msg: str) -> None:
 
 # ---- building the data ----------------------------------------------------------------------
 
-def build(root: Path, rows: int, seed: int) -> tuple[Path, Path, float, float]:
-    from kvcore.query.synthetic import write_synthetic_run
+def n_sequences(rows: int) -> int:
+    return max(SHARD_SIZE, round(rows / (LAYERS * KV_HEADS * SEQ_LEN)))
 
-    n_seq = max(SHARD_SIZE, round(rows / (LAYERS * KV_HEADS * SEQ_LEN)))
+
+def lookups(n_seq: int, args) -> list[tuple[int, int, int, int]]:
+    """Random (layer, head, pos, seq) coordinates, the same for every layout."""
+    rng = np.random.default_rng(args.seed)
+    return [(int(rng.integers(LAYERS)), int(rng.integers(KV_HEADS)), int(rng.integers(SEQ_LEN)),
+             int(rng.integers(n_seq))) for _ in range(args.lookups)]
+
+
+def build(root: Path, rows: int, args) -> tuple[Path, Path, dict]:
+    """The run's shard parts, the naive file from them, (--sharded) the queries on the parts
+    as an extraction in progress sees them, then `finalize_run` compacting them."""
+    from kvcore.query.synthetic import write_synthetic_run
+    from kvcore.storage import finalize_run
+
+    n_seq = n_sequences(rows)
     run_dir, naive = root / "run", root / "naive.parquet"
     t = time.perf_counter()
-    write_synthetic_run(run_dir, num_layers=LAYERS, num_kv_heads=KV_HEADS, num_heads=HEADS, head_dim=DIM,
-                        n_sequences=n_seq, seq_len=SEQ_LEN, shard_size=SHARD_SIZE, seed=seed,
-                        progress=lambda i, n: log(f"  kvcore layout: shard {i}/{n}") if i % 10 == 0 else None)
-    t_kv = time.perf_counter() - t
+    n_shards = write_synthetic_run(
+        run_dir, num_layers=LAYERS, num_kv_heads=KV_HEADS, num_heads=HEADS, head_dim=DIM, n_sequences=n_seq,
+        seq_len=SEQ_LEN, shard_size=SHARD_SIZE, seed=args.seed, finalize=False,
+        progress=lambda i, n: log(f"  kvcore layout: shard {i}/{n}") if i % 10 == 0 else None)["n_shards"]
+    res = {"build_parts_s": time.perf_counter() - t}
     t = time.perf_counter()
     write_naive(run_dir, naive)
-    return run_dir, naive, t_kv, time.perf_counter() - t
+    res["build_naive_s"] = time.perf_counter() - t
+    if args.sharded:
+        import kvcore
+
+        with kvcore.open_run(run_dir, threads=args.threads) as run:
+            res["sharded"] = {"files": len(run.runs[0].kv_files), **measure(run, lookups(n_seq, args), args)}
+        log(f"  sharded (before finalize): {res['sharded']}")
+    t = time.perf_counter()
+    finalize_run(run_dir, n_shards)
+    res["finalize_s"] = time.perf_counter() - t
+    return run_dir, naive, res
 
 
 def write_naive(run_dir: Path, out: Path, group: int = 1 << 20) -> None:
@@ -124,6 +167,21 @@ def plain(threads: int | None):
     return duckdb.connect(config={"threads": threads} if threads else {})
 
 
+def measure(run, coords, args, naive: dict | None = None) -> dict:
+    """The verbs through kvcore.open_run, whatever the layout under it; `naive` {"norm": fn,
+    "layer": fn}: the naive file's same questions, timed side by side (norm_naive_s, ...)."""
+    res = {"lookup_ms": 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s, arrow=True), coords)}
+    for name, q in (("norm", run.query("search_norm", 0.5, 1.0, "key")), ("layer", run.query("layer_summary", 5))):
+        if naive is None:
+            res[f"{name}_s"] = timed(lambda: run.arrow(q), args.repeats)
+        else:
+            res[f"{name}_s"], res[f"{name}_naive_s"] = side_by_side([lambda: run.arrow(q), naive[name]], args.repeats)
+    la, h, p, s = coords[0]
+    q = run.query("nearest", la, h, p, k=10, seq=s)
+    res["nearest_duckdb_ms"] = 1e3 * timed(lambda: run.arrow(q), args.repeats)
+    return res
+
+
 def bench_size(root: Path, rows: int, args) -> dict:
     import kvcore
     from kvcore.query.verbs import stats_columns
@@ -131,10 +189,10 @@ def bench_size(root: Path, rows: int, args) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     if args.reuse and (root / "run" / "metadata.json").is_file() and (root / "naive.parquet").is_file():
         log(f"reusing {root}")
-        run_dir, naive, t_kv, t_naive = root / "run", root / "naive.parquet", float("nan"), float("nan")
+        run_dir, naive, built = root / "run", root / "naive.parquet", {}
     else:
         log(f"building {rows:,} rows under {root}")
-        run_dir, naive, t_kv, t_naive = build(root, rows, args.seed)
+        run_dir, naive, built = build(root, rows, args)
     load_before = os.getloadavg()[0]
     t = time.perf_counter()
     run = kvcore.open_run(run_dir, threads=args.threads)
@@ -142,17 +200,41 @@ def bench_size(root: Path, rows: int, args) -> dict:
     info = run.info().iloc[0]
     n_rows, n_seq = int(info.n_kv_rows), int(info.n_sequences)
     res = {"rows": n_rows, "sequences": n_seq, "shards": int(info.n_shards), "files": len(run.runs[0].kv_files),
-           "kvcore_bytes": du(run_dir / "kv"), "naive_bytes": naive.stat().st_size,
-           "build_kvcore_s": t_kv, "build_naive_s": t_naive, "open_run_ms": 1e3 * t_open}
+           "kvcore_bytes": du(run_dir / "kv"), "naive_bytes": naive.stat().st_size, **built,
+           "open_run_ms": 1e3 * t_open}
     log(f"  built: {res}")
-    rng = np.random.default_rng(args.seed)
-    coords = [(int(rng.integers(LAYERS)), int(rng.integers(KV_HEADS)), int(rng.integers(SEQ_LEN)),
-               int(rng.integers(n_seq))) for _ in range(args.lookups)]
+    coords = lookups(n_seq, args)
     con = plain(args.threads)
     tokens = str(run_dir / "tokens.parquet")
 
-    # lookup
-    res["lookup_kvcore_ms"] = 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s, arrow=True), coords)
+    # the same questions of the naive file, checked to give the same answers
+    res["norm_hits"] = run.arrow(run.query("search_norm", 0.5, 1.0, "key")).num_rows
+    naive_norm = f"""SELECT k.layer, k.head, k.seq_id, k.pos, k.token_id, t.token, k.key_norm, k.value_norm
+FROM read_parquet('{naive}') k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id AND k.pos = t.pos
+WHERE k.key_norm BETWEEN 0.5 AND 1.0 ORDER BY k.layer, k.seq_id, k.pos, k.head"""
+    assert con.sql(naive_norm).to_arrow_table().num_rows == res["norm_hits"]
+    layer = 5
+    naive_layer = f"""SELECT layer, head, {stats_columns()} FROM read_parquet('{naive}') WHERE layer = {layer}
+GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
+    want = run.arrow(run.query("layer_summary", layer)).column("key_mean").to_pylist()
+    got = con.sql(naive_layer).to_arrow_table().column("key_mean").to_pylist()
+    assert np.allclose(want, got, rtol=1e-6), (want, got)
+
+    # lookup, norm search and layer summary (side by side with the naive file), nearest in SQL
+    naive_fns = {"norm": lambda: con.sql(naive_norm).to_arrow_table(),
+                 "layer": lambda: con.sql(naive_layer).to_arrow_table()}
+    names = {"lookup_ms": "lookup_kvcore_ms", "norm_s": "norm_kvcore_s", "layer_s": "layer_kvcore_s"}
+    res.update({names.get(k, k): v for k, v in measure(run, coords, args, naive_fns).items()})
+    layer_rows = n_rows // LAYERS
+    for side in ("kvcore", "naive"):
+        res[f"norm_{side}_rows_per_s"] = n_rows / res[f"norm_{side}_s"]
+        res[f"norm_{side}_GBps"] = n_rows * NORM_BYTES / res[f"norm_{side}_s"] / 1e9
+        res[f"layer_{side}_rows_per_s"] = layer_rows / res[f"layer_{side}_s"]
+        res[f"layer_{side}_GBps"] = layer_rows * LAYER_BYTES / res[f"layer_{side}_s"] / 1e9
+    log(f"  norm: {res['norm_kvcore_s']:.3f} s kvcore, {res['norm_naive_s']:.3f} s naive")
+    log(f"  layer: {res['layer_kvcore_s']:.3f} s kvcore, {res['layer_naive_s']:.3f} s naive")
+
+    # lookup: the other ways
     res["lookup_kvcore_pandas_ms"] = 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s), coords)
     naive_sql = f"SELECT * FROM read_parquet('{naive}') WHERE layer = ? AND head = ? AND pos = ? AND seq_id = ?"
     res["lookup_naive_ms"] = 1e3 * median_over(
@@ -166,107 +248,37 @@ def bench_size(root: Path, rows: int, args) -> dict:
     res["lookup_row_groups"] = f"{scan['row_groups_scanned']}/{scan['row_groups_total']}"
     log(f"  lookup: {res['lookup_kvcore_ms']:.1f} ms kvcore, {res['lookup_naive_ms']:.1f} ms naive")
 
-    # norm-range search over every row
-    q = run.query("search_norm", 0.5, 1.0, "key")
-    res["norm_hits"] = run.arrow(q).num_rows
-    res["norm_kvcore_s"] = timed(lambda: run.arrow(q), args.repeats)
-    naive_norm = f"""SELECT k.layer, k.head, k.seq_id, k.pos, k.token_id, t.token, k.key_norm, k.value_norm
-FROM read_parquet('{naive}') k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id AND k.pos = t.pos
-WHERE k.key_norm BETWEEN 0.5 AND 1.0 ORDER BY k.layer, k.seq_id, k.pos, k.head"""
-    assert con.sql(naive_norm).to_arrow_table().num_rows == res["norm_hits"]
-    res["norm_naive_s"] = timed(lambda: con.sql(naive_norm).to_arrow_table(), args.repeats)
-    for side in ("kvcore", "naive"):
-        res[f"norm_{side}_rows_per_s"] = n_rows / res[f"norm_{side}_s"]
-        res[f"norm_{side}_GBps"] = n_rows * NORM_BYTES / res[f"norm_{side}_s"] / 1e9
-    log(f"  norm: {res['norm_kvcore_s']:.3f} s kvcore, {res['norm_naive_s']:.3f} s naive")
-
-    # layer summary
-    layer = 5
-    q = run.query("layer_summary", layer)
-    res["layer_kvcore_s"] = timed(lambda: run.arrow(q), args.repeats)
-    naive_layer = f"""SELECT layer, head, {stats_columns()} FROM read_parquet('{naive}') WHERE layer = {layer}
-GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
-    want = run.arrow(q).column("key_mean").to_pylist()
-    got = con.sql(naive_layer).to_arrow_table().column("key_mean").to_pylist()
-    assert np.allclose(want, got, rtol=1e-6), (want, got)
-    res["layer_naive_s"] = timed(lambda: con.sql(naive_layer).to_arrow_table(), args.repeats)
-    layer_rows = n_rows // LAYERS
-    for side in ("kvcore", "naive"):
-        res[f"layer_{side}_rows_per_s"] = layer_rows / res[f"layer_{side}_s"]
-        res[f"layer_{side}_GBps"] = layer_rows * LAYER_BYTES / res[f"layer_{side}_s"] / 1e9
-    log(f"  layer: {res['layer_kvcore_s']:.3f} s kvcore, {res['layer_naive_s']:.3f} s naive")
-
-    # nearest neighbours in one (layer, head)
+    # nearest neighbours in one (layer, head): the SQL verb was timed by measure()
     la, h, p, s = coords[0]
-    q = run.query("nearest", la, h, p, k=10, seq=s)
     res["nearest_candidates"] = n_rows // (LAYERS * KV_HEADS)
-    res["nearest_duckdb_ms"] = 1e3 * timed(lambda: run.arrow(q), args.repeats)
-    files = [f for f in run.runs[0].kv_files if f.parent.name == f"layer={la}"]
+    # Run.nearest, first search of a (layer, head): each repeat a (layer, head) not loaded yet
+    firsts = list(dict.fromkeys((c[0], c[1]) for c in coords[1:] if (c[0], c[1]) != (la, h)))[:args.repeats]
+    res["nearest_first_ms"] = 1e3 * median_over(lambda a, b: run.nearest(a, b, p, k=10, seq=s, arrow=True),
+                                                firsts, warmup=0)
+    # ... and later searches in the same (layer, head), other tokens
+    again = [(la, h, c[2], c[3]) for c in coords]
+    run.nearest(la, h, p, k=10, seq=s, arrow=True)
+    res["nearest_cached_ms"] = 1e3 * median_over(lambda a, b, t, q: run.nearest(a, b, t, k=10, seq=q, arrow=True),
+                                                 again)
+    files = run.runs[0].layer_files(la)
     res["nearest_numpy_e2e_ms"] = 1e3 * timed(lambda: numpy_nearest(files, h, s, p, 10), args.repeats)
     keys, ids = load_head(files, h)
     res["nearest_numpy_inmem_ms"] = 1e3 * timed(lambda: top_k(keys, ids, s, p, 10), args.repeats)
-    duck = run.arrow(q)
-    assert list(zip(duck.column("seq_id").to_pylist(), duck.column("pos").to_pylist())) == \
-        numpy_nearest(files, h, s, p, 10), "DuckDB and numpy disagree"
-    log(f"  nearest: {res['nearest_duckdb_ms']:.1f} ms duckdb, {res['nearest_numpy_e2e_ms']:.1f} ms numpy e2e")
+    duck = run.arrow(run.query("nearest", la, h, p, k=10, seq=s))
+    ours = run.nearest(la, h, p, k=10, seq=s, arrow=True)
+    for name, table in (("numpy", None), ("Run.nearest", ours)):
+        got = numpy_nearest(files, h, s, p, 10) if table is None else \
+            list(zip(table.column("seq_id").to_pylist(), table.column("pos").to_pylist()))
+        assert list(zip(duck.column("seq_id").to_pylist(), duck.column("pos").to_pylist())) == got, \
+            f"DuckDB and {name} disagree"
+    log(f"  nearest: {res['nearest_duckdb_ms']:.1f} ms duckdb, {res['nearest_first_ms']:.1f} ms first / "
+        f"{res['nearest_cached_ms']:.1f} ms later Run.nearest")
 
     if args.layout:
         res["layout"] = layout_experiment(root, files, coords, args)
     run.close()
     res["load_avg"] = f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}"
-    if rows <= args.compact_max:
-        res["compact"] = [compact_experiment(root, run_dir, coords, group, args) for group in args.compact_rows]
     return res
-
-
-def compact_experiment(root: Path, run_dir: Path, coords, group: int, args) -> dict:
-    """The same run rewritten as one file per layer, through kvcore.open_run."""
-    import kvcore
-
-    out = root / "compact"
-    shutil.rmtree(out, ignore_errors=True)
-    compact(run_dir, out, group)
-    run = kvcore.open_run(out, threads=args.threads)
-    res = {"row_group_rows": group, "files": len(run.runs[0].kv_files), "bytes": du(out / "kv"),
-           "lookup_ms": 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s, arrow=True), coords)}
-    q = run.query("search_norm", 0.5, 1.0, "key")
-    res["norm_s"] = timed(lambda: run.arrow(q), args.repeats)
-    q = run.query("layer_summary", 5)
-    res["layer_s"] = timed(lambda: run.arrow(q), args.repeats)
-    la, h, p, s = coords[0]
-    q = run.query("nearest", la, h, p, k=10, seq=s)
-    res["nearest_ms"] = 1e3 * timed(lambda: run.arrow(q), args.repeats)
-    run.close()
-    shutil.rmtree(out)
-    log(f"  compacted: {res}")
-    return res
-
-
-def compact(run_dir: Path, out: Path, row_group: int) -> None:
-    """One shard holding every sequence: kv/layer=L/part-00000.parquet per layer."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from kvcore.atomic import write_json
-    from kvcore.query.synthetic import manifest_files
-
-    manifests = [json.loads(p.read_text()) for p in sorted((run_dir / "shards").glob("kv-*.json"))]
-    files = manifest_files(run_dir)
-    for layer in range(LAYERS):
-        table = pa.concat_tables([pq.read_table(f) for f in files if f.parent.name == f"layer={layer}"])
-        (out / "kv" / f"layer={layer}").mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, out / "kv" / f"layer={layer}" / "part-00000.parquet", row_group_size=row_group,
-                       compression="zstd", write_statistics=True)
-    (out / "shards").mkdir()
-    for name in ("tokens.parquet", "predictions.parquet", "metadata.json"):
-        shutil.copy(run_dir / name, out / name)
-    first = manifests[0]
-    write_json(out / "shards" / "kv-00000.json", {
-        **first, "shard": 0, "seq_ids": [s for m in manifests for s in m["seq_ids"]],
-        "seq_lengths": [n for m in manifests for n in m["seq_lengths"]],
-        "n_tokens": sum(m["n_tokens"] for m in manifests),
-        "n_rows_per_layer": sum(m["n_rows_per_layer"] for m in manifests),
-        "files": [f"kv/layer={i}/part-00000.parquet" for i in range(LAYERS)]})
 
 
 def load_head(files, head: int):
@@ -311,9 +323,9 @@ def layout_experiment(root: Path, files, coords, args) -> list[dict]:
         pq.write_table(table, path, row_group_size=group, compression="zstd", write_statistics=True)
         con = plain(args.threads)
         con.execute("SET parquet_metadata_cache = true")
-        lookups = [(h, p, s) for la, h, p, s in coords]
+        points = [(h, p, s) for la, h, p, s in coords]
         sql = f"SELECT * FROM read_parquet('{path}') WHERE head = ? AND pos = ? AND seq_id = ?"
-        lookup = median_over(lambda *c: con.sql(sql, params=list(c)).to_arrow_table(), lookups)
+        lookup = median_over(lambda *c: con.sql(sql, params=list(c)).to_arrow_table(), points)
         scan_sql = f"SELECT head, {stats_columns()} FROM read_parquet('{path}') GROUP BY head"
         scan = timed(lambda: con.sql(scan_sql).to_arrow_table(), args.repeats)
         out.append({"row_group_rows": group, "bytes": path.stat().st_size, "lookup_ms": 1e3 * lookup,
@@ -327,8 +339,9 @@ def layout_experiment(root: Path, files, coords, args) -> list[dict]:
 
 ROWS = [  # (label, format, key) of the results table
     ("load average (1 min) before -> after", "{}", "load_avg"),
-    ("shards / Parquet files", "{}", "shards_files"), ("open_run (ms)", "{:.0f}", "open_run_ms"), ("kvcore layout on disk (GB)", "{:.2f}", "kvcore_gb"),
-    ("naive file on disk (GB)", "{:.2f}", "naive_gb"),
+    ("shards / Parquet files", "{}", "shards_files"), ("open_run (ms)", "{:.0f}", "open_run_ms"),
+    ("build: shard parts / finalize (compaction) / naive file (s)", "{}", "build_times"),
+    ("kvcore layout on disk (GB)", "{:.2f}", "kvcore_gb"), ("naive file on disk (GB)", "{:.2f}", "naive_gb"),
     ("coordinate lookup, kvcore.open_run, Arrow (ms)", "{:.1f}", "lookup_kvcore_ms"),
     ("coordinate lookup, kvcore.open_run, pandas (ms)", "{:.1f}", "lookup_kvcore_pandas_ms"),
     ("  read: files / row groups", "{}", "lookup_scan"),
@@ -336,14 +349,23 @@ ROWS = [  # (label, format, key) of the results table
     ("coordinate lookup, plain duckdb, kvcore files via glob (ms)", "{:.1f}", "lookup_plain_glob_ms"),
     ("norm search 0.5-1.0 key: hits", "{:,}", "norm_hits"),
     ("  kvcore (s)", "{:.3f}", "norm_kvcore_s"), ("  naive (s)", "{:.3f}", "norm_naive_s"),
+    ("  kvcore / naive", "{:.2f}x", "norm_ratio"),
     ("  kvcore Mrows/s, GB/s", "{}", "norm_kvcore_tp"), ("  naive Mrows/s, GB/s", "{}", "norm_naive_tp"),
     ("layer summary: rows in the layer", "{:,}", "layer_rows"),
     ("  kvcore (s)", "{:.3f}", "layer_kvcore_s"), ("  naive (s)", "{:.3f}", "layer_naive_s"),
+    ("  kvcore / naive", "{:.2f}x", "layer_ratio"),
     ("  kvcore Mrows/s, GB/s", "{}", "layer_kvcore_tp"), ("  naive Mrows/s, GB/s", "{}", "layer_naive_tp"),
     ("nearest k=10 in one (layer, head): candidates", "{:,}", "nearest_candidates"),
-    ("  DuckDB brute force (ms)", "{:.1f}", "nearest_duckdb_ms"),
-    ("  numpy, from Parquet (ms)", "{:.1f}", "nearest_numpy_e2e_ms"),
-    ("  numpy, vectors already in memory (ms)", "{:.1f}", "nearest_numpy_inmem_ms"),
+    ("  DuckDB brute force, the verb's SQL (ms)", "{:.1f}", "nearest_duckdb_ms"),
+    ("  Run.nearest, first search of the (layer, head): load + numpy (ms)", "{:.1f}", "nearest_first_ms"),
+    ("  Run.nearest, later searches (ms)", "{:.1f}", "nearest_cached_ms"),
+    ("  numpy, reading the layer's Parquet with pyarrow (ms)", "{:.1f}", "nearest_numpy_e2e_ms"),
+    ("  numpy top-k alone, vectors in memory (ms)", "{:.1f}", "nearest_numpy_inmem_ms"),
+]
+SHARDED_ROWS = [  # the same verbs before finalize (--sharded)
+    ("before finalize: Parquet files", "{:,}", "files"), ("  coordinate lookup (ms)", "{:.1f}", "lookup_ms"),
+    ("  norm search (s)", "{:.3f}", "norm_s"), ("  layer summary (s)", "{:.3f}", "layer_s"),
+    ("  nearest, DuckDB (ms)", "{:.1f}", "nearest_duckdb_ms"),
 ]
 
 
@@ -351,15 +373,21 @@ def report(results: list[dict]) -> str:
     """A Markdown table, one column per size."""
     for r in results:
         r["shards_files"] = f"{r['shards']} / {r['files']}"
+        r["build_times"] = " / ".join(f"{r[k]:.0f}" if k in r else "reused"
+                                      for k in ("build_parts_s", "finalize_s", "build_naive_s"))
         r["layer_rows"] = r["rows"] // LAYERS
         r["kvcore_gb"], r["naive_gb"] = r["kvcore_bytes"] / 1e9, r["naive_bytes"] / 1e9
         r["lookup_scan"] = f"{r['lookup_files']} / {r['lookup_row_groups']}"
         for q in ("norm", "layer"):
+            r[f"{q}_ratio"] = r[f"{q}_kvcore_s"] / r[f"{q}_naive_s"]
             for side in ("kvcore", "naive"):
                 r[f"{q}_{side}_tp"] = f"{r[f'{q}_{side}_rows_per_s'] / 1e6:.1f}, {r[f'{q}_{side}_GBps']:.2f}"
     lines = ["| | " + " | ".join(f"{r['rows'] / 1e6:.1f}M rows" for r in results) + " |",
              "|---|" + "---:|" * len(results)]
     lines += [f"| {label} | " + " | ".join(fmt.format(r[key]) for r in results) + " |" for label, fmt, key in ROWS]
+    if any("sharded" in r for r in results):
+        lines += [f"| {label} | " + " | ".join(fmt.format(r["sharded"][key]) if "sharded" in r else "-"
+                                               for r in results) + " |" for label, fmt, key in SHARDED_ROWS]
     return "\n".join(lines)
 
 
@@ -371,20 +399,18 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lookups", type=int, default=30, help="random coordinates per lookup median")
     p.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    p.add_argument("--sharded", action="store_true",
+                   help="also time the verbs on the shard parts before finalize compacts them (not with --reuse)")
     p.add_argument("--layout", action="store_true", help="also time one layer at other row-group sizes")
-    p.add_argument("--row-groups", default="4096,8192,32768,131072")
-    p.add_argument("--compact-max", type=float, default=2e6,
-                   help="sizes up to this many rows are also timed compacted: one file per layer")
-    p.add_argument("--compact-rows", default="4096,16384", help="row-group rows of the compacted copies")
+    p.add_argument("--row-groups", default="4096,8192,16384,32768,131072")
     p.add_argument("--keep", action="store_true", help="keep the data under --dir")
     p.add_argument("--reuse", action="store_true", help="reuse (and keep) data left under --dir by an earlier --keep run")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
-        args.sizes, args.repeats, args.lookups, args.compact_max = "2e5,1e6", 3, 15, 1e6
+        args.sizes, args.repeats, args.lookups = "2e5,1e6", 3, 15
     args.row_groups = [int(x) for x in args.row_groups.split(",")]
-    args.compact_rows = [int(x) for x in args.compact_rows.split(",")]
     results = []
     for size in [int(float(s)) for s in args.sizes.split(",")]:
         root = args.dir / f"rows-{size}"
@@ -400,10 +426,6 @@ def main() -> int:
           f"lookups: {args.lookups}")
     print(report(results))
     for r in results:
-        for c in r.get("compact", []):
-            print(f"compacted ({r['rows'] / 1e6:.1f}M rows, {c['files']} files, {c['row_group_rows']}-row groups, "
-                  f"{c['bytes'] / 1e9:.2f} GB): lookup {c['lookup_ms']:.1f} ms, norm search {c['norm_s']:.3f} s, "
-                  f"layer summary {c['layer_s']:.3f} s, nearest {c['nearest_ms']:.1f} ms")
         for lay in r.get("layout", []):
             print(f"layout ({r['rows'] / 1e6:.1f}M rows, one layer): row groups {lay['row_group_rows']:>6}: "
                   f"{lay['bytes'] / 1e6:.0f} MB, lookup {lay['lookup_ms']:.1f} ms, layer scan {lay['layer_scan_s']:.3f} s "

@@ -21,7 +21,8 @@ from kvcore.errors import UsageError
 # Every file a run directory can hold, as kvcore.storage lays it out (paths relative to it;
 # fnmatch's * spans "/"): a shard being staged, and a killed writer's `.NAME.tmp-*` debris.
 RUN_FILES = ("metadata.json", "tokens.parquet", "predictions.parquet", "kv/part-*.safetensors",
-             "kv/layer=*/part-*.parquet", "shards/kv-*.json", "shards/predictions-*.parquet", ".staging/*",
+             "kv/layer=*/data.parquet", "kv/layer=*/part-*.parquet", "shards/kv-*.json",
+             "shards/layer=*/part-*.parquet", "shards/predictions-*.parquet", ".staging/*",
              ".*.tmp-*", "*/.*.tmp-*")
 # Where those live: no output may land there (an extra file under kv/ would join the tables).
 RUN_OWN_FILES = tuple(dict.fromkeys(f.split("/")[0] for f in RUN_FILES if not f.startswith(("*", ".*"))))

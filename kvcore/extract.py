@@ -310,11 +310,9 @@ class Extractor:
         The Parquet options are those of `extract_shard`; a layer or head the model lacks is a
         UsageError before anything is written.
         """
-        import pyarrow.parquet as pq
-
         from kvcore.atomic import atomic_path
         from kvcore.storage import ShardWriter, finalize_run
-        from kvcore.tokens import make_sequences, tokens_table
+        from kvcore.tokens import make_sequences, tokens_table, write_tokens_table
 
         check_top_k(self.model, top_k)
         selection = parquet_selection(self.model, parquet_layers, parquet_heads, parts, storage_dtype)
@@ -323,7 +321,7 @@ class Extractor:
             raise UsageError("none of the texts has any tokens")
         run_dir = Path(run_dir)
         with atomic_path(run_dir / "tokens.parquet") as tmp:
-            pq.write_table(tokens_table(self.tokenizer, sequences), tmp)
+            write_tokens_table(tokens_table(self.tokenizer, sequences), tmp)
         seqs = {i: ids for i, (ids, _) in enumerate(sequences)}
         meta = run_meta(self.model, self.model_dir.name, dataset_name, max(len(s) for s in seqs.values()))
         writer = ShardWriter(run_dir, 0, meta, seq_lengths={s: len(v) for s, v in seqs.items()},

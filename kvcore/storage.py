@@ -1,12 +1,16 @@
 """The on-disk form of an extracted KV cache (DESIGN.md, "KV tables" and "Safetensors").
 
 A run directory holds, per shard of sequences:
-  kv/layer={L}/part-{shard}.parquet   one row per (seq_id, pos, head), sorted that way
-  kv/part-{shard}.safetensors         layer_{i}_key / layer_{i}_value [n_seq, n_kv, seq_len, head_dim]
-  shards/kv-{shard}.json              written last: the shard is complete when this exists
-  shards/predictions-{shard}.parquet  next-token top-k of each sequence
-and, once every shard is done, metadata.json and predictions.parquet (`finalize_shards`, from the
-shards' files named one by one: a file of a shard this run does not have is never read).
+  kv/part-{shard}.safetensors           layer_{i}_key / layer_{i}_value [n_seq, n_kv, seq_len, head_dim]
+  shards/layer={L}/part-{shard}.parquet one row per (seq_id, pos, head), sorted that way (an
+                                        intermediate: what queries read until the run is finalized)
+  shards/kv-{shard}.json                written last: the shard is complete when this exists
+  shards/predictions-{shard}.parquet    next-token top-k of each sequence
+and, once every shard is done (`finalize_shards`, from the shards' files named one by one: a file
+of a shard this run does not have is never read):
+  kv/layer={L}/data.parquet             each layer's parts compacted into one file, same order
+  predictions.parquet, metadata.json    the latter last; it lists the layer files
+so a run holds one Parquet file per layer however many shards extracted it.
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ import numpy as np
 
 from kvcore import __version__
 from kvcore.atomic import RUN_FILES, atomic_path, write_json
-from kvcore.errors import KvcoreError, UsageError
+from kvcore.errors import KvcoreError, UsageError, one_line
 from kvcore.tensorfile import start_writeback
 
 # Row groups of this many rows: small enough that a point lookup reads one group of one
 # file, large enough that scans stay sequential (decided in benchmarks/, issue 9).
 ROW_GROUP_ROWS = 32768
+# The compacted layer files: a point lookup decodes one whole row group of vectors, so smaller
+# groups make it cheaper; below 16,384 rows a 20M-row run's layer scans take twice as long
+# (benchmarks/query_bench.py --layout, docs/query.md).
+LAYER_ROW_GROUP_ROWS = 16384
 # zstd level 1, no dictionary and byte_stream_split on the vectors: 1.5-2.3x faster to write than
 # pyarrow's defaults, as fast or faster to read, and smaller (codec table in benchmarks/README.md).
 PARQUET_COMPRESSION = "zstd"
@@ -39,6 +47,21 @@ METADATA_KEYS = ("model", "dataset", "num_layers", "num_kv_heads", "num_heads", 
 
 def shard_name(shard: int) -> str:
     return f"part-{shard:05d}"
+
+
+def part_file(layer: int, shard: int) -> str:
+    """A shard's Parquet rows of one layer, relative to the run directory (until finalized)."""
+    return f"shards/layer={layer}/{shard_name(shard)}.parquet"
+
+
+def layer_file(layer: int) -> str:
+    """A finalized run's Parquet file of one layer, relative to the run directory."""
+    return f"kv/layer={layer}/data.parquet"
+
+
+def layer_of(path: str | Path) -> int:
+    """The layer of a Parquet file from its hive directory (`layer=L`)."""
+    return int(Path(path).parent.name.removeprefix("layer="))
 
 
 PARTS = ("both", "keys", "values")
@@ -217,12 +240,14 @@ def safetensors_metadata(meta: dict, seq_ids: list[int], lengths: list[int]) -> 
 class _LayerFile:
     """One layer's Parquet file of a shard, appended batch by batch in seq_id order.
 
-    Rows are held back until a whole row group (ROW_GROUP_ROWS) is ready, so the file's row
-    groups are exactly those `write_parquet` would make from the shard's whole table.
+    Rows are held back until a whole row group (`group` rows) is ready, so the file's row
+    groups are exactly those `write_parquet` would make from the shard's whole table (with
+    `group` ROW_GROUP_ROWS).
     """
 
-    def __init__(self, path: Path, schema):
+    def __init__(self, path: Path, schema, group: int | None = None):
         self.path, self.schema, self.writer, self.pending, self.rows = path, schema, None, [], 0
+        self.group = group or ROW_GROUP_ROWS
 
     def append(self, table, final: bool = False) -> None:
         import pyarrow as pa
@@ -232,7 +257,7 @@ class _LayerFile:
             self.pending.append(table)
             self.rows += table.num_rows
         n = sum(t.num_rows for t in self.pending)
-        group = ROW_GROUP_ROWS
+        group = self.group
         cut = n if final else n // group * group
         if self.writer is None and (self.pending or final):
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -612,14 +637,14 @@ class ShardWriter:
             with atomic_path(shards_dir / f"predictions-{self.shard:05d}.parquet") as tmp:
                 pq.write_table(pa.concat_tables(self.predictions), tmp)
             for layer in layers:
-                _move_into_place(self._files[layer].path, kv_dir / f"layer={layer}" / f"{name}.parquet")
+                _move_into_place(self._files[layer].path, self.run_dir / part_file(layer, self.shard))
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
             with contextlib.suppress(OSError):
                 self.staging.parent.rmdir()  # .staging/ goes once no shard is being written
         manifest = {"shard": self.shard, "seq_ids": self.seq_ids, "seq_lengths": self.lengths,
                     "n_tokens": sum(self.lengths), "n_rows_per_layer": rows // len(layers) if layers else 0,
-                    "files": [f"kv/layer={i}/{name}.parquet" for i in layers] + [f"kv/{name}.safetensors"],
+                    "files": [part_file(i, self.shard) for i in layers] + [f"kv/{name}.safetensors"],
                     **{k: self.meta[k] for k in METADATA_KEYS}}
         if not self.selection.is_default:  # only then, so default manifests stay as they were
             manifest["parquet"] = self.selection.describe()
@@ -651,17 +676,80 @@ def shard_files(run_dir: str | Path) -> list[Path]:
 
 def finalize_run(run_dir: str | Path, n_shards: int) -> dict:
     """`finalize_shards` over shards 0 .. n_shards-1 of `run_dir`, named, not globbed (a shard
-    left by an earlier, larger run is not one of this run's)."""
+    left by an earlier, larger run is not one of this run's); then removes the compacted
+    shard parts (what the workflow's temp() does for its runs)."""
     run_dir = Path(run_dir)
     shards = run_dir / "shards"
-    return finalize_shards([shards / f"kv-{i:05d}.json" for i in range(n_shards)],
-                           [shards / f"predictions-{i:05d}.parquet" for i in range(n_shards)],
+    manifests = [shards / f"kv-{i:05d}.json" for i in range(n_shards)]
+    meta = finalize_shards(manifests, [shards / f"predictions-{i:05d}.parquet" for i in range(n_shards)],
                            run_dir / "metadata.json", run_dir / "predictions.parquet")
+    for part in shard_parts(manifests):
+        part.unlink()
+        with contextlib.suppress(OSError):
+            part.parent.rmdir()
+    return meta
+
+
+def shard_parts(manifests) -> list[Path]:
+    """The Parquet parts these shard manifests list, as paths (the run directory is the manifests')."""
+    out = []
+    for p in manifests:
+        run_dir = Path(p).parent.parent
+        out += [run_dir / f for f in json.loads(Path(p).read_text())["files"] if f.endswith(".parquet")]
+    return out
+
+
+def compact_layer(parts: list[Path], out: Path) -> int:
+    """One layer's shard parts, in shard (so seq_id) order, streamed into one file of
+    LAYER_ROW_GROUP_ROWS-row groups: rows stay sorted by (seq_id, pos, head) and memory holds one
+    part and one row group. Returns the rows written."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(out) as tmp:
+        schema = pq.read_schema(parts[0])
+        layer = _LayerFile(tmp, schema, LAYER_ROW_GROUP_ROWS)
+        try:
+            for part in parts:
+                try:
+                    table = pq.read_table(part, schema=schema)
+                except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+                    raise KvcoreError(f"{part}: unreadable Parquet part ({one_line(exc)}); re-extract its shard") \
+                        from None
+                layer.append(table)
+            layer.append(None, final=True)
+        except BaseException:
+            layer.abort()
+            raise
+    return layer.rows
+
+
+def compact_layers(manifests: list[dict], run_dir: Path) -> list[str]:
+    """Every stored layer of these shards (manifests in shard order) into `layer_file(L)`; returns
+    those files relative to `run_dir`. Layers are compacted in parallel (pyarrow leaves the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers: dict[int, list[Path]] = {}
+    for m in manifests:
+        for rel in m["files"]:
+            if rel.endswith(".parquet"):
+                layers.setdefault(layer_of(rel), []).append(run_dir / rel)
+    short = [str(layer) for layer, parts in layers.items() if len(parts) != len(manifests)]
+    if short:
+        raise KvcoreError(f"cannot finalize the run: layer {', '.join(short)} has Parquet parts in only some shards "
+                          "(the shards were extracted with different parquet_layers); re-extract them")
+    missing = [str(p) for parts in layers.values() for p in parts if not p.is_file()]
+    if missing:
+        raise KvcoreError(f"cannot finalize the run: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                          "missing (extract every shard first)")
+    with ThreadPoolExecutor(max(1, min(len(layers), os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda item: compact_layer(item[1], run_dir / layer_file(item[0])), sorted(layers.items())))
+    return [layer_file(layer) for layer in sorted(layers)]
 
 
 def finalize_shards(manifests, predictions, metadata_out: str | Path, predictions_out: str | Path) -> dict:
-    """Write a run's metadata.json and predictions.parquet from exactly these shard manifests
-    and predictions files (the rule's inputs, in shard order); every one must exist."""
+    """Write a run's layer files (kv/layer={L}/data.parquet, compacted from the shards' parts),
+    predictions.parquet and, last, metadata.json from exactly these shard manifests and
+    predictions files (the rule's inputs, in shard order); every one must exist."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -669,7 +757,7 @@ def finalize_shards(manifests, predictions, metadata_out: str | Path, prediction
     if not manifests or missing:
         raise KvcoreError(f"cannot finalize the run: {', '.join(missing) or 'no shard'} missing "
                           "(extract every shard first)")
-    manifests = [json.loads(Path(p).read_text()) for p in manifests]
+    manifests = sorted((json.loads(Path(p).read_text()) for p in manifests), key=lambda m: m["shard"])
     first = manifests[0]
     meta = {k: first[k] for k in METADATA_KEYS}
     meta.update(n_shards=len(manifests), n_sequences=sum(len(m["seq_ids"]) for m in manifests),
@@ -677,6 +765,7 @@ def finalize_shards(manifests, predictions, metadata_out: str | Path, prediction
                 shards=[m["shard"] for m in manifests])
     if "parquet" in first:  # a non-default Parquet selection (see ParquetSelection)
         meta["parquet"] = first["parquet"]
+    meta["files"] = compact_layers(manifests, Path(metadata_out).parent)
     with atomic_path(predictions_out) as tmp:
         pq.write_table(pa.concat_tables([pq.read_table(p) for p in predictions]), tmp)
     write_json(metadata_out, meta)

@@ -83,18 +83,27 @@ def tokens_table(tokenizer, sequences):
     return pa.Table.from_pydict(cols, schema=_schema())
 
 
+# tokens.parquet in groups of this many rows (sorted by seq_id, pos): a point lookup joins one
+# group of token text, not the whole table, so it stays flat as the corpus grows.
+TOKEN_ROW_GROUP_ROWS = 16384
+
+
+def write_tokens_table(table, path: str | Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path, row_group_size=TOKEN_ROW_GROUP_ROWS)
+
+
 def write_tokens(text_parquet: str | Path, tokenizer, out: str | Path, seq_len: int, n_sequences: int,
                  mode: str = "chunks") -> int:
     """Write tokens.parquet for a dataset; returns the number of sequences."""
-    import pyarrow.parquet as pq
-
     from kvcore.sources.datasets import read_documents
 
     sequences = make_sequences(tokenizer, read_documents(text_parquet), seq_len, n_sequences, mode)
     if not sequences:
         raise KvcoreError(f"{text_parquet}: no tokens to extract")
     with atomic_path(out) as tmp:
-        pq.write_table(tokens_table(tokenizer, sequences), tmp)
+        write_tokens_table(tokens_table(tokenizer, sequences), tmp)
     return len(sequences)
 
 

@@ -62,7 +62,7 @@ def test_safetensors_equal_parquet_and_rows_are_sorted(run):
         for layer in range(meta["num_layers"]):
             k = f.get_tensor(f"layer_{layer}_key")
             assert k.shape == (3, meta["num_kv_heads"], max(lengths), meta["head_dim"])
-            table = pq.read_table(run_dir / f"kv/layer={layer}/part-00000.parquet")
+            table = pq.read_table(run_dir / f"kv/layer={layer}/data.parquet")
             assert table.schema.equals(kv_schema(meta["head_dim"]))
             rows = table.to_pydict()
             order = list(zip(rows["seq_id"], rows["pos"], rows["head"]))

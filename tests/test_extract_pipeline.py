@@ -42,9 +42,10 @@ class SimpleWriter:
         for layer in range(self.meta["num_layers"]):
             table = storage.layer_table(tensors[f"layer_{layer}_key"].float().numpy(),
                                         tensors[f"layer_{layer}_value"].float().numpy(), self.seq_ids, self.token_ids)
-            (self.run_dir / f"kv/layer={layer}").mkdir(parents=True, exist_ok=True)
-            storage.write_parquet(table, self.run_dir / f"kv/layer={layer}/{name}.parquet")
+            (self.run_dir / storage.part_file(layer, self.shard)).parent.mkdir(parents=True, exist_ok=True)
+            storage.write_parquet(table, self.run_dir / storage.part_file(layer, self.shard))
         path = self.run_dir / f"kv/{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=storage.safetensors_metadata(self.meta, self.seq_ids, lengths))
         canonicalize_header(path)  # what kvcore always did after save_file: a deterministic header
 
@@ -90,7 +91,7 @@ def test_threaded_writer_equals_the_simple_path(tiny_models, tmp_path, monkeypat
         header, data = split_safetensors(tmp_path / f"fast/kv/{name}.safetensors")
         assert len(header) == 1 + 2 * meta["num_layers"] and data.count(0) < len(data) // 2  # real, not zeros
         for layer in range(meta["num_layers"]):
-            got, want = (pq.ParquetFile(tmp_path / f"{r}/kv/layer={layer}/{name}.parquet") for r in ("fast", "ref"))
+            got, want = (pq.ParquetFile(tmp_path / r / storage.part_file(layer, shard)) for r in ("fast", "ref"))
             assert got.read().equals(want.read())
             assert got.schema_arrow.equals(storage.kv_schema(meta["head_dim"]))
             sizes = [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in (got.metadata, want.metadata)]
@@ -260,7 +261,7 @@ def test_parquet_options_choose_rows_and_columns(tiny_models, default_run, tmp_p
     heads = options.get("parquet_heads", [0, 1])
     vec_type = pa.float16() if options.get("storage_dtype") == "float16" else pa.float32()
     for layer in layers:
-        table = pq.read_table(run / f"kv/layer={layer}/part-00000.parquet")
+        table = pq.read_table(run / f"kv/layer={layer}/data.parquet")
         assert table.schema.field("key").type.value_type == vec_type
         assert table.num_rows == sum(lengths) * len(heads)
         rows = table.to_pydict()
@@ -377,7 +378,7 @@ def test_cuda_streams_write_what_the_simple_path_writes(tiny_models, tmp_path, d
         got, want = ((tmp_path / f"{r}/kv/{name}.safetensors").read_bytes() for r in ("fast", "ref"))
         assert got == want
         for layer in range(meta["num_layers"]):
-            got, want = (pq.read_table(tmp_path / f"{r}/kv/layer={layer}/{name}.parquet") for r in ("fast", "ref"))
+            got, want = (pq.read_table(tmp_path / r / storage.part_file(layer, shard)) for r in ("fast", "ref"))
             assert got.equals(want)
 
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kvcore.cli import main
+from kvcore.errors import KvcoreError
 from query_fixtures import build_run, load_reference
 
 ARCHS = ("gpt2", "llama")
@@ -180,11 +181,17 @@ def test_nearest_equals_brute_force(case, by, metric):
     else:
         scores = [np.linalg.norm(c - q) for _, _, c in cands]
         order = np.argsort(scores, kind="stable")
-    df = run.nearest(layer, head, pos, k=k, seq=seq, by=by, metric=metric)
-    assert list(df["rank"]) == list(range(1, k + 1))
-    assert list(zip(df.seq_id, df.pos)) == [(cands[i][0], cands[i][1]) for i in order[:k]]
     column = "cosine_similarity" if metric == "cosine" else "l2_distance"
-    np.testing.assert_allclose(df[column], [scores[i] for i in order[:k]], rtol=1e-5)
+    # Run.nearest ranks in numpy on vectors loaded once (twice: the second search hits the cache);
+    # the verb's SQL (what `kvcore query --nearest` runs) ranks in DuckDB: same rows, same columns
+    in_memory = [run.nearest(layer, head, pos, k=k, seq=seq, by=by, metric=metric) for _ in range(2)]
+    in_duckdb = run.sql(run.query("nearest", layer, head, pos, k=k, seq=seq, by=by, metric=metric))
+    for df in (*in_memory, in_duckdb):
+        assert list(df.columns) == list(in_duckdb.columns) and list(df.dtypes) == list(in_duckdb.dtypes)
+        assert list(df["rank"]) == list(range(1, k + 1))
+        assert list(zip(df.seq_id, df.pos)) == [(cands[i][0], cands[i][1]) for i in order[:k]]
+        np.testing.assert_allclose(df[column], [scores[i] for i in order[:k]], rtol=1e-5)
+        assert list(df.token) == list(in_duckdb.token) and list(df[f"{by}_norm"]) == list(in_duckdb[f"{by}_norm"])
 
 
 def test_sql_and_arrow(case):
@@ -259,18 +266,50 @@ def test_partial_run_reads_complete_shards_only(tmp_path):
 
     run_dir = tmp_path / "run"
     write_synthetic_run(run_dir, num_layers=2, num_kv_heads=2, num_heads=4, head_dim=8, n_sequences=6, seq_len=10,
-                        shard_size=2)
-    (run_dir / "metadata.json").unlink()
-    (run_dir / "predictions.parquet").unlink()
+                        shard_size=2, finalize=False)
     (run_dir / "shards" / "kv-00002.json").unlink()  # shard 2 still being written
-    (run_dir / "kv" / "layer=0" / "part-00003.parquet").write_bytes(b"PAR1 half-written")
+    (run_dir / "shards" / "layer=0" / "part-00003.parquet").write_bytes(b"PAR1 half-written")
     with kvcore.open_run(run_dir) as run:
         assert run.sql("SELECT count(*) AS n FROM kv").n[0] == 4 * 10 * 2 * 2
         assert sorted(run.sql("SELECT DISTINCT seq_id FROM tokens").seq_id) == [0, 1, 2, 3]
         assert run.info().finalized[0] == False  # noqa: E712 - numpy bool
         assert len(run.sql("SELECT * FROM predictions")) == 4
         with pytest.raises(kvcore.query.QueryError):  # the half-written file is not even readable
-            run.sql(f"SELECT * FROM read_parquet('{run_dir}/kv/layer=0/part-00003.parquet')")
+            run.sql(f"SELECT * FROM read_parquet('{run_dir}/shards/layer=0/part-00003.parquet')")
+
+
+def test_finalize_compacts_each_layer_into_one_file(tmp_path, monkeypatch):
+    """The shards' parts, in shard order, become one file per layer; a broken part is one clear
+    error and no metadata.json, so the run still reads as unfinished."""
+    import pyarrow as pa
+
+    import kvcore
+    from kvcore import storage
+    from kvcore.query.synthetic import write_synthetic_run
+
+    monkeypatch.setattr(storage, "LAYER_ROW_GROUP_ROWS", 30)
+    run_dir = tmp_path / "run"
+    n = write_synthetic_run(run_dir, num_layers=2, num_kv_heads=2, num_heads=4, head_dim=8, n_sequences=5,
+                            seq_len=10, shard_size=2, finalize=False)["n_shards"]
+    parts = {layer: pa.concat_tables([pq.read_table(run_dir / storage.part_file(layer, s)) for s in range(n)])
+             for layer in range(2)}
+    broken = run_dir / storage.part_file(1, 2)
+    good = broken.read_bytes()
+    broken.write_bytes(good[:len(good) // 2])
+    with pytest.raises(KvcoreError, match="part-00002.parquet: unreadable Parquet part"):
+        storage.finalize_run(run_dir, n)
+    assert not (run_dir / "metadata.json").exists() and not list((run_dir / "kv" / "layer=1").iterdir())
+    broken.write_bytes(good)
+    meta = storage.finalize_run(run_dir, n)
+    assert meta["files"] == ["kv/layer=0/data.parquet", "kv/layer=1/data.parquet"]
+    for layer in range(2):
+        compacted = pq.ParquetFile(run_dir / storage.layer_file(layer))
+        assert compacted.read().equals(parts[layer])  # same rows, same (seq_id, pos, head) order
+        groups = [compacted.metadata.row_group(i).num_rows for i in range(compacted.num_row_groups)]
+        assert groups == [30] * 3 + [10]  # 5 sequences x 10 positions x 2 heads
+    assert not (run_dir / "shards" / "layer=0").exists()  # the parts are gone, the manifests stay
+    with kvcore.open_run(run_dir) as run:
+        assert run.info().finalized[0] and run.sql("SELECT count(*) AS n FROM kv").n[0] == 2 * 100
 
 
 # ---- pruning: a point lookup reads one partition and one row group --------------------------
@@ -280,16 +319,18 @@ def test_point_lookup_prunes_partitions_and_row_groups(tmp_path, monkeypatch):
     from kvcore import storage
     from kvcore.query.synthetic import write_synthetic_run
 
-    monkeypatch.setattr(storage, "ROW_GROUP_ROWS", 64)  # many row groups per file
-    layers, shards = 4, 3
+    monkeypatch.setattr(storage, "LAYER_ROW_GROUP_ROWS", 64)  # many row groups per layer file
+    layers = 4
     write_synthetic_run(tmp_path / "run", num_layers=layers, num_kv_heads=2, num_heads=4, head_dim=8,
                         n_sequences=6, seq_len=64, shard_size=2)
-    groups_per_file = 2 * 64 * 2 // 64
+    groups_per_file = 6 * 64 * 2 // 64  # the shards' parts compacted into one file per layer
+    assert sorted(p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*.parquet")
+                  if "layer=" in str(p)) == [f"kv/layer={i}/data.parquet" for i in range(layers)]
     with kvcore.open_run(tmp_path / "run") as run:
-        # the verb reads the view of sequence 3: the shard holding it, layer 2's file, one row group
+        # the verb reads the view of sequence 3: layer 2's file, one row group
         (scan,) = [s for s in run.scans(run.query("coordinate", 2, 1, 40, seq=3)) if "key" in s["projections"]]
         assert (scan["files_scanned"], scan["files_total"]) == (1, layers)
-        assert scan["filenames"] == [str((tmp_path / "run/kv/layer=2/part-00001.parquet").resolve())]
+        assert scan["filenames"] == [str((tmp_path / "run/kv/layer=2/data.parquet").resolve())]
         assert (scan["row_groups_scanned"], scan["row_groups_total"]) == (1, groups_per_file)
         # a layer's verbs read only that layer's files
         scans = run.scans(run.query("head_summary", 3, 0))
@@ -298,8 +339,8 @@ def test_point_lookup_prunes_partitions_and_row_groups(tmp_path, monkeypatch):
         # the kv view prunes partitions by the hive `layer` and row groups by (seq_id, pos) statistics
         sql = "SELECT key FROM kv WHERE layer = 2 AND head = 1 AND seq_id = 3 AND pos = 40"
         (scan,) = [s for s in run.scans(sql) if "key" in s["projections"]]
-        assert (scan["files_scanned"], scan["files_total"]) == (shards, shards * layers)
-        assert (scan["row_groups_scanned"], scan["row_groups_total"]) == (1, shards * groups_per_file)
+        assert (scan["files_scanned"], scan["files_total"]) == (1, layers)
+        assert (scan["row_groups_scanned"], scan["row_groups_total"]) == (1, groups_per_file)
         # a query that never reads token text does not touch tokens.parquet (join eliminated)
         files = [f for s in run.scans("SELECT avg(key_norm) FROM kv WHERE layer = 1") for f in s["filenames"]]
         assert files and not any(f.endswith("tokens.parquet") for f in files)
@@ -307,7 +348,7 @@ def test_point_lookup_prunes_partitions_and_row_groups(tmp_path, monkeypatch):
 
 def test_explain_flag_shows_the_scan(grid, capsys):
     code, out, _ = cli(capsys, grid[1]["gpt2"], "--coordinate", 1, 0, 3, "--explain")
-    assert code == 0 and "Row Groups Scanned: 1 / 1" in out and "layer=1/part-00000.parquet" in out
+    assert code == 0 and "Row Groups Scanned: 1 / 1" in out and "layer=1/data.parquet" in out
 
 
 # ---- plain duckdb, no kvcore -----------------------------------------------------------------
@@ -333,7 +374,7 @@ print(len(rows), rows[0][0], list(rows[0][4])[:3])
 
 @pytest.mark.parametrize("sql", [
     "COPY (SELECT * FROM kv) TO '{run}/leak.csv'",
-    "COPY kv TO '{run}/kv/layer=0/part-00000.parquet' (FORMAT parquet, USE_TMP_FILE false)",
+    "COPY kv TO '{run}/kv/layer=0/data.parquet' (FORMAT parquet, USE_TMP_FILE false)",
     "CREATE TABLE t AS SELECT 1",
     "CREATE TEMP VIEW v AS SELECT 1",
     "INSERT INTO kv SELECT * FROM kv",

@@ -122,9 +122,9 @@ def test_sigkill_mid_shard_leaves_nothing_complete_and_rerun_recovers_identicall
         run = work / RUN
         # Mid-shard: some of shard 1's files are in place, its manifest is not.
         assert (run / "kv" / "part-00001.safetensors").is_file()
-        assert (run / "kv" / "layer=0" / "part-00001.parquet").is_file()
+        assert (run / "shards" / "layer=0" / "part-00001.parquet").is_file()
         assert not (run / "shards" / "kv-00001.json").exists()
-        # a plain glob would count shard 1's layer 0; the query counts shard 0 only
+        # a plain glob over the parts would count shard 1's layer 0; the query counts shard 0 only
         assert query_sees_only_complete_shards(run) < _plain_glob_rows(run)
         # A crash of the whole node: Snakemake and the job die at once, nothing cleans up.
         os.killpg(proc.pid, signal.SIGKILL)
@@ -167,12 +167,12 @@ def query_sees_only_complete_shards(run: Path) -> int:
 
 
 def _plain_glob_rows(run: Path) -> int:
-    """Rows a plain DuckDB glob over kv/*/*.parquet sees (no manifest check)."""
+    """Rows a plain DuckDB glob over the shards' parts (shards/layer=*/*.parquet) sees (no manifest check)."""
     import duckdb
 
     with duckdb.connect() as con:
-        return con.execute(f"SELECT count(*) FROM read_parquet('{run}/kv/*/*.parquet', hive_partitioning=true)"
-                           ).fetchone()[0]
+        return con.execute(f"SELECT count(*) FROM read_parquet('{run}/shards/layer=*/*.parquet', "
+                           "hive_partitioning=true)").fetchone()[0]
 
 
 # --- determinism --------------------------------------------------------------------------------------------
@@ -279,8 +279,8 @@ def _truncate(path: Path) -> None:
 def test_a_truncated_parquet_partition_is_one_clear_line(reference, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference / RUN, run)
-    _truncate(run / "kv" / "layer=0" / "part-00000.parquet")
-    assert_one_clear_line(kvcore("query", run, "--sql", "SELECT count(*) FROM kv"), "part-00000.parquet")
+    _truncate(run / "kv" / "layer=0" / "data.parquet")
+    assert_one_clear_line(kvcore("query", run, "--sql", "SELECT count(*) FROM kv"), "data.parquet")
     _truncate(run / "tokens.parquet")
     assert_one_clear_line(kvcore("query", run, "--list-tokens"), "tokens.parquet")
 

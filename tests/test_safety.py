@@ -99,7 +99,7 @@ def precious(tmp_path):
 OUTPUT_CASES = [  # (argv, what is refused); {run} {shard} {dir} are filled in
     (["query", "{run}", "--list-tokens", "--export-csv", "{dir}"], "existing directory"),
     (["query", "{run}", "--list-tokens", "--export-parquet", "{dir}"], "existing directory"),
-    (["query", "{run}", "--list-tokens", "--export-csv", "{run}/kv/layer=0/part-00000.parquet"], "inside"),
+    (["query", "{run}", "--list-tokens", "--export-csv", "{run}/kv/layer=0/data.parquet"], "inside"),
     (["query", "{run}", "--list-tokens", "--export-csv", "{run}/mine.csv"], "inside"),
     (["query", "{run}", "--list-tokens", "--export-csv", "{run}/../../x.csv", "--export-parquet",
       "{run}/../../x.csv"], "same file"),
@@ -262,6 +262,13 @@ def _manifest_absolute(run, secret):
     path.write_text(json.dumps(m))
 
 
+def _metadata_escape(run, secret):
+    path = run / "metadata.json"
+    m = json.loads(path.read_text())
+    m["files"][0] = "kv/layer=0/../../../../../elsewhere/kv/layer=0/data.parquet"
+    path.write_text(json.dumps(m))
+
+
 def _tokens_link_out(run, secret):
     (run / "tokens.parquet").unlink()
     (run / "tokens.parquet").symlink_to(secret)
@@ -270,7 +277,7 @@ def _tokens_link_out(run, secret):
 @pytest.mark.parametrize("plant, fragment", [
     (_link_out, "outside the run directory"), (_stats_link_out, "outside the run directory"),
     (_manifest_escape, "leaves the run directory"), (_manifest_absolute, "leaves the run directory"),
-    (_tokens_link_out, "outside the run directory"),
+    (_metadata_escape, "leaves the run directory"), (_tokens_link_out, "outside the run directory"),
 ])
 def test_paths_leading_out_of_the_run_are_refused(plant, fragment, run, tmp_path, capsys):
     secret = tmp_path / "secret.json"

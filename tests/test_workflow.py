@@ -51,7 +51,9 @@ def test_the_workflow_produces_every_output(workdir):
         for dataset in config["datasets"]:
             run = workdir / "results" / model / dataset
             assert (run / "metadata.json").is_file() and (run / "predictions.parquet").is_file()
-            assert len(list(run.glob("kv/layer=*/part-*.parquet"))) == 2 * 2  # layers x shards
+            # one Parquet file per layer; the shards' parts were temp() and are gone
+            assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*.parquet") if "layer=" in str(p)) \
+                == ["kv/layer=0/data.parquet", "kv/layer=1/data.parquet"]
             assert (run / "ppl" / "baseline.json").is_file() and (run / "ppl" / "kivi4-g32.json").is_file()
             assert (run / "compress" / "kivi4-g32.safetensors").is_file()
             assert (run / "report.md").is_file() and len(list(run.glob("plots/*.png"))) >= 10
@@ -169,21 +171,23 @@ def test_every_file_the_workflow_writes_is_a_declared_output(workdir):
     undeclared = {f for f in written if f not in declared and not any(f.startswith(d + "/") for d in declared)}
     assert undeclared == set()
     run = "results/tiny-gpt2/random-words"
-    assert {f"{run}/kv/layer={layer}/part-{shard:05d}.parquet" for layer in (0, 1) for shard in (0, 1)} <= declared
+    assert {f"{run}/kv/layer={layer}/data.parquet" for layer in (0, 1)} <= declared
     assert "resources/models/tiny-gpt2" in declared
     would_delete = snakemake(workdir, "--delete-all-output", "--dry-run").stdout
-    assert f"Would delete {run}/kv/layer=1/part-00001.parquet" in would_delete
+    assert f"Would delete {run}/kv/layer=1/data.parquet" in would_delete
 
 
-def test_deleting_one_parquet_layer_file_reruns_its_extract_job(workdir):
-    part = workdir / "results" / "tiny-llama" / "random-words" / "kv" / "layer=1" / "part-00001.parquet"
+def test_deleting_one_parquet_layer_file_reruns_what_produces_it(workdir):
+    """finalize_extraction wrote it from the extract jobs' temp() parts, gone since: those jobs run again."""
+    part = workdir / "results" / "tiny-llama" / "random-words" / "kv" / "layer=1" / "data.parquet"
     aside = workdir / "aside.parquet"
     part.rename(aside)  # a rename keeps the file's time, so putting it back changes nothing
     try:
         out = snakemake(workdir, "--dry-run").stdout
         jobs = planned_jobs(workdir)
-        assert jobs["extract"] == 1 and "tokenize" not in jobs and "download_model" not in jobs
-        assert "Missing output files: results/tiny-llama/random-words/kv/layer=1/part-00001.parquet" in out
+        assert jobs["finalize_extraction"] == 1 and jobs["extract"] == 2  # that run's two shards
+        assert "tokenize" not in jobs and "download_model" not in jobs
+        assert "Missing output files: results/tiny-llama/random-words/kv/layer=1/data.parquet" in out
     finally:
         aside.rename(part)
     assert planned_jobs(workdir) == {}

@@ -2,8 +2,10 @@
 
 A run directory is what `kvcore extract` writes (kvcore/storage.py). Only shards whose
 manifest (`shards/kv-*.json`, written last) exists are read, so a query during an
-extraction sees complete shards only, never a half-written Parquet file. A run in a
-bucket (s3://BUCKET/PREFIX) is read by the same code through a UPath (kvcore.query.remote).
+extraction sees complete shards only, never a half-written Parquet file; once metadata.json
+exists (written after the layer files), the compacted layer files it lists are read instead.
+A run in a bucket (s3://BUCKET/PREFIX) is read by the same code through a UPath
+(kvcore.query.remote).
 """
 
 from __future__ import annotations
@@ -136,6 +138,19 @@ def _manifest_files(manifest_path: Path, m: dict) -> list[str]:
     return m["files"]
 
 
+def _listed_file(path: Path, rel: str, lister: str) -> Path:
+    f = confined(path, rel)
+    if rel.endswith(".parquet") and not f.is_file():
+        raise KvcoreError(f"{path}: {lister} lists {rel}, which is missing; re-extract it")
+    return f
+
+
+def _string_list(where: Path, value) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(f, str) and f.endswith(".parquet") for f in value):
+        raise KvcoreError(f"{where}: 'files' must be a list of Parquet paths; re-extract this run")
+    return value
+
+
 def _check_complete(path: Path, meta: dict, manifests: list[dict]) -> None:
     """A finalized run must still have every shard metadata.json counted."""
     listed = meta.get("shards")
@@ -189,14 +204,20 @@ def load_run(path: Path) -> RunFiles:
     if missing:
         raise KvcoreError(f"{path}: shard manifest lacks {', '.join(missing)}; re-extract this run")
     kv_files, seq_lengths, seq_shard, shard_files = [], {}, {}, {}
+    # Finalized: metadata.json lists the compacted layer files, one per layer for every shard
+    # (the shards' parts are gone); before that each complete shard's manifest lists its parts.
+    layer_files = meta.get("files") if meta_path else None
+    if layer_files is not None:
+        kv_files = [_listed_file(path, rel, "metadata.json") for rel in _string_list(meta_path, layer_files)]
     for m, rels in zip(manifests, files_of):
         for rel in rels:
-            f = confined(path, rel)
-            if rel.endswith(".parquet"):
-                if not f.is_file():
-                    raise KvcoreError(f"{path}: shard {m['shard']} lists {rel}, which is missing; re-extract it")
-                kv_files.append(f)
-                shard_files.setdefault(m["shard"], []).append(f)
+            confined(path, rel)  # a listed path that leaves the run is refused, read or not
+        if layer_files is None:
+            shard_files[m["shard"]] = [_listed_file(path, rel, f"shard {m['shard']}") for rel in rels
+                                       if rel.endswith(".parquet")]
+            kv_files += shard_files[m["shard"]]
+        else:
+            shard_files[m["shard"]] = kv_files
         seq_lengths.update(zip(m["seq_ids"], m["seq_lengths"]))
         seq_shard.update((s, m["shard"]) for s in m["seq_ids"])
     n_rows = sum(m.get("n_rows_per_layer", 0) * sum(rel.endswith(".parquet") for rel in rels)

@@ -20,9 +20,12 @@ from kvcore.query import verbs
 from kvcore.query.discover import RunFiles, load_runs
 from kvcore.query.limits import QueryGuard, check_threads, check_timeout, memory_limit_bytes
 from kvcore.query.remote import as_path, filesystems
+from kvcore.query.nearest import Candidates
 from kvcore.query.sandbox import QueryError, connect, statements, translate
 from kvcore.query.verbs import Query
 from kvcore.query.views import LAZY_VIEW, lazy_view_sql, view_statements
+
+NEAREST_CACHED = 4  # (layer, head, kind) candidate sets kept loaded: ~57 MB each for 222k 64-dim vectors
 
 
 class Result:
@@ -93,6 +96,7 @@ class Run:
         # a view binds it, and binding all of them would slow every `kvcore query` start.
         self._created: set[str] = set()
         self._column_cache: dict[str, list[str]] = {}
+        self._candidates: dict[tuple, Candidates] = {}  # see nearest()
 
     # ---- raw SQL ----------------------------------------------------------------------
 
@@ -268,7 +272,18 @@ class Run:
 
     def nearest(self, layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",
                 metric: str = "cosine", *, arrow: bool = False):
-        return self._verb("nearest", layer, head, token, k, seq, by, metric, arrow=arrow)
+        """The `nearest` verb's rows, ranked in numpy on the (layer, head)'s vectors loaded once:
+        the last NEAREST_CACHED (layer, head, kind) stay loaded while the Run is open."""
+        verbs.check_nearest(self.runs, layer, head, token, k, seq, by, metric)
+        key = (layer, head, by)
+        found = self._candidates.pop(key, None)
+        if found is None:
+            found = Candidates(self.arrow(verbs.nearest_candidates(self.runs, layer, head, by)))
+        self._candidates[key] = found  # the most recently used last
+        while len(self._candidates) > NEAREST_CACHED:
+            self._candidates.pop(next(iter(self._candidates)))
+        table = found.nearest(seq, token, k, metric, layer, head, by)
+        return table if arrow else table.to_pandas()
 
     # ---- lifetime -------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """A synthetic run directory with kvcore's own writer, for benchmarks and tests.
 
-Same layout as an extraction (kv/layer=L/part-S.parquet via `layer_table` + `write_parquet`,
-shards/kv-S.json manifests, tokens.parquet, metadata.json via `finalize_run`), but random
+Same layout as an extraction (shards/layer=L/part-S.parquet via `layer_table` + `write_parquet`,
+shards/kv-S.json manifests, tokens.parquet; `finalize_run` compacts them into kv/layer=L/data.parquet
+and writes metadata.json), but random
 vectors and no safetensors, so a 20M-row run takes minutes and no model. Values are rounded
 to bfloat16 precision, as a model run in bf16 caches them; each (layer, head) gets its own
 scale so norms differ the way they do in real caches.
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from kvcore.atomic import atomic_path, write_json
-from kvcore.storage import METADATA_KEYS, finalize_run, layer_table, shard_name, write_parquet
+from kvcore.storage import METADATA_KEYS, finalize_run, layer_table, part_file, write_parquet
+from kvcore.tokens import write_tokens_table
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -29,7 +31,9 @@ def scale(layer: int, head: int) -> float:
 def write_synthetic_run(run_dir: str | Path, *, num_layers: int = 30, num_kv_heads: int = 3, num_heads: int = 9,
                         head_dim: int = 64, n_sequences: int = 16, seq_len: int = 128, shard_size: int = 8,
                         vocab: int = 4096, seed: int = 0, model: str = "synthetic", dataset: str = "random",
-                        progress=None) -> dict:
+                        progress=None, finalize: bool = True) -> dict:
+    """Returns metadata.json's contents, or with `finalize` False (a run still extracting: shard
+    parts and manifests, no layer files, no metadata.json) the number of shards."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -38,7 +42,7 @@ def write_synthetic_run(run_dir: str | Path, *, num_layers: int = 30, num_kv_hea
     token_ids = rng.integers(0, vocab, size=(n_sequences, seq_len), dtype=np.int32)
     words = np.array([f"w{i}" for i in range(vocab)], dtype=object)
     with atomic_path(run_dir / "tokens.parquet") as tmp:
-        pq.write_table(pa.table({
+        write_tokens_table(pa.table({
             "seq_id": np.repeat(np.arange(n_sequences, dtype=np.int32), seq_len),
             "pos": np.tile(np.arange(seq_len, dtype=np.int32), n_sequences),
             "token_id": token_ids.reshape(-1),
@@ -52,14 +56,14 @@ def write_synthetic_run(run_dir: str | Path, *, num_layers: int = 30, num_kv_hea
         seq_ids = list(range(shard * shard_size, min((shard + 1) * shard_size, n_sequences)))
         ids = [token_ids[s].tolist() for s in seq_ids]
         shape = (len(seq_ids), num_kv_heads, seq_len, head_dim)
-        name, rows = shard_name(shard), 0
+        rows = 0
         for layer in range(num_layers):
             s = scales[layer][None, :, None, None]
             keys = _bf16(rng.standard_normal(shape, dtype=np.float32) * s)
             values = _bf16(rng.standard_normal(shape, dtype=np.float32) * s)
             table = layer_table(keys, values, seq_ids, ids)
             rows = table.num_rows
-            with atomic_path(run_dir / "kv" / f"layer={layer}" / f"{name}.parquet") as tmp:
+            with atomic_path(run_dir / part_file(layer, shard)) as tmp:
                 write_parquet(table, tmp)
         with atomic_path(run_dir / "shards" / f"predictions-{shard:05d}.parquet") as tmp:
             pq.write_table(pa.table({"seq_id": pa.array(seq_ids, pa.int32()), "rank": pa.array([0] * len(seq_ids),
@@ -69,11 +73,11 @@ def write_synthetic_run(run_dir: str | Path, *, num_layers: int = 30, num_kv_hea
         write_json(run_dir / "shards" / f"kv-{shard:05d}.json", {
             "shard": shard, "seq_ids": seq_ids, "seq_lengths": [seq_len] * len(seq_ids),
             "n_tokens": seq_len * len(seq_ids), "n_rows_per_layer": rows,
-            "files": [f"kv/layer={i}/{name}.parquet" for i in range(num_layers)],
+            "files": [part_file(i, shard) for i in range(num_layers)],
             **{k: meta[k] for k in METADATA_KEYS}})
         if progress:
             progress(shard + 1, n_shards)
-    return finalize_run(run_dir, n_shards)
+    return finalize_run(run_dir, n_shards) if finalize else {"n_shards": n_shards}
 
 
 def manifest_files(run_dir: str | Path) -> list[Path]:

@@ -251,9 +251,8 @@ WHERE {kind}_norm BETWEEN ? AND ?{extra}
 ORDER BY model, dataset, layer, seq_id, pos, head""", [low, high] + params)
 
 
-def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",
-            metric: str = "cosine") -> Query:
-    """The k vectors of one (layer, KV head) closest to the one at (seq, token): exact, brute force."""
+def check_nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int, seq: int, by: str,
+                  metric: str) -> None:
     check_coordinate(runs, layer, head, token, seq)
     if by not in KINDS:
         raise UsageError(f"--by must be key or value (got {by!r})")
@@ -261,6 +260,22 @@ def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10
         raise UsageError(f"--metric must be cosine or l2 (got {metric!r})")
     if k < 1:
         raise UsageError(f"--k must be at least 1 (got {k})")
+
+
+def nearest_candidates(runs: list[RunFiles], layer: int, head: int, by: str) -> Query:
+    """Every vector of one (layer, KV head) with its ids: what `Run.nearest` loads once."""
+    return Query(f"""SELECT model, dataset, seq_id, pos, token_id, token, {by}_norm AS norm, {by} AS vector
+FROM {layer_view(layer)}
+WHERE head = ?""", [head])
+
+
+def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",
+            metric: str = "cosine") -> Query:
+    """The k vectors of one (layer, KV head) closest to the one at (seq, token): exact, brute force.
+
+    One search in DuckDB decodes the layer's vectors; `Run.nearest` loads them once and ranks
+    in numpy (kvcore/query/nearest.py), the same answer (tests/test_query.py compares them)."""
+    check_nearest(runs, layer, head, token, k, seq, by, metric)
     fn = "array" if vector_type(runs) != "FLOAT[]" else "list"  # array_* needs a fixed size
     name, score, best = (("cosine_similarity", f"{fn}_cosine_similarity(c.{by}, q.v)", "max_by") if metric == "cosine"
                          else ("l2_distance", f"{fn}_distance(c.{by}, q.v)", "min_by"))

@@ -108,13 +108,19 @@ except jobs.UsageError as error:
 
 
 def shard_outputs(layers):
-    """Every file one extract job writes (DESIGN.md "Data flow"), its Parquet file of each layer included."""
+    """Every file one extract job writes (DESIGN.md "Data flow"), its Parquet part of each layer included
+    (a temp() output of the extract rule: finalize_extraction compacts the parts into layer_outputs)."""
     return dict(
         safetensors=f"{RUN}/kv/part-{{shard}}.safetensors",
-        parquet=[f"{RUN}/kv/layer={layer}/part-{{shard}}.parquet" for layer in layers],
+        parquet=[f"{RUN}/shards/layer={layer}/part-{{shard}}.parquet" for layer in layers],
         predictions=f"{RUN}/shards/predictions-{{shard}}.parquet",
         manifest=f"{RUN}/shards/kv-{{shard}}.json",
     )
+
+
+def layer_outputs(layers):
+    """The run's Parquet file of each stored layer (kvcore.storage.layer_file), finalize_extraction's outputs."""
+    return [f"{RUN}/kv/layer={layer}/data.parquet" for layer in layers]
 
 
 def shard_files(name):
@@ -194,9 +200,11 @@ def all_outputs():
         for dataset in DATASETS:
             run = RUN.format(model=model, dataset=dataset)
             outputs.append(f"{run}/metadata.json")
-            # the stored cache is a deliverable (queried with SQL): a deleted file of it reruns its shard
-            for files in shard_outputs(PARQUET_LAYERS[model]).values():
-                outputs += expand(files, shard=shards(dataset), model=model, dataset=dataset)
+            # the stored cache is a deliverable (queried with SQL): a deleted file of it reruns what wrote it
+            for name, files in shard_outputs(PARQUET_LAYERS[model]).items():
+                if name != "parquet":  # temporary parts, compacted into the layer files
+                    outputs += expand(files, shard=shards(dataset), model=model, dataset=dataset)
+            outputs += expand(layer_outputs(PARQUET_LAYERS[model]), model=model, dataset=dataset)
             outputs += [f"{run}/ppl/{method}.json" for method in METHODS]
             outputs += [f"{run}/compress/{method}.json" for method in COMPRESSIBLE]
     return outputs

@@ -1,4 +1,4 @@
-# Tokenize, extract the KV cache shard by shard (GPU when present), then merge metadata.
+# Tokenize, extract the KV cache shard by shard (GPU when present), then compact each layer and merge metadata.
 
 
 rule tokenize:
@@ -22,10 +22,12 @@ rule tokenize:
         "../scripts/tokenize.py"
 
 
-# Every file an extract job writes is a declared output, one Parquet file per stored layer included,
+# Every file an extract job writes is a declared output, its Parquet part of each stored layer included
+# (temp(): finalize_extraction compacts each layer's parts into one file, then Snakemake removes them),
 # so storage plugins upload them, --delete-all-output removes them and deleting one reruns its job.
 # The layer count is known before the model is downloaded (kvcore.sources.models.num_layers);
-# models with different layer lists get one rule each (outputs cannot vary with a wildcard).
+# models with different layer lists get one extract and one finalize rule each (outputs cannot
+# vary with a wildcard).
 # What an extract job computes with: config `extract:` and its defaults (seq_len and n_sequences reach it
 # through tokens.parquet, so they stay out of its params).
 EXTRACT_SETTINGS = canonical(
@@ -51,7 +53,7 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
             tokens=rules.tokenize.output.tokens,
             code=code("extract"),
         output:
-            **shard_outputs(layers),
+            **{**shard_outputs(layers), "parquet": temp(shard_outputs(layers)["parquet"])},
         log:
             "logs/extract/{model}/{dataset}/{shard}.log",
         benchmark:
@@ -67,20 +69,25 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
         script:
             "../scripts/extract.py"
 
-
-rule finalize_extraction:
-    input:
-        manifests=shard_files("manifest"),
-        predictions=shard_files("predictions"),
-        code=code("finalize_extraction"),
-    output:
-        metadata=f"{RUN}/metadata.json",
-        predictions=f"{RUN}/predictions.parquet",
-    log:
-        "logs/finalize_extraction/{model}/{dataset}.log",
-    benchmark:
-        "logs/benchmarks/finalize_extraction/{model}/{dataset}.tsv"
-    conda:
-        ENV
-    script:
-        "../scripts/finalize_extraction.py"
+    rule:
+        name:
+            "finalize_extraction" if group == 0 else f"finalize_extraction_{group}"
+        input:
+            manifests=shard_files("manifest"),
+            predictions=shard_files("predictions"),
+            parts=shard_files("parquet"),
+            code=code("finalize_extraction"),
+        output:
+            metadata=f"{RUN}/metadata.json",
+            predictions=f"{RUN}/predictions.parquet",
+            layers=layer_outputs(layers),
+        log:
+            "logs/finalize_extraction/{model}/{dataset}.log",
+        benchmark:
+            "logs/benchmarks/finalize_extraction/{model}/{dataset}.tsv"
+        wildcard_constraints:
+            model=one_of(models),
+        conda:
+            ENV
+        script:
+            "../scripts/finalize_extraction.py"
