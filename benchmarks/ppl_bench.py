@@ -71,18 +71,24 @@ class QuantoPeer:
         return cache
 
 
-def calibrated(name: str, calibration: str | None):
-    """The method of preset `name`, its Lloyd-Max levels / mixed precision calibrated on the
-    extracted run `calibration` (another corpus's); other methods are returned unchanged."""
-    from kvcore.compress import parse_method, preset_spec
+def calibrated_spec(name: str, calibration: str | None) -> dict:
+    """The spec of preset `name`, its Lloyd-Max levels / mixed precision calibrated on the
+    extracted run `calibration` (another corpus's); other presets' specs unchanged."""
+    from kvcore.compress import preset_spec
 
     spec = preset_spec(name)
     quant = spec["then"] if spec["family"] == "compose" else spec
     if quant.get("levels") == "lloyd" or quant.get("mixed_bits"):
         if not calibration:
-            raise SystemExit(f"ppl_bench: method {name!r} needs --calibration (an extracted run of another corpus)")
+            raise SystemExit(f"method {name!r} needs --calibration (an extracted run of another corpus)")
         quant["calibration"] = calibration
-    return parse_method(name, spec)
+    return spec
+
+
+def calibrated(name: str, calibration: str | None):
+    from kvcore.compress import parse_method
+
+    return parse_method(name, calibrated_spec(name, calibration))
 
 
 def quanto_peers() -> dict:

@@ -79,3 +79,11 @@ def nearest_level(u: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest of the sorted `levels` for every value of u (ties go up)."""
     mids = (levels[1:] + levels[:-1]) / 2
     return torch.bucketize(u, mids, right=True)
+
+
+def calibration_dirs(spec) -> list[str]:
+    """Every non-empty `calibration` named in a method spec, nested parts (compose) included."""
+    if isinstance(spec, dict):
+        found = [spec["calibration"]] if spec.get("calibration") else []
+        return found + [d for key, v in spec.items() if key != "calibration" for d in calibration_dirs(v)]
+    return []

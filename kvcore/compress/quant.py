@@ -59,6 +59,7 @@ import torch
 
 from kvcore.compress.base import HEADER_NBYTES, Method, choice, count, flag, fraction, text
 from kvcore.compress.levels import calibration_tensor, fit_levels, nearest_level
+from kvcore.compress.mixed import plan_bits
 from kvcore.compress.packing import pack_bits, packed_nbytes, unpack_bits
 from kvcore.compress.rotation import ROTATIONS, is_power_of_two, rotate, rotation_matrix, unrotate
 
@@ -115,8 +116,6 @@ class Quant(Method):
         if layer is None:
             raise self.error("mixed_bits needs the layer index (compress(x, kind, layer=L))")
         if self._plan is None:
-            from kvcore.compress.mixed import plan_bits
-
             self._plan = plan_bits(self)
         if (layer, kind) not in self._plan:
             raise self.error(f"mixed_bits: calibration {self.calibration!r} has no layer {layer} {kind}")

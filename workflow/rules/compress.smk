@@ -11,6 +11,7 @@ rule compress:
     input:
         shards=shard_files("safetensors"),
         code=method_code(compress_code_modules),
+        calibration=lambda wc: calibration_files(wc.method),
     params:
         spec=method_spec,
     wildcard_constraints:
@@ -34,6 +35,7 @@ rule compress_evict:
         model=rules.download_model.output.model,
         tokens=rules.tokenize.output.tokens,
         code=method_code(compress_code_modules),
+        calibration=lambda wc: calibration_files(wc.method),
     params:
         spec=method_spec,
         # score with the model exactly as it was extracted

@@ -21,6 +21,7 @@ if PPL_SHARDS == 1:
             model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
             code=method_code(code_modules),
+            calibration=lambda wc: calibration_files(wc.method),
         params:
             spec=method_spec,
             settings=PPL_SETTINGS,
@@ -44,6 +45,7 @@ else:
             model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
             code=method_code(code_modules),
+            calibration=lambda wc: calibration_files(wc.method),
         params:
             spec=method_spec,
             settings=PPL_SETTINGS,

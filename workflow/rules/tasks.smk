@@ -9,6 +9,7 @@ rule task:
     input:
         model=rules.download_model.output.model,
         filler=task_filler,
+        calibration=lambda wc: calibration_files(wc.task_method),
         code=code("kvcore.tasks.evaluate", "kvcore.tasks.loaders", "kvcore.evaluation.context", "kvcore.model"),
     params:
         task_spec=lambda wc: canonical(TASKS[wc.task]),
