@@ -45,6 +45,9 @@ def methods(calibration):
         "int2-g32-had": None, "kivi3-g64-rot7-s2-o0.01": None, "int4-g64-had-nuq": {"calibration": calibration},
         "kivi2-g64-nuq-s1": {"calibration": calibration}, "int2-g64-had-mx3": {"calibration": calibration},
         "sparse-0.5+int4-g32-had": None, "evict-knorm-0.5-s2+int3-g64-rot1": None,
+        "evict-knorm-0.4-s2-global+kivi2-g64-hadv-nuq": {
+            "family": "compose", "first": "evict-knorm-0.4-s2-global",
+            "then": {**preset_spec("kivi2-g64-hadv-nuq"), "calibration": calibration}},
     }
 
 
@@ -61,7 +64,8 @@ def test_round_trip_is_exact_and_sizes_are_true(calibration):
                     assert torch.equal(y, m.fake(x, kind, keep, layer=layer)), (name, dtype, kind)
                     assert y.dtype == dtype and y.shape == x.shape
                     assert stored_bytes(packed) == m.packed_nbytes(x.shape, dtype, kind, layer=layer, keep=keep)
-                    assert float((y.float() - x.float()).norm() / x.float().norm()) < 0.9, name
+                    kept_x, kept_y = (x, y) if keep is None else (x[keep], y[keep])  # evicted: zeros
+                    assert float((kept_y.float() - kept_x.float()).norm() / kept_x.float().norm()) < 0.9, name
 
 
 def test_rotations_are_orthogonal_seeded_and_not_stored():
@@ -143,8 +147,8 @@ def test_compose_stores_positions_and_quantized_kept_values():
     assert torch.equal(y[keep], q)  # the kept vectors, each quantized on its own
     nbytes = both.packed_nbytes(x.shape, torch.float16, "key", keep=keep)
     assert nbytes < 0.6 * evict.packed_nbytes(x.shape, torch.float16, "key", keep=keep)
-    with pytest.raises(UsageError, match="per token"):
-        parse_method("evict-knorm-0.5+kivi4-g64")
+    with pytest.raises(UsageError, match="no sink_tokens"):
+        parse_method("evict-knorm-0.5+kivi4-g64-s4")
     with pytest.raises(UsageError, match="kept entries"):
         parse_method("sparse-0.25+int4-g32").check_shape((1, 2, 8, 64))
     with pytest.raises(UsageError, match="family quant"):

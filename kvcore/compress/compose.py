@@ -6,10 +6,11 @@ sparsify: the mask or indices of the kept entries) but its kept values are not s
 full precision: they go through `then`, whose fields are stored beside them (prefixed
 `q.`). So the true size is the positions + `then`'s size of the kept values:
 
-- evict + quant: the kept vectors [n_kept, dim], quantized as one [1, 1, n_kept, dim]
-  tensor per token (groups of channels inside each vector, so a vector's codes do not
-  depend on which others are kept); `then` must quantize per token (key_axis and
-  value_axis `token`) with no sink / recent windows (eviction has its own);
+- evict + quant: the kept vectors [n_kept, dim] (heads one after the other, each in token
+  order), quantized as one [1, 1, n_kept, dim] tensor: per token, groups of channels inside
+  each vector; per channel (KIVI keys), groups of consecutive kept tokens, a group at a
+  head boundary spanning both heads. `then` takes no sink / recent windows (eviction has
+  its own);
 - sparsify + quant: the kept entries [n, n_kv, seq, k] of every vector, quantized per
   token (group_size must divide k, e.g. sparse-0.5 of head_dim 64 keeps 32: group 32);
   the old TinyLlama bridge's (group_size, sparsity) pair.
@@ -64,10 +65,9 @@ class Compose(Method):
             raise self.error("family compose needs both `first` (evict or sparsify) and `then` (quant)")
         self.outer = parse_method(f"{self.name}.first", self.first)
         self.inner = parse_method(f"{self.name}.then", self.then)
-        inner = self.inner
-        if inner.key_axis != "token" or inner.value_axis != "token" or inner.sink_tokens or inner.recent_tokens:
-            raise self.error("`then` must quantize per token (key_axis and value_axis token) with no "
-                             "sink_tokens / recent_tokens (the kept values have no token order of their own)")
+        if self.inner.sink_tokens or self.inner.recent_tokens:
+            raise self.error("`then` takes no sink_tokens / recent_tokens (the kept values have no first or last "
+                             "tokens of their own: give the windows to `first`)")
         self.needs_scores = self.outer.needs_scores
         self.quantizes_kept = True  # compress_context gathers the kept tokens of `fake`
 

@@ -12,14 +12,15 @@ from kvcore.errors import UsageError
 
 GRAMMAR = """\
 baseline | none                                   no compression (family none)
-int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32][-had|-rot{N}][-nuq][-mx{T}]
+int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32][-had[k|v]|-rot{N}][-nuq][-mx{T}]
                                                   quant: B bits, group G (default 64),
                                                   symmetric, per-token (default) or
                                                   per-channel for keys and values,
                                                   S sink and R recent tokens in full
                                                   precision, outlier fraction F,
                                                   float32 scales (default float16),
-                                                  Hadamard / seed-N random rotation,
+                                                  Hadamard (keys / values only) or
+                                                  seed-N random rotation,
                                                   Lloyd-Max levels, mixed 2-4 bits at
                                                   T bits/elem on average (nuq and mx
                                                   need the spec key calibration)
@@ -30,8 +31,8 @@ kivi{B}[-g{G}][-kg{G}][-sym][-s{S}][-r{R}][-o{F}][-f32]
 sparse-{F}                                        sparsify: keep fraction F per vector
 evict-{SCORER}-{R}[-s{S}][-r{R}][-global|-model]   evict: keep ratio R by SCORER
 prune[-l{L},{L}..][-h{L}.{H},{L}.{H}..]           prune: layers L, [layer, head] pairs
-{EVICT or SPARSE}+{INT}                           compose: evict / sparsify, then quantize
-                                                  the kept values (INT per token)
+{EVICT or SPARSE}+{INT or KIVI}                   compose: evict / sparsify, then quantize
+                                                  the kept values (no -s / -r windows)
 examples: int4-g64  int2-g32-sym  kivi2-g32-r128  int4-g128-ch-s4-o0.01  int2-g32-had
           sparse-0.5  evict-knorm-0.5-s4-r64-global  prune-l0,1-h5.2
           evict-kvzip-0.5-s4-model+int4-g32-had  sparse-0.5+int4-g32"""
@@ -47,6 +48,8 @@ _QUANT_OPTIONS = [
     (r"f32", lambda m: {"scale_dtype": "float32"}),
     (r"f16", lambda m: {"scale_dtype": "float16"}),
     (r"had", lambda m: {"rotation": "hadamard"}),
+    (r"hadv", lambda m: {"rotation": "hadamard", "rotated": "value"}),
+    (r"hadk", lambda m: {"rotation": "hadamard", "rotated": "key"}),
     (r"rot(\d+)", lambda m: {"rotation": "random", "rotation_seed": int(m[1])}),
     (r"nuq", lambda m: {"levels": "lloyd"}),
     (r"mx(\d*\.?\d+)", lambda m: {"mixed_bits": float(m[1])}),

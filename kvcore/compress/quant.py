@@ -37,7 +37,9 @@ out of the group ranges so they stop stretching the scales.
 Rotation (`rotation`, kvcore.compress.rotation): the quantized tokens are multiplied by
 an orthogonal [dim, dim] matrix (Hadamard or seeded random) before grouping, and by its
 transpose after dequantization; outliers are then picked (and stored) in the rotated
-domain. Nothing of the rotation is stored.
+domain. Nothing of the rotation is stored. `rotated` limits it to keys or values (keys
+quantized per channel already have a scale per channel: a rotation only mixes their
+outlier channels into the others).
 
 Non-uniform levels (`levels: lloyd`, kvcore.compress.levels): codes index 2^b levels
 fitted per layer and kind on the extracted cache named by `calibration`; the table is
@@ -89,6 +91,7 @@ class Quant(Method):
         "scale_dtype": choice("float16", ("float16", "float32"), "dtype of stored scales and zeros"),
         "rotation": choice("none", ROTATIONS, "orthogonal transform of each head's channels before grouping"),
         "rotation_seed": count(0, "seed of the random rotation (keys: seed, values: seed + 1)"),
+        "rotated": choice("both", ("both", "key", "value"), "which kinds the rotation applies to"),
         "levels": choice("uniform", ("uniform", "lloyd"), "code levels: uniform, or Lloyd-Max fitted on calibration"),
         "mixed_bits": fraction(0.0, 0.0, 8.5, False,
                                "0: every tensor at `bits`; else 2, 3 or 4 bits per layer and kind, chosen on "
@@ -187,7 +190,7 @@ class Quant(Method):
     # ---- encode / decode ------------------------------------------------------------
 
     def _rotation(self, kind: str, dim: int, device) -> torch.Tensor | None:
-        if self.rotation == "none":
+        if self.rotation == "none" or self.rotated not in ("both", kind):
             return None
         return rotation_matrix(self.rotation, dim, self.rotation_seed, kind, str(device))
 
