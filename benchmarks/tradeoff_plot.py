@@ -9,7 +9,6 @@ eviction `evict-kvzip-…` alone) in their own colours.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,10 +31,15 @@ STYLE = {"transformers QuantizedCache (quanto)": ("tab:red", "s"),
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("path", type=Path, help="a ppl_bench.py JSON (one protocol)")
+    p.add_argument("paths", type=Path, nargs="+",
+                   help="ppl_bench.py JSONs of one protocol on the same token ids (their methods side by side)")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     p.add_argument("--max-delta", type=float, default=8.0, help="leave out points above this Δ %% (off the scale)")
+    p.add_argument("--first", type=int, metavar="N", help="only the first N windows of the run")
     args = p.parse_args(argv)
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ppl_table import load
 
     import matplotlib
 
@@ -44,8 +48,12 @@ def main(argv=None) -> int:
 
     from kvcore.compress.bits import LABEL
 
-    data = json.loads(args.path.read_text())
-    meta, records = data["meta"], data["records"]
+    meta, records = load(args.paths[0], args.first)
+    for path in args.paths[1:]:
+        other_meta, other = load(path, args.first)
+        if other_meta["token_ids_sha256"] != meta["token_ids_sha256"] or other_meta["protocol"] != meta["protocol"]:
+            raise SystemExit(f"{path}: another text or protocol than {args.paths[0]}")
+        records.update({k: v for k, v in other.items() if k != "baseline"})
     fig, ax = plt.subplots(figsize=(9, 5.5))
     seen = set()
     for name, r in records.items():
@@ -63,7 +71,8 @@ def main(argv=None) -> int:
     ax.set_xlabel(LABEL)
     ax.set_ylabel("Δ perplexity % (paired per-window 95 % CI)")
     ax.set_title(f"{meta['protocol']}, {Path(meta['dataset']).parent.name}, {meta['n_tokens']} tokens, "
-                 f"{records['baseline']['n_windows']} windows, {meta['device']}", fontsize=9)
+                 f"{records['baseline']['n_windows']} windows, {meta['device']}; points above +{args.max_delta:g} % left out",
+                 fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
