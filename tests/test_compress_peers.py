@@ -185,3 +185,27 @@ def test_compose_through_the_evaluation_paths(tmp_path):
     run = evaluate_methods(model, ids[0].tolist(), {"s": parse_method("sparse-0.5+int4-g32-had")},
                            protocol="fake-quant", max_length=48, stride=16, layout="chunks")
     assert run["methods"]["s"]["metrics"]["bits_per_element"] < 5
+
+
+def test_stored_files_decompress_to_fake(tmp_path, calibration):
+    from safetensors.torch import load_file
+
+    from kvcore.compress import compress_file, decompress_file
+
+    tensors = {f"layer_{i}_{kind}": heavy((2, 2, 40, 64), seed=20 + 2 * i + (kind == "value")).half()
+               for i in range(LAYERS) for kind in ("key", "value")}
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"num_layers": str(LAYERS), "seq_ids": "[0, 1]"})
+    for name in ("evict-knorm-0.5-s2+kivi3-g64-hadv-nuq", "kivi2-g64-s1-had-mx3"):
+        spec = preset_spec(name)
+        (spec["then"] if spec["family"] == "compose" else spec)["calibration"] = calibration
+        method = parse_method(name, spec)
+        scores = (lambda layer, k, v: -k.float().norm(dim=-1)) if method.needs_scores else None
+        metrics = compress_file(tmp_path / "x.safetensors", tmp_path / "c.safetensors", method, scores)
+        decompress_file(tmp_path / "c.safetensors", tmp_path / "d.safetensors")
+        out = load_file(tmp_path / "d.safetensors")
+        for i in range(LAYERS):
+            keep = method.select(-tensors[f"layer_{i}_key"].float().norm(dim=-1)) if method.needs_scores else None
+            for kind in ("key", "value"):
+                x = tensors[f"layer_{i}_{kind}"]
+                assert torch.equal(out[f"layer_{i}_{kind}"], method.fake(x, kind, keep, layer=i)), (name, i, kind)
+        assert metrics["bits_per_element"] < 3.5  # short tensors: the exact sink token weighs 0.4 bits

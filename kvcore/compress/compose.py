@@ -4,7 +4,7 @@
 spec). The first method's stored form keeps its positions (evict: the 1-bit keep mask;
 sparsify: the mask or indices of the kept entries) but its kept values are not stored in
 full precision: they go through `then`, whose fields are stored beside them (prefixed
-`q.`). So the true size is the positions + `then`'s size of the kept values:
+`q_`). So the true size is the positions + `then`'s size of the kept values:
 
 - evict + quant: the kept vectors [n_kept, dim] (heads one after the other, each in token
   order), quantized as one [1, 1, n_kept, dim] tensor: per token, groups of channels inside
@@ -31,7 +31,7 @@ from kvcore.compress.base import HEADER_NBYTES, Method, Param
 from kvcore.compress.evict import kept_per_head
 from kvcore.errors import UsageError
 
-INNER = "q."  # prefix of `then`'s stored fields
+INNER = "q_"  # prefix of `then`'s stored fields (word characters: file tensor names)
 
 
 def _part(families: tuple[str, ...], doc: str) -> Param:
