@@ -106,6 +106,7 @@ class Quant(Method):
             what = "levels lloyd" if self.levels == "lloyd" else "mixed_bits"
             raise self.error(f"{what} needs calibration: the run directory of an extracted cache of "
                              "another corpus, e.g. results/smollm2-135m/enwiki-sample")
+        # fitted once per method instance, on first use
         self._tables: dict = {}  # (layer, kind, bits, device) -> fitted levels
         self._plan: dict | None = None  # (layer, kind) -> bits (mixed_bits)
 
@@ -197,9 +198,9 @@ class Quant(Method):
     def _grouped(self, x, kind):
         """Windows, outliers and the groups of the quantized tokens of x (rotated first).
 
-        Returns (fields, groups, ignored, dim, padded_shape) or (fields, None, ...) when no
-        token is quantized; `ignored` marks values left out of the group ranges (outliers
-        and padding)."""
+        Returns (fields, groups, ignored, dim, (padded shape, quantized tokens)), or
+        (fields, None, None, None, None) when no token is quantized; `ignored` marks values
+        left out of the group ranges (outliers and padding)."""
         start, stop = self.window(x.shape[2])
         fields = {}
         if start:
