@@ -131,11 +131,11 @@ class Quant(Method):
             raise self.error("levels lloyd needs the layer index (compress(x, kind, layer=L))")
         key = (layer, kind, bits, str(device))
         if key not in self._tables:
-            x = calibration_tensor(self.calibration, layer, kind)
+            x = calibration_tensor(self.calibration, layer, kind).to(device)  # fitted where it is used
             self.check_shape(tuple(x.shape))
             uniform = Quant(self.name, {**self.spec, "bits": bits, "mixed_bits": 0.0, "levels": "uniform"})
             u = uniform.normalized(x, kind, layer)
-            self._tables[key] = fit_levels(u, 2**bits - 1).to(device)
+            self._tables[key] = fit_levels(u, 2**bits - 1)
         return self._tables[key]
 
     # ---- geometry -------------------------------------------------------------------
