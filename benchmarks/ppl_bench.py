@@ -71,6 +71,26 @@ class QuantoPeer:
         return cache
 
 
+def calibrated_spec(name: str, calibration: str | None) -> dict:
+    """The spec of preset `name`, its Lloyd-Max levels / mixed precision calibrated on the
+    extracted run `calibration` (another corpus's); other presets' specs unchanged."""
+    from kvcore.compress import preset_spec
+
+    spec = preset_spec(name)
+    quant = spec["then"] if spec["family"] == "compose" else spec
+    if quant.get("levels") == "lloyd" or quant.get("mixed_bits"):
+        if not calibration:
+            raise SystemExit(f"method {name!r} needs --calibration (an extracted run of another corpus)")
+        quant["calibration"] = calibration
+    return spec
+
+
+def calibrated(name: str, calibration: str | None):
+    from kvcore.compress import parse_method
+
+    return parse_method(name, calibrated_spec(name, calibration))
+
+
 def quanto_peers() -> dict:
     try:
         import optimum.quanto  # noqa: F401
@@ -150,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="only kvzip/streamingllm/random and 2 quant methods")
     p.add_argument("--methods", help="only these presets, comma-separated (NAME+prerope: keys quantized before "
                                      "RoPE; quanto{B}-g{G}[-tok]: a QuantizedCache peer)")
+    p.add_argument("--calibration", help="run directory of an extracted cache of ANOTHER corpus: calibrates "
+                                          "the methods with Lloyd-Max levels (-nuq) or mixed precision (-mx)")
     p.add_argument("--latency", type=int, default=0, metavar="N",
                    help="instead: time the scored forward of the first window N times per cache variant")
     p.add_argument("--out", required=True, help="folder for {protocol}{suffix}.json")
@@ -203,7 +225,8 @@ def main(argv=None) -> int:
         names = args.methods.split(",")
         pre_rope = [n for n in names if n.endswith("+prerope")]
         peers = quanto_peers()
-        chosen = {n: peers[n] if n in peers else parse_method(n.removesuffix("+prerope")) for n in names}
+        chosen = {n: peers[n] if n in peers else calibrated(n.removesuffix("+prerope"), args.calibration)
+                  for n in names}
 
     for protocol in args.protocols.split(","):
         methods = dict(quant)

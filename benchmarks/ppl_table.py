@@ -17,15 +17,40 @@ def fmt(x, spec=".2f", none="–"):
     return none if x is None else format(x, spec)
 
 
-def rows(path: Path) -> tuple[dict, list[str]]:
+def first_windows(records: dict, n: int) -> dict:
+    """The records over their first `n` windows only (perplexities, Δ and the paired interval
+    recomputed from the per-window NLL sums; bits stay the pooled ones): a 32-window run's
+    8-window table."""
+    import math
+
+    from kvcore.evaluation.nll import paired_differences
+
+    out = {}
+    for name, r in records.items():
+        w = r["windows"][:n]
+        scored = sum(x["n_scored"] for x in w)
+        base, comp = (math.exp(sum(x[k] for x in w) / scored) for k in ("baseline_nll_sum", "nll_sum"))
+        out[name] = {**r, "windows": w, "paired": paired_differences(w), "baseline_perplexity": base,
+                     "compressed_perplexity": comp, "delta_percent": 100 * (comp - base) / base,
+                     "n_windows": len(w), "n_tokens": scored}
+    return out
+
+
+def load(path: Path, first: int | None = None) -> tuple[dict, dict]:
+    """(meta, records) of a ppl_bench.py JSON, cut to its first `first` windows when given."""
+    data = json.loads(path.read_text())
+    records = first_windows(data["records"], first) if first else data["records"]
+    return data["meta"], records
+
+
+def rows(path: Path, first: int | None = None) -> tuple[dict, list[str]]:
     from kvcore.compress.bits import LABEL
 
-    data = json.loads(path.read_text())
-    meta, records = data["meta"], data["records"]
+    meta, records = load(path, first)
     base = records["baseline"]
     out = [f"**{meta['protocol']}**, {Path(meta['dataset']).parent.name}, {meta['n_tokens']} tokens, "
-           f"{meta['layout']} {meta['max_length']}/{meta['stride']}, {base['n_windows']} windows, "
-           f"{base['n_tokens']} scored, {meta['dtype']} on {meta['device']}; baseline perplexity "
+           f"{meta['layout']} {meta['max_length']}/{meta['stride']}, {base['n_windows']} windows"
+           f"{' (the first of the run)' if first else ''}, {base['n_tokens']} scored, {meta['dtype']} on {meta['device']}; baseline perplexity "
            f"{base['baseline_perplexity']:.4f}; {meta['seconds'] / 60:.1f} min", "",
            f"| method | {LABEL} | ratio | perplexity | Δ % | paired Δ % (95% CI) | windows worse | "
            "latency vs baseline | quality |",
@@ -61,11 +86,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--versus", action="append", default=[], metavar="A:B")
+    p.add_argument("--first", type=int, metavar="N", help="only the first N windows of each run")
     args = p.parse_args(argv)
     for path in args.paths:
-        meta, lines = rows(path)
+        meta, lines = rows(path, args.first)
         print("\n".join(lines))
-        records = json.loads(path.read_text())["records"]
+        records = load(path, args.first)[1]
         pairs = [v.split(":", 1) for v in args.versus if all(n in records for n in v.split(":", 1))]
         if pairs:
             print("\n| paired, per window | Δ % | 95% CI | windows lower |\n|---|---:|---|---:|")

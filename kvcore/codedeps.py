@@ -65,6 +65,11 @@ def method_modules(method: str, spec: dict | None) -> list[str]:
         spec = {**preset_spec(method), **(spec or {})}
     family = spec.get("family", "none")
     modules = [f"kvcore.compress.{'identity' if family == 'none' else family}"]
+    if family == "compose":  # its parts, the first (evict's scorer) last
+        then, first = (spec.get(k) for k in ("then", "first"))
+        for part in (then, first):
+            modules += method_modules(part, None) if isinstance(part, str) else method_modules(method, part or {})
+        return list(dict.fromkeys(modules))
     if family == "evict":
         from kvcore.eviction import SCORERS
 

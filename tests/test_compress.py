@@ -313,7 +313,7 @@ def test_prune_drops_layers_and_heads():
     ("q", {"family": "quant", "outlier_fraction": 0.9}, "outlier_fraction must be a number in [0.0, 0.5]"),
     ("q", {"family": "quant", "scale_dtype": "bfloat16"}, "scale_dtype must be one of float16, float32"),
     ("q", {"family": "quant", "sink_tokens": -1}, "sink_tokens must be an integer >= 0"),
-    ("q", {"family": "zip"}, "family must be one of none, quant, sparsify, evict, prune (got 'zip')"),
+    ("q", {"family": "zip"}, "family must be one of none, quant, sparsify, evict, prune, compose (got 'zip')"),
     ("q", {"bits": 4}, "missing key 'family'"),
     ("s", {"family": "sparsify", "keep_fraction": 0}, "keep_fraction must be a number in (0.0, 1.0]"),
     ("e", {"family": "evict", "keep_ratio": 0.5}, "missing required key 'scorer'"),

@@ -11,6 +11,7 @@ A method is a name and a spec dict (config.yaml: `methods: {NAME: SPEC}`); the k
     evict     evict       the kept tokens (1-bit mask + vectors); scores come from
                           a scorer in kvcore.eviction, top-k is `select_keep`
     prune     prune       everything but the dropped layers / KV heads
+    compose   compose     evict or sparsify, then quant of what is kept (one method)
 
 Each module's docstring states its parameters, remainder handling and size formula.
 `parse_method(name, spec)` validates every key (UsageError naming method and key);
@@ -33,9 +34,11 @@ n*h*t*d = the tensor's shape, s = dtype bytes, N = quantized values, 40 = header
     none       40 + n*h*t*d*s
     quant      40 + b*ceil(N/8) + groups*(2 or 1 if symmetric)*scale bytes
                + window tokens*n*h*d*s + outliers*(4 + s)
+               (+ 4*2^b levels if lloyd, + 1 byte of bits if mixed)
     sparsify   40 + positions (1-bit mask or 1-byte indices) + n*h*t*k*s
     evict      40 + ceil(n*h*t/8) + kept vectors*d*s
     prune      40 + h + n*kept heads*t*d*s
+    compose    first's size without its kept values + then's size of them - 40
 A file is 8 + its JSON header + the sum of those. For int4-g64 with float16 scales
 (default) on float16 data: 36 bytes per 64 values (4.5 bits), a 3.56x ratio; with
 float32 scales 40 bytes (5 bits, 3.2x); symmetric float16 34 bytes (3.76x).
@@ -65,6 +68,7 @@ _FAMILY_CLASSES = {
     "sparsify": "sparsify:Sparsify",
     "evict": "evict:Evict",
     "prune": "prune:Prune",
+    "compose": "compose:Compose",
 }
 FAMILIES = tuple(_FAMILY_CLASSES)
 

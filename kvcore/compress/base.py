@@ -103,6 +103,16 @@ def name(doc: str = "") -> Param:
     return Param(_REQUIRED, check, {"type": "string", "minLength": 1}, doc)
 
 
+def text(default: str = "", doc: str = "") -> Param:
+    """An optional string (e.g. a path); "" means unset."""
+    def check(v):
+        if not isinstance(v, str):
+            raise ValueError("must be a string")
+        return v
+
+    return Param(default, check, {"type": "string"}, doc)
+
+
 def index_list(doc: str = "") -> Param:
     def check(v):
         if not isinstance(v, (list, tuple)) or any(

@@ -12,13 +12,18 @@ from kvcore.errors import UsageError
 
 GRAMMAR = """\
 baseline | none                                   no compression (family none)
-int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32]
+int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32][-had[k|v]|-rot{N}][-nuq][-mx{T}]
                                                   quant: B bits, group G (default 64),
                                                   symmetric, per-token (default) or
                                                   per-channel for keys and values,
                                                   S sink and R recent tokens in full
                                                   precision, outlier fraction F,
-                                                  float32 scales (default float16)
+                                                  float32 scales (default float16),
+                                                  Hadamard (keys / values only) or
+                                                  seed-N random rotation,
+                                                  Lloyd-Max levels, mixed 2-4 bits at
+                                                  T bits/elem on average (nuq and mx
+                                                  need the spec key calibration)
 kivi{B}[-g{G}][-kg{G}][-sym][-s{S}][-r{R}][-o{F}][-f32]
                                                   as int, but keys per channel and
                                                   values per token (KIVI); kg: keys'
@@ -26,8 +31,11 @@ kivi{B}[-g{G}][-kg{G}][-sym][-s{S}][-r{R}][-o{F}][-f32]
 sparse-{F}                                        sparsify: keep fraction F per vector
 evict-{SCORER}-{R}[-s{S}][-r{R}][-global|-model]   evict: keep ratio R by SCORER
 prune[-l{L},{L}..][-h{L}.{H},{L}.{H}..]           prune: layers L, [layer, head] pairs
-examples: int4-g64  int2-g32-sym  kivi2-g32-r128  int4-g128-ch-s4-o0.01
-          sparse-0.5  evict-knorm-0.5-s4-r64-global  prune-l0,1-h5.2"""
+{EVICT or SPARSE}+{INT or KIVI}                   compose: evict / sparsify, then quantize
+                                                  the kept values (no -s / -r windows)
+examples: int4-g64  int2-g32-sym  kivi2-g32-r128  int4-g128-ch-s4-o0.01  int2-g32-had
+          sparse-0.5  evict-knorm-0.5-s4-r64-global  prune-l0,1-h5.2
+          evict-kvzip-0.5-s4-model+int4-g32-had  sparse-0.5+int4-g32"""
 
 _QUANT_OPTIONS = [
     (r"g(\d+)", lambda m: {"group_size": int(m[1])}),
@@ -39,6 +47,12 @@ _QUANT_OPTIONS = [
     (r"o(\d*\.?\d+)", lambda m: {"outlier_fraction": float(m[1])}),
     (r"f32", lambda m: {"scale_dtype": "float32"}),
     (r"f16", lambda m: {"scale_dtype": "float16"}),
+    (r"had", lambda m: {"rotation": "hadamard"}),
+    (r"hadv", lambda m: {"rotation": "hadamard", "rotated": "value"}),
+    (r"hadk", lambda m: {"rotation": "hadamard", "rotated": "key"}),
+    (r"rot(\d+)", lambda m: {"rotation": "random", "rotation_seed": int(m[1])}),
+    (r"nuq", lambda m: {"levels": "lloyd"}),
+    (r"mx(\d*\.?\d+)", lambda m: {"mixed_bits": float(m[1])}),
 ]
 _AXIS_OPTIONS = [
     (r"tok", lambda m: {"key_axis": "token", "value_axis": "token"}),
@@ -62,7 +76,7 @@ def _not_a_preset(name: str, why: str) -> UsageError:
     return UsageError(
         f"method {name!r}: {why}; a preset is baseline, int{{B}}[-g{{G}}][-sym][-tok|-ch][-s{{S}}]"
         f"[-r{{R}}][-o{{F}}][-f32], kivi{{B}}[...], sparse-{{F}}, evict-{{SCORER}}-{{R}}[-s{{S}}][-r{{R}}]"
-        f"[-global|-model] or prune-l{{L,..}}-h{{L.H,..}} (e.g. int4-g64), or give a spec with 'family'"
+        f"[-global|-model], prune-l{{L,..}}-h{{L.H,..}} or FIRST+INT (e.g. int4-g64), or give a spec with 'family'"
     )
 
 
@@ -91,6 +105,9 @@ def preset_spec(name: str) -> dict:
     head, rest = tokens[0], tokens[1:]
     if name in ("baseline", "none"):
         return {"family": "none"}
+    if "+" in name:
+        first, _, then = name.partition("+")
+        return {"family": "compose", "first": preset_spec(first), "then": preset_spec(then)}
     m = re.fullmatch(r"(int|kivi)(\d+)", head)
     if m:
         spec = {"family": "quant", "bits": int(m[2])}

@@ -34,12 +34,27 @@ values of largest |x| among the N quantized values of the tensor are stored exac
 (flat int32 index, int64 beyond 2^31 elements, + original-dtype value), and are left
 out of the group ranges so they stop stretching the scales.
 
-On a GPU, 1/2/4/8-bit codes without token padding are quantized and packed, and unpacked and
-dequantized, by kvcore.compress.kernels (one pass each, the same bits as these torch ops).
+Rotation (`rotation`, kvcore.compress.rotation): the quantized tokens are multiplied by
+an orthogonal [dim, dim] matrix (Hadamard or seeded random) before grouping, and by its
+transpose after dequantization; outliers are then picked (and stored) in the rotated
+domain. Nothing of the rotation is stored. `rotated` limits it to keys or values (keys
+quantized per channel already have a scale per channel: a rotation only mixes their
+outlier channels into the others).
+
+Non-uniform levels (`levels: lloyd`, kvcore.compress.levels): codes index 2^b levels
+fitted per layer and kind on the extracted cache named by `calibration`; the table is
+stored with each tensor. Mixed precision (`mixed_bits`, kvcore.compress.mixed): each
+(layer, kind) gets 2, 3 or 4 bits, chosen on `calibration` so that the bits per element
+average to at most `mixed_bits`; each tensor stores its width (1 byte).
+
+On a GPU, 1/2/4/8-bit codes without token padding, rotation or fitted levels are quantized
+and packed, and unpacked and dequantized, by kvcore.compress.kernels (one pass each, the
+same bits as these torch ops).
 
 Stored fields: codes (uint8, bit-packed, b * ceil(N / 8) bytes), scale and zero
 (scale_dtype, one per group), sink / recent (original dtype), outlier_idx /
-outlier_val. Fields that would be empty are not stored.
+outlier_val, levels (float32 [2^b], lloyd only), bits (uint8 [1], mixed only). Fields
+that would be empty are not stored.
 """
 
 from __future__ import annotations
@@ -49,8 +64,11 @@ import math
 import torch
 
 from kvcore.compress import kernels
-from kvcore.compress.base import HEADER_NBYTES, Method, choice, count, flag, fraction
+from kvcore.compress.base import HEADER_NBYTES, Method, choice, count, flag, fraction, text
+from kvcore.compress.levels import calibration_tensor, fit_levels, nearest_level
+from kvcore.compress.mixed import plan_bits
 from kvcore.compress.packing import check_packed, pack_bits, packed_nbytes, unpack_bits
+from kvcore.compress.rotation import ROTATIONS, is_power_of_two, rotate, rotation_matrix, unrotate
 
 _SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -94,7 +112,54 @@ class Quant(Method):
         "recent_tokens": count(0, "last tokens kept in full precision"),
         "outlier_fraction": fraction(0.0, 0.0, 0.5, False, "largest-|x| fraction stored exactly"),
         "scale_dtype": choice("float16", ("float16", "float32"), "dtype of stored scales and zeros"),
+        "rotation": choice("none", ROTATIONS, "orthogonal transform of each head's channels before grouping"),
+        "rotation_seed": count(0, "seed of the random rotation (keys: seed, values: seed + 1)"),
+        "rotated": choice("both", ("both", "key", "value"), "which kinds the rotation applies to"),
+        "levels": choice("uniform", ("uniform", "lloyd"), "code levels: uniform, or Lloyd-Max fitted on calibration"),
+        "mixed_bits": fraction(0.0, 0.0, 8.5, False,
+                               "0: every tensor at `bits`; else 2, 3 or 4 bits per layer and kind, chosen on "
+                               "calibration so that the bits per element average at most this"),
+        "calibration": text("", "run directory of an extracted cache of another corpus (levels lloyd, mixed_bits)"),
     }
+
+    def validate(self):
+        if self.levels == "lloyd" and self.symmetric:
+            raise self.error("levels lloyd needs asymmetric groups (symmetric: false)")
+        if (self.levels == "lloyd" or self.mixed_bits) and not self.calibration:
+            what = "levels lloyd" if self.levels == "lloyd" else "mixed_bits"
+            raise self.error(f"{what} needs calibration: the run directory of an extracted cache of "
+                             "another corpus, e.g. results/smollm2-135m/enwiki-sample")
+        # fitted once per method instance, on first use
+        self._tables: dict = {}  # (layer, kind, bits, device) -> fitted levels
+        self._plan: dict | None = None  # (layer, kind) -> bits (mixed_bits)
+
+    def at_bits(self, bits: int) -> "Quant":
+        """This method with every tensor at `bits` (mixed precision's candidates)."""
+        return Quant(self.name, {**self.spec, "bits": bits, "mixed_bits": 0.0})
+
+    def bits_for(self, layer, kind: str) -> int:
+        if not self.mixed_bits:
+            return self.bits
+        if layer is None:
+            raise self.error("mixed_bits needs the layer index (compress(x, kind, layer=L))")
+        if self._plan is None:
+            self._plan = plan_bits(self)
+        if (layer, kind) not in self._plan:
+            raise self.error(f"mixed_bits: calibration {self.calibration!r} has no layer {layer} {kind}")
+        return self._plan[(layer, kind)]
+
+    def level_table(self, layer, kind: str, bits: int, device) -> torch.Tensor:
+        """The Lloyd-Max levels of (layer, kind) at `bits`, in code units [0, 2^bits - 1]."""
+        if layer is None:
+            raise self.error("levels lloyd needs the layer index (compress(x, kind, layer=L))")
+        key = (layer, kind, bits, str(device))
+        if key not in self._tables:
+            x = calibration_tensor(self.calibration, layer, kind).to(device)  # fitted where it is used
+            self.check_shape(tuple(x.shape))
+            uniform = Quant(self.name, {**self.spec, "bits": bits, "mixed_bits": 0.0, "levels": "uniform"})
+            u = uniform.normalized(x, kind, layer)
+            self._tables[key] = fit_levels(u, 2**bits - 1)
+        return self._tables[key]
 
     # ---- geometry -------------------------------------------------------------------
 
@@ -116,6 +181,8 @@ class Quant(Method):
 
     def check_shape(self, shape, layer=None):
         dim = shape[-1]
+        if self.rotation == "hadamard" and not is_power_of_two(dim):
+            raise self.error(f"rotation hadamard needs head_dim a power of two (got {dim}; use rotation random)")
         for kind in ("key", "value"):
             if self.axis(kind) == "token" and dim % self.group(kind):
                 key = "key_group_size" if kind == "key" and self.key_group_size else "group_size"
@@ -146,7 +213,17 @@ class Quant(Method):
 
     # ---- encode / decode ------------------------------------------------------------
 
-    def _encode(self, x, kind, keep, layer):
+    def _rotation(self, kind: str, dim: int, device) -> torch.Tensor | None:
+        if self.rotation == "none" or self.rotated not in ("both", kind):
+            return None
+        return rotation_matrix(self.rotation, dim, self.rotation_seed, kind, str(device))
+
+    def _grouped(self, x, kind):
+        """Windows, outliers and the groups of the quantized tokens of x (rotated first).
+
+        Returns (fields, groups, ignored, dim, (padded shape, quantized tokens)), or
+        (fields, None, None, None, None) when no token is quantized; `ignored` marks values
+        left out of the group ranges (outliers and padding)."""
         start, stop = self.window(x.shape[2])
         fields = {}
         if start:
@@ -155,17 +232,19 @@ class Quant(Method):
             fields["recent"] = x[:, :, stop:].clone()
         mid = x[:, :, start:stop]
         if mid.numel() == 0:
-            return fields
+            return fields, None, None, None, None
+        r = self._rotation(kind, x.shape[-1], x.device)
+        # Without outliers or rotation the groups are read in x's own dtype (its float32
+        # values: the same arithmetic, one pass less).
+        xf = mid if r is None else rotate(mid, r)
 
-        # `ignore` marks values left out of the group ranges: outliers and padding. Without
-        # them the groups are read in x's own dtype (its float32 values: the same arithmetic).
-        ignore, xf = None, mid
+        ignore = None
         k = self.n_outliers(mid.numel())
         if k:
-            xf = mid.float()
+            xf = xf.float()
             idx = largest(xf.abs().reshape(-1), k)
             fields["outlier_idx"] = idx.to(torch.int32 if mid.numel() < 2**31 else torch.int64)
-            fields["outlier_val"] = mid.reshape(-1)[idx]
+            fields["outlier_val"] = (mid if r is None else xf).reshape(-1)[idx].to(x.dtype)
             ignore = torch.zeros(xf.shape, dtype=torch.bool, device=x.device)
             ignore.view(-1)[idx] = True
         padded = self._pad(xf, kind, 0.0)
@@ -173,20 +252,43 @@ class Quant(Method):
             ignore = torch.zeros(xf.shape, dtype=torch.bool, device=x.device)
         groups, dim = self._groups(padded, kind)
         ignored = None if ignore is None else self._groups(self._pad(ignore, kind, True), kind)[0]
+        return fields, groups, ignored, dim, (padded.shape, mid.shape[2])
 
-        scale, zero, scale32, zero32 = self._ranges(groups, ignored, dim)
-        if padded.shape == mid.shape and kernels.usable(x, self.bits):  # one pass: codes quantized and packed
-            fields["codes"] = kernels.quantize_pack(mid, scale32, zero32, self.bits, self.group(kind),
+    def normalized(self, x, kind, layer=None) -> torch.Tensor:
+        """(x - zero) / scale of every quantized, non-outlier value (flat float32): what the
+        codes round; the calibration set of the Lloyd-Max levels."""
+        _, groups, ignored, dim, _ = self._grouped(x, kind)
+        if groups is None:
+            return torch.empty(0, device=x.device)
+        _, _, scale32, zero32 = self._ranges(groups, ignored, dim, self.bits_for(layer, kind))
+        u = (groups - zero32.unsqueeze(dim)) / scale32.unsqueeze(dim)
+        return u.reshape(-1) if ignored is None else u[~ignored]
+
+    def _encode(self, x, kind, keep, layer):
+        bits = self.bits_for(layer, kind)
+        fields, groups, ignored, dim, shapes = self._grouped(x, kind)
+        if self.mixed_bits:
+            fields["bits"] = torch.tensor([bits], dtype=torch.uint8, device=x.device)
+        if groups is None:
+            return fields
+        padded_shape, n_mid = shapes
+        scale, zero, scale32, zero32 = self._ranges(groups, ignored, dim, bits)
+        table = self.level_table(layer, kind, bits, x.device) if self.levels == "lloyd" else None
+        if self._kernel_case(x, kind, bits, n_mid, table is None):  # one pass: codes quantized and packed
+            start, stop = self.window(x.shape[2])
+            fields["codes"] = kernels.quantize_pack(x[:, :, start:stop], scale32, zero32, bits, self.group(kind),
                                                     self.axis(kind) == "channel")
         else:
-            codes = self._quantize(groups, scale32, zero32, dim)
-            fields["codes"] = codes.reshape(padded.shape)[:, :, : mid.shape[2]]
+            codes = self._quantize(groups, scale32, zero32, dim, bits, table)
+            fields["codes"] = codes.reshape(padded_shape)[:, :, :n_mid]
         fields["scale"] = scale
         if zero is not None:
             fields["zero"] = zero
+        if table is not None:
+            fields["levels"] = table
         return fields
 
-    def _ranges(self, groups: torch.Tensor, ignored: torch.Tensor | None, dim: int):
+    def _ranges(self, groups: torch.Tensor, ignored: torch.Tensor | None, dim: int, bits: int):
         """Per-group stored scale and zero (zero None if symmetric), and their float32 values.
 
         No device sync here (this runs inside cache updates): a float16 overflow shows up
@@ -196,7 +298,7 @@ class Quant(Method):
         tiny = torch.finfo(sdtype).tiny  # a floor so constant groups do not divide by 0
         if self.symmetric:
             amax = groups.abs() if ignored is None else groups.abs().masked_fill(ignored, 0.0)
-            scale = _divide(amax.amax(dim).float(), 2 ** (self.bits - 1) - 1).clamp_min_(tiny).to(sdtype)
+            scale = _divide(amax.amax(dim).float(), 2 ** (bits - 1) - 1).clamp_min_(tiny).to(sdtype)
             return scale, None, scale.float(), None
         if ignored is None:
             lo, hi = (t.float() for t in torch.aminmax(groups, dim=dim))  # exact in any float dtype
@@ -207,24 +309,29 @@ class Quant(Method):
             lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
         zero = _round_down(lo, sdtype)
         zero32 = zero.float()
-        scale = _divide(hi - zero32, 2**self.bits - 1).clamp_min_(tiny).to(sdtype)
+        scale = _divide(hi - zero32, 2**bits - 1).clamp_min_(tiny).to(sdtype)
         return scale, zero, scale.float(), zero32
 
-    def _quantize(self, groups, scale32, zero32, dim) -> torch.Tensor:
+    def _quantize(self, groups, scale32, zero32, dim, bits, table=None) -> torch.Tensor:
         s = scale32.unsqueeze(dim)
         if self.symmetric:
-            m = 2 ** (self.bits - 1) - 1
-            q = (groups / s).round_().clamp_(-m, m).add_(2 ** (self.bits - 1))
+            m = 2 ** (bits - 1) - 1
+            q = (groups / s).round_().clamp_(-m, m).add_(2 ** (bits - 1))
+        elif table is not None:  # the nearest non-uniform level
+            q = nearest_level((groups - zero32.unsqueeze(dim)).div_(s), table)
         else:
-            q = (groups - zero32.unsqueeze(dim)).div_(s).round_().clamp_(0, 2**self.bits - 1)
+            q = (groups - zero32.unsqueeze(dim)).div_(s).round_().clamp_(0, 2**bits - 1)
         return q.to(torch.uint8)
 
-    def _dequantize(self, codes, scale, zero, dim) -> torch.Tensor:
-        q = codes.float()
+    def _dequantize(self, codes, scale, zero, dim, bits, table=None) -> torch.Tensor:
+        q = codes.float() if table is None else table[codes.long()]
         s = scale.float().unsqueeze(dim)
         if self.symmetric:
-            return q.sub_(2 ** (self.bits - 1)).mul_(s)
+            return q.sub_(2 ** (bits - 1)).mul_(s)
         return torch.addcmul(zero.float().unsqueeze(dim), q, s)  # zero + q * s, one kernel
+
+    def _stored_bits(self, fields) -> int:
+        return int(fields["bits"][0]) if "bits" in fields else self.bits
 
     def _decode(self, fields, shape, dtype, device, kind):
         n, h, seq, d = shape
@@ -234,16 +341,23 @@ class Quant(Method):
             parts.append(fields["sink"])
         if stop > start:
             codes = fields["codes"]
-            if codes.dim() == 1:  # still packed (kernels.usable): unpacked and dequantized in one pass
+            r = self._rotation(kind, d, device)
+            if codes.dim() == 1:  # still packed (_kernel_case): unpacked and dequantized in one pass
                 mid = kernels.unpack_dequantize(codes, fields["scale"], fields.get("zero"), (n, h, stop - start, d),
-                                                dtype, self.bits, self.group(kind), self.axis(kind) == "channel")
+                                                dtype, self._stored_bits(fields), self.group(kind),
+                                                self.axis(kind) == "channel")
             else:
                 padded = self._pad(codes, kind, 0)
                 groups, dim = self._groups(padded, kind)
-                mid = self._dequantize(groups, fields["scale"], fields.get("zero"), dim)
-                mid = mid.reshape(padded.shape)[:, :, : stop - start].to(dtype).contiguous()
+                mid = self._dequantize(groups, fields["scale"], fields.get("zero"), dim, self._stored_bits(fields),
+                                       fields.get("levels"))
+                mid = mid.reshape(padded.shape)[:, :, : stop - start]
+                # with a rotation the outliers were stored rotated: put back before rotating back
+                mid = (mid.to(dtype) if r is None else mid).contiguous()
             if "outlier_idx" in fields:
-                mid.view(-1)[fields["outlier_idx"].long()] = fields["outlier_val"]
+                mid.view(-1)[fields["outlier_idx"].long()] = fields["outlier_val"].to(mid.dtype)
+            if r is not None:
+                mid = unrotate(mid, r).to(dtype)
             parts.append(mid)
         if "recent" in fields:
             parts.append(fields["recent"])
@@ -253,30 +367,34 @@ class Quant(Method):
 
     # ---- storage --------------------------------------------------------------------
 
+    def _kernel_case(self, t, kind, bits, n_tokens, uniform) -> bool:
+        """Whether the one-pass GPU kernels (kvcore.compress.kernels) handle a tensor whose data
+        is `t` (the values, or their packed codes): uniform levels, no rotation and no token
+        padding in the groups."""
+        rotated = self.rotation != "none" and self.rotated in ("both", kind)
+        return (uniform and not rotated and (self.axis(kind) == "token" or n_tokens % self.group(kind) == 0)
+                and kernels.usable(t, bits))
+
     def _pack(self, fields, shape, kind):
         if "codes" in fields and fields["codes"].dim() != 1:  # 1-D: packed by the kernel already
-            fields = {**fields, "codes": pack_bits(fields["codes"], self.bits)}
+            fields = {**fields, "codes": pack_bits(fields["codes"], self._stored_bits(fields))}
         return fields
 
     def _unpack(self, packed, shape, kind):
         n, h, seq, d = shape
         start, stop = self.window(seq)
         if stop > start:
-            n_codes = n * h * (stop - start) * d
-            if self._unpadded(stop - start, kind) and kernels.usable(packed["codes"], self.bits):
-                check_packed(packed["codes"], self.bits, n_codes)  # _decode unpacks in its one pass
+            n_codes, bits = n * h * (stop - start) * d, self._stored_bits(packed)
+            if self._kernel_case(packed["codes"], kind, bits, stop - start, "levels" not in packed):
+                check_packed(packed["codes"], bits, n_codes)  # _decode unpacks in its one pass
                 for name in ("scale", "zero"):  # the kernel indexes them: a damaged file must not
                     if name in packed and packed[name].numel() != self.n_groups(shape, kind):
                         raise ValueError(f"{name} holds {packed[name].numel()} values, expected "
                                          f"{self.n_groups(shape, kind)}")
             else:
-                codes = unpack_bits(packed["codes"], self.bits, n_codes)
+                codes = unpack_bits(packed["codes"], bits, n_codes)
                 packed = {**packed, "codes": codes.view(n, h, stop - start, d)}
         return packed
-
-    def _unpadded(self, n_tokens: int, kind: str) -> bool:
-        """No token padding in the groups (the kernels' case)."""
-        return self.axis(kind) == "token" or n_tokens % self.group(kind) == 0
 
     def n_groups(self, shape, kind) -> int:
         n, h, seq, d = shape
@@ -287,14 +405,17 @@ class Quant(Method):
         return n * h * -(-(stop - start) // g) * d
 
     def packed_nbytes(self, shape, dtype, kind="key", *, layer=None, keep=None):
-        """header + b*ceil(N/8) codes + groups*(1 or 2)*scale bytes + windows + outliers."""
+        """header + b*ceil(N/8) codes + groups*(1 or 2)*scale bytes + windows + outliers
+        (+ 4 * 2^b levels for lloyd, + 1 byte of bit width for mixed_bits)."""
         n, h, seq, d = shape
         start, stop = self.window(seq)
         n_quant = n * h * (stop - start) * d
-        size = HEADER_NBYTES + (seq - (stop - start)) * n * h * d * dtype.itemsize
+        bits = self.bits_for(layer, kind)
+        size = HEADER_NBYTES + (seq - (stop - start)) * n * h * d * dtype.itemsize + (1 if self.mixed_bits else 0)
         if n_quant:
             per_group = (1 if self.symmetric else 2) * _SCALE_DTYPES[self.scale_dtype].itemsize
-            size += packed_nbytes(n_quant, self.bits) + self.n_groups(shape, kind) * per_group
+            size += packed_nbytes(n_quant, bits) + self.n_groups(shape, kind) * per_group
+            size += 4 * 2**bits if self.levels == "lloyd" else 0
             k = self.n_outliers(n_quant)
             size += k * ((4 if n_quant < 2**31 else 8) + dtype.itemsize)
         return size

@@ -69,8 +69,11 @@ def compress_context(method, prefilled: ContextPrefill, scorers: dict, options: 
     pruned = hasattr(method, "kept_heads")
     for i, (k, v, mask) in enumerate(zip(keys, values, keep)):
         k2, v2 = k, v
-        if mask is not None:  # evict: the exact vectors of the kept tokens, physically
-            k2, v2, hidden = gather_kept(k, v, mask)
+        if mask is not None:  # evict: the kept tokens' vectors (quantized by a compose method), physically
+            kept_k, kept_v = k, v
+            if getattr(method, "quantizes_kept", False):
+                kept_k, kept_v = method.fake(k, "key", mask, layer=i), method.fake(v, "value", mask, layer=i)
+            k2, v2, hidden = gather_kept(kept_k, kept_v, mask)
             if hidden is not None:
                 out.hidden[i] = hidden
         elif pruned:  # a whole layer emptied, single heads masked out

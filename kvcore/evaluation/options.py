@@ -15,6 +15,11 @@ FAMILY_PROTOCOLS = {
     "prune": ("prefill-compress",),
 }
 
+
+def method_protocols(method) -> tuple[str, ...]:
+    """The protocols of a method's family (a compose method: those of its `first` part)."""
+    return FAMILY_PROTOCOLS[getattr(method, "protocols_family", method.family)]
+
 DEFAULT_OPTIONS = {
     "pre_rope": False,  # quantize keys before RoPE (undone and redone around method.fake): true, or method names
     "seed": 0,  # the random scorer's seed
@@ -38,6 +43,6 @@ def check_protocol(name: str, method, protocol: str) -> None:
     if protocol not in PROTOCOLS:
         raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
     family = getattr(method, "family", None)
-    if family is not None and protocol not in FAMILY_PROTOCOLS[family]:
+    if family is not None and protocol not in method_protocols(method):
         raise UsageError(f"method {name!r}: family {family} has no {protocol} protocol "
-                         f"(valid: {', '.join(FAMILY_PROTOCOLS[family])})")
+                         f"(valid: {', '.join(method_protocols(method))})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from kvcore.errors import KvcoreError, UsageError
 from kvcore.evaluation.nll import summarize
-from kvcore.evaluation.options import FAMILY_PROTOCOLS
+from kvcore.evaluation.options import method_protocols
 from kvcore.evaluation.records import pooled_metrics, protocol_record
 from kvcore.evaluation.windows import layout_windows, shard_windows
 
@@ -33,7 +33,7 @@ def check_protocols(method: str, spec: dict | None, protocols: list[str] | None)
     from kvcore.compress import parse_method
 
     m = parse_method(method, spec)
-    allowed = FAMILY_PROTOCOLS[m.family]
+    allowed = method_protocols(m)
     protocols = list(protocols or allowed)
     bad = [p for p in protocols if p not in allowed]
     if bad:

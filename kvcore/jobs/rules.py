@@ -19,8 +19,10 @@ from kvcore.sources.datasets import prompt_list
 from kvcore.sources.layers import num_layers
 from kvcore.stats import STATS_TABLES
 
-__all__ = ["RESULT_PLOTS", "STAT_PLOTS", "STATS_TABLES", "UsageError", "check", "check_files", "code_files",
-           "code_modules", "explain", "needs_model", "num_layers", "prompt_list"]
+__all__ = [
+    "RESULT_PLOTS", "STATS_TABLES", "STAT_PLOTS", "UsageError", "calibration_dirs", "check", "check_files",
+    "code_files", "code_modules", "explain", "num_layers", "prompt_list", "scores_with_model",
+]
 
 PERPLEXITY = ["kvcore.evaluation.perplexity", "kvcore.evaluation.protocols", "kvcore.model", "kvcore.sources.datasets"]
 # rule -> (its kvcore.jobs module, the library modules its job calls)
@@ -45,6 +47,27 @@ JOBS = {
     "task": ("tasks", ["kvcore.tasks.evaluate", "kvcore.tasks.loaders", "kvcore.evaluation.context", "kvcore.model"]),
     "task_plot": ("tasks", ["kvcore.plots_tasks"]),
 }
+
+
+def scores_with_model(name: str, spec: dict | None) -> bool:
+    """Whether a method chooses its tokens by running the model (an evict method, or a composed
+    one evicting first, whose scorer reads attention: rule compress_evict)."""
+    from kvcore.compress import preset_spec  # the spec alone, not the method: no torch at DAG time
+
+    spec = spec or preset_spec(name)
+    if spec.get("family") == "compose":
+        first = spec.get("first") or {}
+        spec = preset_spec(first) if isinstance(first, str) else first
+    return spec.get("family") == "evict" and needs_model(spec.get("scorer", ""))
+
+
+def calibration_dirs(spec) -> list[str]:
+    """Every non-empty `calibration` run (kvcore.compress.levels) a method spec names, the nested
+    parts of a composed method included."""
+    if isinstance(spec, dict):
+        found = [spec["calibration"]] if spec.get("calibration") else []
+        return found + [d for key, v in spec.items() if key != "calibration" for d in calibration_dirs(v)]
+    return []
 
 
 def code_modules(rule: str, method: str | None = None, spec: dict | None = None) -> list[str]:

@@ -297,7 +297,7 @@ def method_result(run: dict, name: str, *, task: str, task_type: str, model: str
     metric = PRIMARY[task_type]
 
     def by_ratio(field):
-        return {("none" if r["keep_ratio"] is None else f"{r['keep_ratio']:g}"): r[field] for r in rows}
+        return {("none" if r["keep_ratio"] is None else f"{r['keep_ratio']:g}"): r.get(field) for r in rows}
 
     return {
         "task": task, "task_type": task_type, "model": model, "method": name, "spec": run["methods"][name]["spec"],

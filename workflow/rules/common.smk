@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -25,13 +26,9 @@ METHODS = list(config["methods"])
 # Every method is compressed from the extracted safetensors; eviction by attention also needs
 # the model to score the tokens, so it has its own rule (compress_evict) holding a GPU.
 COMPRESSIBLE = METHODS
-# evict methods whose scorer reads attention: choosing their tokens runs the model (rule compress_evict)
-EVICTING = [
-    m
-    for m in METHODS
-    if (config["methods"][m] or {}).get("family") == "evict"
-    and jobs.needs_model((config["methods"][m] or {}).get("scorer", ""))
-]
+# evict methods (or composed ones evicting first) whose scorer reads attention: choosing their
+# tokens runs the model (rule compress_evict)
+EVICTING = [m for m in METHODS if jobs.scores_with_model(m, config["methods"][m])]
 RUN = "results/{model}/{dataset}"
 ENV = "../envs/kvcore.yaml"  # every rule runs the same Python stack (pyproject.toml)
 RUN_CATEGORY = "{model} · {dataset}"  # a run's section of the --report HTML
@@ -86,6 +83,21 @@ def sequence_mode(dataset):
 
 def shards(dataset):
     return [f"{i:05d}" for i in range(math.ceil(n_sequences(dataset) / config["extract"]["shard_size"]))]
+
+
+def calibration_files(method):
+    """The extracted safetensors a method's Lloyd-Max levels or mixed precision are calibrated on
+    (its `calibration`): when that is a run of this workflow, its extraction is an input, so it
+    is built first (a directory outside the workflow is read as it is)."""
+    files = []
+    for folder in jobs.calibration_dirs(config["methods"].get(method) or {}):
+        for model in MODELS:
+            for dataset in DATASETS:
+                if Path(folder) == Path(RUN.format(model=model, dataset=dataset)):
+                    files += expand(
+                        f"{RUN}/kv/part-{{shard}}.safetensors", model=model, dataset=dataset, shard=shards(dataset)
+                    )
+    return files
 
 
 def method_code(rule):

@@ -33,6 +33,7 @@ rule compress_evict:
         model=rules.download_model.output.model,
         tokens=rules.tokenize.output.tokens,
         code=method_code("compress_evict"),
+        calibration=lambda wc: calibration_files(wc.method),
     output:
         safetensors=f"{RUN}/compress/{{method}}.safetensors",
         metrics=f"{RUN}/compress/{{method}}.json",

@@ -17,6 +17,7 @@ if PPL_SHARDS == 1:
             model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
             code=method_code("perplexity"),
+            calibration=lambda wc: calibration_files(wc.method),
         output:
             result=f"{RUN}/ppl/{{method}}.json",
         log:
@@ -40,6 +41,7 @@ else:
             model=rules.download_model.output.model,
             text=rules.download_dataset.output.text,
             code=method_code("perplexity_shard"),
+            calibration=lambda wc: calibration_files(wc.method),
         output:
             result=f"{RUN}/ppl/shards/{{method}}-{{shard}}.json",
         log:

@@ -8,6 +8,7 @@ rule task:
     input:
         model=rules.download_model.output.model,
         filler=task_filler,
+        calibration=lambda wc: calibration_files(wc.task_method),
         code=code("task"),
     output:
         result="results/{model}/tasks/{task}/{task_method}.json",
