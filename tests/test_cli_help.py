@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import warnings
 
 from kvcore.cli import build_parser, main, subcommands
 
@@ -30,7 +31,8 @@ def test_quiet_before_and_after_the_command(tiny_models, tmp_path, capsys, monke
     from kvcore.progress import QUIET_VARIABLE
 
     for name in (QUIET_VARIABLE, "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE"):
-        monkeypatch.delenv(name, raising=False)  # restored after the test: --quiet sets them
+        monkeypatch.setenv(name, "")  # recorded, so the state before is restored after the test
+        monkeypatch.delenv(name)  # (--quiet below sets them in this process)
     extract = ["extract", "--model", str(tiny_models["gpt2"]), "--prompt", "a b c", "--device", "cpu"]
     assert main([*extract, "--out", str(tmp_path / "loud")]) == 0
     assert "extract: 3/3 tok" in capsys.readouterr().err  # kvcore's own progress line
@@ -39,8 +41,9 @@ def test_quiet_before_and_after_the_command(tiny_models, tmp_path, capsys, monke
     assert done.returncode == 0, done.stderr
     assert "%|" not in done.stderr and "extract: " not in done.stderr  # no progress...
     assert '"n_sequences": 1' in done.stdout  # ...but the results still print
-    assert main(["--quiet", "query", str(tmp_path / "none")]) == 2
-    assert main(["query", str(tmp_path / "none"), "-q"]) == 2
+    with warnings.catch_warnings():  # --quiet also filters warnings: keep that inside this test
+        assert main(["--quiet", "query", str(tmp_path / "none")]) == 2
+        assert main(["query", str(tmp_path / "none"), "-q"]) == 2
     assert capsys.readouterr().err.count("kvcore: error:") == 2  # errors still show
 
 
