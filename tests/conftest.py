@@ -46,3 +46,10 @@ def smollm2_dir():
 def lee_news_dir():
     """The Lee news corpus from gensim's wheel: resources/datasets/lee-news/."""
     return _embedded("datasets", "lee-news")
+
+
+@pytest.fixture(autouse=True)
+def _not_quiet(monkeypatch):
+    """Each test starts with kvcore's progress on: an in-process `--quiet` (kvcore.progress.be_quiet)
+    sets KVCORE_QUIET in os.environ, which would silence every later test's progress."""
+    monkeypatch.delenv("KVCORE_QUIET", raising=False)
