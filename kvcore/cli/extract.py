@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvcore.cli.options import (MAX_EXAMPLES, MAX_SEED, MAX_TOP_K, MAX_WORDS, add_model_options, float_in, int_in,
-                                model_dir)
+from kvcore.cli.options import (MAX_EXAMPLES, MAX_SEED, MAX_TOP_K, MAX_WORDS, add_device_options, add_model_options,
+                                float_in, int_in, model_dir)
 from kvcore.errors import UsageError
 
 
@@ -53,9 +53,7 @@ def register(sub) -> None:
                    help="run directory to write: new, empty or an unfinished run (a complete one needs --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete run in --out (never a directory holding other files)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="model dtype; auto is bfloat16 on a GPU and float32 on the CPU (default auto)")
+    add_device_options(p)
     p.add_argument("--top-k", type=int_in(1, MAX_TOP_K), default=10,
                    help="next-token predictions kept per sequence (default 10; at most the vocabulary)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,

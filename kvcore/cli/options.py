@@ -69,6 +69,13 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None
                         "supports it and eager where it requires it, e.g. Gemma-2)")
 
 
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of a command that runs a model, auto by default."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="model dtype; auto is bfloat16 on a GPU and float32 on the CPU (default auto)")
+
+
 def model_dir(args):
     """The loadable directory of --model (kvcore.sources.resolve.resolve_model)."""
     from kvcore.sources.resolve import resolve_model

@@ -23,8 +23,8 @@ import argparse
 import json
 import sys
 
-from kvcore.cli.options import (MAX_EXAMPLES, MAX_LENGTH, MAX_NEW_TOKENS, MAX_SEED, add_model_options, float_in,
-                                int_in, model_dir)
+from kvcore.cli.options import (MAX_EXAMPLES, MAX_LENGTH, MAX_NEW_TOKENS, MAX_SEED, add_device_options,
+                                add_model_options, float_in, int_in, model_dir)
 from kvcore.errors import UsageError
 
 
@@ -46,9 +46,7 @@ def register(subparsers) -> None:
                        metavar="R", help="keep ratios in (0, 1] (default 1.0 0.5 0.3 0.2 0.1)")
         t.add_argument("--max-new-tokens", type=int_in(1, MAX_NEW_TOKENS), default=16, metavar="N",
                        help="greedy tokens generated per answer (default 16)")
-        t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
-        t.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                       help="model dtype; auto is bfloat16 on a GPU and float32 on the CPU (default auto)")
+        add_device_options(t)
         t.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,
                        help="seed of the needle generator / squad sample / random")
         t.add_argument("--out-dir", metavar="DIR", help="write DIR/{method}.json")
