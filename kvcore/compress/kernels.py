@@ -6,6 +6,10 @@ exactly what those torch ops compute on the CPU, so the stored bytes and the dec
 tensor are bit-identical (tests/test_gpu_paths.py compares them on the device, and on CPU
 tensors through Triton's interpreter where Triton is installed):
 
+  ranges     per group: asymmetric zero = the minimum rounded down to the scale dtype
+             (Quant._round_down), scale = (max - zero) / (2^b - 1); symmetric scale =
+             max|x| / (2^(b-1) - 1); floored at the dtype's smallest normal, rounded to it
+             (nearest-even); outliers left out (Quant._ranges)
   quantize   asymmetric: clamp(round_half_even((x - zero) / scale), 0, 2^b - 1), the
              division rounded to nearest (`tl.div_rn`, as IEEE and the CPU do);
              symmetric: clamp(round_half_even(x / scale), -m, m) + 2^(b-1)
@@ -23,7 +27,8 @@ from __future__ import annotations
 import functools
 
 PACKED_WIDTHS = (1, 2, 4, 8)  # whole codes per byte: one kernel packs them
-BLOCK = 1024
+BLOCK = 1024  # values per program of unpack_dequantize
+TILE = 4096  # values per program of quantize_pack
 
 
 @functools.cache
@@ -46,24 +51,45 @@ def compiled_kernels():
     return quantize_pack_kernel, unpack_dequantize_kernel
 
 
-def quantize_pack(x, scale32, zero32, bits: int, group: int, channel: bool):
-    """x [n, h, T, d] (no padding) and its float32 group scales/zeros (zero32 None: symmetric)
-    -> the packed codes, flat uint8, as pack_bits(Quant._quantize(...)) gives them."""
+def tile(group: int, dim: int, channel: bool) -> tuple[int, int]:
+    """(rows, columns) of quantize_pack's tiles, about TILE values each: along the token axis
+    whole groups (a row each), along the channel axis the `group` tokens of a block times a
+    power-of-two slice of its channels."""
+    if channel:
+        return group, min(1 << (dim - 1).bit_length(), max(8, TILE // group))  # the power of two >= dim, at most
+    return max(1, TILE // group), group
+
+
+def packs(dim: int, bits: int, channel: bool) -> bool:
+    """Whether quantize_pack's tiles hold whole bytes: along the channel axis a byte's codes
+    must lie in one row of the tile (head_dim a multiple of the codes per byte)."""
+    return not channel or dim % (8 // bits) == 0
+
+
+def quantize_pack(x, ignored, bits: int, group: int, channel: bool, symmetric: bool, scale_dtype):
+    """x [n, h, T, d] (no padding; `ignored`: the values left out of the ranges, or None)
+    -> (codes, scale, zero): what Quant._ranges, _quantize and pack_bits give, in one pass
+    (flat uint8 codes; scale and zero shaped as the groups, zero None when symmetric)."""
     import torch
 
-    from kvcore.compress.packing import packed_nbytes
-
     x = x.contiguous()
-    n = x.numel()
-    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=x.device)
-    n_bytes = out.numel()
+    n, h, T, d = x.shape
+    n_codes = x.numel()
+    codes = torch.empty(n_codes * bits // 8, dtype=torch.uint8, device=x.device)  # N is a multiple of 8 here
+    scale = torch.empty((n, h, T // group, d) if channel else (n, h, T, d // group), dtype=scale_dtype,
+                        device=x.device)
+    zero = None if symmetric else torch.empty_like(scale)
+    rows, cols = tile(group, d, channel)
+    if channel:
+        grid = (n_codes // (group * d), -(-d // cols))
+    else:
+        grid = (max(1, -(-(n_codes // group) // rows)),)
     kernel, _ = compiled_kernels()
-    s = scale32.contiguous()
-    z = s if zero32 is None else zero32.contiguous()
-    grid = (max(1, -(-n_bytes // BLOCK)),)
-    kernel[grid](x, s, z, out, n, n_bytes, G=group, D=x.shape[-1], CHANNEL=channel, SYM=zero32 is None,
-                 BITS=bits, BLOCK=BLOCK)
-    return out
+    ign = x if ignored is None else ignored.reshape(-1).view(torch.uint8)  # x: a pointer the kernel never reads
+    kernel[grid](x, ign, scale, scale if zero is None else zero, codes, n_codes // group, d, ROWS=rows, COLS=cols,
+                 CHANNEL=channel, SYM=symmetric, BITS=bits, IGNORE=ignored is not None,
+                 HALF=scale_dtype == torch.float16, TINY=torch.finfo(scale_dtype).tiny)
+    return codes, scale, zero
 
 
 def unpack_dequantize(packed, scale, zero, shape, dtype, bits: int, group: int, channel: bool):

@@ -272,13 +272,16 @@ class Quant(Method):
         if groups is None:
             return fields
         padded_shape, n_mid = shapes
-        scale, zero, scale32, zero32 = self._ranges(groups, ignored, dim, bits)
         table = self.level_table(layer, kind, bits, x.device) if self.levels == "lloyd" else None
-        if self._kernel_case(x, kind, bits, n_mid, table is None):  # one pass: codes quantized and packed
+        channel = self.axis(kind) == "channel"
+        if self._kernel_case(x, kind, bits, n_mid, table is None) and kernels.packs(x.shape[-1], bits, channel):
+            # one pass: the ranges, the codes and their packing (the same bits as the torch ops below)
             start, stop = self.window(x.shape[2])
-            fields["codes"] = kernels.quantize_pack(x[:, :, start:stop], scale32, zero32, bits, self.group(kind),
-                                                    self.axis(kind) == "channel")
+            fields["codes"], scale, zero = kernels.quantize_pack(
+                x[:, :, start:stop], ignored, bits, self.group(kind), channel, self.symmetric,
+                _SCALE_DTYPES[self.scale_dtype])
         else:
+            scale, zero, scale32, zero32 = self._ranges(groups, ignored, dim, bits)
             codes = self._quantize(groups, scale32, zero32, dim, bits, table)
             fields["codes"] = codes.reshape(padded_shape)[:, :, :n_mid]
         fields["scale"] = scale
