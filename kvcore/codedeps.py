@@ -21,7 +21,8 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _imports(path: Path, module: str) -> set[str]:
+@lru_cache(maxsize=None)  # each file parsed once per process (the workflow asks for many rules' files)
+def _imports(path: Path, module: str) -> frozenset[str]:
     found = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
@@ -35,7 +36,7 @@ def _imports(path: Path, module: str) -> set[str]:
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)
     # The package root only holds lazy re-exports and the version: not a code dependency.
-    return {m for m in found if m.startswith("kvcore.")}
+    return frozenset(m for m in found if m.startswith("kvcore."))
 
 
 @lru_cache(maxsize=None)

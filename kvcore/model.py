@@ -76,13 +76,16 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
     torch_dtype = resolve_dtype(dtype, device)
     attention = attention_choice(model_dir, attn_implementation)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # On a GPU the weights go from the safetensors file to the device, converted there: no copy of
+    # the model in host memory first (a job holding the GPU would wait for it).
+    placement = {"device_map": device} if device.startswith("cuda") else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=torch_dtype, use_safetensors=True, trust_remote_code=False,
-            attn_implementation=attention)
+            attn_implementation=attention, **placement)
     except (OSError, ValueError) as exc:
         raise KvcoreError(f"could not load the model in {model_dir}: {one_line(exc)}") from None
-    return model.to(device).eval(), load_tokenizer(model_dir), device
+    return (model if placement else model.to(device)).eval(), load_tokenizer(model_dir), device
 
 
 def layer_count(config) -> int:

@@ -129,6 +129,15 @@ def test_kvzip_prompt_comes_from_the_models_tokenizer(llama):
     assert max(c.shape[1] for c in make_scorer("kvzip").reconstruction_chunks(tokenizer, ctx, room)) <= room
 
 
+def test_the_scorers_that_need_the_model_are_those_reading_attention():
+    from kvcore.eviction import MODEL_SCORERS, SCORERS, needs_model, scorer_class
+
+    assert [s for s in SCORERS if scorer_class(s).queries is not None] == list(MODEL_SCORERS)
+    assert [needs_model(s) for s in SCORERS] == [s in MODEL_SCORERS for s in SCORERS]
+    with pytest.raises(UsageError, match="unknown eviction scorer"):
+        needs_model("nope")
+
+
 def test_unknown_scorer_and_options():
     with pytest.raises(UsageError, match="valid: kvzip"):
         make_scorer("oracle")

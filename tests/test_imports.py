@@ -131,3 +131,16 @@ def test_the_library_imports_neither_jobs_nor_cli():
             continue
         found += [f"{me}: {m}" for m, _ in kvcore_imports(path) if m.startswith(("kvcore.cli", "kvcore.jobs"))]
     assert not found, "library modules importing cli/ or jobs/:\n" + "\n".join(found)
+
+
+def test_the_workflows_dag_time_helpers_import_neither_torch_nor_matplotlib():
+    """Snakemake imports kvcore.jobs.rules to build its DAG on every start (a no-op rerun too):
+    torch and matplotlib each cost a second or more there."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kvcore.jobs.rules as r; r.scores_with_model('k', {'family': 'evict', 'scorer': 'kvzip'}); "
+            "r.code_files('plots_results'); r.code_files('compress', 'int4-g64', None); "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"

@@ -38,8 +38,9 @@ JOBS = {
     "perplexity_shard": ("perplexity", PERPLEXITY),
     "perplexity_merge": ("perplexity", ["kvcore.evaluation.perplexity"]),
     "stats": ("stats", ["kvcore.stats"]),
-    "plots_cache": ("report", ["kvcore.plots", "kvcore.stats"]),
-    "plots_results": ("report", ["kvcore.plots", "kvcore.report", "kvcore.stats"]),
+    "plots_cache": ("report", ["kvcore.plots", "kvcore.plots.cache", "kvcore.stats"]),  # kvcore.plots imports
+    "plots_results": ("report", ["kvcore.plots", "kvcore.plots.pruning", "kvcore.plots.results", "kvcore.report",
+                                 "kvcore.stats"]),  # its plot modules when it draws them
     "run_report": ("report", ["kvcore.report"]),
     "grid_report": ("report", ["kvcore.report"]),
     "perplexity_table": ("report", ["kvcore.report"]),

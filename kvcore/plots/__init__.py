@@ -10,36 +10,46 @@ redraw the cache plots.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from kvcore.plots.cache import (plot_channel_outliers, plot_cross_layer_similarity, plot_head_sparsity,
-                                plot_key_norm_by_position, plot_layer_statistics,
-                                plot_weight_magnitude_distribution)
-from kvcore.plots.pruning import plot_head_pruning_potential, plot_layer_pruning_potential, plot_pruning_heatmap
-from kvcore.plots.results import plot_attention_sinks, plot_compression_tradeoff
-
+# name -> "module:function" of kvcore.plots, imported when drawn: matplotlib takes a second to
+# import, and the workflow reads these names while Snakemake builds its DAG
 STAT_PLOTS = {
-    "layer_statistics": plot_layer_statistics,
-    "head_sparsity": plot_head_sparsity,
-    "weight_magnitude_distribution": plot_weight_magnitude_distribution,
-    "channel_outliers": plot_channel_outliers,
-    "key_norm_by_position": plot_key_norm_by_position,
-    "cross_layer_similarity": plot_cross_layer_similarity,
+    "layer_statistics": "cache:plot_layer_statistics",
+    "head_sparsity": "cache:plot_head_sparsity",
+    "weight_magnitude_distribution": "cache:plot_weight_magnitude_distribution",
+    "channel_outliers": "cache:plot_channel_outliers",
+    "key_norm_by_position": "cache:plot_key_norm_by_position",
+    "cross_layer_similarity": "cache:plot_cross_layer_similarity",
 }
 RESULT_PLOTS = {
-    "pruning_heatmap_by_layer_head": plot_pruning_heatmap,
-    "layer_pruning_potential": plot_layer_pruning_potential,
-    "head_pruning_potential": plot_head_pruning_potential,
-    "compression_tradeoff": plot_compression_tradeoff,
+    "pruning_heatmap_by_layer_head": "pruning:plot_pruning_heatmap",
+    "layer_pruning_potential": "pruning:plot_layer_pruning_potential",
+    "head_pruning_potential": "pruning:plot_head_pruning_potential",
+    "compression_tradeoff": "results:plot_compression_tradeoff",
 }
 # Drawn only where their inputs exist (not fixed workflow outputs):
 #   attention_sinks.png   from {run}/attention/sinks.parquet (layer, head, key_pos, attention)
 #   task_accuracy.png     owned by the task-evaluation stage
 OPTIONAL_PLOTS = ("attention_sinks", "task_accuracy")
 ALL_PLOTS = {**STAT_PLOTS, **RESULT_PLOTS}
+_FUNCTIONS = {spec.split(":")[1]: spec for spec in [*ALL_PLOTS.values(), "results:plot_attention_sinks"]}
 
-__all__ = ["STAT_PLOTS", "RESULT_PLOTS", "ALL_PLOTS", "OPTIONAL_PLOTS", "write_plots", "plot_attention_sinks",
-           "plot_compression_tradeoff", *[f.__name__ for f in ALL_PLOTS.values()]]
+__all__ = ["STAT_PLOTS", "RESULT_PLOTS", "ALL_PLOTS", "OPTIONAL_PLOTS", "write_plots", "plot_function", *_FUNCTIONS]
+
+
+def plot_function(name: str):
+    """The function drawing plot `name` (of ALL_PLOTS, or attention_sinks)."""
+    module, function = (ALL_PLOTS.get(name) or f"results:plot_{name}").split(":")
+    return getattr(importlib.import_module(f"kvcore.plots.{module}"), function)
+
+
+def __getattr__(name: str):  # the plot functions by their own names, imported on first use
+    if name in _FUNCTIONS:
+        module, function = _FUNCTIONS[name].split(":")
+        return getattr(importlib.import_module(f"kvcore.plots.{module}"), function)
+    raise AttributeError(f"module 'kvcore.plots' has no attribute {name!r}")
 
 
 def write_plots(run_dir: str | Path, out_dir: str | Path | None = None, names=None, stats_dir=None,
@@ -73,11 +83,11 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None, names=No
             if sinks.is_file():
                 import pyarrow.parquet as pq
 
-                out[name] = plot_attention_sinks(pq.read_table(sinks), png, meta)
+                out[name] = plot_function(name)(pq.read_table(sinks), png, meta)
         elif name == "compression_tradeoff":
-            out[name] = plot_compression_tradeoff(records, png, meta)
+            out[name] = plot_function(name)(records, png, meta)
         elif name in RESULT_PLOTS:
-            out[name] = RESULT_PLOTS[name](stats, png, records)
+            out[name] = plot_function(name)(stats, png, records)
         else:
-            out[name] = STAT_PLOTS[name](stats, png)
+            out[name] = plot_function(name)(stats, png)
     return out
