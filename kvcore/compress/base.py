@@ -150,7 +150,12 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 def make_header(x: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([*x.shape, dtype_code(x.dtype)], dtype=torch.int64, device=x.device)
+    header = torch.tensor([*x.shape, dtype_code(x.dtype)], dtype=torch.int64)
+    if x.device.type != "cuda":
+        return header.to(x.device)
+    # from pinned memory, asynchronously: a copy from pageable memory waits for the GPU's queue
+    # (a host round trip per compressed tensor)
+    return header.pin_memory().to(x.device, non_blocking=True)
 
 
 def read_header(packed: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype, torch.device]:
