@@ -1,5 +1,6 @@
 """The whole workflow from an empty results directory: wall time per rule and in total, how
-busy the GPU was, host peak RSS per job, and a no-op rerun; then the issue-18 targets.
+busy the GPU was (in all and in each job that holds it), host peak RSS per job, and a no-op rerun; then
+the issue-18 targets.
 
 Runs `snakemake` (this checkout's Snakefile) in a fresh work directory on `--config`, samples
 the GPU with `nvidia-smi` every `--sample` seconds while it runs, reads the jobs' start and
@@ -92,6 +93,12 @@ def longest_idle(samples, start: float, end: float, interval: float) -> float:
     return best * interval
 
 
+def busy_fraction(samples, start: float, end: float) -> float | None:
+    """Fraction of the samples inside [start, end] with the GPU busy (utilization > 0)."""
+    inside = [util for t, util, _ in samples if start <= t <= end]
+    return sum(1 for u in inside if u > 0) / len(inside) if inside else None
+
+
 def benchmark_rss(workdir: Path) -> list[dict]:
     """Every benchmark file's wall seconds and max_rss (MB)."""
     out = []
@@ -145,6 +152,7 @@ def main() -> None:
         job["seconds"] = job["end"] - job["start"]
         if job["rule"] in GPU_RULES or job["rule"].startswith("extract"):
             job["gpu_idle_max_s"] = longest_idle(samples, job["start"], job["end"], args.sample)
+            job["gpu_busy"] = busy_fraction(samples, job["start"], job["end"])
     rules: dict[str, list] = {}
     for job in jobs:
         rules.setdefault(job["rule"], []).append(job["seconds"])
@@ -159,14 +167,15 @@ def main() -> None:
     print("\n| rule | jobs | seconds each (min-max, from the log) | sum |\n|---|---:|---|---:|")
     for rule, secs in sorted(rules.items(), key=lambda kv: -sum(kv[1])):
         print(f"| {rule} | {len(secs)} | {min(secs):.0f}-{max(secs):.0f} | {sum(secs):.0f} |")
-    print("\n| job (benchmark file) | seconds | max RSS MB | longest GPU idle while holding it (s) |\n"
-          "|---|---:|---:|---:|")
+    print("\n| job (benchmark file) | seconds | max RSS MB | longest GPU idle while holding it (s) | GPU busy |\n"
+          "|---|---:|---:|---:|---:|")
     idle_by_key = {(j["rule"], j["wildcards"]): j.get("gpu_idle_max_s") for j in jobs}
     for row in rss:
-        print(f"| {row['file']} | {row['seconds']:.1f} | {row['max_rss_mb'] or 0:.0f} | |")
+        print(f"| {row['file']} | {row['seconds']:.1f} | {row['max_rss_mb'] or 0:.0f} | | |")
     gpu_jobs = [j for j in jobs if "gpu_idle_max_s" in j]
-    for job in sorted(gpu_jobs, key=lambda j: -j["gpu_idle_max_s"])[:8]:
-        print(f"| {job['rule']} {job['wildcards']} | {job['seconds']:.0f} | | {job['gpu_idle_max_s']:.1f} |")
+    for job in sorted(gpu_jobs, key=lambda j: -j["gpu_idle_max_s"]):
+        busy = "" if job["gpu_busy"] is None else f"{job['gpu_busy']:.0%}"
+        print(f"| {job['rule']} {job['wildcards']} | {job['seconds']:.0f} | | {job['gpu_idle_max_s']:.1f} | {busy} |")
 
     extract_total = sum(rules.get("extract", []))
     compress_rss = [r["max_rss_mb"] or 0 for r in rss if r["file"].startswith("compress/")]

@@ -21,11 +21,19 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+def _statements(nodes):
+    """Every statement, nested ones too (imports are statements: no need to walk the expressions)."""
+    for node in nodes:
+        yield node
+        for block in ("body", "orelse", "finalbody", "handlers", "cases"):
+            yield from _statements(getattr(node, block, ()))
+
+
 @lru_cache(maxsize=None)  # each file parsed once per process (the workflow asks for many rules' files)
 def _imports(path: Path, module: str) -> frozenset[str]:
     found = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _statements(ast.parse(path.read_text()).body):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
