@@ -56,7 +56,7 @@ def tile(group: int, dim: int, channel: bool) -> tuple[int, int]:
     whole groups (a row each), along the channel axis the `group` tokens of a block times a
     power-of-two slice of its channels."""
     if channel:
-        return group, min(1 << (dim - 1).bit_length(), max(8, TILE // group))  # the power of two >= dim, at most
+        return group, min(1 << (dim - 1).bit_length(), max(8, TILE // group))  # at most dim's next power of two
     return max(1, TILE // group), group
 
 

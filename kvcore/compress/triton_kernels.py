@@ -56,7 +56,7 @@ def quantize_pack_kernel(x_ptr, ign_ptr, s_ptr, z_ptr, out_ptr, n_rows, D, ROWS:
     if CHANNEL:
         c = c + tl.program_id(1) * COLS
         offs = pid * ROWS * D + r * D + c
-        valid = (r < ROWS) & (c < D)
+        valid = (r < ROWS) & (c < D)  # (r < ROWS: the mask in the tile's full shape)
         gi = pid * D + c  # the group of each column
         gmask = c < D
     else:

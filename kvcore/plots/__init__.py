@@ -39,16 +39,19 @@ _FUNCTIONS = {spec.split(":")[1]: spec for spec in [*ALL_PLOTS.values(), "result
 __all__ = ["STAT_PLOTS", "RESULT_PLOTS", "ALL_PLOTS", "OPTIONAL_PLOTS", "write_plots", "plot_function", *_FUNCTIONS]
 
 
+def _load(spec: str):
+    module, function = spec.split(":")
+    return getattr(importlib.import_module(f"kvcore.plots.{module}"), function)
+
+
 def plot_function(name: str):
     """The function drawing plot `name` (of ALL_PLOTS, or attention_sinks)."""
-    module, function = (ALL_PLOTS.get(name) or f"results:plot_{name}").split(":")
-    return getattr(importlib.import_module(f"kvcore.plots.{module}"), function)
+    return _load(ALL_PLOTS.get(name) or _FUNCTIONS[f"plot_{name}"])
 
 
 def __getattr__(name: str):  # the plot functions by their own names, imported on first use
     if name in _FUNCTIONS:
-        module, function = _FUNCTIONS[name].split(":")
-        return getattr(importlib.import_module(f"kvcore.plots.{module}"), function)
+        return _load(_FUNCTIONS[name])
     raise AttributeError(f"module 'kvcore.plots' has no attribute {name!r}")
 
 
