@@ -194,6 +194,29 @@ def test_nearest_equals_brute_force(case, by, metric):
         assert list(df.token) == list(in_duckdb.token) and list(df[f"{by}_norm"]) == list(in_duckdb[f"{by}_norm"])
 
 
+def test_nearest_ties_at_the_cut_go_by_seq_and_pos():
+    from kvcore.query.nearest import best_first
+
+    # scores tie across the cut: the lower (seq_id, pos) wins, as ORDER BY score, seq_id, pos LIMIT n
+    rank_by = np.array([0.5, 0.1, 0.5, 0.5, np.inf, 0.2])
+    seq_ids, pos = np.array([3, 0, 1, 1, 0, 2]), np.array([0, 0, 7, 2, 1, 0])
+    assert list(best_first(rank_by, seq_ids, pos, me=1, n=3)) == [5, 3, 2]
+    assert list(best_first(rank_by, seq_ids, pos, me=5, n=5)) == [1, 3, 2, 0, 4]  # all but `me`
+
+
+def test_nearest_on_the_grid_equals_the_sql(grid):
+    import kvcore
+
+    with kvcore.open_run(grid[0]) as run:
+        ours = run.nearest(1, 0, 3, k=5, seq=1, by="value", arrow=True)
+        sql = run.arrow(run.query("nearest", 1, 0, 3, k=5, seq=1, by="value"))
+    assert ours.column("model").to_pylist() == ["gpt2"] * 5 + ["llama"] * 5
+    assert ours.schema == sql.schema
+    for c in ("model", "rank", "seq_id", "pos", "token_id", "token", "value_norm"):
+        assert ours.column(c).to_pylist() == sql.column(c).to_pylist(), c
+    np.testing.assert_allclose(ours.column("cosine_similarity"), sql.column("cosine_similarity"), rtol=1e-5)
+
+
 def test_sql_and_arrow(case):
     run, ref = case
     df = run.sql("SELECT layer, avg(key_norm) AS m FROM kv GROUP BY layer ORDER BY layer")

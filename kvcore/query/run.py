@@ -272,17 +272,20 @@ class Run:
 
     def nearest(self, layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",
                 metric: str = "cosine", *, arrow: bool = False):
-        """The `nearest` verb's rows, ranked in numpy on the (layer, head)'s vectors loaded once:
-        the last NEAREST_CACHED (layer, head, kind) stay loaded while the Run is open."""
+        """The `nearest` verb's rows, ranked in numpy on the (layer, head)'s vectors loaded once
+        (kvcore/query/nearest.py): the last NEAREST_CACHED (layer, head, kind) stay loaded while
+        the Run is open."""
         verbs.check_nearest(self.runs, layer, head, token, k, seq, by, metric)
         key = (layer, head, by)
         found = self._candidates.pop(key, None)
         if found is None:
-            found = Candidates(self.arrow(verbs.nearest_candidates(self.runs, layer, head, by)))
+            found = Candidates({(r.model, r.dataset): self.arrow(verbs.nearest_candidates(r, layer, head, by))
+                                for r in self.runs if r.layer_files(layer)})
         self._candidates[key] = found  # the most recently used last
         while len(self._candidates) > NEAREST_CACHED:
             self._candidates.pop(next(iter(self._candidates)))
-        table = found.nearest(seq, token, k, metric, layer, head, by)
+        table = found.nearest(seq, token, k, metric, layer, head, by,
+                              lambda *hits: self.arrow(verbs.nearest_tokens(*hits)).column("token").to_pylist())
         return table if arrow else table.to_pandas()
 
     # ---- lifetime -------------------------------------------------------------------------

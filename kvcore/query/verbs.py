@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kvcore.errors import UsageError
 from kvcore.query.discover import RunFiles
-from kvcore.query.views import layer_view, seq_view, vector_type
+from kvcore.query.views import layer_view, literal, seq_view, vector_type
 
 VERBS = ("info", "coordinate", "list_tokens", "token_search", "layer_summary", "head_summary", "token_summary",
          "search_norm", "nearest")
@@ -262,11 +262,22 @@ def check_nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: in
         raise UsageError(f"--k must be at least 1 (got {k})")
 
 
-def nearest_candidates(runs: list[RunFiles], layer: int, head: int, by: str) -> Query:
-    """Every vector of one (layer, KV head) with its ids: what `Run.nearest` loads once."""
-    return Query(f"""SELECT model, dataset, seq_id, pos, token_id, token, {by}_norm AS norm, {by} AS vector
-FROM {layer_view(layer)}
-WHERE head = ?""", [head])
+def nearest_candidates(run: RunFiles, layer: int, head: int, by: str) -> Query:
+    """What `Run.nearest` loads once of one run's (layer, KV head): the ids, the stored norm and the
+    vector, straight from the layer's Parquet files (no `kv` view: no token join, no text)."""
+    return Query(f"""SELECT seq_id, pos, token_id, {by}_norm AS norm, CAST({by} AS FLOAT[{int(run.meta['head_dim'])}]) AS vector
+FROM read_parquet({literal([str(f) for f in run.layer_files(layer)])})
+WHERE head = ? AND {by} IS NOT NULL""", [head])
+
+
+def nearest_tokens(models: list[str], datasets: list[str], seq_ids: list[int], positions: list[int]) -> Query:
+    """The token text of each (model, dataset, seq_id, pos) given, in that order (NULL where unknown)."""
+    return Query("""SELECT any_value(t.token) AS token
+FROM (SELECT unnest(?::VARCHAR[]) AS model, unnest(?::VARCHAR[]) AS dataset, unnest(?::INTEGER[]) AS seq_id,
+             unnest(?::INTEGER[]) AS pos, unnest(range(?)) AS i) h
+LEFT JOIN tokens t ON t.model = h.model AND t.dataset = h.dataset AND t.seq_id = h.seq_id AND t.pos = h.pos
+GROUP BY h.i ORDER BY h.i""", [list(models), list(datasets), [int(s) for s in seq_ids], [int(p) for p in positions],
+                              len(models)])
 
 
 def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",
