@@ -146,15 +146,25 @@ def _host_array(x) -> tuple[np.ndarray, bool]:
 
 def _rows(x, lengths: list[int], heads) -> np.ndarray:
     """[n_seq, n_kv, width, dim] host tensor or array -> float32 rows [n, dim] ordered (seq, pos, head),
-    real positions only; bit for bit what `.float()` gives.
+    real positions only; bit for bit what `.float()` gives."""
+    return float32_rows(*_host_array(x), lengths, heads)
+
+
+def float32_rows(src: np.ndarray, bf16: bool, lengths: list[int], heads, out: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """`_rows` of a numpy [n_seq, n_kv, width, dim] array, bf16 given as its uint16 bits (`bf16`):
+    the Parquet vectors' float32 values; also what `Run.nearest` reads from a shard's safetensors.
+    `out` (float32 [n, dim]) receives them when given.
 
     One strided copy per sequence reorders its rows and widens them: bf16 is the top half of
     a float32, so its bits are copied into uint32 and shifted up; other dtypes are cast.
     """
-    src, bf16 = _host_array(x)
     picked = None if heads is None else list(heads)
     n_heads = src.shape[1] if picked is None else len(picked)
-    out = np.empty((sum(lengths) * n_heads, src.shape[3]), np.uint32 if bf16 else np.float32)
+    shape = (sum(lengths) * n_heads, src.shape[3])
+    out = np.empty(shape, np.float32) if out is None else out
+    if bf16:
+        out = out.view(np.uint32)
     start = 0
     for i, n in enumerate(lengths):
         t = src[i, :, :n].transpose(1, 0, 2)  # [len, n_kv, dim]: rows ordered (pos, head)
@@ -166,6 +176,11 @@ def _rows(x, lengths: list[int], heads) -> np.ndarray:
         out <<= 16
         return out.view(np.float32)
     return out
+
+
+def vector_norms(rows: np.ndarray) -> np.ndarray:
+    """The L2 norm of each float32 row as the Parquet tables store it (float32, no x*x temporary)."""
+    return np.sqrt(np.einsum("ij,ij->i", rows, rows))
 
 
 def layer_table(keys, values, seq_ids: list[int], token_ids: list[list[int]],
@@ -204,7 +219,7 @@ def layer_table(keys, values, seq_ids: list[int], token_ids: list[list[int]],
         rows = _rows(x, lengths, heads)
         columns[kind] = pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(store, copy=False).reshape(-1)),
                                                           type=vec)
-        columns[f"{kind}_norm"] = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # float32, no x*x temporary
+        columns[f"{kind}_norm"] = vector_norms(rows)
     return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 

@@ -192,6 +192,32 @@ def test_nearest_equals_brute_force(case, by, metric):
         assert list(zip(df.seq_id, df.pos)) == [(cands[i][0], cands[i][1]) for i in order[:k]]
         np.testing.assert_allclose(df[column], [scores[i] for i in order[:k]], rtol=1e-5)
         assert list(df.token) == list(in_duckdb.token) and list(df[f"{by}_norm"]) == list(in_duckdb[f"{by}_norm"])
+        assert list(df.token_id) == list(in_duckdb.token_id)
+
+
+@pytest.mark.parametrize("by", ["key", "value"])
+def test_nearest_reads_the_safetensors_as_the_parquet(case, by):
+    from kvcore.query.nearest import RunCandidates, matrix, tensor_candidates
+    from kvcore.query.verbs import nearest_candidates
+    from kvcore.storage import vector_norms
+
+    run, ref = case
+    r, layer, head = run.runs[0], 1, ref.num_kv - 1
+    tensors = tensor_candidates(r, layer, head, by)  # what Run.nearest reads from an extracted run
+    assert tensors is not None
+    table = run.arrow(nearest_candidates(r, layer, head, by))
+    i = np.lexsort((table["pos"], table["seq_id"]))
+    j = np.lexsort((tensors["pos"], tensors["seq_id"]))
+    assert list(zip(table["seq_id"].to_numpy()[i], table["pos"].to_numpy()[i])) == \
+        list(zip(tensors["seq_id"][j], tensors["pos"][j]))
+    np.testing.assert_array_equal(matrix(table["vector"])[i], tensors["x"][j])  # bit for bit
+    np.testing.assert_array_equal(table["norm"].to_numpy()[i], vector_norms(tensors["x"])[j])
+    from_parquet, from_tensors = RunCandidates(table=table), RunCandidates(tensors)
+    for metric in ("cosine", "l2"):
+        (a, sa), (b, sb) = from_parquet.top(2, 4, 7, metric), from_tensors.top(2, 4, 7, metric)
+        assert [(from_parquet.seq_id[x], from_parquet.pos[x]) for x in a] == \
+            [(from_tensors.seq_id[x], from_tensors.pos[x]) for x in b]
+        np.testing.assert_array_equal(sa, sb)
 
 
 def test_nearest_ties_at_the_cut_go_by_seq_and_pos():

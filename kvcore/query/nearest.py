@@ -1,17 +1,29 @@
 """Nearest neighbours in one (layer, KV head) on vectors loaded once (`Run.nearest`).
 
 A search is decode-bound: DuckDB's brute force (`verbs.nearest`, what `kvcore query --nearest`
-runs once and exits) decodes the layer's vectors and joins token text on every search.
-`Run.nearest` reads only what ranking needs of a (layer, head, key|value) — seq_id, pos,
-token_id, the stored norm and the vector, straight from the layer's Parquet files
-(`verbs.nearest_candidates`) — into one float32 matrix, ranks with one matrix-vector product,
-and joins token text for the k results only. Exact, the same ranking (score, then seq_id,
-pos); later searches in that (layer, head) skip the read (benchmarks/query_bench.py).
+runs once and exits) decodes the layer's vectors from Parquet, every head's, on every search
+(about 12 ns per float). `Run.nearest` loads one (layer, head, key|value) once and ranks it in
+numpy with one matrix-vector product, joining token text for the k results only. It reads the
+vectors from the shards' safetensors where they equal the Parquet's (`tensor_candidates`: a
+memory-mapped read of exactly that head, bf16 widened as the Parquet writer does), else only
+the columns ranking needs from the layer's Parquet files (`verbs.nearest_candidates`). Exact,
+the same ranking (score, then seq_id, pos) as the SQL verb (tests/test_query.py).
 """
 
 from __future__ import annotations
 
+import json
+import struct
+
 import numpy as np
+
+from kvcore.errors import KvcoreError, one_line
+from kvcore.query.discover import RunFiles
+from kvcore.query.remote import is_remote
+from kvcore.storage import float32_rows, vector_norms
+
+TENSOR_DTYPES = {"BF16": (np.uint16, True), "F16": (np.float16, False), "F32": (np.float32, False)}
+
 
 def matrix(vectors) -> np.ndarray:
     """A pyarrow FixedSizeList<float> column as one contiguous float32 [n, dim] matrix."""
@@ -28,14 +40,68 @@ def best_first(rank_by: np.ndarray, seq_ids: np.ndarray, pos: np.ndarray, me: in
     return pool[np.lexsort((pos[pool], seq_ids[pool], rank_by[pool]))[:n]]
 
 
-class RunCandidates:
-    """One run's vectors of a (layer, KV head, kind), from a `verbs.nearest_candidates` table."""
+def _header(path) -> tuple[int, dict]:
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return 8 + n, json.loads(fh.read(n))
 
-    def __init__(self, table):
-        self.x = matrix(table.column("vector"))
-        self.norms = np.linalg.norm(self.x, axis=1)
-        self.seq_id, self.pos, self.token_id, self.stored_norm = (
-            table.column(c).to_numpy() for c in ("seq_id", "pos", "token_id", "norm"))
+
+def tensor_candidates(run: RunFiles, layer: int, head: int, by: str) -> dict | None:
+    """{x, seq_id, pos} of one run's (layer, head) from its shards' safetensors, or None where they
+    may differ from (or hold more than) its Parquet rows: float16 storage, a kind, layer or head
+    left out of Parquet, a run in a bucket, a shard without its safetensors."""
+    parquet = run.meta.get("parquet") or {}
+    if (is_remote(run.path) or parquet.get("storage_dtype", "float32") != "float32"
+            or parquet.get("parts", "both") not in ("both", f"{by}s") or layer not in run.parquet_items("layers")
+            or head not in run.parquet_items("heads") or run.tokens is None):
+        return None
+    shards = sorted(set(run.seq_shard.values()))
+    if not shards or any(s not in run.tensor_files or not run.tensor_files[s].is_file() for s in shards):
+        return None
+    name, plans = f"layer_{layer}_{by}", []
+    for s in shards:
+        path = run.tensor_files[s]
+        try:
+            base, header = _header(path)
+            info, meta = header[name], header.get("__metadata__", {})
+            seq_ids, lengths = json.loads(meta["seq_ids"]), json.loads(meta["seq_lengths"])
+            dtype, bf16 = TENSOR_DTYPES[info["dtype"]]
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise KvcoreError(f"{path}: unreadable safetensors ({one_line(exc)}); re-extract its shard") from None
+        if [run.seq_lengths.get(q) for q in seq_ids] != lengths:
+            return None  # not the sequences the Parquet rows hold
+        shape = tuple(info["shape"])
+        plans.append((np.memmap(path, dtype, "r", offset=base + info["data_offsets"][0], shape=shape), bf16,
+                      seq_ids, lengths))
+    lengths = np.array([n for *_, ns in plans for n in ns])
+    x = np.empty((int(lengths.sum()), plans[0][0].shape[3]), np.float32)
+    at = 0
+    for src, bf16, _, ns in plans:  # one strided copy per sequence, as the Parquet writer makes its rows
+        float32_rows(src, bf16, ns, [head], out=x[at:at + sum(ns)])
+        at += sum(ns)
+    seq_id = np.repeat(np.array([q for _, _, qs, _ in plans for q in qs], np.int32), lengths)
+    pos = (np.arange(len(x)) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
+    return {"x": x, "seq_id": seq_id, "pos": pos}
+
+
+class RunCandidates:
+    """One run's vectors of a (layer, KV head, kind): from `tensor_candidates`, or from a
+    `verbs.nearest_candidates` table (which also gives token_id and the stored norm)."""
+
+    def __init__(self, found: dict | None = None, table=None):
+        if found is not None:
+            self.x, self.seq_id, self.pos = found["x"], found["seq_id"], found["pos"]
+        else:
+            self.x = matrix(table.column("vector"))
+            self.seq_id, self.pos = table.column("seq_id").to_numpy(), table.column("pos").to_numpy()
+        self.norms = vector_norms(self.x)
+        # float32 storage (the safetensors path): the stored norm is this one, computed alike
+        self.stored_norm = self.norms if table is None else table.column("norm").to_numpy()
+        self.token_id = None if table is None else table.column("token_id").to_numpy()
+        self.x.flags.writeable = False
+
+    def __len__(self) -> int:
+        return len(self.x)
 
     def top(self, seq: int, pos: int, k: int, metric: str):
         """(indices, scores) of the k nearest to (seq, pos), best first; None when the run has no such position."""
@@ -60,12 +126,12 @@ class Candidates:
     """Every vector of one (layer, KV head, kind) of each run: {(model, dataset): RunCandidates},
     in (model, dataset) order as the verb's SQL orders its rows."""
 
-    def __init__(self, tables: dict[tuple[str, str], object]):
-        self.runs = {name: RunCandidates(t) for name, t in sorted(tables.items()) if t.num_rows}
+    def __init__(self, runs: dict[tuple[str, str], RunCandidates]):
+        self.runs = {name: c for name, c in sorted(runs.items()) if len(c)}
 
-    def nearest(self, seq: int, pos: int, k: int, metric: str, layer: int, head: int, by: str, token_text):
+    def nearest(self, seq: int, pos: int, k: int, metric: str, layer: int, head: int, by: str, tokens_of):
         """The k nearest to (seq, pos) in each run as a pyarrow Table, the columns of `verbs.nearest`;
-        `token_text(models, datasets, seq_ids, positions)` gives the results' token text."""
+        `tokens_of(models, datasets, seq_ids, positions)` gives the results' (token_ids, tokens)."""
         import pyarrow as pa
 
         score_name = "cosine_similarity" if metric == "cosine" else "l2_distance"
@@ -81,9 +147,11 @@ class Candidates:
             n = len(best)
             for name, v in (("model", [model] * n), ("dataset", [dataset] * n), ("rank", np.arange(1, n + 1)),
                             ("layer", np.full(n, layer)), ("head", np.full(n, head)), ("seq_id", c.seq_id[best]),
-                            ("pos", c.pos[best]), ("token_id", c.token_id[best]), (score_name, scores),
-                            (f"{by}_norm", c.stored_norm[best])):
+                            ("pos", c.pos[best]), ("token_id", [None] * n if c.token_id is None else c.token_id[best]),
+                            (score_name, scores), (f"{by}_norm", c.stored_norm[best])):
                 rows[name] += list(v)
         if rows["model"]:
-            rows["token"] = token_text(rows["model"], rows["dataset"], rows["seq_id"], rows["pos"])
+            token_ids, rows["token"] = tokens_of(rows["model"], rows["dataset"], rows["seq_id"], rows["pos"])
+            # read from the layer's Parquet where it was, else (safetensors) tokens.parquet's, the same ids
+            rows["token_id"] = [t if t is not None else u for t, u in zip(rows["token_id"], token_ids)]
         return pa.table({c: pa.array(v, types[c]) for c, v in rows.items()})

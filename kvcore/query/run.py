@@ -20,7 +20,7 @@ from kvcore.query import verbs
 from kvcore.query.discover import RunFiles, load_runs
 from kvcore.query.limits import QueryGuard, check_threads, check_timeout, memory_limit_bytes
 from kvcore.query.remote import as_path, filesystems
-from kvcore.query.nearest import Candidates
+from kvcore.query.nearest import Candidates, RunCandidates, tensor_candidates
 from kvcore.query.sandbox import QueryError, connect, statements, translate
 from kvcore.query.verbs import Query
 from kvcore.query.views import LAZY_VIEW, lazy_view_sql, view_statements
@@ -279,14 +279,26 @@ class Run:
         key = (layer, head, by)
         found = self._candidates.pop(key, None)
         if found is None:
-            found = Candidates({(r.model, r.dataset): self.arrow(verbs.nearest_candidates(r, layer, head, by))
+            found = Candidates({(r.model, r.dataset): self._load_candidates(r, layer, head, by)
                                 for r in self.runs if r.layer_files(layer)})
         self._candidates[key] = found  # the most recently used last
         while len(self._candidates) > NEAREST_CACHED:
             self._candidates.pop(next(iter(self._candidates)))
-        table = found.nearest(seq, token, k, metric, layer, head, by,
-                              lambda *hits: self.arrow(verbs.nearest_tokens(*hits)).column("token").to_pylist())
+
+        def tokens_of(*hits):
+            table = self.arrow(verbs.nearest_tokens(*hits))
+            return table.column("token_id").to_pylist(), table.column("token").to_pylist()
+
+        table = found.nearest(seq, token, k, metric, layer, head, by, tokens_of)
         return table if arrow else table.to_pandas()
+
+    def _load_candidates(self, run: RunFiles, layer: int, head: int, by: str) -> RunCandidates:
+        """A run's (layer, head) vectors: from its safetensors where they equal its Parquet rows, else
+        the Parquet columns ranking needs (kvcore/query/nearest.py)."""
+        found = tensor_candidates(run, layer, head, by)
+        if found is not None:
+            return RunCandidates(found)
+        return RunCandidates(table=self.arrow(verbs.nearest_candidates(run, layer, head, by)))
 
     # ---- lifetime -------------------------------------------------------------------------
 

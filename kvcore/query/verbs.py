@@ -271,8 +271,8 @@ WHERE head = ? AND {by} IS NOT NULL""", [head])
 
 
 def nearest_tokens(models: list[str], datasets: list[str], seq_ids: list[int], positions: list[int]) -> Query:
-    """The token text of each (model, dataset, seq_id, pos) given, in that order (NULL where unknown)."""
-    return Query("""SELECT any_value(t.token) AS token
+    """token_id and token of each (model, dataset, seq_id, pos) given, in that order (NULL where unknown)."""
+    return Query("""SELECT any_value(t.token_id) AS token_id, any_value(t.token) AS token
 FROM (SELECT unnest(?::VARCHAR[]) AS model, unnest(?::VARCHAR[]) AS dataset, unnest(?::INTEGER[]) AS seq_id,
              unnest(?::INTEGER[]) AS pos, unnest(range(?)) AS i) h
 LEFT JOIN tokens t ON t.model = h.model AND t.dataset = h.dataset AND t.seq_id = h.seq_id AND t.pos = h.pos
