@@ -231,11 +231,16 @@ def parquet_options(schema) -> dict:
     groups the vectors' exponent bytes so zstd finds them (a bf16 cache stored as float32
     has two zero bytes per value); DuckDB reads it for FLOAT, not for float16. Min/max
     statistics only where a filter can use them (the scalars): the vectors' cost 5-10 % of the write.
+    Only the vectors are compressed: zstd saves ~0.5 % of the file on the scalars (random norms,
+    small dictionaries) and decompressing them is most of a norm search's scan
+    (benchmarks/query_bench.py, docs/query.md).
     """
     ids = ["seq_id", "pos", "token_id", "head"]
     vectors = ["key.list.element", "value.list.element"]
     float32 = str(schema.field("key").type.value_type) == "float"
-    return dict(compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
+    return dict(compression={c: PARQUET_COMPRESSION if c in vectors else "none" for c in
+                             [*ids, *vectors, "key_norm", "value_norm"]},
+                compression_level={c: PARQUET_COMPRESSION_LEVEL for c in vectors},
                 write_statistics=ids + ["key_norm", "value_norm"], use_dictionary=ids,
                 use_byte_stream_split=vectors if float32 else False)
 

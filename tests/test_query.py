@@ -533,7 +533,7 @@ SELECT count(*) AS tokens FROM tokens
     (["--sql", "SELECT nope FROM kv"], 1, 'Referenced column "nope" not found'),
     (["--sql", "SELECT nope FROM kv"], 1, "(kv columns: model, dataset, layer, seq_id, pos, head, token_id, token, "
                                           "key_norm, value_norm, key, value)"),
-    (["--sql", "SELECT * FROM kvv"], 1, "views: runs, tokens, kv, predictions"),
+    (["--sql", "SELECT * FROM kvv"], 1, "views: runs, tokens, kv_rows, kv, predictions"),
     (["--sql", "SELEC 1"], 1, "Parser Error: syntax error"),
     (["--sql", "  "], 1, "no SQL statement given"),
 ])

@@ -245,10 +245,18 @@ def search_norm(runs: list[RunFiles], low: float, high: float, kind: str = "key"
     if low > high:
         raise UsageError(f"empty norm range: low {low} is above high {high}")
     source, extra, params = _filters(runs, layer, head)
-    return Query(f"""SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm
-FROM {source}
-WHERE {kind}_norm BETWEEN ? AND ?{extra}
-ORDER BY model, dataset, layer, seq_id, pos, head""", [low, high] + params)
+    # The hits first, then their token text: kv's token join groups the whole tokens table on
+    # each query, so the scan of every row reads kv_rows (one layer: its by_layer view).
+    source = "kv_rows" if source == "kv" else source
+    return Query(f"""WITH hits AS (
+  SELECT model, dataset, layer, head, seq_id, pos, token_id, key_norm, value_norm
+  FROM {source}
+  WHERE {kind}_norm BETWEEN ? AND ?{extra}
+)
+SELECT h.model, h.dataset, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token, h.key_norm, h.value_norm
+FROM hits h
+LEFT JOIN tokens t ON t.model = h.model AND t.dataset = h.dataset AND t.seq_id = h.seq_id AND t.pos = h.pos
+ORDER BY h.model, h.dataset, h.layer, h.seq_id, h.pos, h.head""", [low, high] + params)
 
 
 def check_nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int, seq: int, by: str,
