@@ -13,7 +13,8 @@ medians over repeats, warm (files in the page cache), side by side in one proces
   layer      --layer-summary over one layer (norm and element statistics, reads the vectors);
   nearest    --k 10 over one (layer, head): the verb's SQL in DuckDB (what `kvcore query
              --nearest` runs), `Run.nearest` (numpy on vectors loaded once: the first search
-             loads them, later ones reuse them), numpy reading the Parquet with pyarrow;
+             loads them from the shards' safetensors, later ones reuse them), the same ranking
+             on vectors read from the layer's Parquet, numpy reading the Parquet with pyarrow;
   sharded    (--sharded) the same queries on the run before compaction (one file per layer per
              shard: what queries read while an extraction runs);
   layout     (--layout) one layer rewritten with other row-group sizes: lookup and scan.
@@ -81,10 +82,6 @@ def median_over(fn, args: list, warmup: int = 2) -> float:
         fn(*a)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def du(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def log(msg: str) -> None:
@@ -184,7 +181,8 @@ def measure(run, coords, args, naive: dict | None = None) -> dict:
 
 def bench_size(root: Path, rows: int, args) -> dict:
     import kvcore
-    from kvcore.query.verbs import stats_columns
+    from kvcore.query.nearest import RunCandidates, tensor_candidates
+    from kvcore.query.verbs import nearest_candidates, stats_columns
 
     root.mkdir(parents=True, exist_ok=True)
     if args.reuse and (root / "run" / "metadata.json").is_file() and (root / "naive.parquet").is_file():
@@ -200,7 +198,7 @@ def bench_size(root: Path, rows: int, args) -> dict:
     info = run.info().iloc[0]
     n_rows, n_seq = int(info.n_kv_rows), int(info.n_sequences)
     res = {"rows": n_rows, "sequences": n_seq, "shards": int(info.n_shards), "files": len(run.runs[0].kv_files),
-           "kvcore_bytes": du(run_dir / "kv"), "naive_bytes": naive.stat().st_size, **built,
+           "kvcore_bytes": sum(f.stat().st_size for f in run.runs[0].kv_files), "naive_bytes": naive.stat().st_size, **built,
            "open_run_ms": 1e3 * t_open}
     log(f"  built: {res}")
     coords = lookups(n_seq, args)
@@ -253,8 +251,17 @@ GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
     res["nearest_candidates"] = n_rows // (LAYERS * KV_HEADS)
     # Run.nearest, first search of a (layer, head): each repeat a (layer, head) not loaded yet
     firsts = list(dict.fromkeys((c[0], c[1]) for c in coords[1:] if (c[0], c[1]) != (la, h)))[:args.repeats]
+    r = run.runs[0]
+    res["nearest_source"] = "safetensors" if tensor_candidates(r, la, h, "key") is not None else "Parquet"
+    for a, b in firsts:  # warm, as every file the bench reads: these heads' bytes in the page cache
+        tensor_candidates(r, a, b, "key")
     res["nearest_first_ms"] = 1e3 * median_over(lambda a, b: run.nearest(a, b, p, k=10, seq=s, arrow=True),
                                                 firsts, warmup=0)
+    # the same ranking on the vectors read from the layer's Parquet instead (what a run without
+    # its safetensors, in a bucket or with float16 storage, loads)
+    res["nearest_first_parquet_ms"] = 1e3 * median_over(
+        lambda a, b: RunCandidates(table=run.arrow(nearest_candidates(r, a, b, "key"))).top(s, p, 10, "cosine"),
+        firsts, warmup=0)
     # ... and later searches in the same (layer, head), other tokens
     again = [(la, h, c[2], c[3]) for c in coords]
     run.nearest(la, h, p, k=10, seq=s, arrow=True)
@@ -341,7 +348,7 @@ ROWS = [  # (label, format, key) of the results table
     ("load average (1 min) before -> after", "{}", "load_avg"),
     ("shards / Parquet files", "{}", "shards_files"), ("open_run (ms)", "{:.0f}", "open_run_ms"),
     ("build: shard parts / finalize (compaction) / naive file (s)", "{}", "build_times"),
-    ("kvcore layout on disk (GB)", "{:.2f}", "kvcore_gb"), ("naive file on disk (GB)", "{:.2f}", "naive_gb"),
+    ("kvcore Parquet files on disk (GB)", "{:.2f}", "kvcore_gb"), ("naive file on disk (GB)", "{:.2f}", "naive_gb"),
     ("coordinate lookup, kvcore.open_run, Arrow (ms)", "{:.1f}", "lookup_kvcore_ms"),
     ("coordinate lookup, kvcore.open_run, pandas (ms)", "{:.1f}", "lookup_kvcore_pandas_ms"),
     ("  read: files / row groups", "{}", "lookup_scan"),
@@ -357,8 +364,10 @@ ROWS = [  # (label, format, key) of the results table
     ("  kvcore Mrows/s, GB/s", "{}", "layer_kvcore_tp"), ("  naive Mrows/s, GB/s", "{}", "layer_naive_tp"),
     ("nearest k=10 in one (layer, head): candidates", "{:,}", "nearest_candidates"),
     ("  DuckDB brute force, the verb's SQL (ms)", "{:.1f}", "nearest_duckdb_ms"),
-    ("  Run.nearest, first search of the (layer, head): load + numpy (ms)", "{:.1f}", "nearest_first_ms"),
+    ("  Run.nearest, first search of the (layer, head): load + numpy (ms); read from", "{}", "nearest_first"),
     ("  Run.nearest, later searches (ms)", "{:.1f}", "nearest_cached_ms"),
+    ("  Run.nearest's load + ranking, vectors from the layer's Parquet via DuckDB (ms)", "{:.1f}",
+     "nearest_first_parquet_ms"),
     ("  numpy, reading the layer's Parquet with pyarrow (ms)", "{:.1f}", "nearest_numpy_e2e_ms"),
     ("  numpy top-k alone, vectors in memory (ms)", "{:.1f}", "nearest_numpy_inmem_ms"),
 ]
@@ -378,6 +387,7 @@ def report(results: list[dict]) -> str:
         r["layer_rows"] = r["rows"] // LAYERS
         r["kvcore_gb"], r["naive_gb"] = r["kvcore_bytes"] / 1e9, r["naive_bytes"] / 1e9
         r["lookup_scan"] = f"{r['lookup_files']} / {r['lookup_row_groups']}"
+        r["nearest_first"] = f"{r['nearest_first_ms']:.1f}; {r['nearest_source']}"
         for q in ("norm", "layer"):
             r[f"{q}_ratio"] = r[f"{q}_kvcore_s"] / r[f"{q}_naive_s"]
             for side in ("kvcore", "naive"):

@@ -285,9 +285,11 @@ class Run:
         while len(self._candidates) > NEAREST_CACHED:
             self._candidates.pop(next(iter(self._candidates)))
 
-        def tokens_of(*hits):
-            table = self.arrow(verbs.nearest_tokens(*hits))
-            return table.column("token_id").to_pylist(), table.column("token").to_pylist()
+        def tokens_of(models, datasets, seq_ids, positions):
+            rows = self.arrow(verbs.nearest_tokens(seq_ids, positions)).to_pylist()
+            found = {(r["model"], r["dataset"], r["seq_id"], r["pos"]): r for r in rows}
+            hits = [found.get(h, {}) for h in zip(models, datasets, seq_ids, positions)]
+            return [h.get("token_id") for h in hits], [h.get("token") for h in hits]
 
         table = found.nearest(seq, token, k, metric, layer, head, by, tokens_of)
         return table if arrow else table.to_pandas()

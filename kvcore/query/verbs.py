@@ -278,14 +278,12 @@ FROM read_parquet({literal([str(f) for f in run.layer_files(layer)])})
 WHERE head = ? AND {by} IS NOT NULL""", [head])
 
 
-def nearest_tokens(models: list[str], datasets: list[str], seq_ids: list[int], positions: list[int]) -> Query:
-    """token_id and token of each (model, dataset, seq_id, pos) given, in that order (NULL where unknown)."""
-    return Query("""SELECT any_value(t.token_id) AS token_id, any_value(t.token) AS token
-FROM (SELECT unnest(?::VARCHAR[]) AS model, unnest(?::VARCHAR[]) AS dataset, unnest(?::INTEGER[]) AS seq_id,
-             unnest(?::INTEGER[]) AS pos, unnest(range(?)) AS i) h
-LEFT JOIN tokens t ON t.model = h.model AND t.dataset = h.dataset AND t.seq_id = h.seq_id AND t.pos = h.pos
-GROUP BY h.i ORDER BY h.i""", [list(models), list(datasets), [int(s) for s in seq_ids], [int(p) for p in positions],
-                              len(models)])
+def nearest_tokens(seq_ids: list[int], positions: list[int]) -> Query:
+    """The tokens rows at these sequences and positions, and a few more (every pairing of them):
+    literal IN lists, so the scan of tokens.parquet (sorted by seq_id) skips the other row groups."""
+    seqs, pos = (", ".join(str(int(v)) for v in sorted(set(vs))) for vs in (seq_ids, positions))
+    return Query(f"""SELECT model, dataset, seq_id, pos, token_id, token FROM tokens
+WHERE seq_id IN ({seqs}) AND pos IN ({pos})""")
 
 
 def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",
