@@ -157,24 +157,25 @@ def float32_rows(src: np.ndarray, bf16: bool, lengths: list[int], heads, out: np
     `out` (float32 [n, dim]) receives them when given.
 
     One strided copy per sequence reorders its rows and widens them: bf16 is the top half of
-    a float32, so its bits are copied into uint32 and shifted up; other dtypes are cast.
+    a float32, so its bits are shifted up into uint32 as they are copied; other dtypes are cast.
     """
     picked = None if heads is None else list(heads)
     n_heads = src.shape[1] if picked is None else len(picked)
-    shape = (sum(lengths) * n_heads, src.shape[3])
-    out = np.empty(shape, np.float32) if out is None else out
-    if bf16:
-        out = out.view(np.uint32)
+    if picked and picked == list(range(picked[0], picked[0] + n_heads)):
+        picked = slice(picked[0], picked[0] + n_heads)  # a view, not a copy (one head: Run.nearest)
+    out = np.empty((sum(lengths) * n_heads, src.shape[3]), np.float32) if out is None else out
+    wide = out.view(np.uint32) if bf16 else out
     start = 0
     for i, n in enumerate(lengths):
         t = src[i, :, :n].transpose(1, 0, 2)  # [len, n_kv, dim]: rows ordered (pos, head)
         if picked is not None:
             t = t[:, picked]
-        np.copyto(out[start:start + n * n_heads].reshape(t.shape), t, casting="unsafe")
+        dst = wide[start:start + n * n_heads].reshape(t.shape)
+        if bf16:
+            np.left_shift(t, np.uint32(16), out=dst, casting="unsafe")
+        else:
+            np.copyto(dst, t, casting="unsafe")
         start += n * n_heads
-    if bf16:
-        out <<= 16
-        return out.view(np.float32)
     return out
 
 

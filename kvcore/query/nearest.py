@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -46,8 +47,8 @@ def _header(path) -> tuple[int, dict]:
         return 8 + n, json.loads(fh.read(n))
 
 
-def tensor_candidates(run: RunFiles, layer: int, head: int, by: str) -> dict | None:
-    """{x, seq_id, pos} of one run's (layer, head) from its shards' safetensors, or None where they
+def tensor_candidates(run: RunFiles, layer: int, head: int, by: str, threads: int = 1) -> dict | None:
+    """{x, norms, seq_id, pos} of one run's (layer, head) from its shards' safetensors, or None where they
     may differ from (or hold more than) its Parquet rows: float16 storage, a kind, layer or head
     left out of Parquet, a run in a bucket, a shard without its safetensors."""
     parquet = run.meta.get("parquet") or {}
@@ -75,13 +76,19 @@ def tensor_candidates(run: RunFiles, layer: int, head: int, by: str) -> dict | N
                       seq_ids, lengths))
     lengths = np.array([n for *_, ns in plans for n in ns])
     x = np.empty((int(lengths.sum()), plans[0][0].shape[3]), np.float32)
-    at = 0
-    for src, bf16, _, ns in plans:  # one strided copy per sequence, as the Parquet writer makes its rows
-        float32_rows(src, bf16, ns, [head], out=x[at:at + sum(ns)])
-        at += sum(ns)
+    norms = np.empty(len(x), np.float32)
+    starts = np.cumsum([0] + [sum(ns) for *_, ns in plans])
+
+    def shard(i: int) -> None:  # the Parquet writer's own widening, then the norms while in cache
+        src, bf16, _, ns = plans[i]
+        a, b = starts[i], starts[i + 1]
+        norms[a:b] = vector_norms(float32_rows(src, bf16, ns, [head], out=x[a:b]))
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # numpy leaves the GIL while it copies
+        list(pool.map(shard, range(len(plans))))
     seq_id = np.repeat(np.array([q for _, _, qs, _ in plans for q in qs], np.int32), lengths)
     pos = (np.arange(len(x)) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
-    return {"x": x, "seq_id": seq_id, "pos": pos}
+    return {"x": x, "norms": norms, "seq_id": seq_id, "pos": pos}
 
 
 class RunCandidates:
@@ -90,11 +97,11 @@ class RunCandidates:
 
     def __init__(self, found: dict | None = None, table=None):
         if found is not None:
-            self.x, self.seq_id, self.pos = found["x"], found["seq_id"], found["pos"]
+            self.x, self.norms, self.seq_id, self.pos = found["x"], found["norms"], found["seq_id"], found["pos"]
         else:
             self.x = matrix(table.column("vector"))
+            self.norms = vector_norms(self.x)
             self.seq_id, self.pos = table.column("seq_id").to_numpy(), table.column("pos").to_numpy()
-        self.norms = vector_norms(self.x)
         # float32 storage (the safetensors path): the stored norm is this one, computed alike
         self.stored_norm = self.norms if table is None else table.column("norm").to_numpy()
         self.token_id = None if table is None else table.column("token_id").to_numpy()

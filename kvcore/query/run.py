@@ -74,7 +74,7 @@ class Run:
 
     def __init__(self, path: str | Path, model: str | None = None, dataset: str | None = None,
                  threads: int | None = None, timeout: float | None = None, memory_limit: str | int | None = None):
-        threads, timeout_s = check_threads(threads), check_timeout(timeout)
+        self.threads, timeout_s = check_threads(threads), check_timeout(timeout)
         memory = memory_limit_bytes(memory_limit)
         self.path = as_path(path)
         self.runs: list[RunFiles] = load_runs(path, model, dataset)
@@ -86,7 +86,7 @@ class Run:
         # directory when it is collected or the interpreter exits.
         self._remove_spill = weakref.finalize(self, shutil.rmtree, self._spill, ignore_errors=True)
         try:
-            self._con = connect(files, views, threads=threads, memory_limit=memory, temp_directory=self._spill,
+            self._con = connect(files, views, threads=self.threads, memory_limit=memory, temp_directory=self._spill,
                                 filesystems=filesystems(r.path for r in self.runs))
         except BaseException:
             self._remove_spill()
@@ -297,7 +297,7 @@ class Run:
     def _load_candidates(self, run: RunFiles, layer: int, head: int, by: str) -> RunCandidates:
         """A run's (layer, head) vectors: from its safetensors where they equal its Parquet rows, else
         the Parquet columns ranking needs (kvcore/query/nearest.py)."""
-        found = tensor_candidates(run, layer, head, by)
+        found = tensor_candidates(run, layer, head, by, self.threads)
         if found is not None:
             return RunCandidates(found)
         return RunCandidates(table=self.arrow(verbs.nearest_candidates(run, layer, head, by)))
