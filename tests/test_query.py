@@ -212,6 +212,12 @@ def test_nearest_reads_the_safetensors_as_the_parquet(case, by):
         list(zip(tensors["seq_id"][j], tensors["pos"][j]))
     np.testing.assert_array_equal(matrix(table["vector"])[i], tensors["x"][j])  # bit for bit
     np.testing.assert_array_equal(table["norm"].to_numpy()[i], vector_norms(tensors["x"])[j])
+    # where the safetensors may differ from the Parquet rows, Run.nearest reads the Parquet
+    from dataclasses import replace
+    for other in (replace(r, meta={**r.meta, "parquet": {"storage_dtype": "float16"}}),
+                  replace(r, meta={**r.meta, "parquet": {"parts": "keys" if by == "value" else "values"}}),
+                  replace(r, tensor_files={})):
+        assert tensor_candidates(other, layer, head, by) is None
     from_parquet, from_tensors = RunCandidates(table=table), RunCandidates(tensors)
     for metric in ("cosine", "l2"):
         (a, sa), (b, sb) = from_parquet.top(2, 4, 7, metric), from_tensors.top(2, 4, 7, metric)

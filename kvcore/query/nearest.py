@@ -12,13 +12,13 @@ the same ranking (score, then seq_id, pos) as the SQL verb (tests/test_query.py)
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kvcore.errors import KvcoreError, one_line
 from kvcore.query.discover import RunFiles
 from kvcore.query.remote import is_remote
 from kvcore.storage import float32_rows, vector_norms
@@ -41,7 +41,9 @@ def best_first(rank_by: np.ndarray, seq_ids: np.ndarray, pos: np.ndarray, me: in
     return pool[np.lexsort((pos[pool], seq_ids[pool], rank_by[pool]))[:n]]
 
 
-def _header(path) -> tuple[int, dict]:
+@functools.lru_cache(maxsize=4096)
+def _header(path: str, mtime_ns: int, size: int) -> tuple[int, dict]:
+    """(where the data starts, the JSON header) of a safetensors file, kept per version of the file."""
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         return 8 + n, json.loads(fh.read(n))
@@ -50,30 +52,31 @@ def _header(path) -> tuple[int, dict]:
 def tensor_candidates(run: RunFiles, layer: int, head: int, by: str, threads: int = 1) -> dict | None:
     """{x, norms, seq_id, pos} of one run's (layer, head) from its shards' safetensors, or None where they
     may differ from (or hold more than) its Parquet rows: float16 storage, a kind, layer or head
-    left out of Parquet, a run in a bucket, a shard without its safetensors."""
+    left out of Parquet, a run in a bucket, a shard without readable safetensors (the Parquet
+    rows, which the query views read, are then read instead)."""
     parquet = run.meta.get("parquet") or {}
     if (is_remote(run.path) or parquet.get("storage_dtype", "float32") != "float32"
             or parquet.get("parts", "both") not in ("both", f"{by}s") or layer not in run.parquet_items("layers")
             or head not in run.parquet_items("heads") or run.tokens is None):
         return None
     shards = sorted(set(run.seq_shard.values()))
-    if not shards or any(s not in run.tensor_files or not run.tensor_files[s].is_file() for s in shards):
+    if not shards or any(s not in run.tensor_files for s in shards):
         return None
     name, plans = f"layer_{layer}_{by}", []
     for s in shards:
         path = run.tensor_files[s]
         try:
-            base, header = _header(path)
-            info, meta = header[name], header.get("__metadata__", {})
+            stat = path.stat()
+            base, header = _header(str(path), stat.st_mtime_ns, stat.st_size)
+            info, meta = header[name], header["__metadata__"]
             seq_ids, lengths = json.loads(meta["seq_ids"]), json.loads(meta["seq_lengths"])
             dtype, bf16 = TENSOR_DTYPES[info["dtype"]]
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-            raise KvcoreError(f"{path}: unreadable safetensors ({one_line(exc)}); re-extract its shard") from None
-        if [run.seq_lengths.get(q) for q in seq_ids] != lengths:
-            return None  # not the sequences the Parquet rows hold
-        shape = tuple(info["shape"])
-        plans.append((np.memmap(path, dtype, "r", offset=base + info["data_offsets"][0], shape=shape), bf16,
-                      seq_ids, lengths))
+            src = np.memmap(path, dtype, "r", offset=base + info["data_offsets"][0], shape=tuple(info["shape"]))
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            return None
+        if [run.seq_lengths.get(q) for q in seq_ids] != lengths or src.ndim != 4 or src.shape[1] <= head:
+            return None  # not the sequences (or the shape) the Parquet rows hold
+        plans.append((src, bf16, seq_ids, lengths))
     lengths = np.array([n for *_, ns in plans for n in ns])
     x = np.empty((int(lengths.sum()), plans[0][0].shape[3]), np.float32)
     norms = np.empty(len(x), np.float32)

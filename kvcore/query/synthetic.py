@@ -64,17 +64,21 @@ def write_synthetic_run(run_dir: str | Path, *, num_layers: int = 30, num_kv_hea
         tensors = f"kv/{shard_name(shard)}.safetensors"
         with atomic_path(run_dir / tensors) as tensor_tmp:
             out = TensorFileWriter(tensor_tmp, specs, safetensors_metadata(meta, seq_ids, [seq_len] * len(seq_ids)))
-            for layer in range(num_layers):
-                s = scales[layer][None, :, None, None]
-                keys = _bf16(rng.standard_normal(shape, dtype=np.float32) * s)
-                values = _bf16(rng.standard_normal(shape, dtype=np.float32) * s)
-                for kind, x in (("key", keys), ("value", values)):  # a bf16 is the top half of its float32
-                    bits = (x.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
-                    out.write(f"layer_{layer}_{kind}", 0, torch.from_numpy(bits).view(torch.bfloat16))
-                table = layer_table(keys, values, seq_ids, ids)
-                rows = table.num_rows
-                with atomic_path(run_dir / part_file(layer, shard)) as tmp:
-                    write_parquet(table, tmp)
+            try:
+                for layer in range(num_layers):
+                    s = scales[layer][None, :, None, None]
+                    keys = _bf16(rng.standard_normal(shape, dtype=np.float32) * s)
+                    values = _bf16(rng.standard_normal(shape, dtype=np.float32) * s)
+                    for kind, x in (("key", keys), ("value", values)):  # a bf16 is the top half of its float32
+                        bits = (x.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
+                        out.write(f"layer_{layer}_{kind}", 0, torch.from_numpy(bits).view(torch.bfloat16))
+                    table = layer_table(keys, values, seq_ids, ids)
+                    rows = table.num_rows
+                    with atomic_path(run_dir / part_file(layer, shard)) as tmp:
+                        write_parquet(table, tmp)
+            except BaseException:
+                out.abort()
+                raise
             out.close()
         with atomic_path(run_dir / "shards" / f"predictions-{shard:05d}.parquet") as tmp:
             pq.write_table(pa.table({"seq_id": pa.array(seq_ids, pa.int32()), "rank": pa.array([0] * len(seq_ids),
