@@ -198,7 +198,8 @@ def bench_size(root: Path, rows: int, args) -> dict:
     info = run.info().iloc[0]
     n_rows, n_seq = int(info.n_kv_rows), int(info.n_sequences)
     res = {"rows": n_rows, "sequences": n_seq, "shards": int(info.n_shards), "files": len(run.runs[0].kv_files),
-           "kvcore_bytes": sum(f.stat().st_size for f in run.runs[0].kv_files), "naive_bytes": naive.stat().st_size, **built,
+           "kvcore_bytes": sum(f.stat().st_size for f in run.runs[0].kv_files), "naive_bytes": naive.stat().st_size,
+           **built,
            "open_run_ms": 1e3 * t_open}
     log(f"  built: {res}")
     coords = lookups(n_seq, args)
@@ -342,7 +343,8 @@ def norm_variants(root: Path, run, naive: Path, con, args) -> dict:
         src = f"read_parquet({literal([str(f) for f in files])}, hive_partitioning = true)"
         if not join:
             return f"SELECT {cols.replace(', t.token', '')} FROM {src} k {where}"
-        return f"SELECT {cols} FROM {src} k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id AND k.pos = t.pos {where}"
+        return (f"SELECT {cols} FROM {src} k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id "
+                f"AND k.pos = t.pos {where}")
 
     rewritten = {}
     for name, group, codec in (("zstd on every column (before)", 16384, "zstd"), ("65,536-row groups", 65536, None)):

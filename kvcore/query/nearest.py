@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import mmap
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,6 +50,13 @@ def _header(path: str, mtime_ns: int, size: int) -> tuple[int, dict]:
         return 8 + n, json.loads(fh.read(n))
 
 
+def _mapped(path, dtype, offset: int, shape: tuple) -> np.ndarray:
+    """A read-only view of the file's bytes (np.memmap costs ~0.2 ms a file in Python)."""
+    with open(path, "rb") as fh:
+        buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(buffer, dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+
+
 def tensor_candidates(run: RunFiles, layer: int, head: int, by: str, threads: int = 1) -> dict | None:
     """{x, norms, seq_id, pos} of one run's (layer, head) from its shards' safetensors, or None where they
     may differ from (or hold more than) its Parquet rows: float16 storage, a kind, layer or head
@@ -71,7 +79,7 @@ def tensor_candidates(run: RunFiles, layer: int, head: int, by: str, threads: in
             info, meta = header[name], header["__metadata__"]
             seq_ids, lengths = json.loads(meta["seq_ids"]), json.loads(meta["seq_lengths"])
             dtype, bf16 = TENSOR_DTYPES[info["dtype"]]
-            src = np.memmap(path, dtype, "r", offset=base + info["data_offsets"][0], shape=tuple(info["shape"]))
+            src = _mapped(path, dtype, base + info["data_offsets"][0], tuple(info["shape"]))
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             return None
         if [run.seq_lengths.get(q) for q in seq_ids] != lengths or src.ndim != 4 or src.shape[1] <= head:

@@ -60,7 +60,8 @@ def write_synthetic_run(run_dir: str | Path, *, num_layers: int = 30, num_kv_hea
         ids = [token_ids[s].tolist() for s in seq_ids]
         shape = (len(seq_ids), num_kv_heads, seq_len, head_dim)
         rows = 0
-        specs = {f"layer_{layer}_{kind}": ("bfloat16", shape) for layer in range(num_layers) for kind in ("key", "value")}
+        specs = {f"layer_{layer}_{kind}": ("bfloat16", shape) for layer in range(num_layers)
+                 for kind in ("key", "value")}
         tensors = f"kv/{shard_name(shard)}.safetensors"
         with atomic_path(run_dir / tensors) as tensor_tmp:
             out = TensorFileWriter(tensor_tmp, specs, safetensors_metadata(meta, seq_ids, [seq_len] * len(seq_ids)))

@@ -273,7 +273,8 @@ def check_nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: in
 def nearest_candidates(run: RunFiles, layer: int, head: int, by: str) -> Query:
     """What `Run.nearest` loads once of one run's (layer, KV head): the ids, the stored norm and the
     vector, straight from the layer's Parquet files (no `kv` view: no token join, no text)."""
-    return Query(f"""SELECT seq_id, pos, token_id, {by}_norm AS norm, CAST({by} AS FLOAT[{int(run.meta['head_dim'])}]) AS vector
+    dim = int(run.meta["head_dim"])
+    return Query(f"""SELECT seq_id, pos, token_id, {by}_norm AS norm, CAST({by} AS FLOAT[{dim}]) AS vector
 FROM read_parquet({literal([str(f) for f in run.layer_files(layer)])})
 WHERE head = ? AND {by} IS NOT NULL""", [head])
 
