@@ -25,7 +25,9 @@ rows for layer), GB/s the same rows times the in-memory width of the columns the
 value = 522 B), so kvcore and naive are divided by the same work.
 
     python benchmarks/query_bench.py --quick                    # ~1 minute: 0.2M and 1M rows
-    nice python benchmarks/query_bench.py --sizes 2e6,2e7 --sharded --layout --threads 2  # docs/query.md
+    nice python benchmarks/query_bench.py --sizes 2e6,2e7 --threads 2 --keep --dir DIR       # build once (~20 min)
+    nice python benchmarks/query_bench.py --sizes 2e6,2e7 --threads 2 --reuse --dir DIR \
+        --norm-variants --repeats 9                              # docs/query.md (~7 min)
 """
 
 from __future__ import annotations
