@@ -232,9 +232,9 @@ def parquet_options(schema) -> dict:
     groups the vectors' exponent bytes so zstd finds them (a bf16 cache stored as float32
     has two zero bytes per value); DuckDB reads it for FLOAT, not for float16. Min/max
     statistics only where a filter can use them (the scalars): the vectors' cost 5-10 % of the write.
-    Only the vectors are compressed: zstd saves ~0.5 % of the file on the scalars (random norms,
-    small dictionaries) and decompressing them is most of a norm search's scan
-    (benchmarks/query_bench.py, docs/query.md).
+    Only the vectors are compressed: zstd saves ~1.5 % of the file on the scalars (random norms,
+    small dictionaries), and decompressing them was about a quarter of a norm search's scan
+    (benchmarks/query_bench.py --norm-variants, docs/query.md).
     """
     ids = ["seq_id", "pos", "token_id", "head"]
     vectors = ["key.list.element", "value.list.element"]

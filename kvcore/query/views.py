@@ -3,7 +3,7 @@
   kv                one row per (model, dataset, layer, seq_id, pos, head): token text joined,
                     key/value as FLOAT[head_dim] arrays, their L2 norms
   kv_rows           the same rows without `token`: scans that need no text skip the join
-                    (DuckDB 2.0 keeps kv's join even when a query never reads `token`)
+                    (DuckDB 2.0 keeps kv's join once a query reads any column, `token` or not)
   tokens            seq_id, pos, token_id, token, doc_id
   predictions       next-token top-k of each sequence
   stats             stats/*.parquet unioned by column name (stats_file names the file)
@@ -108,7 +108,8 @@ def lazy_view_sql(runs: list[RunFiles], schema: str, number: int) -> str | None:
     return None
 
 
-def kv_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None, parts: str | None = None) -> str:
+def kv_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None,
+           parts: str | None = None) -> str:
     """kv: the rows of `parts` (a view's name; default the rows of kv_parts_sql) with token text."""
     # Grouping tokens by their key lets DuckDB prove the join adds no rows, so a query that
     # reads no kv column (count(*)) drops the join (join elimination).
