@@ -13,7 +13,8 @@ medians over repeats, warm (files in the page cache), side by side in one proces
   layer      --layer-summary over one layer (norm and element statistics, reads the vectors);
   nearest    --k 10 over one (layer, head): the verb's SQL in DuckDB (what `kvcore query
              --nearest` runs), `Run.nearest` (numpy on vectors loaded once: the first search
-             loads them, later ones reuse them), numpy reading the Parquet with pyarrow;
+             loads them from the shards' safetensors, later ones reuse them), the same ranking
+             on vectors read from the layer's Parquet, numpy reading the Parquet with pyarrow;
   sharded    (--sharded) the same queries on the run before compaction (one file per layer per
              shard: what queries read while an extraction runs);
   layout     (--layout) one layer rewritten with other row-group sizes: lookup and scan.
@@ -24,7 +25,9 @@ rows for layer), GB/s the same rows times the in-memory width of the columns the
 value = 522 B), so kvcore and naive are divided by the same work.
 
     python benchmarks/query_bench.py --quick                    # ~1 minute: 0.2M and 1M rows
-    nice python benchmarks/query_bench.py --sizes 2e6,2e7 --sharded --layout --threads 2  # docs/query.md
+    nice python benchmarks/query_bench.py --sizes 2e6,2e7 --threads 2 --keep --dir DIR       # build once (~20 min)
+    nice python benchmarks/query_bench.py --sizes 2e6,2e7 --threads 2 --reuse --dir DIR \
+        --norm-variants --repeats 9                              # docs/query.md (~7 min)
 """
 
 from __future__ import annotations
@@ -81,10 +84,6 @@ def median_over(fn, args: list, warmup: int = 2) -> float:
         fn(*a)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def du(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def log(msg: str) -> None:
@@ -184,7 +183,8 @@ def measure(run, coords, args, naive: dict | None = None) -> dict:
 
 def bench_size(root: Path, rows: int, args) -> dict:
     import kvcore
-    from kvcore.query.verbs import stats_columns
+    from kvcore.query.nearest import RunCandidates, tensor_candidates
+    from kvcore.query.verbs import nearest_candidates, stats_columns
 
     root.mkdir(parents=True, exist_ok=True)
     if args.reuse and (root / "run" / "metadata.json").is_file() and (root / "naive.parquet").is_file():
@@ -200,7 +200,8 @@ def bench_size(root: Path, rows: int, args) -> dict:
     info = run.info().iloc[0]
     n_rows, n_seq = int(info.n_kv_rows), int(info.n_sequences)
     res = {"rows": n_rows, "sequences": n_seq, "shards": int(info.n_shards), "files": len(run.runs[0].kv_files),
-           "kvcore_bytes": du(run_dir / "kv"), "naive_bytes": naive.stat().st_size, **built,
+           "kvcore_bytes": sum(f.stat().st_size for f in run.runs[0].kv_files), "naive_bytes": naive.stat().st_size,
+           **built,
            "open_run_ms": 1e3 * t_open}
     log(f"  built: {res}")
     coords = lookups(n_seq, args)
@@ -253,8 +254,24 @@ GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
     res["nearest_candidates"] = n_rows // (LAYERS * KV_HEADS)
     # Run.nearest, first search of a (layer, head): each repeat a (layer, head) not loaded yet
     firsts = list(dict.fromkeys((c[0], c[1]) for c in coords[1:] if (c[0], c[1]) != (la, h)))[:args.repeats]
-    res["nearest_first_ms"] = 1e3 * median_over(lambda a, b: run.nearest(a, b, p, k=10, seq=s, arrow=True),
-                                                firsts, warmup=0)
+    r = run.runs[0]
+    res["nearest_source"] = "safetensors" if tensor_candidates(r, la, h, "key") is not None else "Parquet"
+    for a, b in firsts:  # warm, as every file the bench reads: these heads' bytes in the page cache
+        tensor_candidates(r, a, b, "key")
+    cpu = []
+
+    def first(a, b):
+        t = time.process_time()
+        run.nearest(a, b, p, k=10, seq=s, arrow=True)
+        cpu.append(time.process_time() - t)
+
+    res["nearest_first_ms"] = 1e3 * median_over(first, firsts, warmup=0)
+    res["nearest_first_cpu_ms"] = 1e3 * statistics.median(cpu)  # every thread of the process
+    # the same ranking on the vectors read from the layer's Parquet instead (what a run without
+    # its safetensors, in a bucket or with float16 storage, loads)
+    res["nearest_first_parquet_ms"] = 1e3 * median_over(
+        lambda a, b: RunCandidates(table=run.arrow(nearest_candidates(r, a, b, "key"))).top(s, p, 10, "cosine"),
+        firsts, warmup=0)
     # ... and later searches in the same (layer, head), other tokens
     again = [(la, h, c[2], c[3]) for c in coords]
     run.nearest(la, h, p, k=10, seq=s, arrow=True)
@@ -276,6 +293,8 @@ GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
 
     if args.layout:
         res["layout"] = layout_experiment(root, files, coords, args)
+    if args.norm_variants and rows == min(args.size_list):
+        res["norm_variants"] = norm_variants(root, run, naive, con, args)
     run.close()
     res["load_avg"] = f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     return res
@@ -305,6 +324,62 @@ def top_k(keys: np.ndarray, ids: np.ndarray, seq: int, pos: int, k: int) -> list
 def numpy_nearest(files, head, seq, pos, k):
     keys, ids = load_head(files, head)
     return top_k(keys, ids, seq, pos, k)
+
+
+def norm_variants(root: Path, run, naive: Path, con, args) -> dict:
+    """Where a norm search's time goes: the verb against the same question asked other ways,
+    all timed side by side (alternating), medians; the layer files rewritten with zstd on every
+    column (the codec before) and in 65,536-row groups, under `root`, removed after."""
+    import pyarrow.parquet as pq
+
+    from kvcore.query.verbs import Query
+    from kvcore.query.views import literal
+    from kvcore.storage import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, parquet_options
+
+    r = run.runs[0]
+    tokens = r.tokens
+    cols = "k.layer, k.head, k.seq_id, k.pos, k.token_id, t.token, k.key_norm, k.value_norm"
+    where = "WHERE k.key_norm BETWEEN 0.5 AND 1.0 ORDER BY k.layer, k.seq_id, k.pos, k.head"
+
+    def plain_sql(files, join=True):
+        src = f"read_parquet({literal([str(f) for f in files])}, hive_partitioning = true)"
+        if not join:
+            return f"SELECT {cols.replace(', t.token', '')} FROM {src} k {where}"
+        return (f"SELECT {cols} FROM {src} k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id "
+                f"AND k.pos = t.pos {where}")
+
+    rewritten = {}
+    for name, group, codec in (("zstd on every column (before)", 16384, "zstd"), ("65,536-row groups", 65536, None)):
+        out = root / f"norm-variant-{group}-{codec}"
+        for f in r.kv_files:
+            table = pq.read_table(f)
+            opts = parquet_options(table.schema)
+            if codec:
+                opts.update(compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL)
+            dst = out / f.relative_to(r.path)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, dst, row_group_size=group, **opts)
+        rewritten[name] = sorted(out.rglob("*.parquet"))
+    before = Query("SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm FROM kv "
+                   "WHERE key_norm BETWEEN ? AND ? ORDER BY model, dataset, layer, seq_id, pos, head", [0.5, 1.0])
+    verb = run.query("search_norm", 0.5, 1.0, "key")
+    fns = {"kvcore: the verb (kv_rows, then tokens for the hits)": lambda: run.arrow(verb),
+           "kvcore: the verb's SQL before (kv view, token join on every row)": lambda: run.arrow(before),
+           "plain duckdb, the 30 layer files in one read_parquet list + tokens": lambda: con.sql(
+               plain_sql(r.kv_files)).fetchall(),
+           "  the 30 layer files, no token join": lambda: con.sql(plain_sql(r.kv_files, join=False)).fetchall()}
+    for name, files in rewritten.items():
+        fns[f"  the 30 layer files + tokens, rewritten with {name}"] = lambda s=plain_sql(files): con.sql(s).fetchall()
+    fns["naive file + tokens (the baseline)"] = lambda: con.sql(
+        f"SELECT {cols} FROM read_parquet('{naive}') k JOIN read_parquet('{tokens}') t "
+        f"ON k.seq_id = t.seq_id AND k.pos = t.pos {where}").fetchall()
+    fns["  the naive file, no token join"] = lambda: con.sql(f"SELECT {cols.replace(', t.token', '')} "
+                                                            f"FROM read_parquet('{naive}') k {where}").fetchall()
+    times = side_by_side(list(fns.values()), args.repeats)
+    for out in {f.parents[2] for files in rewritten.values() for f in files}:
+        shutil.rmtree(out)
+    log(f"  norm variants: {dict(zip(fns, times))}")
+    return {name: t for name, t in zip(fns, times)}
 
 
 def layout_experiment(root: Path, files, coords, args) -> list[dict]:
@@ -341,7 +416,7 @@ ROWS = [  # (label, format, key) of the results table
     ("load average (1 min) before -> after", "{}", "load_avg"),
     ("shards / Parquet files", "{}", "shards_files"), ("open_run (ms)", "{:.0f}", "open_run_ms"),
     ("build: shard parts / finalize (compaction) / naive file (s)", "{}", "build_times"),
-    ("kvcore layout on disk (GB)", "{:.2f}", "kvcore_gb"), ("naive file on disk (GB)", "{:.2f}", "naive_gb"),
+    ("kvcore Parquet files on disk (GB)", "{:.2f}", "kvcore_gb"), ("naive file on disk (GB)", "{:.2f}", "naive_gb"),
     ("coordinate lookup, kvcore.open_run, Arrow (ms)", "{:.1f}", "lookup_kvcore_ms"),
     ("coordinate lookup, kvcore.open_run, pandas (ms)", "{:.1f}", "lookup_kvcore_pandas_ms"),
     ("  read: files / row groups", "{}", "lookup_scan"),
@@ -357,8 +432,11 @@ ROWS = [  # (label, format, key) of the results table
     ("  kvcore Mrows/s, GB/s", "{}", "layer_kvcore_tp"), ("  naive Mrows/s, GB/s", "{}", "layer_naive_tp"),
     ("nearest k=10 in one (layer, head): candidates", "{:,}", "nearest_candidates"),
     ("  DuckDB brute force, the verb's SQL (ms)", "{:.1f}", "nearest_duckdb_ms"),
-    ("  Run.nearest, first search of the (layer, head): load + numpy (ms)", "{:.1f}", "nearest_first_ms"),
+    ("  Run.nearest, first search of the (layer, head): load + numpy (ms); CPU (ms); read from", "{}",
+     "nearest_first"),
     ("  Run.nearest, later searches (ms)", "{:.1f}", "nearest_cached_ms"),
+    ("  Run.nearest's load + ranking, vectors from the layer's Parquet via DuckDB (ms)", "{:.1f}",
+     "nearest_first_parquet_ms"),
     ("  numpy, reading the layer's Parquet with pyarrow (ms)", "{:.1f}", "nearest_numpy_e2e_ms"),
     ("  numpy top-k alone, vectors in memory (ms)", "{:.1f}", "nearest_numpy_inmem_ms"),
 ]
@@ -378,6 +456,7 @@ def report(results: list[dict]) -> str:
         r["layer_rows"] = r["rows"] // LAYERS
         r["kvcore_gb"], r["naive_gb"] = r["kvcore_bytes"] / 1e9, r["naive_bytes"] / 1e9
         r["lookup_scan"] = f"{r['lookup_files']} / {r['lookup_row_groups']}"
+        r["nearest_first"] = f"{r['nearest_first_ms']:.1f}; {r['nearest_first_cpu_ms']:.1f}; {r['nearest_source']}"
         for q in ("norm", "layer"):
             r[f"{q}_ratio"] = r[f"{q}_kvcore_s"] / r[f"{q}_naive_s"]
             for side in ("kvcore", "naive"):
@@ -402,6 +481,9 @@ def main() -> int:
     p.add_argument("--sharded", action="store_true",
                    help="also time the verbs on the shard parts before finalize compacts them (not with --reuse)")
     p.add_argument("--layout", action="store_true", help="also time one layer at other row-group sizes")
+    p.add_argument("--norm-variants", action="store_true",
+                   help="also time the norm search asked other ways (SQL, files, codecs), side by side, "
+                        "at the smallest size")
     p.add_argument("--row-groups", default="4096,8192,16384,32768,131072")
     p.add_argument("--keep", action="store_true", help="keep the data under --dir")
     p.add_argument("--reuse", action="store_true", help="reuse (and keep) data left under --dir by an earlier --keep run")
@@ -412,7 +494,8 @@ def main() -> int:
         args.sizes, args.repeats, args.lookups = "2e5,1e6", 3, 15
     args.row_groups = [int(x) for x in args.row_groups.split(",")]
     results = []
-    for size in [int(float(s)) for s in args.sizes.split(",")]:
+    args.size_list = [int(float(s)) for s in args.sizes.split(",")]
+    for size in args.size_list:
         root = args.dir / f"rows-{size}"
         if not args.reuse:
             shutil.rmtree(root, ignore_errors=True)
@@ -425,6 +508,9 @@ def main() -> int:
     print(f"duckdb threads: {args.threads or os.cpu_count()}, cpu cores: {os.cpu_count()}, repeats: {args.repeats}, "
           f"lookups: {args.lookups}")
     print(report(results))
+    for r in results:
+        for name, t in r.get("norm_variants", {}).items():
+            print(f"norm search variant ({r['rows'] / 1e6:.1f}M rows): {name}: {1e3 * t:.1f} ms")
     for r in results:
         for lay in r.get("layout", []):
             print(f"layout ({r['rows'] / 1e6:.1f}M rows, one layer): row groups {lay['row_group_rows']:>6}: "

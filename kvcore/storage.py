@@ -146,26 +146,42 @@ def _host_array(x) -> tuple[np.ndarray, bool]:
 
 def _rows(x, lengths: list[int], heads) -> np.ndarray:
     """[n_seq, n_kv, width, dim] host tensor or array -> float32 rows [n, dim] ordered (seq, pos, head),
-    real positions only; bit for bit what `.float()` gives.
+    real positions only; bit for bit what `.float()` gives."""
+    return float32_rows(*_host_array(x), lengths, heads)
+
+
+def float32_rows(src: np.ndarray, bf16: bool, lengths: list[int], heads, out: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """`_rows` of a numpy [n_seq, n_kv, width, dim] array, bf16 given as its uint16 bits (`bf16`):
+    the Parquet vectors' float32 values; also what `Run.nearest` reads from a shard's safetensors.
+    `out` (float32 [n, dim]) receives them when given.
 
     One strided copy per sequence reorders its rows and widens them: bf16 is the top half of
-    a float32, so its bits are copied into uint32 and shifted up; other dtypes are cast.
+    a float32, so its bits are shifted up into uint32 as they are copied; other dtypes are cast.
     """
-    src, bf16 = _host_array(x)
     picked = None if heads is None else list(heads)
     n_heads = src.shape[1] if picked is None else len(picked)
-    out = np.empty((sum(lengths) * n_heads, src.shape[3]), np.uint32 if bf16 else np.float32)
+    if picked and picked == list(range(picked[0], picked[0] + n_heads)):
+        picked = slice(picked[0], picked[0] + n_heads)  # a view, not a copy (one head: Run.nearest)
+    out = np.empty((sum(lengths) * n_heads, src.shape[3]), np.float32) if out is None else out
+    wide = out.view(np.uint32) if bf16 else out
     start = 0
     for i, n in enumerate(lengths):
         t = src[i, :, :n].transpose(1, 0, 2)  # [len, n_kv, dim]: rows ordered (pos, head)
         if picked is not None:
             t = t[:, picked]
-        np.copyto(out[start:start + n * n_heads].reshape(t.shape), t, casting="unsafe")
+        dst = wide[start:start + n * n_heads].reshape(t.shape)
+        if bf16:
+            np.left_shift(t, np.uint32(16), out=dst, casting="unsafe")
+        else:
+            np.copyto(dst, t, casting="unsafe")
         start += n * n_heads
-    if bf16:
-        out <<= 16
-        return out.view(np.float32)
     return out
+
+
+def vector_norms(rows: np.ndarray) -> np.ndarray:
+    """The L2 norm of each float32 row as the Parquet tables store it (float32, no x*x temporary)."""
+    return np.sqrt(np.einsum("ij,ij->i", rows, rows))
 
 
 def layer_table(keys, values, seq_ids: list[int], token_ids: list[list[int]],
@@ -204,7 +220,7 @@ def layer_table(keys, values, seq_ids: list[int], token_ids: list[list[int]],
         rows = _rows(x, lengths, heads)
         columns[kind] = pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(store, copy=False).reshape(-1)),
                                                           type=vec)
-        columns[f"{kind}_norm"] = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # float32, no x*x temporary
+        columns[f"{kind}_norm"] = vector_norms(rows)
     return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
@@ -216,11 +232,16 @@ def parquet_options(schema) -> dict:
     groups the vectors' exponent bytes so zstd finds them (a bf16 cache stored as float32
     has two zero bytes per value); DuckDB reads it for FLOAT, not for float16. Min/max
     statistics only where a filter can use them (the scalars): the vectors' cost 5-10 % of the write.
+    Only the vectors are compressed: zstd saves ~1.5 % of the file on the scalars (random norms,
+    small dictionaries), and decompressing them was about a quarter of a norm search's scan
+    (benchmarks/query_bench.py --norm-variants, docs/query.md).
     """
     ids = ["seq_id", "pos", "token_id", "head"]
     vectors = ["key.list.element", "value.list.element"]
     float32 = str(schema.field("key").type.value_type) == "float"
-    return dict(compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
+    return dict(compression={c: PARQUET_COMPRESSION if c in vectors else "none" for c in
+                             [*ids, *vectors, "key_norm", "value_norm"]},
+                compression_level={c: PARQUET_COMPRESSION_LEVEL for c in vectors},
                 write_statistics=ids + ["key_norm", "value_norm"], use_dictionary=ids,
                 use_byte_stream_split=vectors if float32 else False)
 

@@ -192,6 +192,61 @@ def test_nearest_equals_brute_force(case, by, metric):
         assert list(zip(df.seq_id, df.pos)) == [(cands[i][0], cands[i][1]) for i in order[:k]]
         np.testing.assert_allclose(df[column], [scores[i] for i in order[:k]], rtol=1e-5)
         assert list(df.token) == list(in_duckdb.token) and list(df[f"{by}_norm"]) == list(in_duckdb[f"{by}_norm"])
+        assert list(df.token_id) == list(in_duckdb.token_id)
+
+
+@pytest.mark.parametrize("by", ["key", "value"])
+def test_nearest_reads_the_safetensors_as_the_parquet(case, by):
+    from kvcore.query.nearest import RunCandidates, matrix, tensor_candidates
+    from kvcore.query.verbs import nearest_candidates
+    from kvcore.storage import vector_norms
+
+    run, ref = case
+    r, layer, head = run.runs[0], 1, ref.num_kv - 1
+    tensors = tensor_candidates(r, layer, head, by)  # what Run.nearest reads from an extracted run
+    assert tensors is not None
+    table = run.arrow(nearest_candidates(r, layer, head, by))
+    i = np.lexsort((table["pos"], table["seq_id"]))
+    j = np.lexsort((tensors["pos"], tensors["seq_id"]))
+    assert list(zip(table["seq_id"].to_numpy()[i], table["pos"].to_numpy()[i])) == \
+        list(zip(tensors["seq_id"][j], tensors["pos"][j]))
+    np.testing.assert_array_equal(matrix(table["vector"])[i], tensors["x"][j])  # bit for bit
+    np.testing.assert_array_equal(table["norm"].to_numpy()[i], vector_norms(tensors["x"])[j])
+    # where the safetensors may differ from the Parquet rows, Run.nearest reads the Parquet
+    from dataclasses import replace
+    for other in (replace(r, meta={**r.meta, "parquet": {"storage_dtype": "float16"}}),
+                  replace(r, meta={**r.meta, "parquet": {"parts": "keys" if by == "value" else "values"}}),
+                  replace(r, tensor_files={})):
+        assert tensor_candidates(other, layer, head, by) is None
+    from_parquet, from_tensors = RunCandidates(table=table), RunCandidates(tensors)
+    for metric in ("cosine", "l2"):
+        (a, sa), (b, sb) = from_parquet.top(2, 4, 7, metric), from_tensors.top(2, 4, 7, metric)
+        assert [(from_parquet.seq_id[x], from_parquet.pos[x]) for x in a] == \
+            [(from_tensors.seq_id[x], from_tensors.pos[x]) for x in b]
+        np.testing.assert_array_equal(sa, sb)
+
+
+def test_nearest_ties_at_the_cut_go_by_seq_and_pos():
+    from kvcore.query.nearest import best_first
+
+    # scores tie across the cut: the lower (seq_id, pos) wins, as ORDER BY score, seq_id, pos LIMIT n
+    rank_by = np.array([0.5, 0.1, 0.5, 0.5, np.inf, 0.2])
+    seq_ids, pos = np.array([3, 0, 1, 1, 0, 2]), np.array([0, 0, 7, 2, 1, 0])
+    assert list(best_first(rank_by, seq_ids, pos, me=1, n=3)) == [5, 3, 2]
+    assert list(best_first(rank_by, seq_ids, pos, me=5, n=5)) == [1, 3, 2, 0, 4]  # all but `me`
+
+
+def test_nearest_on_the_grid_equals_the_sql(grid):
+    import kvcore
+
+    with kvcore.open_run(grid[0]) as run:
+        ours = run.nearest(1, 0, 3, k=5, seq=1, by="value", arrow=True)
+        sql = run.arrow(run.query("nearest", 1, 0, 3, k=5, seq=1, by="value"))
+    assert ours.column("model").to_pylist() == ["gpt2"] * 5 + ["llama"] * 5
+    assert ours.schema == sql.schema
+    for c in ("model", "rank", "seq_id", "pos", "token_id", "token", "value_norm"):
+        assert ours.column(c).to_pylist() == sql.column(c).to_pylist(), c
+    np.testing.assert_allclose(ours.column("cosine_similarity"), sql.column("cosine_similarity"), rtol=1e-5)
 
 
 def test_sql_and_arrow(case):
@@ -484,7 +539,7 @@ SELECT count(*) AS tokens FROM tokens
     (["--sql", "SELECT nope FROM kv"], 1, 'Referenced column "nope" not found'),
     (["--sql", "SELECT nope FROM kv"], 1, "(kv columns: model, dataset, layer, seq_id, pos, head, token_id, token, "
                                           "key_norm, value_norm, key, value)"),
-    (["--sql", "SELECT * FROM kvv"], 1, "views: runs, tokens, kv, predictions"),
+    (["--sql", "SELECT * FROM kvv"], 1, "views: runs, tokens, kv_rows, kv, predictions"),
     (["--sql", "SELEC 1"], 1, "Parser Error: syntax error"),
     (["--sql", "  "], 1, "no SQL statement given"),
 ])

@@ -37,6 +37,7 @@ class RunFiles:
     kv_files: list[Path]
     seq_shard: dict[int, int] = field(default_factory=dict)  # seq_id -> shard holding it
     shard_files: dict[int, list[Path]] = field(default_factory=dict)  # shard -> its Parquet files
+    tensor_files: dict[int, Path] = field(default_factory=dict)  # shard -> the safetensors its manifest lists
     tokens: Path | None = None
     predictions: list[Path] = field(default_factory=list)
     stats: list[Path] = field(default_factory=list)
@@ -203,7 +204,7 @@ def load_run(path: Path) -> RunFiles:
     missing = [k for k in ("num_layers", "num_kv_heads", "head_dim") if not isinstance(meta.get(k), int)]
     if missing:
         raise KvcoreError(f"{path}: shard manifest lacks {', '.join(missing)}; re-extract this run")
-    kv_files, seq_lengths, seq_shard, shard_files = [], {}, {}, {}
+    kv_files, seq_lengths, seq_shard, shard_files, tensor_files = [], {}, {}, {}, {}
     # Finalized: metadata.json lists the compacted layer files, one per layer for every shard
     # (the shards' parts are gone); before that each complete shard's manifest lists its parts.
     layer_files = meta.get("files") if meta_path else None
@@ -218,6 +219,7 @@ def load_run(path: Path) -> RunFiles:
             kv_files += shard_files[m["shard"]]
         else:
             shard_files[m["shard"]] = kv_files
+        tensor_files.update((m["shard"], confined(path, rel)) for rel in rels if rel.endswith(".safetensors"))
         seq_lengths.update(zip(m["seq_ids"], m["seq_lengths"]))
         seq_shard.update((s, m["shard"]) for s in m["seq_ids"])
     n_rows = sum(m.get("n_rows_per_layer", 0) * sum(rel.endswith(".parquet") for rel in rels)
@@ -236,7 +238,7 @@ def load_run(path: Path) -> RunFiles:
     return RunFiles(path=path.resolve(), model=str(meta.get("model") or path.parent.name),
                     dataset=str(meta.get("dataset") or path.name), meta=meta, finalized=meta_path is not None,
                     seq_lengths=dict(sorted(seq_lengths.items())), n_shards=len(manifests), n_kv_rows=n_rows,
-                    kv_files=kv_files, seq_shard=seq_shard, shard_files=shard_files,
+                    kv_files=kv_files, seq_shard=seq_shard, shard_files=shard_files, tensor_files=tensor_files,
                     tokens=confined(path, "tokens.parquet") if tokens.is_file() else None,
                     predictions=[confined(path, p.relative_to(path)) for p in preds],
                     stats=files("stats/*.parquet"), compress=compress, ppl=ppl, result_keys=result_keys)

@@ -20,7 +20,7 @@ from kvcore.query import verbs
 from kvcore.query.discover import RunFiles, load_runs
 from kvcore.query.limits import QueryGuard, check_threads, check_timeout, memory_limit_bytes
 from kvcore.query.remote import as_path, filesystems
-from kvcore.query.nearest import Candidates
+from kvcore.query.nearest import Candidates, RunCandidates, tensor_candidates
 from kvcore.query.sandbox import QueryError, connect, statements, translate
 from kvcore.query.verbs import Query
 from kvcore.query.views import LAZY_VIEW, lazy_view_sql, view_statements
@@ -74,7 +74,7 @@ class Run:
 
     def __init__(self, path: str | Path, model: str | None = None, dataset: str | None = None,
                  threads: int | None = None, timeout: float | None = None, memory_limit: str | int | None = None):
-        threads, timeout_s = check_threads(threads), check_timeout(timeout)
+        self.threads, timeout_s = check_threads(threads), check_timeout(timeout)
         memory = memory_limit_bytes(memory_limit)
         self.path = as_path(path)
         self.runs: list[RunFiles] = load_runs(path, model, dataset)
@@ -86,7 +86,7 @@ class Run:
         # directory when it is collected or the interpreter exits.
         self._remove_spill = weakref.finalize(self, shutil.rmtree, self._spill, ignore_errors=True)
         try:
-            self._con = connect(files, views, threads=threads, memory_limit=memory, temp_directory=self._spill,
+            self._con = connect(files, views, threads=self.threads, memory_limit=memory, temp_directory=self._spill,
                                 filesystems=filesystems(r.path for r in self.runs))
         except BaseException:
             self._remove_spill()
@@ -272,18 +272,35 @@ class Run:
 
     def nearest(self, layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",
                 metric: str = "cosine", *, arrow: bool = False):
-        """The `nearest` verb's rows, ranked in numpy on the (layer, head)'s vectors loaded once:
-        the last NEAREST_CACHED (layer, head, kind) stay loaded while the Run is open."""
+        """The `nearest` verb's rows, ranked in numpy on the (layer, head)'s vectors loaded once
+        (kvcore/query/nearest.py): the last NEAREST_CACHED (layer, head, kind) stay loaded while
+        the Run is open."""
         verbs.check_nearest(self.runs, layer, head, token, k, seq, by, metric)
         key = (layer, head, by)
         found = self._candidates.pop(key, None)
         if found is None:
-            found = Candidates(self.arrow(verbs.nearest_candidates(self.runs, layer, head, by)))
+            found = Candidates({(r.model, r.dataset): self._load_candidates(r, layer, head, by)
+                                for r in self.runs if r.layer_files(layer)})
         self._candidates[key] = found  # the most recently used last
         while len(self._candidates) > NEAREST_CACHED:
             self._candidates.pop(next(iter(self._candidates)))
-        table = found.nearest(seq, token, k, metric, layer, head, by)
+
+        def tokens_of(models, datasets, seq_ids, positions):
+            rows = self.arrow(verbs.nearest_tokens(seq_ids, positions)).to_pylist()
+            found = {(r["model"], r["dataset"], r["seq_id"], r["pos"]): r for r in rows}
+            hits = [found.get(h, {}) for h in zip(models, datasets, seq_ids, positions)]
+            return [h.get("token_id") for h in hits], [h.get("token") for h in hits]
+
+        table = found.nearest(seq, token, k, metric, layer, head, by, tokens_of)
         return table if arrow else table.to_pandas()
+
+    def _load_candidates(self, run: RunFiles, layer: int, head: int, by: str) -> RunCandidates:
+        """A run's (layer, head) vectors: from its safetensors where they equal its Parquet rows, else
+        the Parquet columns ranking needs (kvcore/query/nearest.py)."""
+        found = tensor_candidates(run, layer, head, by, self.threads)
+        if found is not None:
+            return RunCandidates(found)
+        return RunCandidates(table=self.arrow(verbs.nearest_candidates(run, layer, head, by)))
 
     # ---- lifetime -------------------------------------------------------------------------
 

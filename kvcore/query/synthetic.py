@@ -1,11 +1,10 @@
 """A synthetic run directory with kvcore's own writer, for benchmarks and tests.
 
-Same layout as an extraction (shards/layer=L/part-S.parquet via `layer_table` + `write_parquet`,
-shards/kv-S.json manifests, tokens.parquet; `finalize_run` compacts them into kv/layer=L/data.parquet
-and writes metadata.json), but random
-vectors and no safetensors, so a 20M-row run takes minutes and no model. Values are rounded
-to bfloat16 precision, as a model run in bf16 caches them; each (layer, head) gets its own
-scale so norms differ the way they do in real caches.
+Same layout as an extraction (kv/part-S.safetensors in bfloat16, shards/layer=L/part-S.parquet via
+`layer_table` + `write_parquet`, shards/kv-S.json manifests, tokens.parquet; `finalize_run` compacts
+the parts into kv/layer=L/data.parquet and writes metadata.json), but random vectors, so a 20M-row
+run takes minutes and no model. Values are bfloat16, as a model run in bf16 caches them; each
+(layer, head) gets its own scale so norms differ the way they do in real caches.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from kvcore.atomic import atomic_path, write_json
-from kvcore.storage import METADATA_KEYS, finalize_run, layer_table, part_file, write_parquet
+from kvcore.storage import (METADATA_KEYS, finalize_run, layer_table, part_file, safetensors_metadata, shard_name,
+                            write_parquet)
 from kvcore.tokens import write_tokens_table
 
 
@@ -36,6 +36,9 @@ def write_synthetic_run(run_dir: str | Path, *, num_layers: int = 30, num_kv_hea
     parts and manifests, no layer files, no metadata.json) the number of shards."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
+
+    from kvcore.tensorfile import TensorFileWriter
 
     run_dir = Path(run_dir)
     rng = np.random.default_rng(seed)
@@ -57,14 +60,27 @@ def write_synthetic_run(run_dir: str | Path, *, num_layers: int = 30, num_kv_hea
         ids = [token_ids[s].tolist() for s in seq_ids]
         shape = (len(seq_ids), num_kv_heads, seq_len, head_dim)
         rows = 0
-        for layer in range(num_layers):
-            s = scales[layer][None, :, None, None]
-            keys = _bf16(rng.standard_normal(shape, dtype=np.float32) * s)
-            values = _bf16(rng.standard_normal(shape, dtype=np.float32) * s)
-            table = layer_table(keys, values, seq_ids, ids)
-            rows = table.num_rows
-            with atomic_path(run_dir / part_file(layer, shard)) as tmp:
-                write_parquet(table, tmp)
+        specs = {f"layer_{layer}_{kind}": ("bfloat16", shape) for layer in range(num_layers)
+                 for kind in ("key", "value")}
+        tensors = f"kv/{shard_name(shard)}.safetensors"
+        with atomic_path(run_dir / tensors) as tensor_tmp:
+            out = TensorFileWriter(tensor_tmp, specs, safetensors_metadata(meta, seq_ids, [seq_len] * len(seq_ids)))
+            try:
+                for layer in range(num_layers):
+                    s = scales[layer][None, :, None, None]
+                    keys = _bf16(rng.standard_normal(shape, dtype=np.float32) * s)
+                    values = _bf16(rng.standard_normal(shape, dtype=np.float32) * s)
+                    for kind, x in (("key", keys), ("value", values)):  # a bf16 is the top half of its float32
+                        bits = (x.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
+                        out.write(f"layer_{layer}_{kind}", 0, torch.from_numpy(bits).view(torch.bfloat16))
+                    table = layer_table(keys, values, seq_ids, ids)
+                    rows = table.num_rows
+                    with atomic_path(run_dir / part_file(layer, shard)) as tmp:
+                        write_parquet(table, tmp)
+            except BaseException:
+                out.abort()
+                raise
+            out.close()
         with atomic_path(run_dir / "shards" / f"predictions-{shard:05d}.parquet") as tmp:
             pq.write_table(pa.table({"seq_id": pa.array(seq_ids, pa.int32()), "rank": pa.array([0] * len(seq_ids),
                            pa.int16()), "token_id": pa.array([0] * len(seq_ids), pa.int32()),
@@ -73,7 +89,7 @@ def write_synthetic_run(run_dir: str | Path, *, num_layers: int = 30, num_kv_hea
         write_json(run_dir / "shards" / f"kv-{shard:05d}.json", {
             "shard": shard, "seq_ids": seq_ids, "seq_lengths": [seq_len] * len(seq_ids),
             "n_tokens": seq_len * len(seq_ids), "n_rows_per_layer": rows,
-            "files": [part_file(i, shard) for i in range(num_layers)],
+            "files": [part_file(i, shard) for i in range(num_layers)] + [tensors],
             **{k: meta[k] for k in METADATA_KEYS}})
         if progress:
             progress(shard + 1, n_shards)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kvcore.errors import UsageError
 from kvcore.query.discover import RunFiles
-from kvcore.query.views import layer_view, seq_view, vector_type
+from kvcore.query.views import layer_view, literal, seq_view, vector_type
 
 VERBS = ("info", "coordinate", "list_tokens", "token_search", "layer_summary", "head_summary", "token_summary",
          "search_norm", "nearest")
@@ -245,10 +245,18 @@ def search_norm(runs: list[RunFiles], low: float, high: float, kind: str = "key"
     if low > high:
         raise UsageError(f"empty norm range: low {low} is above high {high}")
     source, extra, params = _filters(runs, layer, head)
-    return Query(f"""SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm
-FROM {source}
-WHERE {kind}_norm BETWEEN ? AND ?{extra}
-ORDER BY model, dataset, layer, seq_id, pos, head""", [low, high] + params)
+    # The hits first, then their token text: kv's token join groups the whole tokens table on
+    # each query, so the scan of every row reads kv_rows (one layer: its by_layer view).
+    source = "kv_rows" if source == "kv" else source
+    return Query(f"""WITH hits AS (
+  SELECT model, dataset, layer, head, seq_id, pos, token_id, key_norm, value_norm
+  FROM {source}
+  WHERE {kind}_norm BETWEEN ? AND ?{extra}
+)
+SELECT h.model, h.dataset, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token, h.key_norm, h.value_norm
+FROM hits h
+LEFT JOIN tokens t ON t.model = h.model AND t.dataset = h.dataset AND t.seq_id = h.seq_id AND t.pos = h.pos
+ORDER BY h.model, h.dataset, h.layer, h.seq_id, h.pos, h.head""", [low, high] + params)
 
 
 def check_nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int, seq: int, by: str,
@@ -262,11 +270,21 @@ def check_nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: in
         raise UsageError(f"--k must be at least 1 (got {k})")
 
 
-def nearest_candidates(runs: list[RunFiles], layer: int, head: int, by: str) -> Query:
-    """Every vector of one (layer, KV head) with its ids: what `Run.nearest` loads once."""
-    return Query(f"""SELECT model, dataset, seq_id, pos, token_id, token, {by}_norm AS norm, {by} AS vector
-FROM {layer_view(layer)}
-WHERE head = ?""", [head])
+def nearest_candidates(run: RunFiles, layer: int, head: int, by: str) -> Query:
+    """What `Run.nearest` loads once of one run's (layer, KV head): the ids, the stored norm and the
+    vector, straight from the layer's Parquet files (no `kv` view: no token join, no text)."""
+    dim = int(run.meta["head_dim"])
+    return Query(f"""SELECT seq_id, pos, token_id, {by}_norm AS norm, CAST({by} AS FLOAT[{dim}]) AS vector
+FROM read_parquet({literal([str(f) for f in run.layer_files(layer)])})
+WHERE head = ? AND {by} IS NOT NULL""", [head])
+
+
+def nearest_tokens(seq_ids: list[int], positions: list[int]) -> Query:
+    """The tokens rows at these sequences and positions, and a few more (every pairing of them):
+    literal IN lists, so the scan of tokens.parquet (sorted by seq_id) skips the other row groups."""
+    seqs, pos = (", ".join(str(int(v)) for v in sorted(set(vs))) for vs in (seq_ids, positions))
+    return Query(f"""SELECT model, dataset, seq_id, pos, token_id, token FROM tokens
+WHERE seq_id IN ({seqs}) AND pos IN ({pos})""")
 
 
 def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",

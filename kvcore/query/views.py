@@ -2,6 +2,8 @@
 
   kv                one row per (model, dataset, layer, seq_id, pos, head): token text joined,
                     key/value as FLOAT[head_dim] arrays, their L2 norms
+  kv_rows           the same rows without `token`: scans that need no text skip the join
+                    (DuckDB 2.0 keeps kv's join once a query reads any column, `token` or not)
   tokens            seq_id, pos, token_id, token, doc_id
   predictions       next-token top-k of each sequence
   stats             stats/*.parquet unioned by column name (stats_file names the file)
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from kvcore.query.discover import RunFiles
 
-VIEW_NAMES = ("kv", "tokens", "predictions", "stats", "compress_metrics", "ppl", "runs")
+VIEW_NAMES = ("kv", "kv_rows", "tokens", "predictions", "stats", "compress_metrics", "ppl", "runs")
 
 
 def literal(value) -> str:
@@ -106,13 +108,15 @@ def lazy_view_sql(runs: list[RunFiles], schema: str, number: int) -> str | None:
     return None
 
 
-def kv_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None) -> str:
-    # Grouping tokens by their key lets DuckDB prove the join adds no rows, so queries that
-    # never read `token` drop the join entirely (join elimination) and scan only kv files.
+def kv_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None,
+           parts: str | None = None) -> str:
+    """kv: the rows of `parts` (a view's name; default the rows of kv_parts_sql) with token text."""
+    # Grouping tokens by their key lets DuckDB prove the join adds no rows, so a query that
+    # reads no kv column (count(*)) drops the join (join elimination).
     return f"""
 SELECT p.model, p.dataset, p.layer, p.seq_id, p.pos, p.head, p.token_id, t.token,
        p.key_norm, p.value_norm, p.key, p.value
-FROM ({kv_parts_sql(runs, layer, seq)}) p
+FROM {parts or f"({kv_parts_sql(runs, layer, seq)})"} p
 LEFT JOIN (SELECT model, dataset, seq_id, pos, any_value(token) AS token FROM tokens GROUP BY ALL) t
   ON p.model = t.model AND p.dataset = t.dataset AND p.seq_id = t.seq_id AND p.pos = t.pos"""
 
@@ -211,7 +215,8 @@ def runs_sql(runs: list[RunFiles]) -> str:
 
 def view_statements(runs: list[RunFiles]) -> list[tuple[str, str]]:
     """(name, SELECT) for each view the runs support, in dependency order."""
-    views = [("runs", runs_sql(runs)), ("tokens", tokens_sql(runs)), ("kv", kv_sql(runs)),
+    views = [("runs", runs_sql(runs)), ("tokens", tokens_sql(runs)), ("kv_rows", kv_parts_sql(runs)),
+             ("kv", kv_sql(runs, parts="kv_rows")),
              ("predictions", predictions_sql(runs)), ("stats", stats_sql(runs)),
              ("compress_metrics", json_rows_sql(runs, "compress")), ("ppl", json_rows_sql(runs, "ppl"))]
     return [(name, sql) for name, sql in views if sql] + stats_table_views(runs)
