@@ -22,10 +22,9 @@ without the calibration cache) fits none of them again.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-
-import json
 
 import torch
 

@@ -323,14 +323,14 @@ class Quant(Method):
             empty = torch.isinf(lo)  # a group made only of outliers/padding
             lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
-        def grid(lo, hi):
+        def grid(lo, hi):  # the stored (scale, zero) of the range [lo, hi]
             zero = _round_down(lo, sdtype)
-            return zero, _divide(hi - zero.float(), 2**bits - 1).clamp_min_(tiny).to(sdtype)
+            return _divide(hi - zero.float(), 2**bits - 1).clamp_min_(tiny).to(sdtype), zero
 
         if self.clip in ("both", kind):
             lo, hi = clipped_range(groups, ignored, dim, lo, hi, 2**bits - 1,
-                                   lambda lo, hi: tuple(t.float() for t in grid(lo, hi)[::-1]))
-        zero, scale = grid(lo, hi)
+                                   lambda lo, hi: [t.float() for t in grid(lo, hi)])
+        scale, zero = grid(lo, hi)
         return scale, zero, scale.float(), zero.float()
 
     def _quantize(self, groups, scale32, zero32, dim, bits, table=None) -> torch.Tensor:
