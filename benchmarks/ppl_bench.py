@@ -172,6 +172,10 @@ def main(argv=None) -> int:
                                      "RoPE; quanto{B}-g{G}[-tok]: a QuantizedCache peer)")
     p.add_argument("--calibration", help="run directory of an extracted cache of ANOTHER corpus: calibrates "
                                           "the methods with Lloyd-Max levels (-nuq) or mixed precision (-mx)")
+    p.add_argument("--levels", metavar="FILE",
+                   help="fitted Lloyd-Max tables (kvcore.compress.levels.save_levels): read from FILE when it "
+                        "exists, so they are not fitted again (the calibration cache need not be there), and "
+                        "written back with any fitted in this run")
     p.add_argument("--latency", type=int, default=0, metavar="N",
                    help="instead: time the scored forward of the first window N times per cache variant")
     p.add_argument("--out", required=True, help="folder for {protocol}{suffix}.json")
@@ -180,7 +184,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kvcore.compress import parse_method
+    from kvcore.compress import levels, parse_method
     from kvcore.model import load_model
     from kvcore.compress.bits import LABEL
     from kvcore.evaluation.perplexity import eval_token_ids
@@ -190,6 +194,8 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.levels and Path(args.levels).exists():
+        print(f"{levels.load_levels(args.levels)} level tables from {args.levels}", file=sys.stderr)
     model, tokenizer, device = load_model(args.model, args.device, args.dtype)
     ids = eval_token_ids(tokenizer, joined_text(args.dataset), args.max_tokens)
     out = Path(args.out)
@@ -253,6 +259,8 @@ def main(argv=None) -> int:
         path = out / f"{protocol}{args.suffix}.json"
         path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
         print(f"wrote {path} ({meta['seconds']:.0f} s)", file=sys.stderr)
+    if args.levels and levels.FITTED:
+        print(f"{levels.save_levels(args.levels)} level tables in {args.levels}", file=sys.stderr)
     return 0
 
 

@@ -13,20 +13,25 @@ import sys
 from pathlib import Path
 
 
+ISSUE = "kvcore, issue 20 (rotation / levels / clipping / mixed / composed)"
+
+
 def kind(name: str, record: dict) -> str:
     if record.get("peer"):
         return "transformers QuantizedCache (quanto)"
     if name.startswith("evict-") and "+" not in name:
         return "eviction alone (kvpress's scorers)"
-    if name.startswith("kivi") and not any(t in name for t in ("-had", "-rot", "-nuq", "-mx")):
+    options = name.replace("+", "-").split("-")
+    new = any(t in ("had", "hadv", "hadk", "nuq", "c", "ck", "cv") or t.startswith(("rot", "mx")) for t in options)
+    if name.startswith("kivi") and not new:
         return "kvcore KIVI (public recipe)"
-    return "kvcore, issue 20 (rotation / levels / mixed / composed)"
+    return ISSUE
 
 
 STYLE = {"transformers QuantizedCache (quanto)": ("tab:red", "s"),
          "eviction alone (kvpress's scorers)": ("tab:orange", "^"),
          "kvcore KIVI (public recipe)": ("tab:gray", "o"),
-         "kvcore, issue 20 (rotation / levels / mixed / composed)": ("tab:blue", "D")}
+         ISSUE: ("tab:blue", "D")}
 
 
 def main(argv=None) -> int:
@@ -64,7 +69,7 @@ def main(argv=None) -> int:
         lo, hi = r["paired"]["delta_percent_ci95"]
         d = r["delta_percent"]
         ax.errorbar(r["bits_per_element"], d, yerr=[[d - lo], [hi - d]], fmt=marker, color=color, capsize=3,
-                    label=None if k in seen else k)
+                    label=None if k in seen else k, zorder=2 if k == ISSUE else 3)  # the peers on top
         seen.add(k)
         ax.annotate(name, (r["bits_per_element"], d), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0, color="black", lw=0.5)

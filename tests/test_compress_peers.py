@@ -45,6 +45,9 @@ def methods(calibration):
         "int2-g32-had": None, "kivi3-g64-rot7-s2-o0.01": None, "int4-g64-had-nuq": {"calibration": calibration},
         "kivi2-g64-nuq-s1": {"calibration": calibration}, "int2-g64-had-mx3": {"calibration": calibration},
         "sparse-0.5+int4-g32-had": None, "evict-knorm-0.5-s2+int3-g64-rot1": None,
+        "kivi2-g64-s1-hadv-cv-o0.01": None, "evict-knorm-0.5-s2+int3-g64-had-nuq-c": {
+            "family": "compose", "first": "evict-knorm-0.5-s2",
+            "then": {**preset_spec("int3-g64-had-nuq-c"), "calibration": calibration}},
         "evict-knorm-0.4-s2-global+kivi2-g64-hadv-nuq": {
             "family": "compose", "first": "evict-knorm-0.4-s2-global",
             "then": {**preset_spec("kivi2-g64-hadv-nuq"), "calibration": calibration}},
@@ -121,6 +124,46 @@ def test_levels_are_calibrated_on_the_calibration_run_and_stored(calibration):
         parse_method("kivi3-g64-nuq")
     with pytest.raises(UsageError, match="no extracted cache"):
         parse_method("kivi3-g64-nuq", {"calibration": "/nonexistent"}).compress(x, "key", layer=0)
+
+
+def test_clipped_ranges_cut_the_error_and_store_nothing_more():
+    x = heavy((1, 2, 256, 64), seed=6)
+    for bits in (2, 3):
+        plain, clipped = parse_method(f"kivi{bits}-g64"), parse_method(f"kivi{bits}-g64-cv")
+        p, c = plain.compress(x, "value"), clipped.compress(x, "value")
+        assert set(p) == set(c) and stored_bytes(p) == stored_bytes(c)
+        assert torch.equal(clipped.fake(x, "key"), plain.fake(x, "key"))  # keys untouched
+
+        def err(m):
+            return float(((m.fake(x, "value").double() - x.double()) ** 2).sum())
+
+        assert err(clipped) < (0.75 if bits == 2 else 0.9) * err(plain)
+    with pytest.raises(UsageError, match="asymmetric"):
+        parse_method("int2-g64-sym-c")
+
+
+def test_level_tables_are_shared_saved_and_loaded(calibration, tmp_path):
+    from kvcore.compress import levels
+
+    x = heavy((1, 2, 128, 64), seed=7)
+    a = parse_method("int3-g64-had-nuq", {"calibration": calibration})
+    b = parse_method("evict-knorm-0.5-s2+int3-g64-had-nuq", {
+        "family": "compose", "first": "evict-knorm-0.5-s2",
+        "then": {**preset_spec("int3-g64-had-nuq"), "calibration": calibration}})
+    assert a.level_table(0, "key", 3, "cpu") is b.inner.level_table(0, "key", 3, "cpu")  # fitted once
+    assert not torch.equal(a.level_table(0, "key", 3, "cpu"),
+                           parse_method("int3-g64-nuq", {"calibration": calibration}).level_table(0, "key", 3, "cpu"))
+    want = a.compress(x, "key", layer=0)
+    n = levels.save_levels(tmp_path / "levels.safetensors")
+    saved = dict(levels.FITTED)
+    levels.FITTED.clear()
+    assert levels.load_levels(tmp_path / "levels.safetensors") == n and set(levels.FITTED) == set(saved)
+    moved = parse_method("int3-g64-had-nuq", {"calibration": calibration})
+    calibration_cache.cache_clear()
+    from unittest import mock
+    with mock.patch.object(levels, "calibration_cache", side_effect=AssertionError("fitted again")):
+        got = moved.compress(x, "key", layer=0)
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_mixed_precision_meets_its_budget(calibration):

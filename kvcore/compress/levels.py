@@ -13,11 +13,16 @@ as with uniform levels); the 2^b - 2 inner ones move. Each compressed tensor sto
 table (float32, 4 * 2^b bytes, counted in its size), so decompress needs no calibration.
 
 Fitting is deterministic (a fixed subsample of at most 2^18 values, 30 iterations) and
-done once per process, method, layer, kind and bit width.
+done once per process for each calibration run, normalisation (the quant spec's grouping,
+rotation, windows, outliers and clipping), layer, kind and bit width: methods that
+normalise alike share their tables (`fitted_levels`). `save_levels` / `load_levels` keep
+the tables of a process in a safetensors file, so a later process (e.g. on a machine
+without the calibration cache) fits none of them again.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,6 +61,42 @@ def calibration_tensor(run_dir: str, layer: int, kind: str) -> torch.Tensor:
         raise UsageError(f"calibration {run_dir!r} has no layer {layer} {kind} (it has {layers} layers): "
                          "calibrate on an extraction of the same model")
     return cache[(layer, kind)]
+
+
+FITTED: dict[str, torch.Tensor] = {}  # level_key(...) -> float32 levels on the CPU
+
+
+def level_key(calibration: str, normalisation: dict, layer: int, kind: str, bits: int) -> str:
+    """The name of one fitted table: its calibration run, normalisation spec, layer, kind, bits."""
+    return json.dumps([str(calibration), normalisation, layer, kind, bits], sort_keys=True)
+
+
+def fitted_levels(key: str, fit) -> torch.Tensor:
+    """The table named `key`, fitted by `fit()` the first time it is asked for in this process
+    (or read by load_levels)."""
+    if key not in FITTED:
+        FITTED[key] = fit().cpu()
+    return FITTED[key]
+
+
+def save_levels(path) -> int:
+    """Write every table fitted or loaded so far to the safetensors file `path`; their count."""
+    from safetensors.torch import save_file
+
+    names = sorted(FITTED)
+    save_file({str(i): FITTED[n].contiguous() for i, n in enumerate(names)}, str(path),
+              metadata={"keys": json.dumps(names)})
+    return len(names)
+
+
+def load_levels(path) -> int:
+    """Add the tables of a save_levels file; their count."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = json.loads(f.metadata()["keys"])
+        FITTED.update({n: f.get_tensor(str(i)) for i, n in enumerate(names)})
+    return len(names)
 
 
 def fit_levels(u: torch.Tensor, top: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from kvcore.errors import UsageError
 
 GRAMMAR = """\
 baseline | none                                   no compression (family none)
-int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32][-had[k|v]|-rot{N}][-nuq][-mx{T}]
+int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32][-had[k|v]|-rot{N}][-nuq][-mx{T}][-c[k|v]]
                                                   quant: B bits, group G (default 64),
                                                   symmetric, per-token (default) or
                                                   per-channel for keys and values,
@@ -23,8 +23,10 @@ int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32][-had[k|v]|-rot{N}][-nuq
                                                   seed-N random rotation,
                                                   Lloyd-Max levels, mixed 2-4 bits at
                                                   T bits/elem on average (nuq and mx
-                                                  need the spec key calibration)
-kivi{B}[-g{G}][-kg{G}][-sym][-s{S}][-r{R}][-o{F}][-f32]
+                                                  need the spec key calibration),
+                                                  ranges clipped to least squared error
+                                                  (keys / values only)
+kivi{B}[-g{G}][-kg{G}][-sym][-s{S}][-r{R}][-o{F}][-f32][...]
                                                   as int, but keys per channel and
                                                   values per token (KIVI); kg: keys'
                                                   own group size
@@ -52,6 +54,9 @@ _QUANT_OPTIONS = [
     (r"hadk", lambda m: {"rotation": "hadamard", "rotated": "key"}),
     (r"rot(\d+)", lambda m: {"rotation": "random", "rotation_seed": int(m[1])}),
     (r"nuq", lambda m: {"levels": "lloyd"}),
+    (r"c", lambda m: {"clip": "both"}),
+    (r"ck", lambda m: {"clip": "key"}),
+    (r"cv", lambda m: {"clip": "value"}),
     (r"mx(\d*\.?\d+)", lambda m: {"mixed_bits": float(m[1])}),
 ]
 _AXIS_OPTIONS = [

@@ -45,7 +45,10 @@ Non-uniform levels (`levels: lloyd`, kvcore.compress.levels): codes index 2^b le
 fitted per layer and kind on the extracted cache named by `calibration`; the table is
 stored with each tensor. Mixed precision (`mixed_bits`, kvcore.compress.mixed): each
 (layer, kind) gets 2, 3 or 4 bits, chosen on `calibration` so that the bits per element
-average to at most `mixed_bits`; each tensor stores its width (1 byte).
+average to at most `mixed_bits`; each tensor stores its width (1 byte). Clipping (`clip`,
+kvcore.compress.clipping): the group ranges of keys, values or both are shrunk to least
+squared error before the scale and zero are stored (so the |x - x'| <= scale / 2 bound above
+holds only for values inside the clipped range; the others take the end codes).
 
 On a GPU, 1/2/4/8-bit codes without token padding, rotation or fitted levels are quantized
 and packed, and unpacked and dequantized, by kvcore.compress.kernels (one pass each, the
@@ -65,7 +68,8 @@ import torch
 
 from kvcore.compress import kernels
 from kvcore.compress.base import HEADER_NBYTES, Method, choice, count, flag, fraction, text
-from kvcore.compress.levels import calibration_tensor, fit_levels, nearest_level
+from kvcore.compress.clipping import clipped_range
+from kvcore.compress.levels import calibration_tensor, fit_levels, fitted_levels, level_key, nearest_level
 from kvcore.compress.mixed import plan_bits
 from kvcore.compress.packing import check_packed, pack_bits, packed_nbytes, unpack_bits
 from kvcore.compress.rotation import ROTATIONS, is_power_of_two, rotate, rotation_matrix, unrotate
@@ -116,6 +120,8 @@ class Quant(Method):
         "rotation_seed": count(0, "seed of the random rotation (keys: seed, values: seed + 1)"),
         "rotated": choice("both", ("both", "key", "value"), "which kinds the rotation applies to"),
         "levels": choice("uniform", ("uniform", "lloyd"), "code levels: uniform, or Lloyd-Max fitted on calibration"),
+        "clip": choice("none", ("none", "both", "key", "value"),
+                       "which kinds' group ranges are clipped to least squared error (asymmetric groups)"),
         "mixed_bits": fraction(0.0, 0.0, 8.5, False,
                                "0: every tensor at `bits`; else 2, 3 or 4 bits per layer and kind, chosen on "
                                "calibration so that the bits per element average at most this"),
@@ -123,6 +129,8 @@ class Quant(Method):
     }
 
     def validate(self):
+        if self.clip != "none" and self.symmetric:
+            raise self.error("clip needs asymmetric groups (symmetric: false)")
         if self.levels == "lloyd" and self.symmetric:
             raise self.error("levels lloyd needs asymmetric groups (symmetric: false)")
         if (self.levels == "lloyd" or self.mixed_bits) and not self.calibration:
@@ -154,11 +162,17 @@ class Quant(Method):
             raise self.error("levels lloyd needs the layer index (compress(x, kind, layer=L))")
         key = (layer, kind, bits, str(device))
         if key not in self._tables:
-            x = calibration_tensor(self.calibration, layer, kind).to(device)  # fitted where it is used
-            self.check_shape(tuple(x.shape))
-            uniform = Quant(self.name, {**self.spec, "bits": bits, "mixed_bits": 0.0, "levels": "uniform"})
-            u = uniform.normalized(x, kind, layer)
-            self._tables[key] = fit_levels(u, 2**bits - 1)
+            normalisation = {k: getattr(self, k) for k in self.params
+                             if k not in ("bits", "mixed_bits", "levels", "calibration")}
+
+            def fit():
+                x = calibration_tensor(self.calibration, layer, kind).to(device)  # fitted where it is used
+                self.check_shape(tuple(x.shape))
+                uniform = Quant(self.name, {**normalisation, "bits": bits})
+                return fit_levels(uniform.normalized(x, kind, layer), 2**bits - 1)
+
+            table = fitted_levels(level_key(self.calibration, normalisation, layer, kind, bits), fit)
+            self._tables[key] = table.to(device)
         return self._tables[key]
 
     # ---- geometry -------------------------------------------------------------------
@@ -260,7 +274,7 @@ class Quant(Method):
         _, groups, ignored, dim, _ = self._grouped(x, kind)
         if groups is None:
             return torch.empty(0, device=x.device)
-        _, _, scale32, zero32 = self._ranges(groups, ignored, dim, self.bits_for(layer, kind))
+        _, _, scale32, zero32 = self._ranges(groups, ignored, dim, self.bits_for(layer, kind), kind)
         u = (groups - zero32.unsqueeze(dim)) / scale32.unsqueeze(dim)
         return u.reshape(-1) if ignored is None else u[~ignored]
 
@@ -274,14 +288,16 @@ class Quant(Method):
         padded_shape, n_mid = shapes
         table = self.level_table(layer, kind, bits, x.device) if self.levels == "lloyd" else None
         channel = self.axis(kind) == "channel"
-        if self._kernel_case(x, kind, bits, n_mid, table is None) and kernels.packs(x.shape[-1], bits, channel):
+        clipped = self.clip in ("both", kind)  # the kernel computes the full ranges, not clipped ones
+        if (self._kernel_case(x, kind, bits, n_mid, table is None) and not clipped
+                and kernels.packs(x.shape[-1], bits, channel)):
             # one pass: the ranges, the codes and their packing (the same bits as the torch ops below)
             start, stop = self.window(x.shape[2])
             fields["codes"], scale, zero = kernels.quantize_pack(
                 x[:, :, start:stop], ignored, bits, self.group(kind), channel, self.symmetric,
                 _SCALE_DTYPES[self.scale_dtype])
         else:
-            scale, zero, scale32, zero32 = self._ranges(groups, ignored, dim, bits)
+            scale, zero, scale32, zero32 = self._ranges(groups, ignored, dim, bits, kind)
             codes = self._quantize(groups, scale32, zero32, dim, bits, table)
             fields["codes"] = codes.reshape(padded_shape)[:, :, :n_mid]
         fields["scale"] = scale
@@ -291,8 +307,9 @@ class Quant(Method):
             fields["levels"] = table
         return fields
 
-    def _ranges(self, groups: torch.Tensor, ignored: torch.Tensor | None, dim: int, bits: int):
-        """Per-group stored scale and zero (zero None if symmetric), and their float32 values.
+    def _ranges(self, groups: torch.Tensor, ignored: torch.Tensor | None, dim: int, bits: int, kind: str):
+        """Per-group stored scale and zero (zero None if symmetric), and their float32 values;
+        the range clipped to least squared error where `clip` covers `kind`.
 
         No device sync here (this runs inside cache updates): a float16 overflow shows up
         as an infinite scale, which the file level rejects.
@@ -310,10 +327,16 @@ class Quant(Method):
             hi = groups.masked_fill(ignored, -math.inf).amax(dim)
             empty = torch.isinf(lo)  # a group made only of outliers/padding
             lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-        zero = _round_down(lo, sdtype)
-        zero32 = zero.float()
-        scale = _divide(hi - zero32, 2**bits - 1).clamp_min_(tiny).to(sdtype)
-        return scale, zero, scale.float(), zero32
+
+        def grid(lo, hi):  # the stored (scale, zero) of the range [lo, hi]
+            zero = _round_down(lo, sdtype)
+            return _divide(hi - zero.float(), 2**bits - 1).clamp_min_(tiny).to(sdtype), zero
+
+        if self.clip in ("both", kind):
+            lo, hi = clipped_range(groups, ignored, dim, lo, hi, 2**bits - 1,
+                                   lambda lo, hi: [t.float() for t in grid(lo, hi)])
+        scale, zero = grid(lo, hi)
+        return scale, zero, scale.float(), zero.float()
 
     def _quantize(self, groups, scale32, zero32, dim, bits, table=None) -> torch.Tensor:
         s = scale32.unsqueeze(dim)
