@@ -19,10 +19,13 @@ from pathlib import Path
 
 JOB_LINE = re.compile(r"kvcore: job took ([\d.]+) s wall, ([\d.]+) s CPU")
 STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$", re.M)
+RULE_BENCHMARK = re.compile(r"^(?:local)?rule (\w+):$(?:\n {4}.*)*?\n {4}benchmark: (\S+)", re.M)
 
 
-def job_times(workdir: Path) -> dict[str, list[tuple[str, float, float]]]:
-    """rule -> [(job, wall s, CPU s)] of every benchmark file under workdir/logs/benchmarks."""
+def job_times(workdir: Path, log_text: str = "") -> dict[str, list[tuple[str, float, float]]]:
+    """rule -> [(job, wall s, CPU s)] of every benchmark file under workdir/logs/benchmarks; the
+    rule named by Snakemake's log (`log_text`), else the file's first folder."""
+    named = {bench: rule for rule, bench in RULE_BENCHMARK.findall(log_text)}
     rules: dict[str, list] = {}
     for tsv in sorted((workdir / "logs" / "benchmarks").rglob("*.tsv")):
         job = tsv.relative_to(workdir / "logs" / "benchmarks").with_suffix("")
@@ -31,7 +34,8 @@ def job_times(workdir: Path) -> dict[str, list[tuple[str, float, float]]]:
         log = workdir / "logs" / job.with_suffix(".log")
         found = JOB_LINE.search(log.read_text()) if log.is_file() else None
         cpu = float(found[2]) if found else float(row["cpu_time"]) if row["cpu_time"] not in ("", "NA") else 0.0
-        rules.setdefault(job.parts[0], []).append((job.as_posix(), float(row["s"]), cpu))
+        rule = named.get(tsv.relative_to(workdir).as_posix(), job.parts[0])
+        rules.setdefault(rule, []).append((job.as_posix(), float(row["s"]), cpu))
     return rules
 
 
@@ -47,7 +51,9 @@ def main() -> None:
     ap.add_argument("--log", type=Path, help="Snakemake's console output (default: the newest .snakemake/log)")
     ap.add_argument("--jobs", action="store_true", help="also list every job")
     args = ap.parse_args()
-    rules = job_times(args.workdir)
+    logs = sorted((args.workdir / ".snakemake" / "log").glob("*.snakemake.log"))
+    log = args.log or (logs[-1] if logs else None)
+    rules = job_times(args.workdir, log.read_text() if log else "")
     if not rules:
         sys.exit(f"run_times: error: no benchmark files under {args.workdir / 'logs' / 'benchmarks'}")
     print("| rule | jobs | wall s (sum) | wall s (longest job) | CPU s (sum) |\n|---|---:|---:|---:|---:|")
@@ -56,8 +62,6 @@ def main() -> None:
               f"| {sum(j[2] for j in jobs):.0f} |")
     every = [j for jobs in rules.values() for j in jobs]
     print(f"| all | {len(every)} | {sum(j[1] for j in every):.0f} | | {sum(j[2] for j in every):.0f} |")
-    logs = sorted((args.workdir / ".snakemake" / "log").glob("*.snakemake.log"))
-    log = args.log or (logs[-1] if logs else None)
     wall = run_wall(log) if log else None
     if wall is not None:
         print(f"\nthe run: {wall:.0f} s wall ({log})")
