@@ -69,7 +69,8 @@ def evaluate_shard(model_dir, text_or_ids, method: str, spec: dict | None, setti
     selected = list(shard_windows(n_windows, shard, shards))
     methods = {} if m.family == "none" else {method: m}
     dtype = str(model.dtype).replace("torch.", "")
-    reuse = baseline is not None and methods and shards == 1 and window_batch(model, device, settings["max_length"]) == 1
+    reuse = (baseline is not None and bool(methods) and shards == 1
+             and window_batch(model, device, settings["max_length"]) == 1)
     runs = {}
     for protocol in protocols:
         out = {"protocol": protocol, "layout": layout, "baseline": {"windows": []},
