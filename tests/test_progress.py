@@ -43,8 +43,9 @@ def test_inside_a_job_lines_go_to_the_log_and_the_console(tmp_path, monkeypatch)
     log = tmp_path / "logs" / "stats" / "m" / "d.log"
     monkeypatch.chdir(tmp_path)
     run_job("logs/stats/m/d.log", lambda: list(each([1, 2, 3], "stats", "tok", jobs_only=True)))
-    text = log.read_text()
-    assert text.startswith("stats: 3/3 tok, ") and text.endswith(", done in 0s\n") and text.count("\n") == 1
+    text, took = log.read_text().splitlines(keepends=True)  # the job's progress, then its time (log only)
+    assert text.startswith("stats: 3/3 tok, ") and text.endswith(", done in 0s\n")
+    assert re.fullmatch(r"kvcore: job took [\d.]+ s wall, [\d.]+ s CPU\n", took)
     assert console.getvalue() == "kvcore: stats/m/d: " + text  # named by the job's log
     # outside a job, a jobs_only progress stays silent; the others write to stderr
     list(each([1], "stats", "tok", jobs_only=True))

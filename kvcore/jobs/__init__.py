@@ -37,7 +37,7 @@ def run_job(log: str | None, job: Callable[[], object], device: str = "cpu", thr
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     sink = open(log, "w") if log else contextlib.nullcontext(sys.stderr)
     name = Path(log).with_suffix("").as_posix().removeprefix("logs/") if log else "job"
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_seconds()
     with sink as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream), \
             to_console(console, name):
         try:
@@ -50,8 +50,8 @@ def run_job(log: str | None, job: Callable[[], object], device: str = "cpu", thr
 
                     torch.set_num_threads(torch_threads(threads))
                 job()
-            print(f"kvcore: job took {time.perf_counter() - started:.1f} s wall, {cpu_seconds():.1f} s CPU",
-                  file=stream)
+            print(f"kvcore: job took {time.perf_counter() - started:.1f} s wall, "
+                  f"{cpu_seconds() - cpu_before:.1f} s CPU", file=stream)
         except (KvcoreError, OSError) as error:  # OSError: disk full, file too large
             message = f"kvcore: error: {one_line(error)}"
             print(message, file=stream)
