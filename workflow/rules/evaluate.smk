@@ -1,8 +1,8 @@
 # Perplexity under each method (DESIGN.md "Perplexity protocols"; kvcore.evaluation.protocols).
-# One job per (model, dataset, method): the method's baseline and every protocol that makes
-# sense for its family run in the same job, on the same device, so latencies compare.
-# A method's job reads the run's baseline job's per-window NLLs instead of running those forwards
-# again where they are bit-identical (one window per forward: the CPU), so it runs after it.
+# One job per (model, dataset, method): every protocol that makes sense for its family runs in
+# the same job. Its baseline is the run's baseline job's per-window NLLs (ppl/baseline.json, an
+# input) where those are the same bits (one window per forward: the CPU); on a GPU, where the
+# baseline job batches windows, the method's job runs its own baseline beside the method.
 # With perplexity.shards = N > 1 each method's windows are cut into N contiguous blocks, one
 # perplexity_shard job each, and `perplexity` merges them (kvcore.jobs.perplexity.merge_shard_files)
 # into the same ppl/{method}.json one job writes.
