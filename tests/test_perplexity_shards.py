@@ -90,6 +90,28 @@ def test_merged_shards_equal_one_job_in_every_number(llama, method, shards):
     assert merged["seconds"] == pytest.approx(total)
 
 
+def test_a_method_taking_the_baseline_jobs_windows_gets_its_own_numbers(llama, monkeypatch):
+    # the workflow's method jobs read ppl/baseline.json instead of running the baseline's forwards again
+    from kvcore.evaluation.perplexity import validate_method
+
+    loaded, ids = llama
+    method = "int4-g32-ch"  # both protocols
+    model = loaded[0]
+    alone = validate_method(None, ids, method, None, SETTINGS, loaded=loaded)
+    baseline = json.loads(json.dumps(validate_method(None, ids, "baseline", None, SETTINGS, loaded=loaded)))
+    forwards = []
+    monkeypatch.setattr(model, "forward", lambda *a, _f=model.forward, **k: forwards.append(1) or _f(*a, **k))
+    taken = validate_method(None, ids, method, None, SETTINGS, loaded=loaded, baseline=baseline)
+    assert_same_numbers(json.loads(json.dumps(alone)), json.loads(json.dumps(taken)))
+    # per window: fake-quant runs the method's forward only, prefill-compress the prefill and the method's
+    # feed, not the baseline's (20 forwards without the baseline's record)
+    assert len(forwards) == 4 + 4 + 4
+    assert taken["baseline_seconds"] == baseline["protocols"][taken["protocol"]]["seconds"]
+    baseline["protocols"]["prefill-compress"]["token_ids_sha256"] = "0" * 64  # another text's baseline
+    with pytest.raises(KvcoreError, match="does not fit this evaluation"):
+        validate_method(None, ids, method, None, SETTINGS, loaded=loaded, baseline=baseline)
+
+
 def test_more_shards_than_windows_leave_empty_shards_that_still_merge(llama):
     from kvcore.evaluation.perplexity import validate_method
 

@@ -449,8 +449,8 @@ def _script_devices(script: str, monkeypatch, **sections) -> list[str]:
     import kvcore.jobs
 
     calls = []
-    monkeypatch.setattr(kvcore.jobs, "run_job", lambda log, job, device="cpu": calls.append(device))
-    fake = type("Snakemake", (), {k: _Namespace(v) for k, v in sections.items()})()
+    monkeypatch.setattr(kvcore.jobs, "run_job", lambda log, job, device="cpu", threads=None: calls.append(device))
+    fake = type("Snakemake", (), {"threads": 1, **{k: _Namespace(v) for k, v in sections.items()}})()
     runpy.run_path(str(REPO / "workflow" / "scripts" / script), init_globals={"snakemake": fake})
     return calls
 
@@ -458,7 +458,8 @@ def _script_devices(script: str, monkeypatch, **sections) -> list[str]:
 @pytest.mark.parametrize("device", ["auto", "cuda", "cpu"])
 def test_perplexity_and_task_jobs_claim_a_gpu_like_extraction(monkeypatch, device):
     log = {"log": "x.log"}
-    ppl = dict(input={"model": "m/manifest.json", "text": "t.parquet"}, output={"result": "r.json"}, log=log,
+    ppl = dict(input={"model": "m/manifest.json", "text": "t.parquet", "baseline": []}, output={"result": "r.json"},
+               log=log,
                params={"spec": {}, "settings": {"device": device}, "shards": 2})
     assert _script_devices("perplexity.py", monkeypatch, wildcards={"method": "q"}, **ppl) == [device]
     assert _script_devices("perplexity_shard.py", monkeypatch, wildcards={"method": "q", "shard": "00001"},

@@ -43,10 +43,16 @@ def check_protocols(method: str, spec: dict | None, protocols: list[str] | None)
 
 def evaluate_shard(model_dir, text_or_ids, method: str, spec: dict | None, settings: dict,
                    options: dict | None = None, protocols: list[str] | None = None, loaded=None,
-                   shard: int = 0, shards: int = 1) -> dict:
-    """Per-window results of one method under its protocols over shard `shard` of `shards`."""
+                   shard: int = 0, shards: int = 1, baseline: dict | None = None) -> dict:
+    """Per-window results of one method under its protocols over shard `shard` of `shards`.
+
+    `baseline`: the ppl record of the run's baseline (a `none` method's job, same text and
+    settings). Where that job ran one window per forward, as a method's job does (the CPU:
+    `batched.window_batch`), its per-window NLLs are this job's baseline bit for bit, so they
+    are taken instead of running the baseline's forwards again; its seconds stay the baseline's."""
     from pathlib import Path
 
+    from kvcore.evaluation.batched import window_batch
     from kvcore.evaluation.nll import token_ids_sha256
     from kvcore.evaluation.protocols import evaluate_methods
     from kvcore.model import load_model
@@ -62,15 +68,25 @@ def evaluate_shard(model_dir, text_or_ids, method: str, spec: dict | None, setti
     n_windows = len(layout_windows(len(ids), settings["max_length"], settings["stride"], layout))
     selected = list(shard_windows(n_windows, shard, shards))
     methods = {} if m.family == "none" else {method: m}
+    dtype = str(model.dtype).replace("torch.", "")
+    reuse = (baseline is not None and bool(methods) and shards == 1
+             and window_batch(model, device, settings["max_length"]) == 1)
     runs = {}
     for protocol in protocols:
         out = {"protocol": protocol, "layout": layout, "baseline": {"windows": []},
                "methods": {name: {"windows": [], "metric_parts": []} for name in methods}}
+        known = baseline_windows(baseline, protocol, token_ids_sha256(ids), n_windows, settings, layout, dtype) \
+            if reuse else None
         if selected:  # more shards than windows leaves some empty
             run = evaluate_methods(model, ids, methods, protocol=protocol, max_length=settings["max_length"],
                                    stride=settings["stride"], layout=layout, tokenizer=tokenizer, device=device,
-                                   selected=selected, options=options, progress=f"{method} {protocol}")
+                                   selected=selected, options=options, progress=f"{method} {protocol}",
+                                   baseline=known)
             out["baseline"]["windows"] = run["baseline"]["windows"]
+            if known is not None:
+                record = baseline["protocols"][protocol]
+                out["baseline"]["timing"] = {"seconds": record["seconds"],
+                                             "scored_seconds": record.get("scored_forward_seconds")}
             for name in methods:
                 out["methods"][name] = {"windows": run["methods"][name]["windows"],
                                         "metric_parts": run["methods"][name]["metric_parts"]}
@@ -78,8 +94,28 @@ def evaluate_shard(model_dir, text_or_ids, method: str, spec: dict | None, setti
     return {"format": SHARD_FORMAT, "method": method, "spec": m.spec, "family": m.family, "shard": shard,
             "shards": shards, "n_windows_total": n_windows, "max_length": settings["max_length"],
             "stride": settings["stride"], "threshold": settings.get("threshold", 0.5),
-            "dtype": str(model.dtype).replace("torch.", ""), "token_ids_sha256": token_ids_sha256(ids),
-            "protocols": runs}
+            "dtype": dtype, "token_ids_sha256": token_ids_sha256(ids), "protocols": runs}
+
+
+def baseline_windows(record: dict, protocol: str, ids_sha256: str, n_windows: int, settings: dict, layout: str,
+                     dtype: str) -> dict:
+    """window index -> (NLL sum, scored count) of `protocol` in the baseline's ppl `record`,
+    checked to be of the same token ids, windows and dtype (`evaluate_shard`'s `baseline`)."""
+    run = (record.get("protocols") or {}).get(protocol) or {}
+    expected = {"token_ids_sha256": ids_sha256, "max_length": settings["max_length"], "stride": settings["stride"],
+                "layout": layout, "dtype": dtype, "n_windows": n_windows}
+    wrong = [key for key, value in expected.items() if run.get(key) != value]
+    if wrong:
+        raise KvcoreError(f"the baseline's perplexity record does not fit this evaluation ({protocol}: "
+                          f"{wrong[0]} {run.get(wrong[0])!r}, expected {expected[wrong[0]]!r}); rerun its job")
+    try:
+        known = {w["index"]: (float(w["nll_sum"]), int(w["n_scored"])) for w in run["windows"]}
+    except (KeyError, TypeError, ValueError):
+        known = {}
+    if sorted(known) != list(range(n_windows)):
+        raise KvcoreError(f"the baseline's perplexity record ({protocol}) does not hold windows 0..{n_windows - 1}; "
+                          "rerun its job")
+    return known
 
 
 def merge_shards(shards: list[dict]) -> dict:
@@ -107,8 +143,10 @@ def merge_shards(shards: list[dict]) -> dict:
         if sorted(w["index"] for w in base) != list(range(n_total)):
             raise KvcoreError(f"perplexity shards of {method!r} ({protocol}) do not cover windows 0..{n_total - 1} "
                               f"exactly once")
+        timing = head["baseline"].get("timing")  # windows taken from the baseline's job: its seconds
         run = {"protocol": protocol, "layout": head["layout"], "token_ids_sha256": first["token_ids_sha256"],
-               "baseline": summarize(base), "methods": {}}
+               "baseline": summarize(base, timing["seconds"]) | {"scored_seconds": timing["scored_seconds"]}
+               if timing else summarize(base), "methods": {}}
         for m in head["methods"]:
             run["methods"][m] = summarize([w for p in parts for w in p["methods"][m]["windows"]]) | {
                 "metrics": pooled_metrics([x for p in parts for x in p["methods"][m]["metric_parts"]])}
@@ -137,7 +175,9 @@ def read_shard(path) -> dict:
 
 
 def validate_method(model_dir, text_or_ids, method: str, spec: dict | None, settings: dict,
-                    options: dict | None = None, protocols: list[str] | None = None, loaded=None) -> dict:
-    """Baseline and compressed perplexity of one method under its protocols: the ppl record."""
+                    options: dict | None = None, protocols: list[str] | None = None, loaded=None,
+                    baseline: dict | None = None) -> dict:
+    """Baseline and compressed perplexity of one method under its protocols: the ppl record
+    (`baseline`: the run's baseline record, see `evaluate_shard`)."""
     return merge_shards([evaluate_shard(model_dir, text_or_ids, method, spec, settings, options=options,
-                                        protocols=protocols, loaded=loaded)])
+                                        protocols=protocols, loaded=loaded, baseline=baseline)])

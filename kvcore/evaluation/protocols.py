@@ -102,12 +102,16 @@ def method_ropes(model, methods: dict, pre_rope) -> dict:
 def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: str, max_length: int, stride: int,
                      layout: str = "sliding", tokenizer=None, device: str = "cpu",
                      selected: list[int] | None = None, options: dict | None = None,
-                     progress: str | None = None, windows: list | None = None, batch: int | None = None) -> dict:
+                     progress: str | None = None, windows: list | None = None, batch: int | None = None,
+                     baseline: dict | None = None) -> dict:
     """Baseline and compressed perplexity of `token_ids` for each method under `protocol`.
 
     `windows` (windows.Window list) replaces the layout's, e.g. one window scoring a given
     continuation after its prompt (kvcore.evaluation.score). `batch`: windows per forward of a
     baseline run without methods (the `baseline` job; None: `batched.window_batch`, 1 on the CPU).
+    `baseline`: window index -> (NLL sum, scored count) of this baseline computed before, one
+    window per forward (the run's baseline job): those windows skip the baseline's own forward
+    (its scored feed under prefill-compress) and take these numbers, with 0 seconds.
 
     Returns {"baseline": summary, "methods": {name: summary}, "token_ids_sha256", ...} where a
     summary is `nll.summarize(...)` plus `metrics` (records.pooled_metrics) and `metric_parts`.
@@ -148,11 +152,12 @@ def evaluate_methods(model, token_ids: list[int], methods: dict, *, protocol: st
             for recorder in run.recorders.values():
                 recorder.window = i
             window_ids = ids[:, w.begin:w.end]
+            known = None if baseline is None else baseline[i]
             if protocol == "fake-quant":
-                fake_quant_window(model, window_ids, w, i, methods, run, ropes, device)
+                fake_quant_window(model, window_ids, w, i, methods, run, ropes, device, known)
             else:
                 prefill_compress_window(model, window_ids, w, i, methods, run, ropes, device, max_length, stride,
-                                        scorers, tokenizer, options)
+                                        scorers, tokenizer, options, known)
     result = {"protocol": protocol, "layout": layout, "seconds": time.perf_counter() - started,
               "token_ids_sha256": token_ids_sha256(token_ids), "baseline": summarize(run.windows[None]),
               "methods": {}}
@@ -184,7 +189,8 @@ def baseline_batches(chosen, all_windows, batch: int, protocol: str, methods: di
     return batches(chosen, all_windows, batch, same)
 
 
-def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device):
+def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device, known=None):
+    """One window under fake-quant; `known`: the baseline's (NLL sum, count), computed before."""
     key = (index, w.begin, w.end)
     labels = window_ids.clone()
     labels[:, :-w.target_len] = -100
@@ -194,7 +200,7 @@ def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device):
             logits = model(input_ids=window_ids, past_key_values=cache, use_cache=True).logits
         return (*scored_nll(logits, labels), t.seconds)
 
-    run.add(None, key, *forward(cache_from(model, [], [])))
+    run.add(None, key, *(forward(cache_from(model, [], [])) if known is None else (*known, 0.0)))
     for name, method in methods.items():
         if is_peer(method):
             raise UsageError(f"method {name!r}: external caches are measured under prefill-compress only")
@@ -202,7 +208,8 @@ def fake_quant_window(model, window_ids, w, index, methods, run, ropes, device):
 
 
 def prefill_compress_window(model, window_ids, w, index, methods, run, ropes, device, max_length, stride,
-                            scorers, tokenizer, options):
+                            scorers, tokenizer, options, known=None):
+    """One window under prefill-compress; `known`: the baseline's (NLL sum, count), computed before."""
     import torch
 
     key = (index, w.begin, w.end)
@@ -236,7 +243,10 @@ def prefill_compress_window(model, window_ids, w, index, methods, run, ropes, de
                 nll, count = nll + more, count + n
         return nll, count, t.seconds
 
-    run.add(None, key, *score(cache_from(model, pre.keys, pre.values), {}), pre.seconds)
+    if known is None:
+        run.add(None, key, *score(cache_from(model, pre.keys, pre.values), {}), pre.seconds)
+    else:
+        run.add(None, key, *known, 0.0)
     scores: dict = {}
     for name, method in methods.items():
         with Timer(device) as t_compress:

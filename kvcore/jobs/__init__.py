@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 from kvcore.errors import KvcoreError, one_line
 
 
-def run_job(log: str | None, job: Callable[[], object], device: str = "cpu") -> None:
+def run_job(log: str | None, job: Callable[[], object], device: str = "cpu", threads: int | None = None) -> None:
     """Call `job()` with stdout/stderr written to `log`; exit 1 with one line on KvcoreError.
 
     A job on device "auto" or "cuda" first claims a free GPU of this host (kvcore.gpus), so
     jobs started together with `--resources gpu=N` land on different GPUs. Its progress lines
-    (kvcore.progress) go to the log and to the console, named by the log's path.
+    (kvcore.progress) go to the log and to the console, named by the log's path. `threads`
+    (the rule's) caps torch's intra-op threads (`torch_threads`). The log ends with the job's
+    wall and CPU seconds (what docs/perplexity.md's run-time table adds up).
     """
     from kvcore.gpus import claim_gpu
     from kvcore.progress import to_console
@@ -33,6 +37,7 @@ def run_job(log: str | None, job: Callable[[], object], device: str = "cpu") -> 
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     sink = open(log, "w") if log else contextlib.nullcontext(sys.stderr)
     name = Path(log).with_suffix("").as_posix().removeprefix("logs/") if log else "job"
+    started, cpu_before = time.perf_counter(), cpu_seconds()
     with sink as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream), \
             to_console(console, name):
         try:
@@ -40,10 +45,28 @@ def run_job(log: str | None, job: Callable[[], object], device: str = "cpu") -> 
             with claim_gpu() if device in ("auto", "cuda") else contextlib.nullcontext() as gpu:
                 if gpu is not None:  # in the job's log: which device a job ran on, for post-mortems
                     print(f"kvcore: claimed GPU {gpu} (CUDA_VISIBLE_DEVICES={gpu})", flush=True)
+                if threads:
+                    import torch
+
+                    torch.set_num_threads(torch_threads(threads))
                 job()
+            print(f"kvcore: job took {time.perf_counter() - started:.1f} s wall, "
+                  f"{cpu_seconds() - cpu_before:.1f} s CPU", file=stream)
         except (KvcoreError, OSError) as error:  # OSError: disk full, file too large
             message = f"kvcore: error: {one_line(error)}"
             print(message, file=stream)
             if stream is not console:
                 print(message, file=console)
             sys.exit(1)
+
+
+def torch_threads(threads: int) -> int:
+    """A job's torch threads: its rule's `threads`, at most the CPUs this process may use (more
+    threads than CPUs make each parallel op wait for a descheduled thread)."""
+    return max(1, min(int(threads), len(os.sched_getaffinity(0))))
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all of its threads) and its waited-for children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime

@@ -15,14 +15,17 @@ def job_inputs(text_parquet, settings: dict, options: dict | None):
 
 
 def run_perplexity(model_dir, text_parquet, method: str, spec: dict, settings: dict, out_path,
-                   options: dict | None = None) -> dict:
+                   options: dict | None = None, baseline=None) -> dict:
     """Evaluate one method on a dataset and write ppl/{method}.json (rule perplexity).
 
     Every protocol that fits the method's family runs (options.FAMILY_PROTOCOLS); the first
     is the primary: its record is the file's top level, `protocols` holds each one's record.
+    `baseline`: the run's baseline ppl/{name}.json, whose windows the method's job takes
+    instead of running them again where they are bit-identical (evaluate_shard).
     """
     text, options = job_inputs(text_parquet, settings, options)
-    record = validate_method(model_dir, text, method, spec, settings, options=options)
+    record = validate_method(model_dir, text, method, spec, settings, options=options,
+                             baseline=read_record(baseline) if baseline else None)
     write_json(out_path, record)
     return record
 
@@ -34,6 +37,22 @@ def run_perplexity_shard(model_dir, text_parquet, method: str, spec: dict, setti
     result = evaluate_shard(model_dir, text, method, spec, settings, options=options, shard=shard, shards=shards)
     write_json(out_path, result)
     return result
+
+
+def read_record(path) -> dict:
+    """A ppl/{method}.json record."""
+    import json
+    from pathlib import Path
+
+    from kvcore.errors import KvcoreError
+
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise KvcoreError(f"{path}: not a readable perplexity record ({error}); rerun its perplexity job") from None
+    if not isinstance(record, dict):
+        raise KvcoreError(f"{path}: not a perplexity record; rerun its perplexity job")
+    return record
 
 
 def merge_shard_files(paths: list, out_path) -> dict:

@@ -21,7 +21,7 @@ from kvcore.stats import STATS_TABLES
 
 __all__ = [
     "RESULT_PLOTS", "STATS_TABLES", "STAT_PLOTS", "UsageError", "calibration_dirs", "check", "check_files",
-    "code_files", "code_modules", "explain", "num_layers", "prompt_list", "scores_with_model",
+    "code_files", "code_modules", "explain", "family", "num_layers", "prompt_list", "scores_with_model",
 ]
 
 PERPLEXITY = ["kvcore.evaluation.perplexity", "kvcore.evaluation.protocols", "kvcore.model", "kvcore.sources.datasets"]
@@ -61,6 +61,13 @@ def scores_with_model(name: str, spec: dict | None) -> bool:
         first = spec.get("first") or {}
         spec = preset_spec(first) if isinstance(first, str) else first
     return spec.get("family") == "evict" and needs_model(spec.get("scorer", ""))
+
+
+def family(name: str, spec: dict | None) -> str | None:
+    """A method's family from its config spec (or its preset's), without importing torch."""
+    from kvcore.compress import preset_spec
+
+    return (spec or preset_spec(name)).get("family")
 
 
 def calibration_dirs(spec) -> list[str]:

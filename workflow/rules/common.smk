@@ -29,6 +29,15 @@ COMPRESSIBLE = METHODS
 # evict methods (or composed ones evicting first) whose scorer reads attention: choosing their
 # tokens runs the model (rule compress_evict)
 EVICTING = [m for m in METHODS if jobs.scores_with_model(m, config["methods"][m])]
+# The methods of family none: a method's perplexity job takes the first one's per-window NLLs
+# instead of running the same baseline forwards again (kvcore.evaluation.perplexity.evaluate_shard).
+BASELINES = [m for m in METHODS if jobs.family(m, config["methods"][m]) == "none"]
+# `threads:` of every job that runs torch (extract, compress, compress_evict, perplexity, task),
+# which it gives torch (kvcore.jobs.run_job): one. torch's default, a thread per core, in jobs that
+# share the cores makes every parallel op wait for a descheduled thread: on the shared 2-core box a
+# 512-token forward of the default model took 6-13 s with two threads and 3-6 s with one (the
+# results are the same bits). On a larger CPU machine: `--set-threads perplexity=8`, per rule.
+TORCH_THREADS = 1
 RUN = "results/{model}/{dataset}"
 ENV = "../envs/kvcore.yaml"  # every rule runs the same Python stack (pyproject.toml)
 RUN_CATEGORY = "{model} · {dataset}"  # a run's section of the --report HTML
@@ -98,6 +107,13 @@ def calibration_files(method):
                         f"{RUN}/kv/part-{{shard}}.safetensors", model=model, dataset=dataset, shard=shards(dataset)
                     )
     return files
+
+
+def baseline_record(wc):
+    """The run's baseline ppl file a method's perplexity job reads (nothing for a baseline itself)."""
+    if not BASELINES or wc.method in BASELINES:
+        return []
+    return [f"{RUN.format(model=wc.model, dataset=wc.dataset)}/ppl/{BASELINES[0]}.json"]
 
 
 def method_code(rule):

@@ -20,6 +20,7 @@ rule compress:
         method=one_of([m for m in METHODS if m not in EVICTING]),
     conda:
         ENV
+    threads: TORCH_THREADS
     params:
         spec=method_spec,
         device=config["extract"]["device"],
@@ -45,6 +46,7 @@ rule compress_evict:
         method=one_of(EVICTING),
     conda:
         ENV
+    threads: TORCH_THREADS
     resources:
         gpu=1,
     params:

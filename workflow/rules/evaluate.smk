@@ -1,6 +1,8 @@
 # Perplexity under each method (DESIGN.md "Perplexity protocols"; kvcore.evaluation.protocols).
-# One job per (model, dataset, method): the method's baseline and every protocol that makes
-# sense for its family run in the same job, on the same device, so latencies compare.
+# One job per (model, dataset, method): every protocol that makes sense for its family runs in
+# the same job. Its baseline is the run's baseline job's per-window NLLs (ppl/baseline.json, an
+# input) where those are the same bits (one window per forward: the CPU); on a GPU, where the
+# baseline job batches windows, the method's job runs its own baseline beside the method.
 # With perplexity.shards = N > 1 each method's windows are cut into N contiguous blocks, one
 # perplexity_shard job each, and `perplexity` merges them (kvcore.jobs.perplexity.merge_shard_files)
 # into the same ppl/{method}.json one job writes.
@@ -18,6 +20,7 @@ if PPL_SHARDS == 1:
             text=rules.download_dataset.output.text,
             code=method_code("perplexity"),
             calibration=lambda wc: calibration_files(wc.method),
+            baseline=baseline_record,
         output:
             result=f"{RUN}/ppl/{{method}}.json",
         log:
@@ -26,6 +29,7 @@ if PPL_SHARDS == 1:
             "logs/benchmarks/perplexity/{model}/{dataset}/{method}.tsv"
         conda:
             ENV
+        threads: TORCH_THREADS
         resources:
             gpu=1,
         params:
@@ -50,6 +54,7 @@ else:
             "logs/benchmarks/perplexity/{model}/{dataset}/{method}-{shard}.tsv"
         conda:
             ENV
+        threads: TORCH_THREADS
         resources:
             gpu=1,
         params:

@@ -62,6 +62,7 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
             model=one_of(models),
         conda:
             ENV
+        threads: TORCH_THREADS
         resources:
             gpu=1,
         params:

@@ -16,7 +16,7 @@ rule stats:
         "logs/benchmarks/stats/{model}/{dataset}.tsv"
     conda:
         ENV
-    threads: 1
+    threads: TORCH_THREADS
     params:
         # the sums run on the GPU when there is one, without the `gpu` resource (seconds of work)
         device=config["extract"]["device"],

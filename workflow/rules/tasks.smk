@@ -21,6 +21,7 @@ rule task:
         task_method="|".join(map(re.escape, TASK_METHODS)) or "^$",
     conda:
         ENV
+    threads: TORCH_THREADS
     resources:
         gpu=1,
     params:
