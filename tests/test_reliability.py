@@ -473,3 +473,17 @@ def test_perplexity_and_task_jobs_claim_a_gpu_like_extraction(monkeypatch, devic
     assert _script_devices("task.py", monkeypatch, **task) == [device]
     task["params"]["settings"] = {}  # the tasks' own default device
     assert _script_devices("task.py", monkeypatch, **task) == ["auto"]
+
+
+@pytest.mark.parametrize("device, visible, local_run, claimed", [
+    ("auto", "0", True, 1), ("cuda", "0,1", True, 1),
+    ("auto", "", True, 0),  # a CPU-only host: the model jobs share the cores, none waits for a GPU
+    ("cpu", "0", True, 0), ("cpu", "0", False, 0),
+    ("auto", "", False, 1),  # a cluster run: the job's node has the GPU, not the submitting one
+])
+def test_model_jobs_declare_the_gpu_resource_only_where_a_gpu_can_be_used(monkeypatch, device, visible, local_run,
+                                                                          claimed):
+    from kvcore.jobs.rules import gpu_resource
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert gpu_resource(device, local_run) == claimed

@@ -14,6 +14,7 @@ from kvcore.codedeps import PACKAGE_DIR, method_modules, module_files
 from kvcore.config import check, check_files, explain
 from kvcore.errors import UsageError
 from kvcore.eviction import needs_model
+from kvcore.gpus import visible_gpus
 from kvcore.plots import RESULT_PLOTS, STAT_PLOTS
 from kvcore.sources.datasets import prompt_list
 from kvcore.sources.layers import num_layers
@@ -21,7 +22,7 @@ from kvcore.stats import STATS_TABLES
 
 __all__ = [
     "RESULT_PLOTS", "STATS_TABLES", "STAT_PLOTS", "UsageError", "calibration_dirs", "check", "check_files",
-    "code_files", "code_modules", "explain", "family", "num_layers", "prompt_list", "scores_with_model",
+    "code_files", "code_modules", "explain", "family", "gpu_resource", "num_layers", "prompt_list", "scores_with_model",
 ]
 
 PERPLEXITY = ["kvcore.evaluation.perplexity", "kvcore.evaluation.protocols", "kvcore.model", "kvcore.sources.datasets"]
@@ -68,6 +69,16 @@ def family(name: str, spec: dict | None) -> str | None:
     from kvcore.compress import preset_spec
 
     return (spec or preset_spec(name)).get("family")
+
+
+def gpu_resource(device: str | None, local_run: bool) -> int:
+    """The `gpu` resource a model job declares: 1, except on a local run that can only use the
+    CPU (device cpu, or auto on a host where no GPU is visible), where holding it would run the
+    model jobs one at a time with no GPU to share. A cluster run keeps 1 for auto: the job's node,
+    not the submitting one, has the GPU."""
+    if (device or "auto") == "cpu":
+        return 0
+    return 1 if not local_run or visible_gpus() else 0
 
 
 def calibration_dirs(spec) -> list[str]:

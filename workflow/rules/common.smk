@@ -38,6 +38,14 @@ BASELINES = [m for m in METHODS if jobs.family(m, config["methods"][m]) == "none
 # 512-token forward of the default model took 6-13 s with two threads and 3-6 s with one (the
 # results are the same bits). On a larger CPU machine: `--set-threads perplexity=8`, per rule.
 TORCH_THREADS = 1
+# The `gpu` resource of the model jobs: 0 on a local run with no GPU to use (device cpu, or auto on
+# a host without one), so the model jobs share the cores instead of queueing for a GPU that is not
+# there (on the 2-core box `make run` ran them one at a time); 1 otherwise.
+GPU = {
+    "extract": jobs.gpu_resource(config["extract"]["device"], workflow.local_exec),
+    "perplexity": jobs.gpu_resource(config["perplexity"]["device"], workflow.local_exec),
+    "tasks": jobs.gpu_resource((config.get("tasks") or {}).get("device"), workflow.local_exec),
+}
 RUN = "results/{model}/{dataset}"
 ENV = "../envs/kvcore.yaml"  # every rule runs the same Python stack (pyproject.toml)
 RUN_CATEGORY = "{model} · {dataset}"  # a run's section of the --report HTML
