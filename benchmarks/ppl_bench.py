@@ -3,7 +3,9 @@ QuantizedCache (quanto backend), on one model and corpus, in one process.
 
 One prefill per window serves every method (kvcore.evaluation.protocols.evaluate_methods), so the
 baseline, ours and the peers are timed on the same device in the same job. Writes one JSON
-per protocol under --out; benchmarks/ppl_table.py turns them into the markdown table.
+per protocol under --out, rewritten after every window with the per-window numbers so far (the
+summary is computed from those alone), so `--resume` continues a run that was stopped;
+benchmarks/ppl_table.py turns them into the markdown table.
 
     .venv/bin/python benchmarks/ppl_bench.py --max-tokens 8192 --out results/bench/lee
 """
@@ -277,6 +279,8 @@ def main(argv=None) -> int:
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop each protocol after N more windows (its file is continued with --resume)")
     args = p.parse_args(argv)
+    if args.stop_after is not None and args.stop_after < 1:
+        p.error("--stop-after must be at least 1")
 
     import torch
 
