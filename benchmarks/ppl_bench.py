@@ -178,14 +178,18 @@ def done_windows(path: Path, meta: dict, resume: bool) -> dict:
         return {}
     try:
         data = json.loads(path.read_text())
-        old, windows = data["meta"], {w["index"]: w for w in data["windows"]}
+        old = data["meta"]
+        windows = {w["index"]: w for w in data["windows"]} if resume else {}
+        unfinished = old.get("n_windows_done", 0) < old.get("n_windows_total", 0)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SystemExit(f"kvcore: error: {path} is not a ppl_bench.py result with per-window numbers ({error}); "
-                         "name another --out or --suffix") from None
+        if not resume:
+            return {}  # not a file of this bench's unfinished runs: written over, as before
+        raise SystemExit(f"kvcore: error: --resume: {path} is not a ppl_bench.py result with per-window numbers "
+                         f"({error!r}); name another --out or --suffix") from None
     if not resume:
-        if len(windows) < old["n_windows_total"]:
-            raise SystemExit(f"kvcore: error: {path} holds {len(windows)} of {old['n_windows_total']} windows of an "
-                             "unfinished run: pass --resume to continue it, or remove it")
+        if unfinished:
+            raise SystemExit(f"kvcore: error: {path} holds {old['n_windows_done']} of {old['n_windows_total']} "
+                             "windows of an unfinished run: pass --resume to continue it, or remove it")
         return {}  # a finished run's file: measured again, as before
     wrong = [key for key in RESUME_KEYS if old.get(key) != meta[key]]
     if wrong:
