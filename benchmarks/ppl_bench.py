@@ -3,7 +3,9 @@ QuantizedCache (quanto backend), on one model and corpus, in one process.
 
 One prefill per window serves every method (kvcore.evaluation.protocols.evaluate_methods), so the
 baseline, ours and the peers are timed on the same device in the same job. Writes one JSON
-per protocol under --out; benchmarks/ppl_table.py turns them into the markdown table.
+per protocol under --out, rewritten after every window with the per-window numbers so far (the
+summary is computed from those alone), so `--resume` continues a run that was stopped;
+benchmarks/ppl_table.py turns them into the markdown table.
 
     .venv/bin/python benchmarks/ppl_bench.py --max-tokens 8192 --out results/bench/lee
 """
@@ -155,6 +157,101 @@ def latency(model, tokenizer, ids, max_length, stride, repeats, device) -> dict:
             for name, ts in times.items()}
 
 
+# what a file continued with --resume must share with the run continuing it
+RESUME_KEYS = ("model", "dataset", "n_tokens", "token_ids_sha256", "protocol", "layout", "max_length", "stride",
+               "n_windows_total", "methods", "dtype", "device")
+
+
+def save_levels(path) -> int:
+    """levels.save_levels under a temporary name: a run killed while writing leaves the old file."""
+    from kvcore.atomic import atomic_path
+    from kvcore.compress import levels
+
+    with atomic_path(path) as tmp:
+        count = levels.save_levels(tmp)
+    return count
+
+
+def done_windows(path: Path, meta: dict, resume: bool) -> dict:
+    """window index -> its numbers, from the file a run before this one left at `path`."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        old = data["meta"]
+        windows = {w["index"]: w for w in data["windows"]} if resume else {}
+        unfinished = old.get("n_windows_done", 0) < old.get("n_windows_total", 0)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        if not resume:
+            return {}  # not a file of this bench's unfinished runs: written over, as before
+        raise SystemExit(f"kvcore: error: --resume: {path} is not a ppl_bench.py result with per-window numbers "
+                         f"({error!r}); name another --out or --suffix") from None
+    if not resume:
+        if unfinished:
+            raise SystemExit(f"kvcore: error: {path} holds {old['n_windows_done']} of {old['n_windows_total']} "
+                             "windows of an unfinished run: pass --resume to continue it, or remove it")
+        return {}  # a finished run's file: measured again, as before
+    wrong = [key for key in RESUME_KEYS if old.get(key) != meta[key]]
+    if wrong:
+        raise SystemExit(f"kvcore: error: --resume: {path} was run with another {wrong[0]} "
+                         f"({old.get(wrong[0])!r}, this run {meta[wrong[0]]!r}); name another --out or --suffix")
+    return windows
+
+
+def window_numbers(run: dict, index: int, seconds: float) -> dict:
+    """What one window of `evaluate_methods` leaves for the summary: every NLL sum, time and metric part."""
+    return {"index": index, "seconds": seconds, "baseline": run["baseline"]["windows"][0],
+            "methods": {name: {"window": r["windows"][0], "metric_parts": r["metric_parts"]}
+                        for name, r in run["methods"].items()}}
+
+
+def bench_result(meta: dict, windows: list[dict], peers: set, settings: dict) -> dict:
+    """The JSON of a protocol from its per-window numbers alone (an interrupted and resumed run
+    gives the same records as one uninterrupted run): records as kvcore.evaluation.records."""
+    from kvcore.evaluation.nll import summarize
+    from kvcore.evaluation.records import pooled_metrics, protocol_record
+
+    run = {"protocol": meta["protocol"], "layout": meta["layout"], "token_ids_sha256": meta["token_ids_sha256"],
+           "baseline": summarize([w["baseline"] for w in windows]), "methods": {}}
+    for name in meta["methods"]:
+        run["methods"][name] = summarize([w["methods"][name]["window"] for w in windows]) | {
+            "metrics": pooled_metrics([p for w in windows for p in w["methods"][name]["metric_parts"]])}
+    records = {"baseline": protocol_record(run, None, method="baseline", **settings)}
+    for name in meta["methods"]:
+        records[name] = protocol_record(run, name, method=name, **settings)
+        if name in peers:
+            records[name]["peer"] = "transformers QuantizedCache (optimum-quanto)"
+    meta = meta | {"seconds": sum(w["seconds"] for w in windows), "n_windows_done": len(windows)}
+    return {"meta": meta, "records": records, "windows": windows}
+
+
+def run_protocol(path: Path, meta: dict, methods: dict, args, settings: dict, evaluate) -> None:
+    """Evaluate the windows not yet in `path` one at a time (`evaluate([i])`), rewriting `path`
+    after each, so a run killed at its time limit keeps every finished window."""
+    from kvcore.atomic import write_json
+    from kvcore.compress import levels
+    from kvcore.evaluation.windows import layout_windows
+
+    n_windows = len(layout_windows(meta["n_tokens"], args.max_length, args.stride, args.layout))
+    meta = meta | {"n_windows_total": n_windows}
+    done = done_windows(path, meta, args.resume)
+    todo = [i for i in range(n_windows) if i not in done][:args.stop_after]
+    peers = {name for name, m in methods.items() if isinstance(m, QuantoPeer)}
+    saved_levels = len(levels.FITTED)
+    for i in todo:
+        started = time.perf_counter()
+        done[i] = window_numbers(evaluate([i]), i, time.perf_counter() - started)
+        write_json(path, bench_result(meta, [done[j] for j in sorted(done)], peers, settings))
+        if args.levels and len(levels.FITTED) > saved_levels:  # fitted once: a resumed run need not refit
+            saved_levels = save_levels(args.levels)
+        print(f"{path}: window {i + 1} of {n_windows} ({done[i]['seconds']:.0f} s), {len(done)} done",
+              file=sys.stderr)
+    if not todo:
+        print(f"{path}: all {n_windows} windows already done", file=sys.stderr)
+    elif len(done) == n_windows:
+        print(f"wrote {path} ({sum(w['seconds'] for w in done.values()):.0f} s)", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resources/models/smollm2-135m")
@@ -180,7 +277,14 @@ def main(argv=None) -> int:
                    help="instead: time the scored forward of the first window N times per cache variant")
     p.add_argument("--out", required=True, help="folder for {protocol}{suffix}.json")
     p.add_argument("--suffix", default="", help="appended to the output file names, e.g. -levers")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished {protocol}{suffix}.json files under --out (written after every "
+                        "window): their windows are not run again; refused where their settings differ")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop each protocol after N more windows (its file is continued with --resume)")
     args = p.parse_args(argv)
+    if args.stop_after is not None and args.stop_after < 1:
+        p.error("--stop-after must be at least 1")
 
     import torch
 
@@ -188,8 +292,8 @@ def main(argv=None) -> int:
     from kvcore.model import load_model
     from kvcore.compress.bits import LABEL
     from kvcore.evaluation.perplexity import eval_token_ids
+    from kvcore.evaluation.nll import token_ids_sha256
     from kvcore.evaluation.protocols import evaluate_methods
-    from kvcore.evaluation.records import protocol_record
     from kvcore.sources.datasets import joined_text
 
     if args.threads:
@@ -241,26 +345,18 @@ def main(argv=None) -> int:
         elif protocol == "prefill-compress":
             peers = quanto_peers()
             methods = {**evict, **methods, **peers}
-        started = time.perf_counter()
-        run = evaluate_methods(model, ids, methods, protocol=protocol, max_length=args.max_length,
-                               stride=args.stride, layout=args.layout, tokenizer=tokenizer, device=device,
-                               options={"pre_rope": pre_rope}, progress=protocol)
-        records = {"baseline": protocol_record(run, None, method="baseline", **settings)}
-        for name, method in methods.items():
-            rec = protocol_record(run, name, method=name, **settings)
-            if isinstance(method, QuantoPeer):
-                rec["peer"] = "transformers QuantizedCache (optimum-quanto)"
-            records[name] = rec
         meta = {"model": args.model, "dataset": args.dataset, "n_tokens": len(ids), "protocol": protocol,
                 "layout": args.layout, "max_length": args.max_length, "stride": args.stride, "device": device,
-                "dtype": dtype, "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - started,
-                "bits": LABEL, "token_ids_sha256": run["token_ids_sha256"],
+                "dtype": dtype, "methods": list(methods), "torch_threads": torch.get_num_threads(), "bits": LABEL,
+                "token_ids_sha256": token_ids_sha256(ids),
                 "command": " ".join([sys.executable.split("/")[-1], *sys.argv])}
-        path = out / f"{protocol}{args.suffix}.json"
-        path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-        print(f"wrote {path} ({meta['seconds']:.0f} s)", file=sys.stderr)
+        run_protocol(out / f"{protocol}{args.suffix}.json", meta, methods, args, settings,
+                     lambda selected: evaluate_methods(
+                         model, ids, methods, protocol=protocol, max_length=args.max_length, stride=args.stride,
+                         layout=args.layout, tokenizer=tokenizer, device=device, selected=selected,
+                         options={"pre_rope": pre_rope}))
     if args.levels and levels.FITTED:
-        print(f"{levels.save_levels(args.levels)} level tables in {args.levels}", file=sys.stderr)
+        print(f"{save_levels(args.levels)} level tables in {args.levels}", file=sys.stderr)
     return 0
 
 

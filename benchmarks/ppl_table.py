@@ -43,13 +43,19 @@ def load(path: Path, first: int | None = None) -> tuple[dict, dict]:
     return data["meta"], records
 
 
+def unfinished(meta: dict) -> str:
+    """' of N (unfinished)' for a ppl_bench.py file whose run has not done all its windows yet."""
+    done, total = meta.get("n_windows_done"), meta.get("n_windows_total")
+    return f" of {total} (unfinished: continue it with ppl_bench.py --resume)" if done and done < total else ""
+
+
 def rows(path: Path, first: int | None = None) -> tuple[dict, list[str]]:
     from kvcore.compress.bits import LABEL
 
     meta, records = load(path, first)
     base = records["baseline"]
     out = [f"**{meta['protocol']}**, {Path(meta['dataset']).parent.name}, {meta['n_tokens']} tokens, "
-           f"{meta['layout']} {meta['max_length']}/{meta['stride']}, {base['n_windows']} windows"
+           f"{meta['layout']} {meta['max_length']}/{meta['stride']}, {base['n_windows']} windows{unfinished(meta)}"
            f"{' (the first of the run)' if first else ''}, {base['n_tokens']} scored, {meta['dtype']} on {meta['device']}; baseline perplexity "
            f"{base['baseline_perplexity']:.4f}; {meta['seconds'] / 60:.1f} min", "",
            f"| method | {LABEL} | ratio | perplexity | Δ % | paired Δ % (95% CI) | windows worse | "
