@@ -140,6 +140,10 @@ KERNEL_SPECS = {  # what the kernels serve, and the cases that fall back to torc
     "sym4-ch": {"family": "quant", "bits": 4, "group_size": 32, "symmetric": True, "key_axis": "channel"},
     "int4-o": {"family": "quant", "bits": 4, "group_size": 64, "outlier_fraction": 0.01},
     "int3": {"family": "quant", "bits": 3, "group_size": 64},
+    # clipped ranges (compress/clipping.py) take the torch path on any device: the same bits too
+    "kivi4-cv": {"family": "quant", "bits": 4, "group_size": 64, "key_axis": "channel", "value_axis": "token",
+                 "clip": "value"},
+    "int2-c": {"family": "quant", "bits": 2, "group_size": 32, "clip": "both"},
 }
 
 
