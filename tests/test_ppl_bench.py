@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO
 
-METHODS = "int2-g32-ch,evict-kvzip-0.5-s4-model,quanto2-g32"
+# no quanto peer: optimum-quanto is the `bench` extra, not installed by `make test`
+METHODS = "int2-g32-ch,evict-kvzip-0.5-s4-model"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_resumed_run_equals_uninterrupted(bench, tiny_models, lee_news_dir, tmp_
     run(tmp_path / "split", "--resume")
     whole = json.loads((tmp_path / "whole" / "prefill-compress.json").read_text())
     split = json.loads(path.read_text())
-    assert whole["records"]["quanto2-g32"]["n_windows"] == 4
+    assert whole["records"]["evict-kvzip-0.5-s4-model"]["n_windows"] == 4
     assert split["windows"][0] == partial["windows"][0]  # kept, timings included: not run again
     assert untimed(split) == untimed(whole)
     assert whole["records"]["int2-g32-ch"]["paired"]["delta_percent_ci95"]  # the paired CI is there to compare

@@ -218,6 +218,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 def _tiny_config() -> dict:
     config = yaml.safe_load((REPO / "configs" / "tiny-test.yaml").read_text())
     config["models"] = {"tiny-gpt2": config["models"]["tiny-gpt2"]}  # 8 jobs instead of 15
+    # device auto (the CPU here, as no CUDA starts on the fake GPUs): a cluster run then declares
+    # gpu=1 for the model jobs; with device cpu they would ask SLURM for no GPU (jobs.gpu_resource)
+    for stage in ("extract", "perplexity"):
+        config[stage]["device"] = "auto"
     return config
 
 

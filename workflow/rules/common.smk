@@ -38,14 +38,6 @@ BASELINES = [m for m in METHODS if jobs.family(m, config["methods"][m]) == "none
 # 512-token forward of the default model took 6-13 s with two threads and 3-6 s with one (the
 # results are the same bits). On a larger CPU machine: `--set-threads perplexity=8`, per rule.
 TORCH_THREADS = 1
-# The `gpu` resource of the model jobs: 0 on a local run with no GPU to use (device cpu, or auto on
-# a host without one), so the model jobs share the cores instead of queueing for a GPU that is not
-# there (on the 2-core box `make run` ran them one at a time); 1 otherwise.
-GPU = {
-    "extract": jobs.gpu_resource(config["extract"]["device"], workflow.local_exec),
-    "perplexity": jobs.gpu_resource(config["perplexity"]["device"], workflow.local_exec),
-    "tasks": jobs.gpu_resource((config.get("tasks") or {}).get("device"), workflow.local_exec),
-}
 RUN = "results/{model}/{dataset}"
 ENV = "../envs/kvcore.yaml"  # every rule runs the same Python stack (pyproject.toml)
 RUN_CATEGORY = "{model} · {dataset}"  # a run's section of the --report HTML
@@ -63,6 +55,15 @@ def canonical(value):
     their repr, in which a dict keeps its insertion order: reordering config.yaml's keys must
     not look like a changed setting."""
     return json.loads(json.dumps(value, sort_keys=True))
+
+
+def gpu_claim(stage):
+    """The `gpu` resource of a model job: 0 on a local run with no GPU to use (device cpu, or auto
+    on a host without one), so the model jobs share the cores instead of queueing for a GPU that
+    is not there (on the 2-core box `make run` ran them one at a time); 1 otherwise. A function:
+    Snakemake knows its executor (local or a cluster's) only once it builds the DAG."""
+    device = (config.get(stage) or {}).get("device")
+    return lambda wildcards: jobs.gpu_resource(device, workflow.local_exec)
 
 
 def method_spec(wc):

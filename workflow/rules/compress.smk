@@ -48,7 +48,7 @@ rule compress_evict:
         ENV
     threads: TORCH_THREADS
     resources:
-        gpu=GPU["extract"],
+        gpu=gpu_claim("extract"),
     params:
         spec=method_spec,
         # score with the model exactly as it was extracted

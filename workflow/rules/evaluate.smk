@@ -31,7 +31,7 @@ if PPL_SHARDS == 1:
             ENV
         threads: TORCH_THREADS
         resources:
-            gpu=GPU["perplexity"],
+            gpu=gpu_claim("perplexity"),
         params:
             spec=method_spec,
             settings=PPL_SETTINGS,
@@ -56,7 +56,7 @@ else:
             ENV
         threads: TORCH_THREADS
         resources:
-            gpu=GPU["perplexity"],
+            gpu=gpu_claim("perplexity"),
         params:
             spec=method_spec,
             settings=PPL_SETTINGS,

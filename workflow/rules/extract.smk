@@ -64,7 +64,7 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
             ENV
         threads: TORCH_THREADS
         resources:
-            gpu=GPU["extract"],
+            gpu=gpu_claim("extract"),
         params:
             settings=EXTRACT_SETTINGS,
         script:

@@ -23,7 +23,7 @@ rule task:
         ENV
     threads: TORCH_THREADS
     resources:
-        gpu=GPU["tasks"],
+        gpu=gpu_claim("tasks"),
     params:
         task_spec=lambda wc: canonical(TASKS[wc.task]),
         settings=task_settings(),
