@@ -40,16 +40,14 @@ def run_perplexity_shard(model_dir, text_parquet, method: str, spec: dict, setti
 
 
 def read_record(path) -> dict:
-    """A ppl/{method}.json record."""
-    import json
-    from pathlib import Path
-
+    """A ppl/{method}.json record, read by the project's one JSON reader (kvcore.inputs.read_json)."""
     from kvcore.errors import KvcoreError
+    from kvcore.inputs import read_json
 
     try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise KvcoreError(f"{path}: not a readable perplexity record ({error}); rerun its perplexity job") from None
+        record = read_json(path, "perplexity record")
+    except KvcoreError as error:
+        raise KvcoreError(f"{error}; rerun its perplexity job") from None
     if not isinstance(record, dict):
         raise KvcoreError(f"{path}: not a perplexity record; rerun its perplexity job")
     return record
