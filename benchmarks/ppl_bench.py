@@ -208,14 +208,12 @@ def window_numbers(run: dict, index: int, seconds: float) -> dict:
 def bench_result(meta: dict, windows: list[dict], peers: set, settings: dict) -> dict:
     """The JSON of a protocol from its per-window numbers alone (an interrupted and resumed run
     gives the same records as one uninterrupted run): records as kvcore.evaluation.records."""
-    from kvcore.evaluation.nll import summarize
-    from kvcore.evaluation.records import pooled_metrics, protocol_record
+    from kvcore.evaluation.records import protocol_record, run_from_windows
 
-    run = {"protocol": meta["protocol"], "layout": meta["layout"], "token_ids_sha256": meta["token_ids_sha256"],
-           "baseline": summarize([w["baseline"] for w in windows]), "methods": {}}
-    for name in meta["methods"]:
-        run["methods"][name] = summarize([w["methods"][name]["window"] for w in windows]) | {
-            "metrics": pooled_metrics([p for w in windows for p in w["methods"][name]["metric_parts"]])}
+    run = run_from_windows(meta["protocol"], meta["layout"], meta["token_ids_sha256"], [w["baseline"] for w in windows],
+                           {name: ([w["methods"][name]["window"] for w in windows],
+                                   [p for w in windows for p in w["methods"][name]["metric_parts"]])
+                            for name in meta["methods"]})
     records = {"baseline": protocol_record(run, None, method="baseline", **settings)}
     for name in meta["methods"]:
         records[name] = protocol_record(run, name, method=name, **settings)

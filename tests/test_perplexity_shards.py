@@ -145,6 +145,18 @@ def test_shards_that_do_not_fit_together_are_refused(llama, tmp_path):
     with pytest.raises(KvcoreError, match=re.escape(str(paths[1]))) as error:
         merge_shard_files(paths, tmp_path / "baseline.json")
     assert "\n" not in str(error.value) and not (tmp_path / "baseline.json").exists()
+    # missing, a directory, not UTF-8, not a shard: each one line naming the file and the job to rerun
+    bad = {"missing": None, "folder": "dir", "binary": b"\xff\xfe\x00", "list": b"[1, 2]"}
+    for name, content in bad.items():
+        path = tmp_path / name
+        if content == "dir":
+            path.mkdir()
+        elif content is not None:
+            path.write_bytes(content)
+        with pytest.raises(KvcoreError, match=re.escape(str(path))) as error:
+            merge_shard_files([paths[0], path], tmp_path / "baseline.json")
+        assert "\n" not in str(error.value) and "rerun its perplexity_shard job" in str(error.value), name
+    assert not (tmp_path / "baseline.json").exists()
 
 
 def test_the_config_refuses_more_shards_than_max_tokens_has_windows():

@@ -11,9 +11,8 @@ exactly its numbers.
 from __future__ import annotations
 
 from kvcore.errors import KvcoreError, UsageError
-from kvcore.evaluation.nll import summarize
 from kvcore.evaluation.options import method_protocols
-from kvcore.evaluation.records import pooled_metrics, protocol_record
+from kvcore.evaluation.records import protocol_record, run_from_windows
 from kvcore.evaluation.windows import layout_windows, shard_windows
 
 SHARD_FORMAT = "kvcore-perplexity-shard/2"
@@ -143,13 +142,10 @@ def merge_shards(shards: list[dict]) -> dict:
         if sorted(w["index"] for w in base) != list(range(n_total)):
             raise KvcoreError(f"perplexity shards of {method!r} ({protocol}) do not cover windows 0..{n_total - 1} "
                               f"exactly once")
-        timing = head["baseline"].get("timing")  # windows taken from the baseline's job: its seconds
-        run = {"protocol": protocol, "layout": head["layout"], "token_ids_sha256": first["token_ids_sha256"],
-               "baseline": summarize(base, timing["seconds"]) | {"scored_seconds": timing["scored_seconds"]}
-               if timing else summarize(base), "methods": {}}
-        for m in head["methods"]:
-            run["methods"][m] = summarize([w for p in parts for w in p["methods"][m]["windows"]]) | {
-                "metrics": pooled_metrics([x for p in parts for x in p["methods"][m]["metric_parts"]])}
+        run = run_from_windows(protocol, head["layout"], first["token_ids_sha256"], base, {
+            m: ([w for p in parts for w in p["methods"][m]["windows"]],
+                [x for p in parts for x in p["methods"][m]["metric_parts"]]) for m in head["methods"]},
+            baseline_timing=head["baseline"].get("timing"))  # windows taken from the baseline's job: its seconds
         records[protocol] = protocol_record(run, name, method=method, **settings)
         if family == "none":
             records[protocol]["bits_per_element"] = 16.0  # an uncompressed cache, under the fp16 convention
@@ -160,14 +156,13 @@ def merge_shards(shards: list[dict]) -> dict:
 
 
 def read_shard(path) -> dict:
-    import json
-    from pathlib import Path
+    """A perplexity_shard job's file, read by the project's one JSON reader (kvcore.inputs.read_json)."""
+    from kvcore.inputs import read_json
 
     try:
-        shard = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise KvcoreError(f"{path}: not a readable perplexity shard ({error}); rerun its perplexity_shard job") \
-            from None
+        shard = read_json(path, "perplexity shard")
+    except KvcoreError as error:
+        raise KvcoreError(f"{error}; rerun its perplexity_shard job") from None
     if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
         raise KvcoreError(f"{path}: not a perplexity shard (format {SHARD_FORMAT} expected); "
                           "rerun its perplexity_shard job")

@@ -8,7 +8,7 @@ kept per window and pooled in window order, so shards of windows merge to the sa
 from __future__ import annotations
 
 from kvcore.compress.bits import BASIS, bits_per_element, counted_nbytes
-from kvcore.evaluation.nll import paired_differences
+from kvcore.evaluation.nll import paired_differences, summarize
 
 ERROR_SUMS = ("n", "sq_err", "sq_ref", "max_err", "cos_sum", "vectors", "nonfinite")  # compress.metrics.ErrorStats
 
@@ -131,6 +131,20 @@ def result_record(base: dict, compressed: dict | None, *, method: str, protocol:
     record.update(extra or {})
     record["windows"] = windows_
     return record
+
+
+def run_from_windows(protocol: str, layout: str, token_ids_sha256: str, baseline: list[dict],
+                     methods: dict[str, tuple[list[dict], list[dict]]], baseline_timing: dict | None = None) -> dict:
+    """A protocol's run (what `protocol_record` reads) from its per-window numbers alone: the
+    baseline's windows and, per method, (windows, metric parts). One job's windows, merged shards
+    and a resumed benchmark give the same run. `baseline_timing`: the seconds of the job whose
+    baseline windows these are (a method's job that took them from the baseline's record)."""
+    base = summarize(baseline)
+    if baseline_timing:
+        base = summarize(baseline, baseline_timing["seconds"]) | {"scored_seconds": baseline_timing["scored_seconds"]}
+    return {"protocol": protocol, "layout": layout, "token_ids_sha256": token_ids_sha256, "baseline": base,
+            "methods": {name: summarize(windows) | {"metrics": pooled_metrics(parts)}
+                        for name, (windows, parts) in methods.items()}}
 
 
 def protocol_record(run: dict, name: str | None, *, method: str, max_length: int, stride: int, dtype: str,
