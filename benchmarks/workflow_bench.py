@@ -222,7 +222,7 @@ def main() -> None:
         (f"total {wall:.0f} s <= 3 x extraction {extract_total:.0f} s = {3 * extract_total:.0f} s",
          wall <= 3 * extract_total),
         (f"total {wall:.0f} s <= 240 s", wall <= 240),
-        (f"longest GPU idle inside a gpu job {worst_idle} s <= 5 s" if samples else "GPU idle: no nvidia-smi samples",
+        (f"longest GPU idle while a job holds it {worst_idle} s <= 5 s" if samples else "GPU idle: no nvidia-smi samples",
          bool(samples) and worst_idle is not None and worst_idle <= 5),
         (f"compress jobs' peak RSS {max(compress_rss, default=0):.0f} MB <= 2000 MB",
          bool(compress_rss) and max(compress_rss) <= 2000),
