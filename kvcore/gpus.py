@@ -18,8 +18,9 @@ context only ever sees it (as `cuda:0`).
   once; no stale lock survives a crash.
 * Locks live in `$KVCORE_GPU_LOCK_DIR`, default `/tmp/kvcore-gpu-locks-<uid>`: local to
   the host, as GPUs are.
-* When every candidate is taken the claim waits (Snakemake's `gpu` resource normally
-  makes that impossible) up to `timeout` seconds, then raises KvcoreError.
+* When every candidate is taken the claim waits: with `--resources gpu=N` above the GPU
+  count, jobs import while another holds the GPU, then queue here (kvcore.jobs.run_job waits
+  as long as it takes; `timeout` seconds, then KvcoreError, for a caller that may not wait).
 """
 
 from __future__ import annotations
@@ -82,9 +83,11 @@ def _try_lock(path: Path):
 
 
 @contextlib.contextmanager
-def claim_gpu(timeout: float = 3600.0, lock_dir: str | os.PathLike | None = None,
-              poll: float = 0.5) -> Iterator[str | None]:
+def claim_gpu(timeout: float | None = 3600.0, lock_dir: str | os.PathLike | None = None,
+              poll: float = 0.1) -> Iterator[str | None]:
     """Hold one free GPU for the duration of the block; yield its id (None without GPUs).
+    `timeout` None: wait as long as it takes. `poll`: how often a waiting claim tries the locks
+    (a freed GPU sits idle up to that long).
 
     Sets CUDA_VISIBLE_DEVICES to the claimed id inside the block and restores it after.
     """
@@ -96,7 +99,7 @@ def claim_gpu(timeout: float = 3600.0, lock_dir: str | os.PathLike | None = None
         raise RuntimeError("claim_gpu() must run before CUDA is initialised in this process")
     lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
     lock_dir.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     held = None
     while held is None:
         for gpu in candidates:
@@ -105,7 +108,7 @@ def claim_gpu(timeout: float = 3600.0, lock_dir: str | os.PathLike | None = None
                 held = (gpu, fh)
                 break
         else:
-            if time.monotonic() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise KvcoreError(f"no free GPU among {','.join(candidates)} after {timeout:.0f}s "
                                   f"(locks in {lock_dir}); run fewer GPU jobs at once (--resources gpu=N)")
             time.sleep(poll)

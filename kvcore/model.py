@@ -35,6 +35,14 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
+def import_model_code() -> None:
+    """Import torch and transformers' model and tokenizer classes, starting no CUDA. A GPU job does
+    this before it claims its GPU (kvcore.jobs.run_job): on the H200 these imports took 12 s of
+    the job's start (docs/gpu.md), time in which a claimed GPU would sit idle."""
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: F401
+
+
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 

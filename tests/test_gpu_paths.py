@@ -214,3 +214,38 @@ def test_kernels_on_cpu_tensors_give_the_torch_bytes(monkeypatch):
     finally:
         kernels.compiled_kernels.cache_clear()
         sys.modules.pop("kvcore.compress.triton_kernels", None)
+
+
+# CUDA reads CUDA_VISIBLE_DEVICES once, when it starts (cuInit): prints how many devices it sees after
+# `setup` ran and the variable was emptied; 0 unless `setup` had started CUDA.
+DEVICES_AFTER = """
+import ctypes, os, sys
+import torch
+from kvcore.model import import_model_code
+{setup}
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+cuda = ctypes.CDLL("libcuda.so.1")
+count = ctypes.c_int(0)
+cuda.cuInit(0)
+cuda.cuDeviceGetCount(ctypes.byref(count))
+print(count.value)
+"""
+
+
+@CUDA
+def test_importing_the_model_code_starts_no_cuda():
+    """A GPU job imports its model code before it claims a GPU (kvcore.jobs.run_job), and the
+    claim sets CUDA_VISIBLE_DEVICES: the imports must leave CUDA unstarted, or the job would see
+    every GPU of the host."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+
+    def devices_after(setup):
+        out = subprocess.run([sys.executable, "-c", DEVICES_AFTER.format(setup=setup)], env=env, text=True,
+                             capture_output=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert devices_after("torch.cuda.is_available()") >= 1  # CUDA started first: the check can tell
+    assert devices_after("import_model_code()") == 0

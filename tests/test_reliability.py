@@ -7,6 +7,7 @@ non-zero exit and no traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -430,6 +431,62 @@ def test_a_job_on_auto_runs_on_its_claimed_gpu_and_a_cpu_job_claims_none(two_gpu
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"  # restored after the job
     assert f"claimed GPU {free}" in (tmp_path / "auto.log").read_text()
     assert "claimed GPU" not in (tmp_path / "cpu.log").read_text()
+
+
+# A GPU job whose claim reports which modules the job had imported by then; the job itself waits
+# on a lock the test holds, then writes what it saw.
+IMPORTS_AT_CLAIM = """
+import sys
+import kvcore.gpus
+from kvcore.jobs import run_job
+
+claim_gpu = kvcore.gpus.claim_gpu
+
+
+def reporting_claim(**kwargs):
+    print(*(name in sys.modules for name in ("torch", "transformers.modeling_utils")), flush=True, file=sys.__stdout__)
+    return claim_gpu(**kwargs)
+
+
+kvcore.gpus.claim_gpu = reporting_claim
+run_job(sys.argv[1], lambda: print("job ran"), "auto")
+"""
+
+
+def test_a_gpu_job_imports_its_model_code_then_waits_for_a_gpu_without_a_time_limit(two_gpu_host, tmp_path):
+    """The GPU is held only while the job can use it: torch and transformers' model code come
+    first (on the H200, 12 s in which a claimed GPU sat idle), then the claim, which waits for a
+    GPU as long as another job holds it (with --resources gpu=N above the GPU count)."""
+    env = {**two_gpu_host, "CUDA_VISIBLE_DEVICES": "1"}
+    holder = _claimer(env)
+    job = None
+    try:
+        assert _claimed(holder, 60) == "1"
+        job = subprocess.Popen([sys.executable, "-c", IMPORTS_AT_CLAIM, str(tmp_path / "job.log")], env=env,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert _claimed(job, 120) == "True True"  # imported before the claim
+        time.sleep(1.0)
+        assert job.poll() is None and "job ran" not in (tmp_path / "job.log").read_text()  # waiting
+        holder.kill()
+        holder.wait()
+        _, err = job.communicate(timeout=60)
+        assert job.returncode == 0, err
+    finally:
+        for proc in (holder, job):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = (tmp_path / "job.log").read_text().splitlines()
+    claimed = next(line for line in log if line.startswith("kvcore: claimed GPU 1 "))
+    assert "s of imports and" in claimed and float(claimed.split(" s of waiting")[0].split()[-1]) >= 1.0
+    assert log.index(claimed) < log.index("job ran") < next(i for i, line in enumerate(log)
+                                                            if line.startswith("kvcore: released GPU 1 at "))
+    # what benchmarks/workflow_bench.py reads of it: when the job held the GPU, its imports and wait
+    bench = importlib.util.spec_from_file_location("workflow_bench", REPO / "benchmarks" / "workflow_bench.py")
+    workflow_bench = importlib.util.module_from_spec(bench)
+    bench.loader.exec_module(workflow_bench)
+    hold = workflow_bench.gpu_hold(tmp_path / "job.log")
+    assert hold["waited_s"] >= 1.0 and hold["imports_s"] > 0 and hold["claimed"] <= hold["released"]
 
 
 class _Namespace(dict):

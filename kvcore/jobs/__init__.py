@@ -20,13 +20,16 @@ from kvcore.errors import KvcoreError, one_line
 def run_job(log: str | None, job: Callable[[], object], device: str = "cpu", threads: int | None = None) -> None:
     """Call `job()` with stdout/stderr written to `log`; exit 1 with one line on KvcoreError.
 
-    A job on device "auto" or "cuda" first claims a free GPU of this host (kvcore.gpus), so
-    jobs started together with `--resources gpu=N` land on different GPUs. Its progress lines
+    A job on device "auto" or "cuda" imports torch and transformers' model code, then claims a
+    free GPU of this host (kvcore.gpus), waiting for one if need be: jobs started together with
+    `--resources gpu=N` land on different GPUs, and with N above the GPU count a job imports while
+    another holds the GPU (docs/gpu.md). Its progress lines
     (kvcore.progress) go to the log and to the console, named by the log's path. `threads`
     (the rule's) caps torch's intra-op threads (`torch_threads`). The log ends with the job's
     wall and CPU seconds (what docs/perplexity.md's run-time table adds up).
     """
     from kvcore.gpus import claim_gpu
+    from kvcore.model import import_model_code
     from kvcore.progress import to_console
 
     # other libraries' tqdm bars (transformers loading weights) would put \r streams in the log; tqdm
@@ -41,15 +44,22 @@ def run_job(log: str | None, job: Callable[[], object], device: str = "cpu", thr
     with sink as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream), \
             to_console(console, name):
         try:
-            # An explicit cuda:N is the user's choice; "auto"/"cuda" take any free GPU.
-            with claim_gpu() if device in ("auto", "cuda") else contextlib.nullcontext() as gpu:
-                if gpu is not None:  # in the job's log: which device a job ran on, for post-mortems
-                    print(f"kvcore: claimed GPU {gpu} (CUDA_VISIBLE_DEVICES={gpu})", flush=True)
-                if threads:
-                    import torch
+            claims = device in ("auto", "cuda")  # an explicit cuda:N is the user's choice
+            if claims:  # before the claim, so that the GPU is held only while the job can use it
+                import_model_code()
+            if threads:
+                import torch
 
-                    torch.set_num_threads(torch_threads(threads))
+                torch.set_num_threads(torch_threads(threads))
+            imported = time.perf_counter()
+            with claim_gpu(timeout=None) if claims else contextlib.nullcontext() as gpu:
+                if gpu is not None:  # in the job's log: which device, and when (benchmarks/workflow_bench.py)
+                    print(f"kvcore: claimed GPU {gpu} (CUDA_VISIBLE_DEVICES={gpu}) at {time.time():.2f}, after "
+                          f"{imported - started:.1f} s of imports and {time.perf_counter() - imported:.1f} s of "
+                          f"waiting", flush=True)
                 job()
+            if gpu is not None:
+                print(f"kvcore: released GPU {gpu} at {time.time():.2f}", flush=True)
             print(f"kvcore: job took {time.perf_counter() - started:.1f} s wall, "
                   f"{cpu_seconds() - cpu_before:.1f} s CPU", file=stream)
         except (KvcoreError, OSError) as error:  # OSError: disk full, file too large
