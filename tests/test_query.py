@@ -169,8 +169,12 @@ def test_search_norm(case, kind):
     assert set(zip(filtered.seq_id, filtered.pos)) == {(s, p) for (la, h, s, p) in got if la == 1 and h == 0}
 
 
+@pytest.mark.parametrize("block_rows", [4096, 20, 1])  # one block, a few sequences each, one sequence each
 @pytest.mark.parametrize("by,metric", [("key", "cosine"), ("value", "l2")])
-def test_nearest_equals_brute_force(case, by, metric):
+def test_nearest_equals_brute_force(case, by, metric, block_rows, monkeypatch):
+    from kvcore.query import nearest
+
+    monkeypatch.setattr(nearest, "BLOCK_ROWS", block_rows)  # Run.nearest scores block by block
     run, ref = case
     layer, head, seq, pos, k = 1, ref.num_kv - 1, 2, 4, 7
     q = ref.vector(by, layer, head, seq, pos).astype(np.float64)
@@ -205,13 +209,14 @@ def test_nearest_reads_the_safetensors_as_the_parquet(case, by):
     r, layer, head = run.runs[0], 1, ref.num_kv - 1
     tensors = tensor_candidates(r, layer, head, by)  # what Run.nearest reads from an extracted run
     assert tensors is not None
+    x = RunCandidates(tensors).vectors()
     table = run.arrow(nearest_candidates(r, layer, head, by))
     i = np.lexsort((table["pos"], table["seq_id"]))
     j = np.lexsort((tensors["pos"], tensors["seq_id"]))
     assert list(zip(table["seq_id"].to_numpy()[i], table["pos"].to_numpy()[i])) == \
         list(zip(tensors["seq_id"][j], tensors["pos"][j]))
-    np.testing.assert_array_equal(matrix(table["vector"])[i], tensors["x"][j])  # bit for bit
-    np.testing.assert_array_equal(table["norm"].to_numpy()[i], vector_norms(tensors["x"])[j])
+    np.testing.assert_array_equal(matrix(table["vector"])[i], x[j])  # bit for bit
+    np.testing.assert_array_equal(table["norm"].to_numpy()[i], vector_norms(x)[j])
     # where the safetensors may differ from the Parquet rows, Run.nearest reads the Parquet
     from dataclasses import replace
     for other in (replace(r, meta={**r.meta, "parquet": {"storage_dtype": "float16"}}),
@@ -220,10 +225,19 @@ def test_nearest_reads_the_safetensors_as_the_parquet(case, by):
         assert tensor_candidates(other, layer, head, by) is None
     from_parquet, from_tensors = RunCandidates(table=table), RunCandidates(tensors)
     for metric in ("cosine", "l2"):
-        (a, sa), (b, sb) = from_parquet.top(2, 4, 7, metric), from_tensors.top(2, 4, 7, metric)
+        (a, sa, na), (b, sb, nb) = from_parquet.top(2, 4, 7, metric), from_tensors.top(2, 4, 7, metric)
         assert [(from_parquet.seq_id[x], from_parquet.pos[x]) for x in a] == \
             [(from_tensors.seq_id[x], from_tensors.pos[x]) for x in b]
         np.testing.assert_array_equal(sa, sb)
+        np.testing.assert_array_equal(na, nb)  # the stored norm and the one computed from the safetensors
+
+
+def test_sequence_blocks_group_whole_sequences(monkeypatch):
+    from kvcore.query import nearest
+
+    monkeypatch.setattr(nearest, "BLOCK_ROWS", 10)
+    assert nearest.sequence_blocks([4, 6, 3, 12, 2, 2]) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert nearest.sequence_blocks([]) == []
 
 
 def test_nearest_ties_at_the_cut_go_by_seq_and_pos():
@@ -588,3 +602,36 @@ def test_runs_with_the_same_name_are_refused(tmp_path, capsys):
     assert code == 2 and "two runs are both synthetic/random" in err
     code, _, _ = cli(capsys, tmp_path / "results" / "a")
     assert code == 0
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_nearest_on_bf16_safetensors_equals_float64_brute_force(tmp_path, monkeypatch, metric):
+    """A bf16 run (the synthetic writer's, as a bf16 model caches): the vectors widened from its
+    safetensors, scored block by block, rank as float64 numpy ranks the Parquet's vectors."""
+    import kvcore
+    from kvcore.query import nearest
+    from kvcore.query.synthetic import write_synthetic_run
+
+    monkeypatch.setattr(nearest, "BLOCK_ROWS", 25)  # blocks of two sequences, over three shards
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16, n_sequences=6,
+                        seq_len=12, shard_size=2, seed=3)
+    layer, head, seq, pos, k = 1, 1, 3, 5, 8
+    t = pq.read_table(run_dir / "kv/layer=1/data.parquet")
+    t = t.filter(t.column("head").to_numpy() == head)
+    x = np.stack(t.column("key").to_numpy(zero_copy_only=False)).astype(np.float64)
+    ids = list(zip(t.column("seq_id").to_pylist(), t.column("pos").to_pylist()))
+    me = ids.index((seq, pos))
+    if metric == "cosine":
+        scores = x @ x[me] / (np.linalg.norm(x, axis=1) * np.linalg.norm(x[me]))
+        order = [i for i in np.lexsort((np.arange(len(ids)), -scores)) if i != me]
+    else:
+        scores = np.linalg.norm(x - x[me], axis=1)
+        order = [i for i in np.lexsort((np.arange(len(ids)), scores)) if i != me]
+    with kvcore.open_run(run_dir) as run:
+        assert nearest.tensor_candidates(run.runs[0], layer, head, "key") is not None  # read from safetensors
+        got = run.nearest(layer, head, pos, k=k, seq=seq, metric=metric)
+    assert list(zip(got.seq_id, got.pos)) == [ids[i] for i in order[:k]]
+    column = "cosine_similarity" if metric == "cosine" else "l2_distance"
+    np.testing.assert_allclose(got[column], scores[order[:k]], rtol=1e-5)
+    np.testing.assert_array_equal(got.key_norm, t.column("key_norm").to_numpy()[order[:k]])

@@ -16,7 +16,7 @@ import functools
 import json
 import mmap
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,11 +57,48 @@ def _mapped(path, dtype, offset: int, shape: tuple) -> np.ndarray:
     return np.frombuffer(buffer, dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
 
 
-def tensor_candidates(run: RunFiles, layer: int, head: int, by: str, threads: int = 1) -> dict | None:
-    """{x, norms, seq_id, pos} of one run's (layer, head) from its shards' safetensors, or None where they
-    may differ from (or hold more than) its Parquet rows: float16 storage, a kind, layer or head
-    left out of Parquet, a run in a bucket, a shard without readable safetensors (the Parquet
-    rows, which the query views read, are then read instead)."""
+# Rows scored at a time: widened to float32, normed and scored while they are in the CPU's cache,
+# so a search reads each stored vector once (a first search used to widen a (layer, head) into a
+# new 57 MB matrix, then read it again for the norms and again for the scores).
+BLOCK_ROWS = 4096
+
+
+@dataclass
+class Block:
+    """Candidate rows [start, stop): float32 `rows` (from Parquet), or sequences of a shard's
+    mapped safetensors tensor `src` [n_seq, n_kv, width, dim], widened on demand."""
+
+    start: int
+    stop: int
+    rows: np.ndarray | None = None
+    src: np.ndarray | None = None
+    bf16: bool = False
+    lengths: tuple = ()
+    head: int = 0
+
+    def float32(self, buffer: np.ndarray) -> np.ndarray:
+        """The block's rows as float32 [stop - start, dim], widened into `buffer` where needed."""
+        if self.rows is not None:
+            return self.rows
+        return float32_rows(self.src, self.bf16, list(self.lengths), [self.head], out=buffer[:self.stop - self.start])
+
+
+def sequence_blocks(lengths: list[int]) -> list[tuple[int, int]]:
+    """Consecutive sequences [a, b) of about BLOCK_ROWS rows each (at least one sequence)."""
+    out, a, rows = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > a and rows + n > BLOCK_ROWS:
+            out.append((a, i))
+            a, rows = i, 0
+        rows += n
+    return out + [(a, len(lengths))] if lengths else out
+
+
+def tensor_candidates(run: RunFiles, layer: int, head: int, by: str) -> dict | None:
+    """{blocks, seq_id, pos} of one run's (layer, head): views of its shards' safetensors (mapped, read
+    when scored), or None where they may differ from (or hold more than) its Parquet rows: float16
+    storage, a kind, layer or head left out of Parquet, a run in a bucket, a shard without readable
+    safetensors (the Parquet rows, which the query views read, are then read instead)."""
     parquet = run.meta.get("parquet") or {}
     if (is_remote(run.path) or parquet.get("storage_dtype", "float32") != "float32"
             or parquet.get("parts", "both") not in ("both", f"{by}s") or layer not in run.parquet_items("layers")
@@ -70,36 +107,30 @@ def tensor_candidates(run: RunFiles, layer: int, head: int, by: str, threads: in
     shards = sorted(set(run.seq_shard.values()))
     if not shards or any(s not in run.tensor_files for s in shards):
         return None
-    name, plans = f"layer_{layer}_{by}", []
+    name, blocks, seq_ids, lengths = f"layer_{layer}_{by}", [], [], []
     for s in shards:
         path = run.tensor_files[s]
         try:
             stat = path.stat()
             base, header = _header(str(path), stat.st_mtime_ns, stat.st_size)
             info, meta = header[name], header["__metadata__"]
-            seq_ids, lengths = json.loads(meta["seq_ids"]), json.loads(meta["seq_lengths"])
+            shard_seqs, shard_lengths = json.loads(meta["seq_ids"]), json.loads(meta["seq_lengths"])
             dtype, bf16 = TENSOR_DTYPES[info["dtype"]]
             src = _mapped(path, dtype, base + info["data_offsets"][0], tuple(info["shape"]))
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             return None
-        if [run.seq_lengths.get(q) for q in seq_ids] != lengths or src.ndim != 4 or src.shape[1] <= head:
+        if [run.seq_lengths.get(q) for q in shard_seqs] != shard_lengths or src.ndim != 4 or src.shape[1] <= head:
             return None  # not the sequences (or the shape) the Parquet rows hold
-        plans.append((src, bf16, seq_ids, lengths))
-    lengths = np.array([n for *_, ns in plans for n in ns])
-    x = np.empty((int(lengths.sum()), plans[0][0].shape[3]), np.float32)
-    norms = np.empty(len(x), np.float32)
-    starts = np.cumsum([0] + [sum(ns) for *_, ns in plans])
-
-    def shard(i: int) -> None:  # the Parquet writer's own widening, then the norms while in cache
-        src, bf16, _, ns = plans[i]
-        a, b = starts[i], starts[i + 1]
-        norms[a:b] = vector_norms(float32_rows(src, bf16, ns, [head], out=x[a:b]))
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:  # numpy leaves the GIL while it copies
-        list(pool.map(shard, range(len(plans))))
-    seq_id = np.repeat(np.array([q for _, _, qs, _ in plans for q in qs], np.int32), lengths)
-    pos = (np.arange(len(x)) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
-    return {"x": x, "norms": norms, "seq_id": seq_id, "pos": pos}
+        for a, b in sequence_blocks(shard_lengths):
+            start = blocks[-1].stop if blocks else 0
+            blocks.append(Block(start, start + sum(shard_lengths[a:b]), src=src[a:b], bf16=bf16,
+                                lengths=tuple(shard_lengths[a:b]), head=head))
+            seq_ids += shard_seqs[a:b]
+            lengths += shard_lengths[a:b]
+    lengths = np.array(lengths)
+    seq_id = np.repeat(np.array(seq_ids, np.int32), lengths)
+    pos = (np.arange(len(seq_id)) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
+    return {"blocks": blocks, "seq_id": seq_id, "pos": pos}
 
 
 class RunCandidates:
@@ -108,36 +139,59 @@ class RunCandidates:
 
     def __init__(self, found: dict | None = None, table=None):
         if found is not None:
-            self.x, self.norms, self.seq_id, self.pos = found["x"], found["norms"], found["seq_id"], found["pos"]
+            self.blocks, self.seq_id, self.pos = found["blocks"], found["seq_id"], found["pos"]
+            self.token_id = self.stored_norm = None  # float32 storage: the stored norm is the one computed here
         else:
-            self.x = matrix(table.column("vector"))
-            self.norms = vector_norms(self.x)
+            x = matrix(table.column("vector"))
+            x.flags.writeable = False
+            self.blocks = [Block(a, min(a + BLOCK_ROWS, len(x)), rows=x[a:a + BLOCK_ROWS])
+                           for a in range(0, len(x), BLOCK_ROWS)]
             self.seq_id, self.pos = table.column("seq_id").to_numpy(), table.column("pos").to_numpy()
-        # float32 storage (the safetensors path): the stored norm is this one, computed alike
-        self.stored_norm = self.norms if table is None else table.column("norm").to_numpy()
-        self.token_id = None if table is None else table.column("token_id").to_numpy()
-        self.x.flags.writeable = False
+            self.token_id, self.stored_norm = table.column("token_id").to_numpy(), table.column("norm").to_numpy()
+        first = self.blocks[0] if self.blocks else Block(0, 0, rows=np.empty((0, 0), np.float32))
+        self.dim = (first.rows if first.rows is not None else first.src).shape[-1]
+        self.norms = None  # the candidates' L2 norms, computed by the first search
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.seq_id)
+
+    def vectors(self) -> np.ndarray:
+        """Every candidate as one float32 [n, dim] matrix, in candidate order."""
+        out = np.empty((len(self), self.dim), np.float32)
+        for b in self.blocks:
+            out[b.start:b.stop] = b.float32(out[b.start:b.stop])
+        return out
 
     def top(self, seq: int, pos: int, k: int, metric: str):
-        """(indices, scores) of the k nearest to (seq, pos), best first; None when the run has no such position."""
+        """(indices, scores, norms) of the k nearest to (seq, pos), best first; None when the run has
+        no such position. One pass over the vectors, block by block."""
         me = np.flatnonzero((self.seq_id == seq) & (self.pos == pos))
-        n = min(k, len(self.x) - 1)
+        n = min(k, len(self) - 1)
         if not len(me) or n < 1:
             return None
-        me, q = me[0], self.x[me[0]]
+        me = int(me[0])
+        buffer = np.empty((max(b.stop - b.start for b in self.blocks), self.dim), np.float32)
+        home = self.blocks[int(np.searchsorted([b.stop for b in self.blocks], me, side="right"))]
+        q = home.float32(buffer)[me - home.start].copy()
+        scores, first = np.empty(len(self), np.float32), self.norms is None
+        norms = self.norms = np.empty(len(self), np.float32) if first else self.norms
+        for b in self.blocks:
+            x = b.float32(buffer)
+            if first:
+                norms[b.start:b.stop] = vector_norms(x)
+            if metric == "cosine":
+                scores[b.start:b.stop] = x @ q
+            else:
+                diff = x - q
+                scores[b.start:b.stop] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
         if metric == "cosine":
             with np.errstate(divide="ignore", invalid="ignore"):
-                scores = self.x @ q / (self.norms * self.norms[me])
+                scores /= norms * norms[me]
             rank_by = np.where(np.isnan(scores), np.inf, -scores)  # best first; NaN (zero vector) last
         else:
-            diff = self.x - q
-            scores = np.sqrt(np.einsum("ij,ij->i", diff, diff))
             rank_by = scores
         best = best_first(rank_by, self.seq_id, self.pos, me, n)
-        return best, scores[best]
+        return best, scores[best], (norms if self.stored_norm is None else self.stored_norm)[best]
 
 
 class Candidates:
@@ -161,12 +215,12 @@ class Candidates:
             found = c.top(seq, pos, k, metric)
             if found is None:
                 continue  # this run has no such position
-            best, scores = found
+            best, scores, norms = found
             n = len(best)
             for name, v in (("model", [model] * n), ("dataset", [dataset] * n), ("rank", np.arange(1, n + 1)),
                             ("layer", np.full(n, layer)), ("head", np.full(n, head)), ("seq_id", c.seq_id[best]),
                             ("pos", c.pos[best]), ("token_id", [None] * n if c.token_id is None else c.token_id[best]),
-                            (score_name, scores), (f"{by}_norm", c.stored_norm[best])):
+                            (score_name, scores), (f"{by}_norm", norms)):
                 rows[name] += list(v)
         if rows["model"]:
             token_ids, rows["token"] = tokens_of(rows["model"], rows["dataset"], rows["seq_id"], rows["pos"])

@@ -297,7 +297,7 @@ class Run:
     def _load_candidates(self, run: RunFiles, layer: int, head: int, by: str) -> RunCandidates:
         """A run's (layer, head) vectors: from its safetensors where they equal its Parquet rows, else
         the Parquet columns ranking needs (kvcore/query/nearest.py)."""
-        found = tensor_candidates(run, layer, head, by, self.threads)
+        found = tensor_candidates(run, layer, head, by)
         if found is not None:
             return RunCandidates(found)
         return RunCandidates(table=self.arrow(verbs.nearest_candidates(run, layer, head, by)))
