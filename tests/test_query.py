@@ -635,3 +635,15 @@ def test_nearest_on_bf16_safetensors_equals_float64_brute_force(tmp_path, monkey
     column = "cosine_similarity" if metric == "cosine" else "l2_distance"
     np.testing.assert_allclose(got[column], scores[order[:k]], rtol=1e-5)
     np.testing.assert_array_equal(got.key_norm, t.column("key_norm").to_numpy()[order[:k]])
+
+
+def test_token_index_finds_each_position_and_only_those():
+    import pyarrow as pa
+
+    from kvcore.query.nearest import TokenIndex
+
+    table = pa.table({"seq_id": pa.array([2, 0, 0, 1], pa.int32()), "pos": pa.array([0, 1, 0, 5], pa.int32()),
+                      "token_id": pa.array([7, 8, 9, 10], pa.int32()), "token": ["c", "b", "a", "d"]})
+    index = TokenIndex(table)
+    assert index.lookup([0, 2, 1, 1, 3], [0, 0, 5, 4, 0]) == ([9, 7, 10, None, None], ["a", "c", "d", None, None])
+    assert TokenIndex(table.slice(0, 0)).lookup([0], [0]) == ([None], [None])

@@ -1,14 +1,13 @@
-"""Nearest neighbours in one (layer, KV head) on vectors loaded once (`Run.nearest`).
+"""Nearest neighbours in one (layer, KV head) on vectors kept at hand (`Run.nearest`).
 
 A search is decode-bound: DuckDB's brute force (`verbs.nearest`, what `kvcore query --nearest`
 runs once and exits) decodes the layer's vectors from Parquet, every head's, on every search
-(about 12 ns per float). `Run.nearest` loads one (layer, head, key|value) once and ranks it in
-numpy with one matrix-vector product, joining token text for the k results only. It reads the
-vectors from the shards' safetensors where they equal the Parquet's (`tensor_candidates`: a
-memory-mapped read of exactly that head, bf16 widened as the Parquet writer does), else only
-the columns ranking needs from the layer's Parquet files (`verbs.nearest_candidates`). Exact,
-the same ranking (score, then seq_id, pos) as the SQL verb (tests/test_query.py).
-"""
+(about 12 ns per float). `Run.nearest` keeps one (layer, head, key|value) at hand and ranks it in
+numpy, joining token text for the k results only. It maps the vectors in the shards' safetensors
+where they equal the Parquet's (`tensor_candidates`: exactly that head's rows, bf16 widened as the
+Parquet writer does, block by block as they are scored), else reads only the columns ranking
+needs from the layer's Parquet files (`verbs.nearest_candidates`). Exact, the same ranking
+(score, then seq_id, pos) as the SQL verb (tests/test_query.py)."""
 
 from __future__ import annotations
 
@@ -192,6 +191,31 @@ class RunCandidates:
             rank_by = scores
         best = best_first(rank_by, self.seq_id, self.pos, me, n)
         return best, scores[best], (norms if self.stored_norm is None else self.stored_norm)[best]
+
+
+class TokenIndex:
+    """One run's tokens (a `verbs.run_tokens` table), read once: token_id and text by (seq_id, pos).
+    A search's k results look theirs up here in microseconds; a query per search cost it 5-12 ms."""
+
+    def __init__(self, table):
+        key = self.key_of(table.column("seq_id").to_numpy(), table.column("pos").to_numpy())
+        order = np.argsort(key, kind="stable")
+        self.key, self.token_id = key[order], table.column("token_id").to_numpy()[order]
+        self.token = table.column("token").combine_chunks().take(order)
+
+    @staticmethod
+    def key_of(seq_ids, positions) -> np.ndarray:
+        return np.asarray(seq_ids, np.int64) << 32 | np.asarray(positions, np.int64)
+
+    def lookup(self, seq_ids, positions) -> tuple[list, list]:
+        """(token_ids, tokens) of these positions, None where the run has no such token."""
+        key = self.key_of(seq_ids, positions)
+        if not len(self.key):
+            return [None] * len(key), [None] * len(key)
+        at = np.minimum(np.searchsorted(self.key, key), len(self.key) - 1)
+        found = self.key[at] == key
+        ids, text = self.token_id[at].tolist(), self.token.take(at).to_pylist()
+        return [i if f else None for i, f in zip(ids, found)], [t if f else None for t, f in zip(text, found)]
 
 
 class Candidates:
