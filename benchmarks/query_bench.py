@@ -12,9 +12,11 @@ medians over repeats, warm (files in the page cache), side by side in one proces
   norm       --search-norm 0.5 1.0 key over every row (the result joined to token text);
   layer      --layer-summary over one layer (norm and element statistics, reads the vectors);
   nearest    --k 10 over one (layer, head): the verb's SQL in DuckDB (what `kvcore query
-             --nearest` runs), `Run.nearest` (numpy on vectors loaded once: the first search
-             loads them from the shards' safetensors, later ones reuse them), the same ranking
-             on vectors read from the layer's Parquet, numpy reading the Parquet with pyarrow;
+             --nearest` runs), `Run.nearest` (numpy on the head's rows mapped in the shards'
+             safetensors, scored block by block; a first search in a (layer, head) also norms
+             them, later ones reuse the norms), its load + ranking alone side by side with the
+             way before (one float32 matrix, then norms, then scores), the same ranking on
+             vectors read from the layer's Parquet, numpy reading the Parquet with pyarrow;
   sharded    (--sharded) the same queries on the run before compaction (one file per layer per
              shard: what queries read while an extraction runs);
   layout     (--layout) one layer rewritten with other row-group sizes: lookup and scan.

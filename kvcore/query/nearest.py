@@ -15,6 +15,8 @@ import functools
 import json
 import mmap
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,7 +138,8 @@ class RunCandidates:
     """One run's vectors of a (layer, KV head, kind): from `tensor_candidates`, or from a
     `verbs.nearest_candidates` table (which also gives token_id and the stored norm)."""
 
-    def __init__(self, found: dict | None = None, table=None):
+    def __init__(self, found: dict | None = None, table=None, threads: int = 1):
+        self.threads = threads  # blocks scored at once
         if found is not None:
             self.blocks, self.seq_id, self.pos = found["blocks"], found["seq_id"], found["pos"]
             self.token_id = self.stored_norm = None  # float32 storage: the stored norm is the one computed here
@@ -169,13 +172,17 @@ class RunCandidates:
         if not len(me) or n < 1:
             return None
         me = int(me[0])
-        buffer = np.empty((max(b.stop - b.start for b in self.blocks), self.dim), np.float32)
+        size = max(b.stop - b.start for b in self.blocks)
         home = self.blocks[int(np.searchsorted([b.stop for b in self.blocks], me, side="right"))]
-        q = home.float32(buffer)[me - home.start].copy()
+        q = home.float32(np.empty((size, self.dim), np.float32))[me - home.start].copy()
         scores, first = np.empty(len(self), np.float32), self.norms is None
         norms = self.norms = np.empty(len(self), np.float32) if first else self.norms
-        for b in self.blocks:
-            x = b.float32(buffer)
+        buffers = threading.local()
+
+        def score(b: Block) -> None:  # numpy leaves the GIL while it widens, norms and multiplies
+            if not hasattr(buffers, "x"):
+                buffers.x = np.empty((size, self.dim), np.float32)
+            x = b.float32(buffers.x)
             if first:
                 norms[b.start:b.stop] = vector_norms(x)
             if metric == "cosine":
@@ -183,6 +190,9 @@ class RunCandidates:
             else:
                 diff = x - q
                 scores[b.start:b.stop] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+        with ThreadPoolExecutor(max(1, min(self.threads, len(self.blocks)))) as pool:
+            list(pool.map(score, self.blocks))
         if metric == "cosine":
             with np.errstate(divide="ignore", invalid="ignore"):
                 scores /= norms * norms[me]

@@ -307,8 +307,8 @@ class Run:
         the Parquet columns ranking needs (kvcore/query/nearest.py)."""
         found = tensor_candidates(run, layer, head, by)
         if found is not None:
-            return RunCandidates(found)
-        return RunCandidates(table=self.arrow(verbs.nearest_candidates(run, layer, head, by)))
+            return RunCandidates(found, threads=self.threads)
+        return RunCandidates(table=self.arrow(verbs.nearest_candidates(run, layer, head, by)), threads=self.threads)
 
     # ---- lifetime -------------------------------------------------------------------------
 
