@@ -169,6 +169,23 @@ def test_search_norm(case, kind):
     assert set(zip(filtered.seq_id, filtered.pos)) == {(s, p) for (la, h, s, p) in got if la == 1 and h == 0}
 
 
+def test_search_norm_on_the_grid_is_each_runs_own(grid):
+    """A grid's norm search joins and sorts by model and dataset; one run's names them as literals."""
+    import pandas as pd
+
+    import kvcore
+
+    with kvcore.open_run(grid[0]) as run:
+        both = run.search_norm(0.5, 5.0, "value")
+    alone = []
+    for arch in ARCHS:
+        with kvcore.open_run(grid[1][arch]) as run:
+            alone.append(run.search_norm(0.5, 5.0, "value"))
+    want = pd.concat(alone, ignore_index=True)
+    assert set(both.model) == set(ARCHS) and len(want) > 10
+    pd.testing.assert_frame_equal(both, want)
+
+
 @pytest.mark.parametrize("block_rows", [4096, 20, 1])  # one block, a few sequences each, one sequence each
 @pytest.mark.parametrize("by,metric", [("key", "cosine"), ("value", "l2")])
 def test_nearest_equals_brute_force(case, by, metric, block_rows, monkeypatch):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kvcore.errors import UsageError
 from kvcore.query.discover import RunFiles
-from kvcore.query.views import join_on, layer_view, literal, seq_view, vector_type
+from kvcore.query.views import grid_keys, join_on, layer_view, literal, run_names, seq_view, vector_type
 
 VERBS = ("info", "coordinate", "list_tokens", "token_search", "layer_summary", "head_summary", "token_summary",
          "search_norm", "nearest")
@@ -255,14 +255,14 @@ def search_norm(runs: list[RunFiles], low: float, high: float, kind: str = "key"
     # each query, so the scan of every row reads kv_rows (one layer: its by_layer view).
     source = "kv_rows" if source == "kv" else source
     return Query(f"""WITH hits AS (
-  SELECT model, dataset, layer, head, seq_id, pos, token_id, key_norm, value_norm
+  SELECT {grid_keys(runs)}layer, head, seq_id, pos, token_id, key_norm, value_norm
   FROM {source}
   WHERE {kind}_norm BETWEEN ? AND ?{extra}
 )
-SELECT h.model, h.dataset, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token, h.key_norm, h.value_norm
+SELECT {run_names(runs, "h")}, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token, h.key_norm, h.value_norm
 FROM hits h
 LEFT JOIN tokens t ON {join_on(runs, "t", "h")}
-ORDER BY h.model, h.dataset, h.layer, h.seq_id, h.pos, h.head""", [low, high] + params)
+ORDER BY {grid_keys(runs, "h.")}h.layer, h.seq_id, h.pos, h.head""", [low, high] + params)
 
 
 def check_nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int, seq: int, by: str,
