@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kvcore.errors import UsageError
 from kvcore.query.discover import RunFiles
-from kvcore.query.views import grid_keys, join_on, layer_view, literal, run_names, seq_view, vector_type
+from kvcore.query.views import layer_view, literal, seq_view, vector_type
 
 VERBS = ("info", "coordinate", "list_tokens", "token_search", "layer_summary", "head_summary", "token_summary",
          "search_norm", "nearest")
@@ -112,16 +112,10 @@ def info(runs: list[RunFiles]) -> Query:
     return Query("SELECT * FROM runs ORDER BY model, dataset", vertical=len(runs) == 1)
 
 
-def cell_view(runs: list[RunFiles], layer: int, seq: int) -> str:
-    """The narrowest view holding (layer, seq): a finalized run's layer file (one file, where the
-    sequence's view lists every layer's), else the sequence's shard parts."""
-    return layer_view(layer) if all(r.finalized for r in runs) else seq_view(seq)
-
-
 def coordinate(runs: list[RunFiles], layer: int, head: int, token: int, seq: int = 0) -> Query:
     check_coordinate(runs, layer, head, token, seq)
     return Query(f"""SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm, key, value
-FROM {cell_view(runs, layer, seq)}
+FROM {seq_view(seq)}
 WHERE layer = ? AND head = ? AND seq_id = ? AND pos = ?
 ORDER BY model, dataset""", [layer, head, seq, token], vertical=True)
 
@@ -160,7 +154,7 @@ def token_search(runs: list[RunFiles], text: str, layer: int | None = None, head
 )
 SELECT k.model, k.dataset, k.seq_id, k.pos, k.token_id, h.token, k.layer, k.head, k.key_norm, k.value_norm
 FROM {source} k
-JOIN hits h ON {join_on(runs, "k", "h")}
+JOIN hits h ON k.model = h.model AND k.dataset = h.dataset AND k.seq_id = h.seq_id AND k.pos = h.pos
 WHERE true{extra}
 ORDER BY k.model, k.dataset, k.seq_id, k.pos, k.layer, k.head""", [text] + params)
 
@@ -255,14 +249,14 @@ def search_norm(runs: list[RunFiles], low: float, high: float, kind: str = "key"
     # each query, so the scan of every row reads kv_rows (one layer: its by_layer view).
     source = "kv_rows" if source == "kv" else source
     return Query(f"""WITH hits AS (
-  SELECT {grid_keys(runs)}layer, head, seq_id, pos, token_id, key_norm, value_norm
+  SELECT model, dataset, layer, head, seq_id, pos, token_id, key_norm, value_norm
   FROM {source}
   WHERE {kind}_norm BETWEEN ? AND ?{extra}
 )
-SELECT {run_names(runs, "h")}, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token, h.key_norm, h.value_norm
+SELECT h.model, h.dataset, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token, h.key_norm, h.value_norm
 FROM hits h
-LEFT JOIN tokens t ON {join_on(runs, "t", "h")}
-ORDER BY {grid_keys(runs, "h.")}h.layer, h.seq_id, h.pos, h.head""", [low, high] + params)
+LEFT JOIN tokens t ON t.model = h.model AND t.dataset = h.dataset AND t.seq_id = h.seq_id AND t.pos = h.pos
+ORDER BY h.model, h.dataset, h.layer, h.seq_id, h.pos, h.head""", [low, high] + params)
 
 
 def check_nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int, seq: int, by: str,
@@ -303,7 +297,7 @@ def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10
     order = "DESC" if metric == "cosine" else "ASC"
     # max_by/min_by with a count keeps a k-heap per run: no sort of the whole (layer, head).
     return Query(f"""WITH q AS (
-  SELECT model, dataset, {by} AS v FROM {cell_view(runs, layer, seq)} WHERE layer = ? AND head = ? AND seq_id = ? AND pos = ?
+  SELECT model, dataset, {by} AS v FROM {seq_view(seq)} WHERE layer = ? AND head = ? AND seq_id = ? AND pos = ?
 ), top AS (
   SELECT c.model, c.dataset,
          unnest({best}({{'seq_id': c.seq_id, 'pos': c.pos, 'token_id': c.token_id, 'norm': c.{by}_norm,

@@ -108,43 +108,17 @@ def lazy_view_sql(runs: list[RunFiles], schema: str, number: int) -> str | None:
     return None
 
 
-def token_keys(runs: list[RunFiles]) -> list[str]:
-    """The columns naming one token: (seq_id, pos), and model and dataset where there is more than
-    one run. On one run both sides of a join hold a single model and dataset, and the string keys
-    only slow it down (a norm search's token join at 2M rows: 90 -> 52 ms, docs/query.md)."""
-    return ["seq_id", "pos"] if len(runs) == 1 else ["model", "dataset", "seq_id", "pos"]
-
-
-def run_names(runs: list[RunFiles], alias: str) -> str:
-    """A verb's model and dataset output columns: `alias`'s on a grid; on one run its names as
-    literals, so DuckDB carries no string column through the verb's join and sort (a norm
-    search at 2M rows: 38 -> 23 ms side by side, docs/query.md)."""
-    if len(runs) == 1:
-        return f"{literal(runs[0].model)} AS model, {literal(runs[0].dataset)} AS dataset"
-    return f"{alias}.model, {alias}.dataset"
-
-
-def grid_keys(runs: list[RunFiles], alias: str = "") -> str:
-    """`model, dataset, ` (with `alias.`) where there is more than one run to tell apart, else ''."""
-    return "" if len(runs) == 1 else f"{alias}model, {alias}dataset, "
-
-
-def join_on(runs: list[RunFiles], a: str, b: str) -> str:
-    """The join condition of two relations' rows of the same token."""
-    return " AND ".join(f"{a}.{k} = {b}.{k}" for k in token_keys(runs))
-
-
 def kv_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None,
            parts: str | None = None) -> str:
     """kv: the rows of `parts` (a view's name; default the rows of kv_parts_sql) with token text."""
-    # Grouping tokens by the join's keys lets DuckDB prove the join adds no rows, so a query that
+    # Grouping tokens by their key lets DuckDB prove the join adds no rows, so a query that
     # reads no kv column (count(*)) drops the join (join elimination).
-    keys = ", ".join(token_keys(runs))
     return f"""
 SELECT p.model, p.dataset, p.layer, p.seq_id, p.pos, p.head, p.token_id, t.token,
        p.key_norm, p.value_norm, p.key, p.value
 FROM {parts or f"({kv_parts_sql(runs, layer, seq)})"} p
-LEFT JOIN (SELECT {keys}, any_value(token) AS token FROM tokens GROUP BY {keys}) t ON {join_on(runs, "p", "t")}"""
+LEFT JOIN (SELECT model, dataset, seq_id, pos, any_value(token) AS token FROM tokens GROUP BY ALL) t
+  ON p.model = t.model AND p.dataset = t.dataset AND p.seq_id = t.seq_id AND p.pos = t.pos"""
 
 
 def tokens_sql(runs: list[RunFiles]) -> str:
