@@ -176,7 +176,7 @@ class RunCandidates:
         home = self.blocks[int(np.searchsorted([b.stop for b in self.blocks], me, side="right"))]
         q = home.float32(np.empty((size, self.dim), np.float32))[me - home.start].copy()
         scores, first = np.empty(len(self), np.float32), self.norms is None
-        norms = self.norms = np.empty(len(self), np.float32) if first else self.norms
+        norms = np.empty(len(self), np.float32) if first else self.norms
         buffers = threading.local()
 
         def score(b: Block) -> None:  # numpy leaves the GIL while it widens, norms and multiplies
@@ -193,6 +193,7 @@ class RunCandidates:
 
         with ThreadPoolExecutor(max(1, min(self.threads, len(self.blocks)))) as pool:
             list(pool.map(score, self.blocks))
+        self.norms = norms  # kept only once every block's are in (an interrupted search keeps none)
         if metric == "cosine":
             with np.errstate(divide="ignore", invalid="ignore"):
                 scores /= norms * norms[me]
