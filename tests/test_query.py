@@ -664,3 +664,34 @@ def test_token_index_finds_each_position_and_only_those():
     index = TokenIndex(table)
     assert index.lookup([0, 2, 1, 1, 3], [0, 0, 5, 4, 0]) == ([9, 7, 10, None, None], ["a", "c", "d", None, None])
     assert TokenIndex(table.slice(0, 0)).lookup([0], [0]) == ([None], [None])
+
+
+def test_an_interrupted_first_search_keeps_no_norms(tmp_path, monkeypatch):
+    """Norms are kept for later searches only once every block's are in."""
+    from kvcore.query import nearest
+    from kvcore.query.discover import load_runs
+    from kvcore.query.synthetic import write_synthetic_run
+
+    monkeypatch.setattr(nearest, "BLOCK_ROWS", 10)
+    write_synthetic_run(tmp_path / "run", num_layers=1, num_kv_heads=1, num_heads=1, head_dim=8, n_sequences=4,
+                        seq_len=10, shard_size=2)
+    (r,) = load_runs(tmp_path / "run")
+    want = nearest.RunCandidates(nearest.tensor_candidates(r, 0, 0, "key")).top(1, 3, 5, "cosine")
+    c = nearest.RunCandidates(nearest.tensor_candidates(r, 0, 0, "key"))
+    calls = []
+
+    def failing(x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(x)
+
+    real = nearest.vector_norms
+    monkeypatch.setattr(nearest, "vector_norms", failing)
+    with pytest.raises(KeyboardInterrupt):
+        c.top(1, 3, 5, "cosine")
+    assert c.norms is None
+    monkeypatch.setattr(nearest, "vector_norms", real)
+    got = c.top(1, 3, 5, "cosine")
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
