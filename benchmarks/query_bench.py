@@ -12,9 +12,11 @@ medians over repeats, warm (files in the page cache), side by side in one proces
   norm       --search-norm 0.5 1.0 key over every row (the result joined to token text);
   layer      --layer-summary over one layer (norm and element statistics, reads the vectors);
   nearest    --k 10 over one (layer, head): the verb's SQL in DuckDB (what `kvcore query
-             --nearest` runs), `Run.nearest` (numpy on vectors loaded once: the first search
-             loads them from the shards' safetensors, later ones reuse them), the same ranking
-             on vectors read from the layer's Parquet, numpy reading the Parquet with pyarrow;
+             --nearest` runs), `Run.nearest` (numpy on the head's rows mapped in the shards'
+             safetensors, scored block by block; a first search in a (layer, head) also norms
+             them, later ones reuse the norms), its load + ranking alone side by side with the
+             way before (one float32 matrix, then norms, then scores), the same ranking on
+             vectors read from the layer's Parquet, numpy reading the Parquet with pyarrow;
   sharded    (--sharded) the same queries on the run before compaction (one file per layer per
              shard: what queries read while an extraction runs);
   layout     (--layout) one layer rewritten with other row-group sizes: lookup and scan.
@@ -183,8 +185,9 @@ def measure(run, coords, args, naive: dict | None = None) -> dict:
 
 def bench_size(root: Path, rows: int, args) -> dict:
     import kvcore
-    from kvcore.query.nearest import RunCandidates, tensor_candidates
+    from kvcore.query.nearest import RunCandidates, best_first, tensor_candidates
     from kvcore.query.verbs import nearest_candidates, stats_columns
+    from kvcore.storage import vector_norms
 
     root.mkdir(parents=True, exist_ok=True)
     if args.reuse and (root / "run" / "metadata.json").is_file() and (root / "naive.parquet").is_file():
@@ -257,7 +260,7 @@ GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
     r = run.runs[0]
     res["nearest_source"] = "safetensors" if tensor_candidates(r, la, h, "key") is not None else "Parquet"
     for a, b in firsts:  # warm, as every file the bench reads: these heads' bytes in the page cache
-        tensor_candidates(r, a, b, "key")
+        RunCandidates(tensor_candidates(r, a, b, "key")).vectors()
     cpu = []
 
     def first(a, b):
@@ -265,7 +268,25 @@ GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
         run.nearest(a, b, p, k=10, seq=s, arrow=True)
         cpu.append(time.process_time() - t)
 
-    res["nearest_first_ms"] = 1e3 * median_over(first, firsts, warmup=0)
+    def whole_matrix(a, b):
+        """The load + ranking before, side by side: the (layer, head) widened into one new float32
+        matrix, then read again for the norms and again for the scores."""
+        c = RunCandidates(tensor_candidates(r, a, b, "key"))
+        x = c.vectors()
+        norms = vector_norms(x)
+        me = int(np.flatnonzero((c.seq_id == s) & (c.pos == p))[0])
+        best_first(-(x @ x[me] / (norms * norms[me])), c.seq_id, c.pos, me, 10)
+
+    fns = {"nearest_first_ms": first, "nearest_first_matrix_ms": whole_matrix,  # alternating, which first
+           "nearest_first_blocks_ms": lambda a, b: RunCandidates(tensor_candidates(r, a, b, "key")).top(
+               s, p, 10, "cosine")}  # the load + ranking Run.nearest does now, without the token join
+    walls = {name: [] for name in fns}
+    for i, (a, b) in enumerate(firsts):
+        for name in list(fns)[i % 3:] + list(fns)[:i % 3]:
+            t = time.perf_counter()
+            fns[name](a, b)
+            walls[name].append(time.perf_counter() - t)
+    res.update({name: 1e3 * statistics.median(w) for name, w in walls.items()})
     res["nearest_first_cpu_ms"] = 1e3 * statistics.median(cpu)  # every thread of the process
     # the same ranking on the vectors read from the layer's Parquet instead (what a run without
     # its safetensors, in a bucket or with float16 storage, loads)
@@ -366,15 +387,15 @@ def norm_variants(root: Path, run, naive: Path, con, args) -> dict:
     fns = {"kvcore: the verb (kv_rows, then tokens for the hits)": lambda: run.arrow(verb),
            "kvcore: the verb's SQL before (kv view, token join on every row)": lambda: run.arrow(before),
            "plain duckdb, the 30 layer files in one read_parquet list + tokens": lambda: con.sql(
-               plain_sql(r.kv_files)).fetchall(),
-           "  the 30 layer files, no token join": lambda: con.sql(plain_sql(r.kv_files, join=False)).fetchall()}
+               plain_sql(r.kv_files)).to_arrow_table(),
+           "  the 30 layer files, no token join": lambda: con.sql(plain_sql(r.kv_files, join=False)).to_arrow_table()}
     for name, files in rewritten.items():
-        fns[f"  the 30 layer files + tokens, rewritten with {name}"] = lambda s=plain_sql(files): con.sql(s).fetchall()
+        fns[f"  the 30 layer files + tokens, rewritten with {name}"] = lambda s=plain_sql(files): con.sql(s).to_arrow_table()
     fns["naive file + tokens (the baseline)"] = lambda: con.sql(
         f"SELECT {cols} FROM read_parquet('{naive}') k JOIN read_parquet('{tokens}') t "
-        f"ON k.seq_id = t.seq_id AND k.pos = t.pos {where}").fetchall()
+        f"ON k.seq_id = t.seq_id AND k.pos = t.pos {where}").to_arrow_table()
     fns["  the naive file, no token join"] = lambda: con.sql(f"SELECT {cols.replace(', t.token', '')} "
-                                                            f"FROM read_parquet('{naive}') k {where}").fetchall()
+                                                            f"FROM read_parquet('{naive}') k {where}").to_arrow_table()
     times = side_by_side(list(fns.values()), args.repeats)
     for out in {f.parents[2] for files in rewritten.values() for f in files}:
         shutil.rmtree(out)
@@ -435,6 +456,8 @@ ROWS = [  # (label, format, key) of the results table
     ("  Run.nearest, first search of the (layer, head): load + numpy (ms); CPU (ms); read from", "{}",
      "nearest_first"),
     ("  Run.nearest, later searches (ms)", "{:.1f}", "nearest_cached_ms"),
+    ("  first search's load + ranking alone, block by block (Run.nearest now) / one float32 matrix, then norms, "
+     "then scores (before) (ms)", "{}", "nearest_load_rank"),
     ("  Run.nearest's load + ranking, vectors from the layer's Parquet via DuckDB (ms)", "{:.1f}",
      "nearest_first_parquet_ms"),
     ("  numpy, reading the layer's Parquet with pyarrow (ms)", "{:.1f}", "nearest_numpy_e2e_ms"),
@@ -457,6 +480,7 @@ def report(results: list[dict]) -> str:
         r["kvcore_gb"], r["naive_gb"] = r["kvcore_bytes"] / 1e9, r["naive_bytes"] / 1e9
         r["lookup_scan"] = f"{r['lookup_files']} / {r['lookup_row_groups']}"
         r["nearest_first"] = f"{r['nearest_first_ms']:.1f}; {r['nearest_first_cpu_ms']:.1f}; {r['nearest_source']}"
+        r["nearest_load_rank"] = f"{r['nearest_first_blocks_ms']:.1f} / {r['nearest_first_matrix_ms']:.1f}"
         for q in ("norm", "layer"):
             r[f"{q}_ratio"] = r[f"{q}_kvcore_s"] / r[f"{q}_naive_s"]
             for side in ("kvcore", "naive"):

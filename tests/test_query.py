@@ -169,8 +169,29 @@ def test_search_norm(case, kind):
     assert set(zip(filtered.seq_id, filtered.pos)) == {(s, p) for (la, h, s, p) in got if la == 1 and h == 0}
 
 
+def test_search_norm_on_the_grid_is_each_runs_own(grid):
+    """A grid's norm search gives each run's own rows, in (model, dataset) order."""
+    import pandas as pd
+
+    import kvcore
+
+    with kvcore.open_run(grid[0]) as run:
+        both = run.search_norm(0.5, 5.0, "value")
+    alone = []
+    for arch in ARCHS:
+        with kvcore.open_run(grid[1][arch]) as run:
+            alone.append(run.search_norm(0.5, 5.0, "value"))
+    want = pd.concat(alone, ignore_index=True)
+    assert set(both.model) == set(ARCHS) and len(want) > 10
+    pd.testing.assert_frame_equal(both, want)
+
+
+@pytest.mark.parametrize("block_rows", [4096, 20, 1])  # one block, a few sequences each, one sequence each
 @pytest.mark.parametrize("by,metric", [("key", "cosine"), ("value", "l2")])
-def test_nearest_equals_brute_force(case, by, metric):
+def test_nearest_equals_brute_force(case, by, metric, block_rows, monkeypatch):
+    from kvcore.query import nearest
+
+    monkeypatch.setattr(nearest, "BLOCK_ROWS", block_rows)  # Run.nearest scores block by block
     run, ref = case
     layer, head, seq, pos, k = 1, ref.num_kv - 1, 2, 4, 7
     q = ref.vector(by, layer, head, seq, pos).astype(np.float64)
@@ -205,13 +226,14 @@ def test_nearest_reads_the_safetensors_as_the_parquet(case, by):
     r, layer, head = run.runs[0], 1, ref.num_kv - 1
     tensors = tensor_candidates(r, layer, head, by)  # what Run.nearest reads from an extracted run
     assert tensors is not None
+    x = RunCandidates(tensors).vectors()
     table = run.arrow(nearest_candidates(r, layer, head, by))
     i = np.lexsort((table["pos"], table["seq_id"]))
     j = np.lexsort((tensors["pos"], tensors["seq_id"]))
     assert list(zip(table["seq_id"].to_numpy()[i], table["pos"].to_numpy()[i])) == \
         list(zip(tensors["seq_id"][j], tensors["pos"][j]))
-    np.testing.assert_array_equal(matrix(table["vector"])[i], tensors["x"][j])  # bit for bit
-    np.testing.assert_array_equal(table["norm"].to_numpy()[i], vector_norms(tensors["x"])[j])
+    np.testing.assert_array_equal(matrix(table["vector"])[i], x[j])  # bit for bit
+    np.testing.assert_array_equal(table["norm"].to_numpy()[i], vector_norms(x)[j])
     # where the safetensors may differ from the Parquet rows, Run.nearest reads the Parquet
     from dataclasses import replace
     for other in (replace(r, meta={**r.meta, "parquet": {"storage_dtype": "float16"}}),
@@ -220,10 +242,19 @@ def test_nearest_reads_the_safetensors_as_the_parquet(case, by):
         assert tensor_candidates(other, layer, head, by) is None
     from_parquet, from_tensors = RunCandidates(table=table), RunCandidates(tensors)
     for metric in ("cosine", "l2"):
-        (a, sa), (b, sb) = from_parquet.top(2, 4, 7, metric), from_tensors.top(2, 4, 7, metric)
+        (a, sa, na), (b, sb, nb) = from_parquet.top(2, 4, 7, metric), from_tensors.top(2, 4, 7, metric)
         assert [(from_parquet.seq_id[x], from_parquet.pos[x]) for x in a] == \
             [(from_tensors.seq_id[x], from_tensors.pos[x]) for x in b]
         np.testing.assert_array_equal(sa, sb)
+        np.testing.assert_array_equal(na, nb)  # the stored norm and the one computed from the safetensors
+
+
+def test_sequence_blocks_group_whole_sequences(monkeypatch):
+    from kvcore.query import nearest
+
+    monkeypatch.setattr(nearest, "BLOCK_ROWS", 10)
+    assert nearest.sequence_blocks([4, 6, 3, 12, 2, 2]) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert nearest.sequence_blocks([]) == []
 
 
 def test_nearest_ties_at_the_cut_go_by_seq_and_pos():
@@ -588,3 +619,79 @@ def test_runs_with_the_same_name_are_refused(tmp_path, capsys):
     assert code == 2 and "two runs are both synthetic/random" in err
     code, _, _ = cli(capsys, tmp_path / "results" / "a")
     assert code == 0
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_nearest_on_bf16_safetensors_equals_float64_brute_force(tmp_path, monkeypatch, metric):
+    """A bf16 run (the synthetic writer's, as a bf16 model caches): the vectors widened from its
+    safetensors, scored block by block, rank as float64 numpy ranks the Parquet's vectors."""
+    import kvcore
+    from kvcore.query import nearest
+    from kvcore.query.synthetic import write_synthetic_run
+
+    monkeypatch.setattr(nearest, "BLOCK_ROWS", 25)  # blocks of two sequences, over three shards
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir, num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16, n_sequences=6,
+                        seq_len=12, shard_size=2, seed=3)
+    layer, head, seq, pos, k = 1, 1, 3, 5, 8
+    t = pq.read_table(run_dir / "kv/layer=1/data.parquet")
+    t = t.filter(t.column("head").to_numpy() == head)
+    x = np.stack(t.column("key").to_numpy(zero_copy_only=False)).astype(np.float64)
+    ids = list(zip(t.column("seq_id").to_pylist(), t.column("pos").to_pylist()))
+    me = ids.index((seq, pos))
+    if metric == "cosine":
+        scores = x @ x[me] / (np.linalg.norm(x, axis=1) * np.linalg.norm(x[me]))
+        order = [i for i in np.lexsort((np.arange(len(ids)), -scores)) if i != me]
+    else:
+        scores = np.linalg.norm(x - x[me], axis=1)
+        order = [i for i in np.lexsort((np.arange(len(ids)), scores)) if i != me]
+    with kvcore.open_run(run_dir) as run:
+        assert nearest.tensor_candidates(run.runs[0], layer, head, "key") is not None  # read from safetensors
+        got = run.nearest(layer, head, pos, k=k, seq=seq, metric=metric)
+    assert list(zip(got.seq_id, got.pos)) == [ids[i] for i in order[:k]]
+    column = "cosine_similarity" if metric == "cosine" else "l2_distance"
+    np.testing.assert_allclose(got[column], scores[order[:k]], rtol=1e-5)
+    np.testing.assert_array_equal(got.key_norm, t.column("key_norm").to_numpy()[order[:k]])
+
+
+def test_token_index_finds_each_position_and_only_those():
+    import pyarrow as pa
+
+    from kvcore.query.nearest import TokenIndex
+
+    table = pa.table({"seq_id": pa.array([2, 0, 0, 1], pa.int32()), "pos": pa.array([0, 1, 0, 5], pa.int32()),
+                      "token_id": pa.array([7, 8, 9, 10], pa.int32()), "token": ["c", "b", "a", "d"]})
+    index = TokenIndex(table)
+    assert index.lookup([0, 2, 1, 1, 3], [0, 0, 5, 4, 0]) == ([9, 7, 10, None, None], ["a", "c", "d", None, None])
+    assert TokenIndex(table.slice(0, 0)).lookup([0], [0]) == ([None], [None])
+
+
+def test_an_interrupted_first_search_keeps_no_norms(tmp_path, monkeypatch):
+    """Norms are kept for later searches only once every block's are in."""
+    from kvcore.query import nearest
+    from kvcore.query.discover import load_runs
+    from kvcore.query.synthetic import write_synthetic_run
+
+    monkeypatch.setattr(nearest, "BLOCK_ROWS", 10)
+    write_synthetic_run(tmp_path / "run", num_layers=1, num_kv_heads=1, num_heads=1, head_dim=8, n_sequences=4,
+                        seq_len=10, shard_size=2)
+    (r,) = load_runs(tmp_path / "run")
+    want = nearest.RunCandidates(nearest.tensor_candidates(r, 0, 0, "key")).top(1, 3, 5, "cosine")
+    c = nearest.RunCandidates(nearest.tensor_candidates(r, 0, 0, "key"))
+    calls = []
+
+    def failing(x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(x)
+
+    real = nearest.vector_norms
+    monkeypatch.setattr(nearest, "vector_norms", failing)
+    with pytest.raises(KeyboardInterrupt):
+        c.top(1, 3, 5, "cosine")
+    assert c.norms is None
+    monkeypatch.setattr(nearest, "vector_norms", real)
+    got = c.top(1, 3, 5, "cosine")
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)

@@ -20,12 +20,14 @@ from kvcore.query import verbs
 from kvcore.query.discover import RunFiles, load_runs
 from kvcore.query.limits import QueryGuard, check_threads, check_timeout, memory_limit_bytes
 from kvcore.query.remote import as_path, filesystems
-from kvcore.query.nearest import Candidates, RunCandidates, tensor_candidates
+from kvcore.query.nearest import Candidates, RunCandidates, TokenIndex, tensor_candidates
 from kvcore.query.sandbox import QueryError, connect, statements, translate
 from kvcore.query.verbs import Query
 from kvcore.query.views import LAZY_VIEW, lazy_view_sql, view_statements
 
-NEAREST_CACHED = 4  # (layer, head, kind) candidate sets kept loaded: ~57 MB each for 222k 64-dim vectors
+# (layer, head, kind) candidate sets kept: for 222k 64-dim vectors ~3 MB (maps of the safetensors, ids,
+# norms), or ~57 MB where the vectors came from Parquet
+NEAREST_CACHED = 4
 
 
 class Result:
@@ -97,6 +99,7 @@ class Run:
         self._created: set[str] = set()
         self._column_cache: dict[str, list[str]] = {}
         self._candidates: dict[tuple, Candidates] = {}  # see nearest()
+        self._tokens: dict[tuple[str, str], TokenIndex] = {}  # each run's tokens, read by its first nearest()
 
     # ---- raw SQL ----------------------------------------------------------------------
 
@@ -272,8 +275,8 @@ class Run:
 
     def nearest(self, layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",
                 metric: str = "cosine", *, arrow: bool = False):
-        """The `nearest` verb's rows, ranked in numpy on the (layer, head)'s vectors loaded once
-        (kvcore/query/nearest.py): the last NEAREST_CACHED (layer, head, kind) stay loaded while
+        """The `nearest` verb's rows, ranked in numpy on the (layer, head)'s vectors
+        (kvcore/query/nearest.py): the last NEAREST_CACHED (layer, head, kind) stay at hand while
         the Run is open."""
         verbs.check_nearest(self.runs, layer, head, token, k, seq, by, metric)
         key = (layer, head, by)
@@ -286,10 +289,15 @@ class Run:
             self._candidates.pop(next(iter(self._candidates)))
 
         def tokens_of(models, datasets, seq_ids, positions):
-            rows = self.arrow(verbs.nearest_tokens(seq_ids, positions)).to_pylist()
-            found = {(r["model"], r["dataset"], r["seq_id"], r["pos"]): r for r in rows}
-            hits = [found.get(h, {}) for h in zip(models, datasets, seq_ids, positions)]
-            return [h.get("token_id") for h in hits], [h.get("token") for h in hits]
+            token_ids, tokens = [None] * len(models), [None] * len(models)
+            for name in dict.fromkeys(zip(models, datasets)):
+                if name not in self._tokens:
+                    self._tokens[name] = TokenIndex(self.arrow(verbs.run_tokens(*name)))
+                at = [i for i, n in enumerate(zip(models, datasets)) if n == name]
+                ids, text = self._tokens[name].lookup([seq_ids[i] for i in at], [positions[i] for i in at])
+                for i, a, b in zip(at, ids, text):
+                    token_ids[i], tokens[i] = a, b
+            return token_ids, tokens
 
         table = found.nearest(seq, token, k, metric, layer, head, by, tokens_of)
         return table if arrow else table.to_pandas()
@@ -297,10 +305,10 @@ class Run:
     def _load_candidates(self, run: RunFiles, layer: int, head: int, by: str) -> RunCandidates:
         """A run's (layer, head) vectors: from its safetensors where they equal its Parquet rows, else
         the Parquet columns ranking needs (kvcore/query/nearest.py)."""
-        found = tensor_candidates(run, layer, head, by, self.threads)
+        found = tensor_candidates(run, layer, head, by)
         if found is not None:
-            return RunCandidates(found)
-        return RunCandidates(table=self.arrow(verbs.nearest_candidates(run, layer, head, by)))
+            return RunCandidates(found, threads=self.threads)
+        return RunCandidates(table=self.arrow(verbs.nearest_candidates(run, layer, head, by)), threads=self.threads)
 
     # ---- lifetime -------------------------------------------------------------------------
 

@@ -279,12 +279,9 @@ FROM read_parquet({literal([str(f) for f in run.layer_files(layer)])})
 WHERE head = ? AND {by} IS NOT NULL""", [head])
 
 
-def nearest_tokens(seq_ids: list[int], positions: list[int]) -> Query:
-    """The tokens rows at these sequences and positions, and a few more (every pairing of them):
-    literal IN lists, so the scan of tokens.parquet (sorted by seq_id) skips the other row groups."""
-    seqs, pos = (", ".join(str(int(v)) for v in sorted(set(vs))) for vs in (seq_ids, positions))
-    return Query(f"""SELECT model, dataset, seq_id, pos, token_id, token FROM tokens
-WHERE seq_id IN ({seqs}) AND pos IN ({pos})""")
+def run_tokens(model: str, dataset: str) -> Query:
+    """One run's tokens, what `Run.nearest` looks its results' text up in (kvcore/query/nearest.py)."""
+    return Query("SELECT seq_id, pos, token_id, token FROM tokens WHERE model = ? AND dataset = ?", [model, dataset])
 
 
 def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10, seq: int = 0, by: str = "key",
