@@ -38,12 +38,13 @@ def cpu_seconds() -> float:
     return used.ru_utime + used.ru_stime
 
 
-def timed(cmd: list[str], checkout: Path | None, expect: str | None = None) -> tuple[float, float]:
-    """(wall, CPU) seconds of `cmd`; exits when it fails or its output lacks `expect`. On a shared
-    machine the CPU seconds vary less than the wall."""
+def timed(cmd: list[str], workdir: Path, checkout: Path | None = None, expect: str | None = None) -> tuple[float, float]:
+    """(wall, CPU) seconds of `cmd` run in `workdir` (`python -m` puts the current directory before
+    PYTHONPATH: started in a checkout it would import that checkout's kvcore); exits when it fails
+    or its output lacks `expect`. On a shared machine the CPU seconds vary less than the wall."""
     env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout else dict(os.environ)
     start, cpu = time.perf_counter(), cpu_seconds()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
     seconds = time.perf_counter() - start, cpu_seconds() - cpu
     if done.returncode != 0 or (expect and expect not in done.stdout + done.stderr):
         sys.exit(f"dag_bench: error: {' '.join(cmd)} (exit {done.returncode}) did not print {expect!r}:\n"
@@ -51,31 +52,30 @@ def timed(cmd: list[str], checkout: Path | None, expect: str | None = None) -> t
     return seconds
 
 
-def measurements(args, root: Path) -> dict[str, tuple[list[str], Path | None, str | None]]:
-    """name -> (command, checkout for PYTHONPATH, text its output must hold)."""
+def measurements(args, root: Path) -> dict[str, tuple]:
+    """name -> the arguments of `timed`: (command, work directory, checkout for PYTHONPATH, text its
+    output must hold)."""
     floor = root / "empty"
     floor.mkdir()
     (floor / "Snakefile").write_text(EMPTY_SNAKEFILE)
-    found = {"python -c pass": ([sys.executable, "-c", "pass"], None, None),
-             "snakemake -n, empty Snakefile (floor)": (snakemake(floor / "Snakefile", floor, "-n"), None, None)}
+    found = {"python -c pass": ([sys.executable, "-c", "pass"], floor),
+             "snakemake -n, empty Snakefile (floor)": (snakemake(floor / "Snakefile", floor, "-n"), floor)}
     for i, checkout in enumerate(args.checkout):
         for config in args.config:
-            configfile = checkout / config
-            label = f"{checkout.name or checkout} {config}"
-            dry = root / f"dry-{i}-{configfile.stem}"
+            configfile = ["--configfile", str(checkout / config)]
+            label = f"{checkout.name} {config}"
+            dry = root / f"dry-{i}-{Path(config).stem}"
             dry.mkdir()
-            common = ["--configfile", str(configfile)]
-            found[f"{label}: dry run"] = (snakemake(checkout / "Snakefile", dry, *common, "-n", "--cores", "1"),
-                                          checkout, "This was a dry-run")
+            found[f"{label}: dry run"] = (snakemake(checkout / "Snakefile", dry, *configfile, "-n", "--cores", "1"),
+                                          dry, checkout, "This was a dry-run")
             if args.rerun:
-                done = root / f"run-{i}-{configfile.stem}"
+                done = root / f"run-{i}-{Path(config).stem}"
                 done.mkdir()
                 print(f"dag_bench: running {label} to completion in {done} ...", file=sys.stderr, flush=True)
-                timed(snakemake(checkout / "Snakefile", done, *common, "--cores", str(args.cores),
-                                "--resources", "gpu=1"), checkout)
-                found[f"{label}: no-op rerun"] = (
-                    snakemake(checkout / "Snakefile", done, *common, "--cores", "1"),
-                    checkout, "Nothing to be done")
+                timed(snakemake(checkout / "Snakefile", done, *configfile, "--cores", str(args.cores),
+                                "--resources", "gpu=1"), done, checkout)
+                found[f"{label}: no-op rerun"] = (snakemake(checkout / "Snakefile", done, *configfile, "--cores", "1"),
+                                                  done, checkout, "Nothing to be done")
     return found
 
 
@@ -94,8 +94,8 @@ def main() -> None:
         found = measurements(args, Path(tmp))
         seconds = {name: [] for name in found}
         for _ in range(args.repeats):
-            for name, (cmd, checkout, expect) in found.items():
-                seconds[name].append(timed(cmd, checkout, expect))
+            for name, measured in found.items():
+                seconds[name].append(timed(*measured))
 
     def median(name, which):
         return statistics.median(run[which] for run in seconds[name])

@@ -77,23 +77,21 @@ def module_files(*modules: str) -> tuple[str, ...]:
 def method_modules(method: str, spec: dict | None) -> list[str]:
     """The modules a method's jobs load lazily, found without importing torch: its family in
     kvcore.compress and, for eviction, its scorer (imports alone miss them)."""
-    from kvcore.compress.presets import preset_spec
+    from kvcore.compress.params import canonical_spec
     from kvcore.errors import UsageError
 
-    if spec is None or "family" not in spec:
-        spec = {**preset_spec(method), **(spec or {})}
-    family = spec.get("family", "none")
+    spec = canonical_spec(method, spec)
+    family = spec["family"]
     modules = [f"kvcore.compress.{'identity' if family == 'none' else family}"]
     if family == "compose":  # its parts, the first (evict's scorer) last
-        then, first = (spec.get(k) for k in ("then", "first"))
-        for part in (then, first):
-            modules += method_modules(part, None) if isinstance(part, str) else method_modules(method, part or {})
+        for part in (spec["then"], spec["first"]):
+            modules += method_modules(method, part)
         return list(dict.fromkeys(modules))
     if family == "evict":
         from kvcore.eviction import SCORERS
 
-        if spec.get("scorer") not in SCORERS:
+        if spec["scorer"] not in SCORERS:
             raise UsageError(f"method {method!r}: scorer must be one of {', '.join(SCORERS)} "
-                             f"(got {spec.get('scorer')!r})")
+                             f"(got {spec['scorer']!r})")
         modules.append(f"kvcore.eviction.{spec['scorer']}")
     return modules

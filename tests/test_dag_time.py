@@ -103,3 +103,13 @@ def test_the_dag_builds_without_torch(config, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     assert "tried to import: []" in done.stdout
     assert "extract" in done.stdout and "perplexity" in done.stdout and "This was a dry-run" in done.stdout
+
+
+def test_dag_bench_prints_its_table(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dag_bench.py"), "--config", "configs/tiny-test.yaml",
+                           "--repeats", "1"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "measurement" not in line]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| python -c pass", "| snakemake -n, empty Snakefile (floor)", f"| {REPO.name} configs/tiny-test.yaml: dry run"]
