@@ -7,10 +7,14 @@ checkouts of kvcore with their own Snakefile, configs and kvcore (PYTHONPATH=DIR
 commit, unpacked with `git archive REV | tar -x -C DIR`, is measured in the same run as this one.
 Per (checkout, config): `dry run` is `snakemake -n` in an empty directory (the whole DAG, every
 job to run); with `--rerun`, the workflow first runs to completion in a directory of its own, then
-`no-op rerun` is `snakemake --cores 1` there, which must find nothing to do.
+`no-op rerun` is `snakemake --cores 1` there, which must find nothing to do. With `--workdir DIR`
+the directories stay (DIR/run-{i}-{config}, i the checkout's place in the list) and a later
+invocation reuses a complete run; copy resources/ into DIR/run-0-config/ first to skip the
+downloads of the embedded default.
 
     nice python benchmarks/dag_bench.py --config configs/tiny-test.yaml config.yaml --repeats 5
     nice python benchmarks/dag_bench.py --config configs/tiny-test.yaml --rerun --checkout . --checkout /tmp/base
+    nice python benchmarks/dag_bench.py --config config.yaml --rerun --workdir /tmp/dag-runs
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def measurements(args, root: Path) -> dict[str, tuple]:
     """name -> the arguments of `timed`: (command, work directory, checkout for PYTHONPATH, text its
     output must hold)."""
     floor = root / "empty"
-    floor.mkdir()
+    floor.mkdir(exist_ok=True)
     (floor / "Snakefile").write_text(EMPTY_SNAKEFILE)
     found = {"python -c pass": ([sys.executable, "-c", "pass"], floor),
              "snakemake -n, empty Snakefile (floor)": (snakemake(floor / "Snakefile", floor, "-n"), floor)}
@@ -65,12 +69,12 @@ def measurements(args, root: Path) -> dict[str, tuple]:
             configfile = ["--configfile", str(checkout / config)]
             label = f"{checkout.name} {config}"
             dry = root / f"dry-{i}-{Path(config).stem}"
-            dry.mkdir()
+            dry.mkdir(exist_ok=True)
             found[f"{label}: dry run"] = (snakemake(checkout / "Snakefile", dry, *configfile, "-n", "--cores", "1"),
                                           dry, checkout, "This was a dry-run")
             if args.rerun:
                 done = root / f"run-{i}-{Path(config).stem}"
-                done.mkdir()
+                done.mkdir(exist_ok=True)
                 print(f"dag_bench: running {label} to completion in {done} ...", file=sys.stderr, flush=True)
                 timed(snakemake(checkout / "Snakefile", done, *configfile, "--cores", str(args.cores),
                                 "--resources", "gpu=1"), done, checkout)
@@ -87,11 +91,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rerun", action="store_true", help="also time a no-op rerun after a complete run")
     ap.add_argument("--cores", type=int, default=2, help="cores of the complete run (--rerun)")
+    ap.add_argument("--workdir", type=Path, help="keep the work directories here (default: a temporary one); "
+                    "a complete run found there is reused")
     args = ap.parse_args()
     args.checkout = [c.resolve() for c in args.checkout or [REPO]]
 
     with tempfile.TemporaryDirectory(prefix="dag_bench-") as tmp:
-        found = measurements(args, Path(tmp))
+        root = args.workdir.resolve() if args.workdir else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        found = measurements(args, root)
         seconds = {name: [] for name in found}
         for _ in range(args.repeats):
             for name, measured in found.items():
