@@ -6,13 +6,14 @@ the kvcore modules it uses (transitively, from their import statements) as input
 
 from __future__ import annotations
 
-import ast
+import re
 from functools import lru_cache
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+@lru_cache(maxsize=None)
 def _module_file(module: str) -> Path | None:
     rel = Path(*module.split(".")[1:])
     for candidate in (PACKAGE_DIR / rel.with_suffix(".py"), PACKAGE_DIR / rel / "__init__.py"):
@@ -21,28 +22,37 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _statements(nodes):
-    """Every statement, nested ones too (imports are statements: no need to walk the expressions)."""
-    for node in nodes:
-        yield node
-        for block in ("body", "orelse", "finalbody", "handlers", "cases"):
-            yield from _statements(getattr(node, block, ()))
+# Read with regular expressions, not `ast.parse`: the workflow reads the imports of some 60 files
+# while it builds its DAG (a no-op rerun too), and parsing their whole syntax trees took 0.2-0.4 s of
+# it. tests/test_imports.py compares this with an ast walk of every kvcore file.
+# Triple-quoted strings (docstrings) are blanked first: an import statement inside one is an example.
+_TRIPLE_QUOTED = re.compile(r'""".*?"""|\'\'\'.*?\'\'\'', re.S)
+# An import statement at the start of a line: `import a.b as c, d` or `from ..a import (x, y)`
+_IMPORT = re.compile(r"^[ \t]*(?:import[ \t]+(?P<modules>[^#;\n]+)"
+                     r"|from[ \t]+(?P<dots>\.*)(?P<base>[\w.]*)[ \t]+import[ \t]+(?P<names>\([^)]*\)|[^#;\n]+))", re.M)
 
 
-@lru_cache(maxsize=None)  # each file parsed once per process (the workflow asks for many rules' files)
-def _imports(path: Path, module: str) -> frozenset[str]:
+def _names(listed: str) -> list[str]:
+    """`a.b as c, d` or `(x,\n y as z,)` -> the imported names [a.b, d] / [x, y]."""
+    return [item.split()[0] for item in listed.strip().strip("()").split(",") if item.strip()]
+
+
+@lru_cache(maxsize=None)  # each file read once per process (the workflow asks for many rules' files)
+def file_imports(path: Path, module: str) -> frozenset[str]:
+    """The kvcore modules (and `module.name` of every name taken from one) that the file of
+    `module` imports, lazy imports inside functions included."""
     found = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in _statements(ast.parse(path.read_text()).body):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative import
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
+    for m in _IMPORT.finditer(_TRIPLE_QUOTED.sub('""', path.read_text())):
+        if m["modules"] is not None:
+            found.update(_names(m["modules"]))
+            continue
+        base = m["base"]
+        if m["dots"]:  # relative import
+            parts = package.split(".")[: len(package.split(".")) - len(m["dots"]) + 1]
+            base = ".".join(parts + ([base] if base else []))
+        found.add(base)
+        found.update(f"{base}.{name}" for name in _names(m["names"]))
     # The package root only holds lazy re-exports and the version: not a code dependency.
     return frozenset(m for m in found if m.startswith("kvcore."))
 
@@ -60,30 +70,28 @@ def module_files(*modules: str) -> tuple[str, ...]:
         if path is None:
             continue
         seen[module] = path
-        todo.extend(_imports(path, module))
+        todo.extend(file_imports(path, module))
     return tuple(sorted(str(p) for p in set(seen.values())))
 
 
 def method_modules(method: str, spec: dict | None) -> list[str]:
     """The modules a method's jobs load lazily, found without importing torch: its family in
     kvcore.compress and, for eviction, its scorer (imports alone miss them)."""
-    from kvcore.compress.presets import preset_spec
+    from kvcore.compress.params import canonical_spec
     from kvcore.errors import UsageError
 
-    if spec is None or "family" not in spec:
-        spec = {**preset_spec(method), **(spec or {})}
-    family = spec.get("family", "none")
+    spec = canonical_spec(method, spec)
+    family = spec["family"]
     modules = [f"kvcore.compress.{'identity' if family == 'none' else family}"]
     if family == "compose":  # its parts, the first (evict's scorer) last
-        then, first = (spec.get(k) for k in ("then", "first"))
-        for part in (then, first):
-            modules += method_modules(part, None) if isinstance(part, str) else method_modules(method, part or {})
+        for part in (spec["then"], spec["first"]):
+            modules += method_modules(method, part)
         return list(dict.fromkeys(modules))
     if family == "evict":
         from kvcore.eviction import SCORERS
 
-        if spec.get("scorer") not in SCORERS:
+        if spec["scorer"] not in SCORERS:
             raise UsageError(f"method {method!r}: scorer must be one of {', '.join(SCORERS)} "
-                             f"(got {spec.get('scorer')!r})")
+                             f"(got {spec['scorer']!r})")
         modules.append(f"kvcore.eviction.{spec['scorer']}")
     return modules

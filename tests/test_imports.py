@@ -144,3 +144,54 @@ def test_the_workflows_dag_time_helpers_import_neither_torch_nor_matplotlib():
             "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def ast_imports(path: Path, module: str) -> set[str]:
+    """The reference for kvcore.codedeps.file_imports: every import node of the file's syntax tree."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in found if m.startswith("kvcore.")}
+
+
+def test_codedeps_finds_the_imports_an_ast_walk_finds(tmp_path):
+    """codedeps reads import statements with regular expressions (the workflow reads some 60 files
+    while it builds its DAG): the same modules as the syntax tree, for every kvcore file and for
+    the awkward forms."""
+    from kvcore.codedeps import file_imports
+
+    for path in sorted((REPO / "kvcore").rglob("*.py")):
+        assert file_imports(path, module_name(path)) == ast_imports(path, module_name(path)), path
+    awkward = tmp_path / "mod.py"
+    awkward.write_text('''"""Docs: an example, not an import:
+
+    from kvcore.plots import draw
+"""
+import kvcore.gpus as gpus, kvcore.errors
+from . import atomic  # a comment: import kvcore.stats
+from .sources import (
+    datasets,
+    models as m,
+)
+
+
+def lazy():
+    from ..query import run
+    x = """
+import kvcore.report
+"""
+    return x
+''')
+    found = file_imports(awkward, "kvcore.jobs.mod")
+    assert found == ast_imports(awkward, "kvcore.jobs.mod") == {
+        "kvcore.gpus", "kvcore.errors", "kvcore.jobs", "kvcore.jobs.atomic", "kvcore.jobs.sources",
+        "kvcore.jobs.sources.datasets", "kvcore.jobs.sources.models", "kvcore.query", "kvcore.query.run"}

@@ -17,6 +17,8 @@ Each module's docstring states its parameters, remainder handling and size formu
 `parse_method(name, spec)` validates every key (UsageError naming method and key);
 `parse_method(name)` (spec None) resolves a preset name; a spec without `family` is
 applied on top of the preset its name spells (`int4-g64: {symmetric: true}`).
+`canonical_spec(name, spec)` is the same check without torch (params.py: every family's
+parameters, declared once): the spec `parse_method(name, spec).spec` would give.
 
 Preset grammar (options in any order, separated by "-"):
 
@@ -53,8 +55,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Mapping
 
+from kvcore.compress.params import FAMILIES, PARAMS, canonical_spec
 from kvcore.compress.presets import GRAMMAR, preset_spec
-from kvcore.errors import UsageError
 
 if TYPE_CHECKING:
     from kvcore.compress.base import Method
@@ -70,7 +72,6 @@ _FAMILY_CLASSES = {
     "prune": "prune:Prune",
     "compose": "compose:Compose",
 }
-FAMILIES = tuple(_FAMILY_CLASSES)
 
 # public name -> module that defines it (lazy, same reason)
 _LAZY = {
@@ -81,7 +82,8 @@ _LAZY = {
     "pack_bits": "packing", "unpack_bits": "packing",
 }
 
-__all__ = ["FAMILIES", "GRAMMAR", "parse_method", "method_schema", "family_class", "preset_spec", *_LAZY]
+__all__ = ["FAMILIES", "GRAMMAR", "canonical_spec", "parse_method", "method_schema", "family_class", "preset_spec",
+           *_LAZY]
 
 
 def __getattr__(name: str):
@@ -96,26 +98,10 @@ def family_class(family: str) -> type[Method]:
 
 
 def parse_method(name: str, spec: Mapping[str, Any] | None = None) -> Method:
-    """A validated Method from a config entry, or from a preset name when spec is None."""
-    if not isinstance(name, str) or not name:
-        raise UsageError(f"a method name must be a non-empty string (got {name!r})")
-    if spec is None:
-        spec = preset_spec(name)
-    elif not isinstance(spec, Mapping):
-        raise UsageError(f"method {name!r}: spec must be a mapping of keys to values (got {type(spec).__name__})")
-    elif "family" not in spec:
-        try:
-            base = preset_spec(name)
-        except UsageError:
-            raise UsageError(
-                f"method {name!r}: missing key 'family' (one of {', '.join(FAMILIES)}), "
-                f"and {name!r} is not a preset name to take it from"
-            ) from None
-        spec = {**base, **spec}
-    family = spec["family"]
-    if family not in _FAMILY_CLASSES:
-        raise UsageError(f"method {name!r}: family must be one of {', '.join(FAMILIES)} (got {family!r})")
-    return family_class(family)(name, spec)
+    """A validated Method from a config entry, or from a preset name when spec is None
+    (`canonical_spec` checks it, without torch)."""
+    spec = canonical_spec(name, spec)
+    return family_class(spec["family"])(name, spec)
 
 
 def method_schema() -> dict:
@@ -127,10 +113,9 @@ def method_schema() -> dict:
     """
     variants = []
     for family in FAMILIES:
-        cls = family_class(family)
         props = {"family": {"const": family}}
-        props.update({key: {**p.schema, "description": p.doc} for key, p in cls.params.items()})
-        required = ["family"] + [key for key, p in cls.params.items() if p.required]
+        props.update({key: {**p.schema, "description": p.doc} for key, p in PARAMS[family].items()})
+        required = ["family"] + [key for key, p in PARAMS[family].items() if p.required]
         variants.append({"type": "object", "properties": props, "required": required,
                          "additionalProperties": False})
     variants.append({"type": "null"})

@@ -1,6 +1,7 @@
-"""The common interface of every compression method, and parameter validation.
+"""The common interface of every compression method.
 
-A family subclasses `Method`, declares its parameters in `params` and implements
+A family subclasses `Method`, takes its parameters from `kvcore.compress.params.PARAMS`
+(where they are checked, without torch) and implements
 `_encode` (tensor -> unpacked fields) and `_decode` (fields -> tensor); `_pack` and
 `_unpack` turn fields into the stored form where that differs (bit packing). The
 public `compress`, `decompress` and `fake` are written once here, so
@@ -13,12 +14,11 @@ Every packed form carries `header`: int64 [n_seq, n_kv, seq, dim, dtype code], s
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
+from kvcore.compress.params import Param, check_params
 from kvcore.errors import UsageError
 
 KINDS = ("key", "value")
@@ -26,120 +26,6 @@ HEADER_NBYTES = 5 * 8  # the int64 header above
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
-
-_REQUIRED = object()
-
-
-# --------------------------------------------------------------------------- params
-
-
-@dataclass(frozen=True)
-class Param:
-    """One key of a method spec: its default, a checker and its JSON Schema."""
-
-    default: Any
-    check: Callable[[Any], Any]  # returns the normalised value or raises ValueError
-    schema: dict = field(default_factory=dict)
-    doc: str = ""
-
-    @property
-    def required(self) -> bool:
-        return self.default is _REQUIRED
-
-
-def _fmt(values) -> str:
-    return ", ".join(str(v) for v in values)
-
-
-def choice(default, values: tuple, doc: str = "") -> Param:
-    def check(v):
-        # bool is an int in Python; `bits: true` must not pass as 1.
-        if isinstance(v, bool) != isinstance(values[0], bool) or v not in values:
-            raise ValueError(f"must be one of {_fmt(values)}")
-        return v
-
-    return Param(default, check, {"enum": list(values)}, doc)
-
-
-def flag(default: bool, doc: str = "") -> Param:
-    def check(v):
-        if not isinstance(v, bool):
-            raise ValueError("must be true or false")
-        return v
-
-    return Param(default, check, {"type": "boolean"}, doc)
-
-
-def count(default: int, doc: str = "") -> Param:
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError("must be an integer >= 0")
-        return v
-
-    return Param(default, check, {"type": "integer", "minimum": 0}, doc)
-
-
-def fraction(default, low: float, high: float, low_open: bool, doc: str = "") -> Param:
-    """A number in (low, high] or [low, high]."""
-    bracket = "(" if low_open else "["
-
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"must be a number in {bracket}{low}, {high}]")
-        if v > high or v < low or (low_open and v == low):
-            raise ValueError(f"must be a number in {bracket}{low}, {high}]")
-        return float(v)
-
-    key = "exclusiveMinimum" if low_open else "minimum"
-    return Param(default, check, {"type": "number", key: low, "maximum": high}, doc)
-
-
-def name(doc: str = "") -> Param:
-    def check(v):
-        if not isinstance(v, str) or not v.strip():
-            raise ValueError("must be a non-empty string")
-        return v
-
-    return Param(_REQUIRED, check, {"type": "string", "minLength": 1}, doc)
-
-
-def text(default: str = "", doc: str = "") -> Param:
-    """An optional string (e.g. a path); "" means unset."""
-    def check(v):
-        if not isinstance(v, str):
-            raise ValueError("must be a string")
-        return v
-
-    return Param(default, check, {"type": "string"}, doc)
-
-
-def index_list(doc: str = "") -> Param:
-    def check(v):
-        if not isinstance(v, (list, tuple)) or any(
-            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in v
-        ):
-            raise ValueError("must be a list of integers >= 0, e.g. [0, 5]")
-        return sorted(set(v))
-
-    item = {"type": "integer", "minimum": 0}
-    return Param([], check, {"type": "array", "items": item}, doc)
-
-
-def pair_list(doc: str = "") -> Param:
-    def check(v):
-        ok = isinstance(v, (list, tuple)) and all(
-            isinstance(p, (list, tuple))
-            and len(p) == 2
-            and all(not isinstance(i, bool) and isinstance(i, int) and i >= 0 for i in p)
-            for p in v
-        )
-        if not ok:
-            raise ValueError("must be a list of [layer, head] pairs of integers >= 0, e.g. [[0, 1]]")
-        return [list(p) for p in sorted({(a, b) for a, b in v})]
-
-    item = {"type": "integer", "minimum": 0}
-    pair = {"type": "array", "items": item, "minItems": 2, "maxItems": 2}
-    return Param([], check, {"type": "array", "items": pair}, doc)
 
 
 # --------------------------------------------------------------------------- header
@@ -180,26 +66,9 @@ class Method:
 
     def __init__(self, name: str, spec: Mapping[str, Any]):
         self.name = name
-        unknown = sorted(set(spec) - set(self.params) - {"family"})
-        if unknown:
-            valid = ", ".join(["family", *self.params])
-            raise UsageError(
-                f"method {name!r}: unknown key {unknown[0]!r} for family {self.family} (valid: {valid})"
-            )
-        values = {}
-        for key, param in self.params.items():
-            if key not in spec:
-                if param.required:
-                    raise UsageError(f"method {name!r}: missing required key {key!r} for family {self.family}")
-                values[key] = param.default
-                continue
-            try:
-                values[key] = param.check(spec[key])
-            except ValueError as exc:
-                raise UsageError(f"method {name!r}: {key} {exc} (got {spec[key]!r})") from None
-        for key, value in values.items():
+        for key, value in check_params(name, self.family, spec).items():
             setattr(self, key, value)
-        self.validate()
+        self.setup()
 
     # ---- public API -----------------------------------------------------------
 
@@ -247,8 +116,8 @@ class Method:
         mask an evict method was given, counted exactly; other families ignore it)."""
         raise NotImplementedError
 
-    def validate(self) -> None:
-        """Checks across several keys; raise UsageError."""
+    def setup(self) -> None:
+        """State built from the checked parameters (the checks are kvcore.compress.params')."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.spec})"

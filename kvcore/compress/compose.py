@@ -23,51 +23,25 @@ header (one header per tensor).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
-from kvcore.compress.base import HEADER_NBYTES, Method, Param
+from kvcore.compress.base import HEADER_NBYTES, Method
 from kvcore.compress.evict import kept_per_head
+from kvcore.compress.params import PARAMS
 from kvcore.errors import UsageError
 
 INNER = "q_"  # prefix of `then`'s stored fields (word characters: file tensor names)
 
 
-def _part(families: tuple[str, ...], doc: str) -> Param:
-    def check(v):
-        from kvcore.compress import parse_method
-
-        if not isinstance(v, (str, Mapping)):
-            raise ValueError("must be a preset name or a spec mapping")
-        try:
-            m = parse_method(v if isinstance(v, str) else "part", None if isinstance(v, str) else dict(v))
-        except UsageError as exc:
-            raise ValueError(f"is not a valid method ({exc})") from None
-        if m.family not in families:
-            raise ValueError(f"must be a method of family {' or '.join(families)} (got family {m.family})")
-        return m.spec
-
-    return Param(None, check, {"type": ["string", "object"]}, doc)
-
-
-
-
 class Compose(Method):
     family = "compose"
-    params = {"first": _part(("evict", "sparsify"), "evict or sparsify: what is kept"),
-              "then": _part(("quant",), "quant: how the kept values are stored")}
+    params = PARAMS["compose"]
 
-    def validate(self):
+    def setup(self):
         from kvcore.compress import parse_method
 
-        if self.first is None or self.then is None:
-            raise self.error("family compose needs both `first` (evict or sparsify) and `then` (quant)")
         self.outer = parse_method(f"{self.name}.first", self.first)
         self.inner = parse_method(f"{self.name}.then", self.then)
-        if self.inner.sink_tokens or self.inner.recent_tokens:
-            raise self.error("`then` takes no sink_tokens / recent_tokens (the kept values have no first or last "
-                             "tokens of their own: give the windows to `first`)")
         self.needs_scores = self.outer.needs_scores
         self.quantizes_kept = True  # compress_context gathers the kept tokens of `fake`
 

@@ -28,11 +28,10 @@ import math
 
 import torch
 
-from kvcore.compress.base import HEADER_NBYTES, Method, choice, count, fraction, name, read_header
+from kvcore.compress.base import HEADER_NBYTES, Method, read_header
 from kvcore.compress.packing import pack_bits, packed_nbytes, unpack_bits
+from kvcore.compress.params import BUDGETS, PARAMS
 from kvcore.errors import KvcoreError, UsageError
-
-BUDGETS = ("uniform", "global", "model")
 
 
 def kept_per_head(seq: int, keep_ratio: float, sink_tokens: int, recent_tokens: int) -> int:
@@ -82,13 +81,7 @@ def select_keep(scores: torch.Tensor, keep_ratio: float, sink_tokens: int = 0,
 class Evict(Method):
     family = "evict"
     needs_scores = True
-    params = {
-        "scorer": name("name of the scorer in kvcore.eviction"),
-        "keep_ratio": fraction(0.5, 0.0, 1.0, True, "fraction of tokens kept"),
-        "sink_tokens": count(0, "first tokens always kept"),
-        "recent_tokens": count(0, "last tokens always kept"),
-        "budget": choice("uniform", BUDGETS, "same count per head, one threshold per layer (global) or over all layers (model)"),
-    }
+    params = PARAMS["evict"]
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """This method's keep mask for `scores` [n_seq, n_kv, seq].

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from kvcore.compress.base import HEADER_NBYTES, Method
+from kvcore.compress.params import PARAMS
 
 
 class Identity(Method):
     family = "none"
-    params = {}
+    params = PARAMS["none"]
 
     def _encode(self, x, kind, keep, layer):
         return {"data": x}

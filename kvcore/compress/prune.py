@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from kvcore.compress.base import HEADER_NBYTES, Method, index_list, pair_list
+from kvcore.compress.base import HEADER_NBYTES, Method
+from kvcore.compress.params import PARAMS
 
 
 class Prune(Method):
     family = "prune"
-    params = {
-        "layers": index_list("layers dropped entirely"),
-        "heads": pair_list("[layer, kv_head] pairs dropped"),
-    }
-
-    def validate(self):
-        if not self.layers and not self.heads:
-            raise self.error("family prune needs a non-empty 'layers' or 'heads' list")
+    params = PARAMS["prune"]
 
     def kept_heads(self, layer: int, n_kv: int) -> list[bool]:
         if layer in self.layers:

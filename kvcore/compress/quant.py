@@ -67,12 +67,13 @@ import math
 import torch
 
 from kvcore.compress import kernels
-from kvcore.compress.base import HEADER_NBYTES, Method, choice, count, flag, fraction, text
+from kvcore.compress.base import HEADER_NBYTES, Method
 from kvcore.compress.clipping import clipped_range
 from kvcore.compress.levels import calibration_tensor, fit_levels, fitted_levels, level_key, nearest_level
 from kvcore.compress.mixed import plan_bits
 from kvcore.compress.packing import check_packed, pack_bits, packed_nbytes, unpack_bits
-from kvcore.compress.rotation import ROTATIONS, is_power_of_two, rotate, rotation_matrix, unrotate
+from kvcore.compress.params import PARAMS
+from kvcore.compress.rotation import is_power_of_two, rotate, rotation_matrix, unrotate
 
 _SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -105,38 +106,9 @@ def _divide(v: torch.Tensor, levels: int) -> torch.Tensor:
 
 class Quant(Method):
     family = "quant"
-    params = {
-        "bits": choice(4, (2, 3, 4, 8), "bits per stored code"),
-        "group_size": choice(64, (32, 64, 128), "values sharing one scale (and zero)"),
-        "key_group_size": choice(0, (0, 32, 64, 128), "keys' own group size (0: group_size)"),
-        "symmetric": flag(False, "scale only (true) or scale and zero point (false)"),
-        "key_axis": choice("token", ("token", "channel"), "keys quantized per token or per channel"),
-        "value_axis": choice("token", ("token", "channel"), "values quantized per token or per channel"),
-        "sink_tokens": count(0, "first tokens kept in full precision"),
-        "recent_tokens": count(0, "last tokens kept in full precision"),
-        "outlier_fraction": fraction(0.0, 0.0, 0.5, False, "largest-|x| fraction stored exactly"),
-        "scale_dtype": choice("float16", ("float16", "float32"), "dtype of stored scales and zeros"),
-        "rotation": choice("none", ROTATIONS, "orthogonal transform of each head's channels before grouping"),
-        "rotation_seed": count(0, "seed of the random rotation (keys: seed, values: seed + 1)"),
-        "rotated": choice("both", ("both", "key", "value"), "which kinds the rotation applies to"),
-        "levels": choice("uniform", ("uniform", "lloyd"), "code levels: uniform, or Lloyd-Max fitted on calibration"),
-        "clip": choice("none", ("none", "both", "key", "value"),
-                       "which kinds' group ranges are clipped to least squared error (asymmetric groups)"),
-        "mixed_bits": fraction(0.0, 0.0, 8.5, False,
-                               "0: every tensor at `bits`; else 2, 3 or 4 bits per layer and kind, chosen on "
-                               "calibration so that the bits per element average at most this"),
-        "calibration": text("", "run directory of an extracted cache of another corpus (levels lloyd, mixed_bits)"),
-    }
+    params = PARAMS["quant"]
 
-    def validate(self):
-        if self.clip != "none" and self.symmetric:
-            raise self.error("clip needs asymmetric groups (symmetric: false)")
-        if self.levels == "lloyd" and self.symmetric:
-            raise self.error("levels lloyd needs asymmetric groups (symmetric: false)")
-        if (self.levels == "lloyd" or self.mixed_bits) and not self.calibration:
-            what = "levels lloyd" if self.levels == "lloyd" else "mixed_bits"
-            raise self.error(f"{what} needs calibration: the run directory of an extracted cache of "
-                             "another corpus, e.g. results/smollm2-135m/enwiki-sample")
+    def setup(self):
         # fitted once per method instance, on first use
         self._tables: dict = {}  # (layer, kind, bits, device) -> fitted levels
         self._plan: dict | None = None  # (layer, kind) -> bits (mixed_bits)

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-ROTATIONS = ("none", "hadamard", "random")
+from kvcore.compress.params import ROTATIONS
 
 
 def is_power_of_two(n: int) -> bool:

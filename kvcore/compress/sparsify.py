@@ -13,15 +13,14 @@ import math
 
 import torch
 
-from kvcore.compress.base import HEADER_NBYTES, Method, fraction
+from kvcore.compress.base import HEADER_NBYTES, Method
 from kvcore.compress.packing import pack_bits, packed_nbytes, unpack_bits
+from kvcore.compress.params import PARAMS
 
 
 class Sparsify(Method):
     family = "sparsify"
-    params = {
-        "keep_fraction": fraction(0.5, 0.0, 1.0, True, "fraction of each vector's entries kept"),
-    }
+    params = PARAMS["sparsify"]
 
     def n_kept(self, dim: int) -> int:
         return max(1, math.ceil(self.keep_fraction * dim - 1e-9))

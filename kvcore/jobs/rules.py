@@ -11,6 +11,7 @@ loads lazily.
 from __future__ import annotations
 
 from kvcore.codedeps import PACKAGE_DIR, method_modules, module_files
+from kvcore.compress.params import canonical_spec
 from kvcore.config import check, check_files, explain
 from kvcore.errors import UsageError
 from kvcore.eviction import needs_model
@@ -55,20 +56,15 @@ JOBS = {
 def scores_with_model(name: str, spec: dict | None) -> bool:
     """Whether a method chooses its tokens by running the model (an evict method, or a composed
     one evicting first, whose scorer reads attention: rule compress_evict)."""
-    from kvcore.compress import preset_spec  # the spec alone, not the method: no torch at DAG time
-
-    spec = spec or preset_spec(name)
-    if spec.get("family") == "compose":
-        first = spec.get("first") or {}
-        spec = preset_spec(first) if isinstance(first, str) else first
-    return spec.get("family") == "evict" and needs_model(spec.get("scorer", ""))
+    spec = canonical_spec(name, spec)
+    if spec["family"] == "compose":
+        spec = spec["first"]
+    return spec["family"] == "evict" and needs_model(spec["scorer"])
 
 
-def family(name: str, spec: dict | None) -> str | None:
-    """A method's family from its config spec (or its preset's), without importing torch."""
-    from kvcore.compress import preset_spec
-
-    return (spec or preset_spec(name)).get("family")
+def family(name: str, spec: dict | None) -> str:
+    """A method's family from its config spec (or its preset's)."""
+    return canonical_spec(name, spec)["family"]
 
 
 def gpu_resource(device: str | None, local_run: bool) -> int:
