@@ -47,7 +47,7 @@ def methods(calibration):
         "kivi2-g64-nuq-s1": {"calibration": calibration}, "int2-g64-had-mx3": {"calibration": calibration},
         "sparse-0.5+int4-g32-had": None, "evict-knorm-0.5-s2+int3-g64-rot1": None,
         "kivi2-g64-s1-hadv-cv-o0.01": None, "kivi3-g64-kg32-z8-s1-hadv-cv-o0.01": None,
-        "kivi2-g64-z8-nuq": {"calibration": calibration}, "evict-knorm-0.5-s2+int3-g64-had-nuq-c": {
+        "kivi2-g64-z8-nuq": {"calibration": calibration}, "int3-g32-z8k-had": None, "evict-knorm-0.5-s2+int3-g64-had-nuq-c": {
             "family": "compose", "first": "evict-knorm-0.5-s2",
             "then": {**preset_spec("int3-g64-had-nuq-c"), "calibration": calibration}},
         "evict-knorm-0.4-s2-global+kivi2-g64-hadv-nuq": {
@@ -172,6 +172,9 @@ def test_int8_zero_points_keep_the_half_step_bound_in_24_bits_per_group():
                 return float(((method.fake(x, kind).double() - x.double()) ** 2).sum())
 
             assert err(m) < 1.3 * err(plain), (name, kind)  # the grid's shift costs little
+    one_kind, plain = parse_method("kivi3-g64-z8v-s1"), parse_method("kivi3-g64-s1")  # values only
+    assert one_kind.compress(x, "value")["zero"].dtype == torch.int8
+    assert all(torch.equal(a, b) for a, b in zip(one_kind.compress(x, "key").values(), plain.compress(x, "key").values()))
     with pytest.raises(UsageError, match="asymmetric"):
         parse_method("int4-g64-sym-z8")
 

@@ -23,8 +23,8 @@ is off by at most 2^-11 relative, so the top value lands within qmax * 2^-11 < 1
 of code qmax). Hence |x - x'| <= stored scale / 2 for every value, up to float32
 arithmetic and the final rounding to the tensor's dtype.
 
-Integer zero points (`zero_point: int8`, as GPTQ and AWQ store them): the zero is an int8
-code z in units of the scale, x' = (q + z) * scale, so a group costs 16 + 8 bits instead of
+Integer zero points (`int_zero`: both, key or value; as GPTQ and AWQ store them): the zero
+is an int8 code z in units of the scale, x' = (q + z) * scale, so a group costs 16 + 8 bits instead of
 16 + 16 (g64: 0.375 bits per element instead of 0.5). The scale is rounded *up* and
 z = round(min / scale): the grid then starts within half a step of the group's minimum and,
 one step per code, ends at or beyond (max - half a step), so |x - x'| <= scale / 2 still.
@@ -62,7 +62,7 @@ points are quantized and packed, and unpacked and dequantized, by kvcore.compres
 (one pass each, the same bits as these torch ops).
 
 Stored fields: codes (uint8, bit-packed, b * ceil(N / 8) bytes), scale and zero
-(scale_dtype, one per group; the zero int8 with `zero_point: int8`), sink / recent
+(scale_dtype, one per group; the zero int8 where `int_zero` covers the kind), sink / recent
 (original dtype), outlier_idx / outlier_val, levels (float32 [2^b], lloyd only), bits
 (uint8 [1], mixed only). Fields that would be empty are not stored.
 """
@@ -134,8 +134,9 @@ class Quant(Method):
         "recent_tokens": count(0, "last tokens kept in full precision"),
         "outlier_fraction": fraction(0.0, 0.0, 0.5, False, "largest-|x| fraction stored exactly"),
         "scale_dtype": choice("float16", ("float16", "float32"), "dtype of stored scales and zeros"),
-        "zero_point": choice("float", ("float", "int8"),
-                             "zero point stored in scale_dtype, or as an int8 code in units of the scale"),
+        "int_zero": choice("none", ("none", "both", "key", "value"),
+                           "which kinds store their zero point as an int8 code in units of the scale "
+                           "(others: in scale_dtype)"),
         "rotation": choice("none", ROTATIONS, "orthogonal transform of each head's channels before grouping"),
         "rotation_seed": count(0, "seed of the random rotation (keys: seed, values: seed + 1)"),
         "rotated": choice("both", ("both", "key", "value"), "which kinds the rotation applies to"),
@@ -151,8 +152,8 @@ class Quant(Method):
     def validate(self):
         if self.clip != "none" and self.symmetric:
             raise self.error("clip needs asymmetric groups (symmetric: false)")
-        if self.zero_point == "int8" and self.symmetric:
-            raise self.error("zero_point int8 needs asymmetric groups (symmetric: false)")
+        if self.int_zero != "none" and self.symmetric:
+            raise self.error("int_zero needs asymmetric groups (symmetric: false)")
         if self.levels == "lloyd" and self.symmetric:
             raise self.error("levels lloyd needs asymmetric groups (symmetric: false)")
         if (self.levels == "lloyd" or self.mixed_bits) and not self.calibration:
@@ -351,7 +352,7 @@ class Quant(Method):
             lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
         def grid(lo, hi):  # the stored (scale, zero) of the range [lo, hi]
-            if self.zero_point == "int8":
+            if self.int_zero in ("both", kind):
                 lo, hi = lo.float(), hi.float()
                 step = torch.maximum(_divide(hi - lo, 2**bits - 1), _divide(lo.abs(), 127))
                 scale = _round_up(step.clamp_min_(tiny), sdtype)
@@ -427,7 +428,8 @@ class Quant(Method):
         is `t` (the values, or their packed codes): uniform levels, float zero points, no rotation
         and no token padding in the groups."""
         rotated = self.rotation != "none" and self.rotated in ("both", kind)
-        return (uniform and not rotated and self.zero_point == "float" and (self.axis(kind) == "token" or n_tokens % self.group(kind) == 0)
+        return (uniform and not rotated and self.int_zero not in ("both", kind)
+                and (self.axis(kind) == "token" or n_tokens % self.group(kind) == 0)
                 and kernels.usable(t, bits))
 
     def _pack(self, fields, shape, kind):
@@ -469,7 +471,7 @@ class Quant(Method):
         size = HEADER_NBYTES + (seq - (stop - start)) * n * h * d * dtype.itemsize + (1 if self.mixed_bits else 0)
         if n_quant:
             scale_nbytes = _SCALE_DTYPES[self.scale_dtype].itemsize
-            zero_nbytes = 0 if self.symmetric else 1 if self.zero_point == "int8" else scale_nbytes
+            zero_nbytes = 0 if self.symmetric else 1 if self.int_zero in ("both", kind) else scale_nbytes
             per_group = scale_nbytes + zero_nbytes
             size += packed_nbytes(n_quant, bits) + self.n_groups(shape, kind) * per_group
             size += 4 * 2**bits if self.levels == "lloyd" else 0
