@@ -24,8 +24,8 @@ of code qmax). Hence |x - x'| <= stored scale / 2 for every value, up to float32
 arithmetic and the final rounding to the tensor's dtype.
 
 Integer zero points (`int_zero`: both, key or value; as GPTQ and AWQ store them): the zero
-is an int8 code z in units of the scale, x' = (q + z) * scale, so a group costs 16 + 8 bits instead of
-16 + 16 (g64: 0.375 bits per element instead of 0.5). The scale is rounded *up* and
+is an int8 code z in units of the scale, x' = (q + z) * scale, so a group costs 16 + 8 bits
+instead of 16 + 16 (g64: 0.375 bits per element instead of 0.5). The scale is rounded *up* and
 z = round(min / scale): the grid then starts within half a step of the group's minimum and,
 one step per code, ends at or beyond (max - half a step), so |x - x'| <= scale / 2 still.
 A group further than 127 steps from 0 (|min| > 127 * scale) gets the wider scale |min| / 127.
@@ -99,7 +99,7 @@ def _round_up(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def zero_value(zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The float32 zero point of each group: stored as a float, or as an int8 code in units of
-    the scale (exact in float32: an 8-bit integer times a float16 scale)."""
+    the scale (one IEEE product, the same on every device; exact for float16 scales)."""
     return zero.float() if zero.is_floating_point() else zero.float() * scale.float()
 
 
