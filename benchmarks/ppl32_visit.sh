@@ -16,6 +16,8 @@
 T0=$(date +%s)
 DATA=$PWD/${DATA:-.carry/peers3-run} WHEEL_B=$PWD/${WHEEL_B:-.carry/smollm2.whl.b}
 LIMIT=${LIMIT:-540} SPLIT=${SPLIT:-1} WINDOWS=${WINDOWS:-32} MODEL=/tmp/ppl32/model
+LOGS=/tmp/ppl32/logs  # not under $OUT: a call brings back at most 8 files, the JSON files
+mkdir -p $LOGS
 cd "${CODE:-.carry/peers3}" || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$DATA"/whl/*.whl \
   || exit 1
@@ -42,7 +44,7 @@ run() {  # name dataset calibration protocol methods
   timeout $LEFT python3 benchmarks/ppl_bench.py --device cuda --max-tokens $(( WINDOWS * 1024 )) --model $MODEL \
     --dataset resources/datasets/$2/text.parquet --protocols $4 --methods $5 \
     --calibration results/smollm2-135m/$3 --levels /tmp/levels-$1.safetensors --out "$OUT" --suffix=-$1 --resume \
-    > "$OUT"/$1.log 2>&1
+    > $LOGS/$1.log 2>&1
   echo "== $1 rc $? $(( $(date +%s) - T0 )) s"
 }
 
@@ -64,7 +66,7 @@ parts enwiki32 enwiki-sample lee-news prefill-compress methods-pc.txt
 parts lee32fq lee-news enwiki-sample fake-quant methods-fq.txt
 parts enwiki32fq enwiki-sample lee-news fake-quant methods-fq.txt
 wait
-for f in "$OUT"/*.log; do echo "-- $f"; grep -av Warning "$f" | grep -av "return forward_call" | tail -n 2; done
+for f in $LOGS/*.log; do echo "-- $f"; grep -av Warning "$f" | grep -av "return forward_call" | tail -n 2; done
 python3 -c "
 import json, pathlib, sys
 for p in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):

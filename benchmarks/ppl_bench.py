@@ -93,12 +93,35 @@ def calibrated(name: str, calibration: str | None):
     return parse_method(name, calibrated_spec(name, calibration))
 
 
+def quanto_unpack(packed, bits: int):
+    """quanto's default (pure-torch) unpack, as in optimum/quanto/library/unpack.py (whose decorated
+    name is not importable): value i of each byte is (byte & mask_i) >> (bits * i), the parts
+    concatenated along dim 0."""
+    import torch
+
+    parts = [(packed & (2 ** (bits * (i + 1)) - 1)) >> (bits * i) for i in range(8 // bits)]
+    return torch.cat(parts).to(torch.uint8)
+
+
+def quanto_torch_unpack() -> None:
+    """On CUDA, quanto unpacks its 2/4-bit codes with a C++/CUDA extension that it compiles on first
+    use (nvcc over all its Marlin and AWQ kernels too: minutes on a fresh machine); its own
+    pure-torch algorithm (the same integers) serves instead, so a GPU visit spends no time compiling."""
+    import types
+
+    from optimum.quanto.library.extensions import get_extension, is_extension_available
+
+    if is_extension_available("quanto_cuda"):
+        get_extension("quanto_cuda")._lib = types.SimpleNamespace(unpack=quanto_unpack)
+
+
 def quanto_peers() -> dict:
     try:
         import optimum.quanto  # noqa: F401
     except ImportError:
         print("optimum-quanto is not installed: no QuantizedCache peers", file=sys.stderr)
         return {}
+    quanto_torch_unpack()
     peers = {f"quanto{b}-g{g}": QuantoPeer(b, g, -1, 0) for b, g in ((4, 64), (4, 32), (2, 32), (2, 64))}
     peers.update({f"quanto{b}-g64-tok": QuantoPeer(b, 64, 0, 0) for b in (4, 2)})  # default axes: per token
     return peers

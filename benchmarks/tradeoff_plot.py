@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 
-ISSUE = "kvcore, issue 20 (rotation / levels / clipping / mixed / composed)"
+ISSUE = "kvcore, issue 20 (rotation / levels / clipping / int8 zeros / mixed / composed)"
 
 
 def kind(name: str, record: dict) -> str:
@@ -22,7 +22,8 @@ def kind(name: str, record: dict) -> str:
     if name.startswith("evict-") and "+" not in name:
         return "eviction alone (kvpress's scorers)"
     options = name.replace("+", "-").split("-")
-    new = any(t in ("had", "hadv", "hadk", "nuq", "c", "ck", "cv") or t.startswith(("rot", "mx")) for t in options)
+    new = any(t in ("had", "hadv", "hadk", "nuq", "c", "ck", "cv", "z8", "z8k", "z8v") or t.startswith(("rot", "mx"))
+              for t in options)
     if name.startswith("kivi") and not new:
         return "kvcore KIVI (public recipe)"
     return ISSUE

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from kvcore.compress import parse_method, preset_spec
 from kvcore.compress.levels import calibration_cache, fit_levels, nearest_level
+from kvcore.compress.packing import unpack_bits
 from kvcore.compress.rotation import rotation_matrix
 from kvcore.errors import UsageError
 
@@ -45,7 +46,8 @@ def methods(calibration):
         "int2-g32-had": None, "kivi3-g64-rot7-s2-o0.01": None, "int4-g64-had-nuq": {"calibration": calibration},
         "kivi2-g64-nuq-s1": {"calibration": calibration}, "int2-g64-had-mx3": {"calibration": calibration},
         "sparse-0.5+int4-g32-had": None, "evict-knorm-0.5-s2+int3-g64-rot1": None,
-        "kivi2-g64-s1-hadv-cv-o0.01": None, "evict-knorm-0.5-s2+int3-g64-had-nuq-c": {
+        "kivi2-g64-s1-hadv-cv-o0.01": None, "kivi3-g64-kg32-z8-s1-hadv-cv-o0.01": None,
+        "kivi2-g64-z8-nuq": {"calibration": calibration}, "int3-g32-z8k-had": None, "evict-knorm-0.5-s2+int3-g64-had-nuq-c": {
             "family": "compose", "first": "evict-knorm-0.5-s2",
             "then": {**preset_spec("int3-g64-had-nuq-c"), "calibration": calibration}},
         "evict-knorm-0.4-s2-global+kivi2-g64-hadv-nuq": {
@@ -140,6 +142,41 @@ def test_clipped_ranges_cut_the_error_and_store_nothing_more():
         assert err(clipped) < (0.75 if bits == 2 else 0.9) * err(plain)
     with pytest.raises(UsageError, match="asymmetric"):
         parse_method("int2-g64-sym-c")
+
+
+def test_int8_zero_points_keep_the_half_step_bound_in_24_bits_per_group():
+    x = heavy((2, 2, 128, 64), seed=7)
+    x[0, 0, :, 7] = 50 + 0.01 * x[0, 0, :, 7]  # a channel far from 0 next to its spread: the widened scale
+    for name in ("kivi3-g64-z8", "int2-g32-z8", "kivi4-g64-z8-cv", "int8-g64-z8"):
+        m, plain = parse_method(name), parse_method(name.replace("-z8", ""))
+        for kind in ("key", "value"):
+            packed = m.compress(x, kind)
+            assert packed["zero"].dtype == torch.int8 and packed["zero"].shape == packed["scale"].shape
+            n_groups = packed["scale"].numel()
+            assert plain.packed_nbytes(x.shape, x.dtype, kind) - m.packed_nbytes(x.shape, x.dtype, kind) == n_groups
+            assert stored_bytes(packed) == m.packed_nbytes(x.shape, x.dtype, kind)
+            # float64 reference: x' = (q + z) * scale from the stored fields, within half a step of x
+            n, h, T, d = x.shape
+            codes = unpack_bits(packed["codes"], m.bits, x.numel()).double()
+            g, dim = m.group(kind), (-2 if m.axis(kind) == "channel" else -1)
+            groups = codes.view(n, h, T // g, g, d) if dim == -2 else codes.view(n, h, T, d // g, g)
+            s, z = packed["scale"].double().unsqueeze(dim), packed["zero"].double().unsqueeze(dim)
+            ref = ((groups + z) * s).reshape(x.shape)
+            y = m.decompress(packed, kind)
+            assert torch.allclose(y.double(), ref, rtol=1e-6, atol=1e-6), (name, kind)
+            half_step = (s / 2).expand_as(groups).reshape(x.shape)
+            if m.clip not in ("both", kind):  # clipped ranges leave the values beyond them
+                assert bool(((y.double() - x.double()).abs() <= half_step * (1 + 1e-5)).all()), (name, kind)
+
+            def err(method):
+                return float(((method.fake(x, kind).double() - x.double()) ** 2).sum())
+
+            assert err(m) < 1.3 * err(plain), (name, kind)  # the grid's shift costs little
+    one_kind, plain = parse_method("kivi3-g64-z8v-s1"), parse_method("kivi3-g64-s1")  # values only
+    assert one_kind.compress(x, "value")["zero"].dtype == torch.int8
+    assert all(torch.equal(a, b) for a, b in zip(one_kind.compress(x, "key").values(), plain.compress(x, "key").values()))
+    with pytest.raises(UsageError, match="asymmetric"):
+        parse_method("int4-g64-sym-z8")
 
 
 def test_level_tables_are_shared_saved_and_loaded(calibration, tmp_path):

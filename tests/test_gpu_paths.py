@@ -144,6 +144,10 @@ KERNEL_SPECS = {  # what the kernels serve, and the cases that fall back to torc
     "kivi4-cv": {"family": "quant", "bits": 4, "group_size": 64, "key_axis": "channel", "value_axis": "token",
                  "clip": "value"},
     "int2-c": {"family": "quant", "bits": 2, "group_size": 32, "clip": "both"},
+    # int8 zero points (quant.py) take the torch path on any device
+    "kivi3-z8": {"family": "quant", "bits": 3, "group_size": 64, "key_axis": "channel", "value_axis": "token",
+                 "int_zero": "both"},
+    "int4-z8": {"family": "quant", "bits": 4, "group_size": 32, "int_zero": "both"},
 }
 
 

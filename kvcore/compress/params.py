@@ -164,6 +164,9 @@ PARAMS: dict[str, dict[str, Param]] = {
         "recent_tokens": count(0, "last tokens kept in full precision"),
         "outlier_fraction": fraction(0.0, 0.0, 0.5, False, "largest-|x| fraction stored exactly"),
         "scale_dtype": choice("float16", ("float16", "float32"), "dtype of stored scales and zeros"),
+        "int_zero": choice("none", ("none", "both", "key", "value"),
+                           "which kinds store their zero point as an int8 code in units of the scale "
+                           "(others: in scale_dtype)"),
         "rotation": choice("none", ROTATIONS, "orthogonal transform of each head's channels before grouping"),
         "rotation_seed": count(0, "seed of the random rotation (keys: seed, values: seed + 1)"),
         "rotated": choice("both", ("both", "key", "value"), "which kinds the rotation applies to"),
@@ -201,6 +204,8 @@ FAMILIES = tuple(PARAMS)
 def _quant_problem(v: dict) -> str | None:
     if v["clip"] != "none" and v["symmetric"]:
         return "clip needs asymmetric groups (symmetric: false)"
+    if v["int_zero"] != "none" and v["symmetric"]:
+        return "int_zero needs asymmetric groups (symmetric: false)"
     if v["levels"] == "lloyd" and v["symmetric"]:
         return "levels lloyd needs asymmetric groups (symmetric: false)"
     if (v["levels"] == "lloyd" or v["mixed_bits"]) and not v["calibration"]:

@@ -12,13 +12,15 @@ from kvcore.errors import UsageError
 
 GRAMMAR = """\
 baseline | none                                   no compression (family none)
-int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32][-had[k|v]|-rot{N}][-nuq][-mx{T}][-c[k|v]]
+int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32][-z8[k|v]][-had[k|v]|-rot{N}][-nuq][-mx{T}][-c[k|v]]
                                                   quant: B bits, group G (default 64),
                                                   symmetric, per-token (default) or
                                                   per-channel for keys and values,
                                                   S sink and R recent tokens in full
                                                   precision, outlier fraction F,
                                                   float32 scales (default float16),
+                                                  int8 zero points in scale units
+                                                  (keys / values only),
                                                   Hadamard (keys / values only) or
                                                   seed-N random rotation,
                                                   Lloyd-Max levels, mixed 2-4 bits at
@@ -49,6 +51,9 @@ _QUANT_OPTIONS = [
     (r"o(\d*\.?\d+)", lambda m: {"outlier_fraction": float(m[1])}),
     (r"f32", lambda m: {"scale_dtype": "float32"}),
     (r"f16", lambda m: {"scale_dtype": "float16"}),
+    (r"z8", lambda m: {"int_zero": "both"}),
+    (r"z8k", lambda m: {"int_zero": "key"}),
+    (r"z8v", lambda m: {"int_zero": "value"}),
     (r"had", lambda m: {"rotation": "hadamard"}),
     (r"hadv", lambda m: {"rotation": "hadamard", "rotated": "value"}),
     (r"hadk", lambda m: {"rotation": "hadamard", "rotated": "key"}),

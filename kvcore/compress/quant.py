@@ -23,6 +23,13 @@ is off by at most 2^-11 relative, so the top value lands within qmax * 2^-11 < 1
 of code qmax). Hence |x - x'| <= stored scale / 2 for every value, up to float32
 arithmetic and the final rounding to the tensor's dtype.
 
+Integer zero points (`int_zero`: both, key or value; as GPTQ and AWQ store them): the zero
+is an int8 code z in units of the scale, x' = (q + z) * scale, so a group costs 16 + 8 bits
+instead of 16 + 16 (g64: 0.375 bits per element instead of 0.5). The scale is rounded *up* and
+z = round(min / scale): the grid then starts within half a step of the group's minimum and,
+one step per code, ends at or beyond (max - half a step), so |x - x'| <= scale / 2 still.
+A group further than 127 steps from 0 (|min| > 127 * scale) gets the wider scale |min| / 127.
+
 float16 scales hold |x| up to 65504; beyond, the scale overflows to inf (not checked
 here, to keep cache updates free of device syncs; `compress_file` and `measure` reject
 it): use scale_dtype float32 for such data.
@@ -50,14 +57,14 @@ kvcore.compress.clipping): the group ranges of keys, values or both are shrunk t
 squared error before the scale and zero are stored (so the |x - x'| <= scale / 2 bound above
 holds only for values inside the clipped range; the others take the end codes).
 
-On a GPU, 1/2/4/8-bit codes without token padding, rotation or fitted levels are quantized
-and packed, and unpacked and dequantized, by kvcore.compress.kernels (one pass each, the
-same bits as these torch ops).
+On a GPU, 1/2/4/8-bit codes without token padding, rotation, fitted levels or int8 zero
+points are quantized and packed, and unpacked and dequantized, by kvcore.compress.kernels
+(one pass each, the same bits as these torch ops).
 
 Stored fields: codes (uint8, bit-packed, b * ceil(N / 8) bytes), scale and zero
-(scale_dtype, one per group), sink / recent (original dtype), outlier_idx /
-outlier_val, levels (float32 [2^b], lloyd only), bits (uint8 [1], mixed only). Fields
-that would be empty are not stored.
+(scale_dtype, one per group; the zero int8 where `int_zero` covers the kind), sink / recent
+(original dtype), outlier_idx / outlier_val, levels (float32 [2^b], lloyd only), bits
+(uint8 [1], mixed only). Fields that would be empty are not stored.
 """
 
 from __future__ import annotations
@@ -84,6 +91,17 @@ def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float32:
         return v
     return torch.sub(v, v.abs(), alpha=2**-10).sub_(2**-24).to(dtype)
+
+
+def _round_up(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """v in `dtype`, never below v (the mirror of _round_down)."""
+    return v if dtype == torch.float32 else _round_down(-v, dtype).neg_()
+
+
+def zero_value(zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 zero point of each group: stored as a float, or as an int8 code in units of
+    the scale (one IEEE product, the same on every device; exact for float16 scales)."""
+    return zero.float() if zero.is_floating_point() else zero.float() * scale.float()
 
 
 def largest(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -301,14 +319,21 @@ class Quant(Method):
             lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
         def grid(lo, hi):  # the stored (scale, zero) of the range [lo, hi]
+            if self.int_zero in ("both", kind):
+                lo, hi = lo.float(), hi.float()
+                step = torch.maximum(_divide(hi - lo, 2**bits - 1), _divide(lo.abs(), 127))
+                scale = _round_up(step.clamp_min_(tiny), sdtype)
+                return scale, (lo / scale.float()).round_().clamp_(-127, 127).to(torch.int8)
             zero = _round_down(lo, sdtype)
             return _divide(hi - zero.float(), 2**bits - 1).clamp_min_(tiny).to(sdtype), zero
 
+        def values(scale, zero):
+            return scale.float(), zero_value(zero, scale)
+
         if self.clip in ("both", kind):
-            lo, hi = clipped_range(groups, ignored, dim, lo, hi, 2**bits - 1,
-                                   lambda lo, hi: [t.float() for t in grid(lo, hi)])
+            lo, hi = clipped_range(groups, ignored, dim, lo, hi, 2**bits - 1, lambda lo, hi: values(*grid(lo, hi)))
         scale, zero = grid(lo, hi)
-        return scale, zero, scale.float(), zero.float()
+        return scale, zero, *values(scale, zero)
 
     def _quantize(self, groups, scale32, zero32, dim, bits, table=None) -> torch.Tensor:
         s = scale32.unsqueeze(dim)
@@ -326,7 +351,7 @@ class Quant(Method):
         s = scale.float().unsqueeze(dim)
         if self.symmetric:
             return q.sub_(2 ** (bits - 1)).mul_(s)
-        return torch.addcmul(zero.float().unsqueeze(dim), q, s)  # zero + q * s, one kernel
+        return torch.addcmul(zero_value(zero, scale).unsqueeze(dim), q, s)  # zero + q * s, one kernel
 
     def _stored_bits(self, fields) -> int:
         return int(fields["bits"][0]) if "bits" in fields else self.bits
@@ -367,10 +392,11 @@ class Quant(Method):
 
     def _kernel_case(self, t, kind, bits, n_tokens, uniform) -> bool:
         """Whether the one-pass GPU kernels (kvcore.compress.kernels) handle a tensor whose data
-        is `t` (the values, or their packed codes): uniform levels, no rotation and no token
-        padding in the groups."""
+        is `t` (the values, or their packed codes): uniform levels, float zero points, no rotation
+        and no token padding in the groups."""
         rotated = self.rotation != "none" and self.rotated in ("both", kind)
-        return (uniform and not rotated and (self.axis(kind) == "token" or n_tokens % self.group(kind) == 0)
+        return (uniform and not rotated and self.int_zero not in ("both", kind)
+                and (self.axis(kind) == "token" or n_tokens % self.group(kind) == 0)
                 and kernels.usable(t, bits))
 
     def _pack(self, fields, shape, kind):
@@ -403,15 +429,17 @@ class Quant(Method):
         return n * h * -(-(stop - start) // g) * d
 
     def packed_nbytes(self, shape, dtype, kind="key", *, layer=None, keep=None):
-        """header + b*ceil(N/8) codes + groups*(1 or 2)*scale bytes + windows + outliers
-        (+ 4 * 2^b levels for lloyd, + 1 byte of bit width for mixed_bits)."""
+        """header + b*ceil(N/8) codes + groups*(scale bytes + zero bytes: none if symmetric, 1 if
+        int8) + windows + outliers (+ 4 * 2^b levels for lloyd, + 1 byte of bit width for mixed_bits)."""
         n, h, seq, d = shape
         start, stop = self.window(seq)
         n_quant = n * h * (stop - start) * d
         bits = self.bits_for(layer, kind)
         size = HEADER_NBYTES + (seq - (stop - start)) * n * h * d * dtype.itemsize + (1 if self.mixed_bits else 0)
         if n_quant:
-            per_group = (1 if self.symmetric else 2) * _SCALE_DTYPES[self.scale_dtype].itemsize
+            scale_nbytes = _SCALE_DTYPES[self.scale_dtype].itemsize
+            zero_nbytes = 0 if self.symmetric else 1 if self.int_zero in ("both", kind) else scale_nbytes
+            per_group = scale_nbytes + zero_nbytes
             size += packed_nbytes(n_quant, bits) + self.n_groups(shape, kind) * per_group
             size += 4 * 2**bits if self.levels == "lloyd" else 0
             k = self.n_outliers(n_quant)
