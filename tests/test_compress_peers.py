@@ -240,6 +240,7 @@ def test_compose_through_the_evaluation_paths(tmp_path):
     from kvcore.evaluation.options import check_options
     from kvcore.evaluation.prefill import make_scorers, prefill_context
     from kvcore.evaluation.protocols import evaluate_methods
+    from kvcore.evaluation.records import Recorder
     from kvcore.model import load_model
     from kvcore.sources import prepare_model
 
@@ -252,8 +253,14 @@ def test_compose_through_the_evaluation_paths(tmp_path):
     scorers = make_scorers([method], opts, tokenizer)
     with torch.inference_mode():
         pre = prefill_context(model, ids, scorers, opts, tokenizer)
-        out = compress_context(method, pre, scorers, opts)
+        recorder = Recorder()
+        out = compress_context(method, pre, scorers, opts, recorder=recorder)
         plain = compress_context(method.outer, pre, scorers, opts)
+    want = Recorder()  # the errors are measured on the compose method's dense reconstruction
+    for i, (k, v, mask) in enumerate(zip(pre.keys, pre.values, out.keep)):
+        want.add(method, k, method.fake(k, "key", mask, layer=i), "key", i, mask)
+        want.add(method, v, method.fake(v, "value", mask, layer=i), "value", i, mask)
+    assert recorder.raw() == want.raw()
     for i, (k, mask) in enumerate(zip(pre.keys, out.keep)):
         assert torch.equal(mask, plain.keep[i])  # the same tokens as eviction alone
         stored = method.decompress(method.compress(k, "key", mask, layer=i), "key")

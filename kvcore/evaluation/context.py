@@ -67,12 +67,14 @@ def compress_context(method, prefilled: ContextPrefill, scorers: dict, options: 
         if method.needs_scores else [None] * len(keys)
     out = CompressedContext([], [], keep=keep if method.needs_scores else None)
     pruned = hasattr(method, "kept_heads")
+    quantizes_kept = getattr(method, "quantizes_kept", False)
     for i, (k, v, mask) in enumerate(zip(keys, values, keep)):
         k2, v2 = k, v
+        dense = None  # the dense reconstruction the recorder measures, where the loop already made it
         if mask is not None:  # evict: the kept tokens' vectors (quantized by a compose method), physically
             kept_k, kept_v = k, v
-            if getattr(method, "quantizes_kept", False):
-                kept_k, kept_v = method.fake(k, "key", mask, layer=i), method.fake(v, "value", mask, layer=i)
+            if quantizes_kept:
+                kept_k, kept_v = dense = method.fake(k, "key", mask, layer=i), method.fake(v, "value", mask, layer=i)
             k2, v2, hidden = gather_kept(kept_k, kept_v, mask)
             if hidden is not None:
                 out.hidden[i] = hidden
@@ -84,11 +86,12 @@ def compress_context(method, prefilled: ContextPrefill, scorers: dict, options: 
                 dropped = torch.tensor([not f for f in kept], device=k.device)
                 out.hidden[i] = dropped[None, :, None].expand(k.shape[0], k.shape[1], k.shape[2]).clone()
         else:  # quantize / sparsify: what attention reads is the method's reconstruction
-            k2, v2 = fake_tensor(method, k, "key", i, 0, rope), fake_tensor(method, v, "value", i)
+            k2, v2 = dense = fake_tensor(method, k, "key", i, 0, rope), fake_tensor(method, v, "value", i)
         if recorder is not None:  # errors against the dense reconstruction (evicted / pruned = 0)
-            lossy = mask is None and not pruned
-            recorder.add(method, k, k2 if lossy else method.fake(k, "key", mask, layer=i), "key", i, mask)
-            recorder.add(method, v, v2 if lossy else method.fake(v, "value", mask, layer=i), "value", i, mask)
+            if dense is None:
+                dense = method.fake(k, "key", mask, layer=i), method.fake(v, "value", mask, layer=i)
+            recorder.add(method, k, dense[0], "key", i, mask)
+            recorder.add(method, v, dense[1], "value", i, mask)
         out.keys.append(k2)
         out.values.append(v2)
     return out
