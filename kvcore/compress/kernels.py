@@ -29,6 +29,9 @@ import functools
 PACKED_WIDTHS = (1, 2, 4, 8)  # whole codes per byte: one kernel packs them
 BLOCK = 1024  # values per program of unpack_dequantize
 TILE = 4096  # values per program of quantize_pack
+CHANNEL_WARPS = 8  # warps per program along the channel axis: its reduction crosses the tile's rows
+# (on an H200, 128x4x1024x64 bfloat16 keys: 0.17 of a copy with Triton's default 4, 0.23 with 8;
+# the min/max are exact, so the warps change no bit)
 
 
 @functools.cache
@@ -88,7 +91,8 @@ def quantize_pack(x, ignored, bits: int, group: int, channel: bool, symmetric: b
     ign = x if ignored is None else ignored.reshape(-1).view(torch.uint8)  # x: a pointer the kernel never reads
     kernel[grid](x, ign, scale, scale if zero is None else zero, codes, n_codes // group, d, ROWS=rows, COLS=cols,
                  CHANNEL=channel, SYM=symmetric, BITS=bits, IGNORE=ignored is not None,
-                 HALF=scale_dtype == torch.float16, TINY=torch.finfo(scale_dtype).tiny)
+                 HALF=scale_dtype == torch.float16, TINY=torch.finfo(scale_dtype).tiny,
+                 num_warps=CHANNEL_WARPS if channel else 4)
     return codes, scale, zero
 
 
