@@ -9,7 +9,8 @@ A run directory holds, per shard of sequences:
 and, once every shard is done (`finalize_shards`, from the shards' files named one by one: a file
 of a shard this run does not have is never read):
   kv/layer={L}/data.parquet             each layer's parts compacted into one file, same order
-  predictions.parquet, metadata.json    the latter last; it lists the layer files
+  predictions.parquet, metadata.json    the latter last; it lists the layer files and each
+                                        one's key_norm / value_norm range (`norm_ranges`)
 so a run holds one Parquet file per layer however many shards extracted it.
 """
 
@@ -767,6 +768,28 @@ def compact_layers(manifests: list[dict], run_dir: Path) -> list[str]:
     return [layer_file(layer) for layer in sorted(layers)]
 
 
+NORM_COLUMNS = ("key_norm", "value_norm")
+
+
+def norm_ranges(path: Path) -> dict[str, list[float]]:
+    """{"key_norm": [min, max], "value_norm": [min, max]} of one Parquet file, from its footer's
+    row-group statistics (what a query prunes whole files by). A column some row group has no
+    finite min/max for (a NULL column, NaNs) is left out: such a file is read by every search."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(path).metadata
+    index = {md.schema.column(i).path: i for i in range(md.num_columns)}
+    out = {}
+    for name in NORM_COLUMNS:
+        stats = [md.row_group(g).column(index[name]).statistics for g in range(md.num_row_groups)]
+        if stats and all(s is not None and s.has_min_max and math.isfinite(s.min) and math.isfinite(s.max)
+                         for s in stats):
+            out[name] = [float(min(s.min for s in stats)), float(max(s.max for s in stats))]
+    return out
+
+
 def finalize_shards(manifests, predictions, metadata_out: str | Path, predictions_out: str | Path) -> dict:
     """Write a run's layer files (kv/layer={L}/data.parquet, compacted from the shards' parts),
     predictions.parquet and, last, metadata.json from exactly these shard manifests and
@@ -786,7 +809,9 @@ def finalize_shards(manifests, predictions, metadata_out: str | Path, prediction
                 shards=[m["shard"] for m in manifests])
     if "parquet" in first:  # a non-default Parquet selection (see ParquetSelection)
         meta["parquet"] = first["parquet"]
-    meta["files"] = compact_layers(manifests, Path(metadata_out).parent)
+    run_dir = Path(metadata_out).parent
+    meta["files"] = compact_layers(manifests, run_dir)
+    meta["norm_ranges"] = {rel: norm_ranges(run_dir / rel) for rel in meta["files"]}
     with atomic_path(predictions_out) as tmp:
         pq.write_table(pa.concat_tables([pq.read_table(p) for p in predictions]), tmp)
     write_json(metadata_out, meta)

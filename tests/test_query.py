@@ -432,6 +432,106 @@ def test_point_lookup_prunes_partitions_and_row_groups(tmp_path, monkeypatch):
         assert files and not any(f.endswith("tokens.parquet") for f in files)
 
 
+# ---- norm search: only the files whose recorded norm range can hold a hit -----------------
+
+@pytest.fixture
+def ranged_run(tmp_path):
+    """A finalized synthetic run of 4 layers, whose (layer, head) scales make the layers' norm
+    ranges differ, and its metadata.json's norm_ranges."""
+    from kvcore.query.synthetic import write_synthetic_run
+
+    run_dir = tmp_path / "run"
+    meta = write_synthetic_run(run_dir, num_layers=4, num_kv_heads=1, num_heads=1, head_dim=16, n_sequences=4,
+                               seq_len=16, shard_size=2)
+    return run_dir, meta["norm_ranges"]
+
+
+def test_finalize_records_each_layer_files_norm_range(ranged_run):
+    run_dir, ranges = ranged_run
+    assert sorted(ranges) == [f"kv/layer={i}/data.parquet" for i in range(4)]
+    for rel, spans in ranges.items():
+        table = pq.read_table(run_dir / rel)
+        for kind in ("key_norm", "value_norm"):
+            col = table.column(kind).to_numpy()
+            assert spans[kind] == [float(col.min()), float(col.max())]
+
+
+def _without_norm_ranges(run_dir):
+    path = run_dir / "metadata.json"
+    meta = json.loads(path.read_text())
+    del meta["norm_ranges"]  # as a run finalized before they were recorded
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind", ["key", "value"])
+def test_search_norm_reads_only_files_that_can_match(ranged_run, kind):
+    """Ranges that hit no file, some files, all files, and one file's exact bounds: the same rows
+    as the unpruned kv view and as the same run without recorded ranges; the pruned files unread."""
+    import kvcore
+
+    run_dir, ranges = ranged_run
+    spans = {rel: r[f"{kind}_norm"] for rel, r in ranges.items()}
+    lows, highs = sorted(lo for lo, _ in spans.values()), sorted(hi for _, hi in spans.values())
+    first = min(spans, key=lambda rel: spans[rel][1])  # the file with the lowest maximum
+    cases = {"none": (highs[-1] + 1, highs[-1] + 2), "below all": (0.0, lows[0] / 2),
+             "some": (spans[first][1], spans[first][1]), "all": (0.0, float("inf")),
+             "one file's bounds": tuple(spans[first]), "between": (lows[1], highs[-2])}
+    want_files = {name: sum(lo <= high and hi >= low for lo, hi in spans.values())
+                  for name, (low, high) in cases.items()}
+    assert want_files["none"] == want_files["below all"] == 0 and want_files["all"] == 4
+    assert 0 < want_files["some"] < 4
+    got = {}
+    with kvcore.open_run(run_dir) as run:
+        for name, (low, high) in cases.items():
+            q = run.query("search_norm", low, high, kind)
+            got[name] = run.sql(q)
+            unpruned = run.sql(f"SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, "
+                               f"value_norm FROM kv WHERE {kind}_norm BETWEEN ? AND ? "
+                               "ORDER BY model, dataset, layer, seq_id, pos, head", [low, high])
+            assert got[name].equals(unpruned), name
+            assert list(got[name].dtypes) == list(unpruned.dtypes), name
+            read = {f for s in run.scans(q) for f in s["filenames"] if "/kv/" in f}
+            assert len(read) == want_files[name], name
+        assert len(got["none"]) == 0 and len(got["all"]) == 4 * 16 * 4
+        assert len(got["one file's bounds"]) >= 2  # both bounds are rows of that file, both kept
+        # a layer's search: its one file, or none
+        layer = int(first.split("=")[1].split("/")[0])
+        low, high = cases["one file's bounds"]
+        by_layer = run.search_norm(low, high, kind, layer=layer, head=0)
+        assert by_layer.equals(got["one file's bounds"].query(f"layer == {layer} and head == 0")
+                               .reset_index(drop=True))
+        empty = run.search_norm(*cases["none"], kind, layer=layer)
+        assert len(empty) == 0 and list(empty.columns) == list(by_layer.columns)
+    _without_norm_ranges(run_dir)
+    with kvcore.open_run(run_dir) as run:
+        assert not run.runs[0].norm_ranges
+        for name, (low, high) in cases.items():
+            assert run.search_norm(low, high, kind).equals(got[name]), name
+
+
+def test_search_norm_on_a_run_still_extracting_reads_every_part(tmp_path):
+    import kvcore
+    from kvcore.query.synthetic import write_synthetic_run
+
+    write_synthetic_run(tmp_path / "run", num_layers=2, num_kv_heads=1, num_heads=1, head_dim=4, n_sequences=4,
+                        seq_len=8, shard_size=2, finalize=False)
+    with kvcore.open_run(tmp_path / "run") as run:
+        assert len(run.search_norm(0, float("inf"), "key")) == 2 * 4 * 8
+
+
+@pytest.mark.parametrize("ranges", [[], {"kv/layer=0/data.parquet": {"key_norm": ["0", 1]}},
+                                    {"kv/layer=0/data.parquet": {"key_norm": [2.0, 1.0]}},
+                                    {"kv/layer=0/data.parquet": {"key": [0.0, 1.0]}},
+                                    {"kv/layer=0/data.parquet": [0.0, 1.0]}])
+def test_broken_norm_ranges_are_one_error_line(ranged_run, capsys, ranges):
+    run_dir, _ = ranged_run
+    path = run_dir / "metadata.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "norm_ranges": ranges}))
+    code, out, err = cli(capsys, run_dir, "--search-norm", "0", "1")
+    assert (code, out) == (1, "") and err.count("\n") == 1, err
+    assert "metadata.json: 'norm_ranges' must map each layer file to" in err
+
+
 def test_explain_flag_shows_the_scan(grid, capsys):
     code, out, _ = cli(capsys, grid[1]["gpt2"], "--coordinate", 1, 0, 3, "--explain")
     assert code == 0 and "Row Groups Scanned: 1 / 1" in out and "layer=1/data.parquet" in out

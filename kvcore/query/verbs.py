@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kvcore.errors import UsageError
 from kvcore.query.discover import RunFiles
-from kvcore.query.views import layer_view, literal, seq_view, vector_type
+from kvcore.query.views import kv_parts_sql, layer_view, literal, seq_view, vector_type
 
 VERBS = ("info", "coordinate", "list_tokens", "token_search", "layer_summary", "head_summary", "token_summary",
          "search_norm", "nearest")
@@ -244,13 +244,13 @@ def search_norm(runs: list[RunFiles], low: float, high: float, kind: str = "key"
         raise UsageError(f"norm kind must be key or value (got {kind!r})")
     if low > high:
         raise UsageError(f"empty norm range: low {low} is above high {high}")
-    source, extra, params = _filters(runs, layer, head)
+    _, extra, params = _filters(runs, layer, head)
     # The hits first, then their token text: kv's token join groups the whole tokens table on
-    # each query, so the scan of every row reads kv_rows (one layer: its by_layer view).
-    source = "kv_rows" if source == "kv" else source
+    # each query, so the scan reads the rows without it, and only the files (of the layer, if
+    # given) whose recorded norm range overlaps [low, high]: DuckDB pays for every file listed.
     return Query(f"""WITH hits AS (
   SELECT model, dataset, layer, head, seq_id, pos, token_id, key_norm, value_norm
-  FROM {source}
+  FROM ({kv_parts_sql(runs, layer, norm=(kind, low, high))})
   WHERE {kind}_norm BETWEEN ? AND ?{extra}
 )
 SELECT h.model, h.dataset, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token, h.key_norm, h.value_norm

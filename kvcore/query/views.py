@@ -68,22 +68,31 @@ def vector_type(runs: list[RunFiles]) -> str:
     return f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]"
 
 
-def kv_parts_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None) -> str:
-    """The kv rows of every run (or of one layer, or of one sequence) without token text."""
+def kv_parts_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None,
+                 norm: tuple[str, float, float] | None = None) -> str:
+    """The kv rows of every run (or of one layer, or of one sequence) without token text; with
+    `norm` (kind, low, high) only the files whose recorded norm range overlaps [low, high]
+    (RunFiles.norm_files), the filter itself still the query's."""
     vec = vector_type(runs)
     parts = []
     for r in runs:
-        if layer is not None:
-            files = r.layer_files(layer)
-            source, layer_col = f"read_parquet({_files(files)})", f"{layer}::INTEGER AS layer"
-        else:  # the layer comes from the hive partition, as plain duckdb reads it
-            files = r.kv_files if seq is None else r.seq_files(seq)
-            source = f"read_parquet({_files(files)}, hive_partitioning = true, hive_types = {{'layer': 'INTEGER'}})"
-            layer_col = "layer"
+        files = r.layer_files(layer) if layer is not None else r.kv_files if seq is None else r.seq_files(seq)
+        if norm is not None:
+            files = r.norm_files(files, *norm)
         if not files:
             continue
+        if layer is not None:
+            source, layer_col = f"read_parquet({_files(files)})", f"{layer}::INTEGER AS layer"
+        else:  # the layer comes from the hive partition, as plain duckdb reads it
+            source = f"read_parquet({_files(files)}, hive_partitioning = true, hive_types = {{'layer': 'INTEGER'}})"
+            layer_col = "layer"
         parts.append(f"SELECT {_run_columns(r)}, {layer_col}, seq_id, pos, head, token_id, key_norm, value_norm, "
                      f"CAST(key AS {vec}) AS key, CAST(value AS {vec}) AS value FROM {source}")
+    if not parts:  # no file can hold a row (DuckDB's read_parquet([]) is an error): the same columns, no rows
+        return ("SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS dataset, NULL::INTEGER AS layer, "
+                "NULL::INTEGER AS seq_id, NULL::INTEGER AS pos, NULL::SMALLINT AS head, NULL::INTEGER AS token_id, "
+                f"NULL::FLOAT AS key_norm, NULL::FLOAT AS value_norm, NULL::{vec} AS key, NULL::{vec} AS value "
+                "WHERE false")
     return "\nUNION ALL\n".join(parts)
 
 
