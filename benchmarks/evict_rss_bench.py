@@ -4,7 +4,10 @@ Runs `kvcore.jobs.compress.compress_evict` as the rule runs it (`run_job`: the m
 then the GPU claimed) on a finished run's extracted shards, model and tokens.parquet, reading this
 process's /proc/self/status every `--sample` seconds, and prints each phase's peak VmRSS, RssAnon
 and RssFile (MB) and the kernel's VmHWM at the end: imports, loading the model, scoring the
-sequences, after scoring (the model dropped), compressing. Writes to a temporary directory.
+sequences, after scoring (the model dropped), compressing; and the sha256 of the file it wrote,
+which must be the workflow's (`results/.../compress/{method}.safetensors`). Writes to a temporary
+directory. `--transformers-load` loads the model as kvcore did before reading the weights itself
+(transformers' `from_pretrained(model_dir, device_map=device)`), for the comparison.
 
     python benchmarks/evict_rss_bench.py --workdir /tmp/wf --config configs/gpu-bench.yaml --method kvzip-0.5
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import re
 import sys
 import tempfile
@@ -53,12 +57,21 @@ class Sampler(threading.Thread):
             time.sleep(self.interval)
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, required=True, help="a finished run's directory (results/, resources/)")
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--method", required=True)
     ap.add_argument("--sample", type=float, default=0.01)
+    ap.add_argument("--transformers-load", action="store_true", help="load the model the way before read_weights")
     args = ap.parse_args()
 
     import yaml
@@ -98,6 +111,13 @@ def main() -> None:
             return out
         return wrapped
 
+    if args.transformers_load:
+        def from_pretrained(model_dir, device, torch_dtype, attention):
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, use_safetensors=True,
+                                                        attn_implementation=attention, device_map=device)
+        kmodel.model_from_weights = from_pretrained
     kmodel.load_model = phase("load model", kmodel.load_model, after="score")
     files.compress_file = phase("compress", files.compress_file)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,10 +125,14 @@ def main() -> None:
         compress_evict(shards, Path(tmp) / "m.safetensors", Path(tmp) / "m.json", args.method, spec,
                        args.workdir / "resources" / "models" / model, run / "tokens.parquet", device, dtype)
         wall = time.perf_counter() - start
-    sampler.mark("end")
+        sampler.mark("end")
+        digest = sha256(Path(tmp) / "m.safetensors")
+    workflow = run / "compress" / f"{args.method}.safetensors"
     sampler.done = True
     print(f"{args.method}: compress_evict {wall:.1f} s; peak MB per phase (sampled every {args.sample} s); "
-          f"VmHWM at the end {status().get('VmHWM', 0):.0f} MB")
+          f"VmHWM at the end {status().get('VmHWM', 0):.0f} MB; "
+          f"{'transformers load' if args.transformers_load else 'read_weights'}")
+    print(f"sha256 {digest}: {'the workflow' + chr(39) + 's bytes' if workflow.is_file() and sha256(workflow) == digest else 'DIFFERS from ' + str(workflow)}")
     print("| phase | VmRSS | RssAnon | RssFile | RssShmem |\n|---|---:|---:|---:|---:|")
     for name in sampler.order:
         p = sampler.peaks[name]
