@@ -84,16 +84,58 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
     torch_dtype = resolve_dtype(dtype, device)
     attention = attention_choice(model_dir, attn_implementation)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # On a GPU the weights go from the safetensors file to the device, converted there: no copy of
-    # the model in host memory first (a job holding the GPU would wait for it).
-    placement = {"device_map": device} if device.startswith("cuda") else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch_dtype, use_safetensors=True, trust_remote_code=False,
-            attn_implementation=attention, **placement)
-    except (OSError, ValueError) as exc:
+        if device.startswith("cuda"):
+            model = model_from_weights(model_dir, device, torch_dtype, attention)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=torch_dtype, use_safetensors=True, trust_remote_code=False,
+                attn_implementation=attention).to(device)
+    except (OSError, ValueError, KeyError) as exc:
         raise KvcoreError(f"could not load the model in {model_dir}: {one_line(exc)}") from None
-    return (model if placement else model.to(device)).eval(), load_tokenizer(model_dir), device
+    return model.eval(), load_tokenizer(model_dir), device
+
+
+def model_from_weights(model_dir: Path, device: str, torch_dtype, attention: str | None):
+    """The model of `model_dir` built by transformers on `device` from `read_weights` (the same
+    parameters, bit for bit, as its own `from_pretrained(model_dir, device_map=device)`, which
+    tests/test_gpu_paths.py checks): no copy of the model in host memory, whose peak RSS the
+    compress jobs must keep under 2 GB (issue 18)."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=read_weights(model_dir, device),
+                                        dtype=torch_dtype, attn_implementation=attention, device_map=device)
+    model.config._name_or_path = model.name_or_path = str(model_dir)  # as from_pretrained(model_dir) sets them
+    if (model_dir / "generation_config.json").is_file():  # and what it reads too
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    return model
+
+
+def read_weights(model_dir: Path, device: str) -> dict:
+    """Every tensor of the directory's safetensors files, read one at a time onto `device` in the
+    dtype it is stored in. Each read opens its file afresh, so the pages read leave host memory
+    with the tensor's host copy: transformers' own load maps each file once for the whole load,
+    and every page it has read counts in the process's RSS until the end (a 4.4 GB model: 4.4 GB
+    of RSS in a job whose model goes to the GPU; docs/gpu.md)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise KvcoreError(f"{model_dir} holds no .safetensors weights; run the download step again")
+    weights = {}
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as f:
+                names = list(f.keys())
+            for name in names:
+                with safe_open(str(path), "pt") as f:
+                    weights[name] = f.get_tensor(name).to(device)
+        except SafetensorError as exc:
+            raise KvcoreError(f"could not load the model in {model_dir}: {path.name}: {one_line(exc)}") from None
+    return weights
 
 
 def layer_count(config) -> int:

@@ -19,6 +19,28 @@ from kvcore.tensorfile import SpooledTensorFile, save_tensors
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_model_built_from_streamed_weights_is_transformers_own_load(tiny_model_dir, device, dtype):
+    """load_model on a GPU builds the model from weights read one tensor at a time (host RSS):
+    the same parameters, buffers and settings, bit for bit, as from_pretrained(device_map=device)."""
+    from transformers import AutoModelForCausalLM
+
+    from kvcore.model import model_from_weights
+
+    ours = model_from_weights(tiny_model_dir, device, dtype, None)
+    theirs = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype, use_safetensors=True,
+                                                  device_map=device)
+    for own, other in ((ours.state_dict(), theirs.state_dict()),
+                       (dict(ours.named_buffers()), dict(theirs.named_buffers()))):
+        assert own.keys() == other.keys()
+        for name, tensor in own.items():
+            assert tensor.dtype == other[name].dtype and tensor.device == other[name].device, name
+            assert torch.equal(tensor, other[name]), name
+    assert type(ours) is type(theirs) and ours.config.to_dict() == theirs.config.to_dict()
+    assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+
+
 @pytest.fixture
 def loaded(tiny_model_dir):
     model, tokenizer, _ = load_model(tiny_model_dir, "cpu", "float32")

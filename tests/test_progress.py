@@ -45,7 +45,7 @@ def test_inside_a_job_lines_go_to_the_log_and_the_console(tmp_path, monkeypatch)
     run_job("logs/stats/m/d.log", lambda: list(each([1, 2, 3], "stats", "tok", jobs_only=True)))
     text, took = log.read_text().splitlines(keepends=True)  # the job's progress, then its time (log only)
     assert text.startswith("stats: 3/3 tok, ") and text.endswith(", done in 0s\n")
-    assert re.fullmatch(r"kvcore: job took [\d.]+ s wall, [\d.]+ s CPU\n", took)
+    assert re.fullmatch(r"kvcore: job took [\d.]+ s wall, [\d.]+ s CPU, peak RSS \d+ MB\n", took)
     assert console.getvalue() == "kvcore: stats/m/d: " + text  # named by the job's log
     # outside a job, a jobs_only progress stays silent; the others write to stderr
     list(each([1], "stats", "tok", jobs_only=True))
@@ -64,4 +64,4 @@ def test_a_job_turns_other_libraries_tqdm_bars_off(tmp_path, monkeypatch):
             "run_job(sys.argv[1], lambda: [None for _ in __import__('tqdm.auto').auto.tqdm(range(3), desc='bar')])")
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "job.log")], check=True, cwd=tmp_path)
-    assert re.fullmatch(r"kvcore: job took [\d.]+ s wall, [\d.]+ s CPU\n", (tmp_path / "job.log").read_text())
+    assert re.fullmatch(r"kvcore: job took [\d.]+ s wall, [\d.]+ s CPU, peak RSS \d+ MB\n", (tmp_path / "job.log").read_text())

@@ -26,7 +26,7 @@ def run_job(log: str | None, job: Callable[[], object], device: str = "cpu", thr
     another holds the GPU (docs/gpu.md). Its progress lines
     (kvcore.progress) go to the log and to the console, named by the log's path. `threads`
     (the rule's) caps torch's intra-op threads (`torch_threads`). The log ends with the job's
-    wall and CPU seconds (what docs/perplexity.md's run-time table adds up).
+    wall and CPU seconds and its peak RSS (what docs/perplexity.md's run-time table adds up).
     """
     from kvcore.gpus import claim_gpu
     from kvcore.model import import_model_code
@@ -61,7 +61,7 @@ def run_job(log: str | None, job: Callable[[], object], device: str = "cpu", thr
             if gpu is not None:
                 print(f"kvcore: released GPU {gpu} at {time.time():.2f}", flush=True)
             print(f"kvcore: job took {time.perf_counter() - started:.1f} s wall, "
-                  f"{cpu_seconds() - cpu_before:.1f} s CPU", file=stream)
+                  f"{cpu_seconds() - cpu_before:.1f} s CPU, peak RSS {peak_rss_mb():.0f} MB", file=stream)
         except (KvcoreError, OSError) as error:  # OSError: disk full, file too large
             message = f"kvcore: error: {one_line(error)}"
             print(message, file=stream)
@@ -74,6 +74,11 @@ def torch_threads(threads: int) -> int:
     """A job's torch threads: its rule's `threads`, at most the CPUs this process may use (more
     threads than CPUs make each parallel op wait for a descheduled thread)."""
     return max(1, min(int(threads), len(os.sched_getaffinity(0))))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (MB, the kernel's count: what a sampler can miss)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cpu_seconds() -> float:
