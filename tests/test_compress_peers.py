@@ -316,6 +316,17 @@ def test_compose_through_the_evaluation_paths(tmp_path):
         kept = out.keys[i] if i not in out.hidden else out.keys[i][~out.hidden[i]]
         want = stored[mask].reshape(kept.shape) if i not in out.hidden else stored[mask]
         assert torch.equal(kept.reshape(want.shape), want)  # the cache holds exactly the stored values
+    from kvcore.evaluation.cache import Rope
+    from kvcore.evaluation.protocols import method_ropes
+
+    rope = method_ropes(model, {"c": method, "e": method.outer}, True)
+    assert isinstance(rope["c"], Rope) and rope["e"] is None  # compose quantizes, eviction alone does not
+    with torch.inference_mode():
+        pre_rope = compress_context(method, pre, scorers, opts, rope=rope["c"])
+    for i, (k, mask) in enumerate(zip(pre.keys, out.keep)):  # kept keys quantized before RoPE, re-rotated
+        want = rope["c"].quantize(method, k, 0, i, mask)[mask]
+        kept = pre_rope.keys[i] if i not in pre_rope.hidden else pre_rope.keys[i][~pre_rope.hidden[i]]
+        assert torch.equal(kept.reshape(want.shape), want) and not torch.equal(want, method.fake(k, "key", mask)[mask])
     with pytest.raises(UsageError, match="no fake-quant protocol"):
         evaluate_methods(model, ids[0].tolist(), {"c": method}, protocol="fake-quant", max_length=48, stride=16)
     run = evaluate_methods(model, ids[0].tolist(), {"s": parse_method("sparse-0.5+int4-g32-had")},
