@@ -47,7 +47,12 @@ def methods(calibration):
         "kivi2-g64-nuq-s1": {"calibration": calibration}, "int2-g64-had-mx3": {"calibration": calibration},
         "sparse-0.5+int4-g32-had": None, "evict-knorm-0.5-s2+int3-g64-rot1": None,
         "kivi2-g64-s1-hadv-cv-o0.01": None, "kivi3-g64-kg32-z8-s1-hadv-cv-o0.01": None,
-        "kivi2-g64-z8-nuq": {"calibration": calibration}, "int3-g32-z8k-had": None, "evict-knorm-0.5-s2+int3-g64-had-nuq-c": {
+        "kivi2-g64-z8-nuq": {"calibration": calibration}, "int3-g32-z8k-had": None,
+        "int4-v3-g64-hadv": None, "kivi4-v2-g64-z8v-s1-hadv-cv": None, "evict-knorm-0.5-s2+int4-v3-g64-had": None,
+        "evict-knorm-0.5-s2+int4-v2-g64-had-nuq": {
+            "family": "compose", "first": "evict-knorm-0.5-s2",
+            "then": {**preset_spec("int4-v2-g64-had-nuq"), "calibration": calibration}},
+        "evict-knorm-0.5-s2+int3-g64-had-nuq-c": {
             "family": "compose", "first": "evict-knorm-0.5-s2",
             "then": {**preset_spec("int3-g64-had-nuq-c"), "calibration": calibration}},
         "evict-knorm-0.4-s2-global+kivi2-g64-hadv-nuq": {
@@ -179,6 +184,50 @@ def test_int8_zero_points_keep_the_half_step_bound_in_24_bits_per_group():
         parse_method("int4-g64-sym-z8")
 
 
+def test_values_own_bits_store_values_at_their_width_and_keys_at_bits(tmp_path):
+    x = heavy((2, 2, 96, 64), seed=8)
+    for name, keys, values in (("int4-v3-g64-hadv", "int4-g64-hadv", "int3-g64-hadv"),
+                               ("kivi4-v2-g64-z8v-s1-cv", "kivi4-g64-z8v-s1-cv", "kivi2-g64-z8v-s1-cv"),
+                               ("int3-v4-g32-had", "int3-g32-had", "int4-g32-had")):
+        m = parse_method(name)
+        for kind, same in (("key", parse_method(keys)), ("value", parse_method(values))):
+            packed, want = m.compress(x, kind), same.compress(x, kind)
+            assert set(packed) == set(want) and all(torch.equal(packed[k], want[k]) for k in want), (name, kind)
+            assert m.packed_nbytes(x.shape, x.dtype, kind) == same.packed_nbytes(x.shape, x.dtype, kind)
+            assert torch.equal(m.decompress(packed, kind), same.fake(x, kind))
+    both = parse_method("evict-knorm-0.5-s2+int4-v3-g64-had")  # composed: the kept values at 3 bits
+    keep = both.select(-x.norm(dim=-1))
+    kept = x[keep].reshape(1, 1, -1, 64)
+    y = both.decompress(both.compress(x, "value", keep), "value")
+    assert torch.equal(y[keep], parse_method("int3-g64-had").fake(kept, "value").reshape(-1, 64))
+    k8 = both.packed_nbytes(x.shape, torch.float16, "key", keep=keep)
+    assert k8 - both.packed_nbytes(x.shape, torch.float16, "value", keep=keep) == kept.numel() // 8  # 1 bit each
+    assert preset_spec("int4-v3-g64")["value_bits"] == 3 and parse_method("int4-g64").value_bits == 0
+    with pytest.raises(UsageError, match="value_bits must be one of"):
+        parse_method("int4-v5-g64")
+    with pytest.raises(UsageError, match="value_bits and mixed_bits"):
+        parse_method("int2-v3-g64-mx3", {"calibration": str(tmp_path)})
+
+
+def test_values_own_bits_in_the_generation_cache(tmp_path):
+    import kvcore
+    from kvcore.model import load_model
+    from kvcore.sources import prepare_model
+
+    model_dir = prepare_model("tiny64", {"source": "random-init", "architecture": "llama",
+                                         "config": {"head_dim": 64, "hidden_size": 128}}, tmp_path / "m")
+    model, _, _ = load_model(model_dir, "cpu", "float32")
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    method = parse_method("int4-v2-g32-hadv")
+    with torch.inference_mode():
+        plain = model(ids, use_cache=True).past_key_values
+        cache = model(ids, past_key_values=kvcore.compressed_cache(model, method), use_cache=True).past_key_values
+    a, b = plain.layers[0], cache.layers[0]  # the first layer's input is the same with and without
+    assert torch.equal(b.keys, method.fake(a.keys, "key", layer=0))
+    assert torch.equal(b.values, method.fake(a.values, "value", layer=0))
+    assert torch.equal(b.values, parse_method("int2-g32-hadv").fake(a.values, "value"))
+
+
 def test_level_tables_are_shared_saved_and_loaded(calibration, tmp_path):
     from kvcore.compress import levels
 
@@ -267,6 +316,17 @@ def test_compose_through_the_evaluation_paths(tmp_path):
         kept = out.keys[i] if i not in out.hidden else out.keys[i][~out.hidden[i]]
         want = stored[mask].reshape(kept.shape) if i not in out.hidden else stored[mask]
         assert torch.equal(kept.reshape(want.shape), want)  # the cache holds exactly the stored values
+    from kvcore.evaluation.cache import Rope
+    from kvcore.evaluation.protocols import method_ropes
+
+    rope = method_ropes(model, {"c": method, "e": method.outer}, True)
+    assert isinstance(rope["c"], Rope) and rope["e"] is None  # compose quantizes, eviction alone does not
+    with torch.inference_mode():
+        pre_rope = compress_context(method, pre, scorers, opts, rope=rope["c"])
+    for i, (k, mask) in enumerate(zip(pre.keys, out.keep)):  # kept keys quantized before RoPE, re-rotated
+        want = rope["c"].quantize(method, k, 0, i, mask)[mask]
+        kept = pre_rope.keys[i] if i not in pre_rope.hidden else pre_rope.keys[i][~pre_rope.hidden[i]]
+        assert torch.equal(kept.reshape(want.shape), want) and not torch.equal(want, method.fake(k, "key", mask)[mask])
     with pytest.raises(UsageError, match="no fake-quant protocol"):
         evaluate_methods(model, ids[0].tolist(), {"c": method}, protocol="fake-quant", max_length=48, stride=16)
     run = evaluate_methods(model, ids[0].tolist(), {"s": parse_method("sparse-0.5+int4-g32-had")},

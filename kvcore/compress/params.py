@@ -155,6 +155,7 @@ PARAMS: dict[str, dict[str, Param]] = {
     "none": {},
     "quant": {
         "bits": choice(4, (2, 3, 4, 8), "bits per stored code"),
+        "value_bits": choice(0, (0, 2, 3, 4, 8), "values' own bits per code (0: bits)"),
         "group_size": choice(64, (32, 64, 128), "values sharing one scale (and zero)"),
         "key_group_size": choice(0, (0, 32, 64, 128), "keys' own group size (0: group_size)"),
         "symmetric": flag(False, "scale only (true) or scale and zero point (false)"),
@@ -208,6 +209,8 @@ def _quant_problem(v: dict) -> str | None:
         return "int_zero needs asymmetric groups (symmetric: false)"
     if v["levels"] == "lloyd" and v["symmetric"]:
         return "levels lloyd needs asymmetric groups (symmetric: false)"
+    if v["value_bits"] and v["mixed_bits"]:
+        return "value_bits and mixed_bits both set the values' width: give one"
     if (v["levels"] == "lloyd" or v["mixed_bits"]) and not v["calibration"]:
         what = "levels lloyd" if v["levels"] == "lloyd" else "mixed_bits"
         return (f"{what} needs calibration: the run directory of an extracted cache of another corpus, "

@@ -12,8 +12,9 @@ from kvcore.errors import UsageError
 
 GRAMMAR = """\
 baseline | none                                   no compression (family none)
-int{B}[-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32][-z8[k|v]][-had[k|v]|-rot{N}][-nuq][-mx{T}][-c[k|v]]
-                                                  quant: B bits, group G (default 64),
+int{B}[-v{B}][-g{G}][-sym][-tok|-ch][-s{S}][-r{R}][-o{F}][-f32][-z8[k|v]][-had[k|v]|-rot{N}][-nuq][-mx{T}][-c[k|v]]
+                                                  quant: B bits (v: values' own B),
+                                                  group G (default 64),
                                                   symmetric, per-token (default) or
                                                   per-channel for keys and values,
                                                   S sink and R recent tokens in full
@@ -39,9 +40,10 @@ prune[-l{L},{L}..][-h{L}.{H},{L}.{H}..]           prune: layers L, [layer, head]
                                                   the kept values (no -s / -r windows)
 examples: int4-g64  int2-g32-sym  kivi2-g32-r128  int4-g128-ch-s4-o0.01  int2-g32-had
           sparse-0.5  evict-knorm-0.5-s4-r64-global  prune-l0,1-h5.2
-          evict-kvzip-0.5-s4-model+int4-g32-had  sparse-0.5+int4-g32"""
+          evict-kvzip-0.5-s4-model+int4-g32-had  sparse-0.5+int4-g32  int4-v3-g64-hadv"""
 
 _QUANT_OPTIONS = [
+    (r"v(\d+)", lambda m: {"value_bits": int(m[1])}),
     (r"g(\d+)", lambda m: {"group_size": int(m[1])}),
     (r"kg(\d+)", lambda m: {"key_group_size": int(m[1])}),
     (r"sym", lambda m: {"symmetric": True}),

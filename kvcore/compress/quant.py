@@ -48,6 +48,9 @@ domain. Nothing of the rotation is stored. `rotated` limits it to keys or values
 quantized per channel already have a scale per channel: a rotation only mixes their
 outlier channels into the others).
 
+Values' own width (`value_bits`, e.g. 4-bit keys with 3-bit values): values' codes take
+`value_bits` bits, keys' `bits`; nothing more is stored (the width is the spec's).
+
 Non-uniform levels (`levels: lloyd`, kvcore.compress.levels): codes index 2^b levels
 fitted per layer and kind on the extracted cache named by `calibration`; the table is
 stored with each tensor. Mixed precision (`mixed_bits`, kvcore.compress.mixed): each
@@ -133,11 +136,15 @@ class Quant(Method):
 
     def at_bits(self, bits: int) -> "Quant":
         """This method with every tensor at `bits` (mixed precision's candidates)."""
-        return Quant(self.name, {**self.spec, "bits": bits, "mixed_bits": 0.0})
+        return Quant(self.name, {**self.spec, "bits": bits, "value_bits": 0, "mixed_bits": 0.0})
+
+    def width(self, kind: str) -> int:
+        """The bits per code of keys or values without mixed precision (`value_bits`: the values' own)."""
+        return (self.value_bits or self.bits) if kind == "value" else self.bits
 
     def bits_for(self, layer, kind: str) -> int:
         if not self.mixed_bits:
-            return self.bits
+            return self.width(kind)
         if layer is None:
             raise self.error("mixed_bits needs the layer index (compress(x, kind, layer=L))")
         if self._plan is None:
@@ -153,7 +160,7 @@ class Quant(Method):
         key = (layer, kind, bits, str(device))
         if key not in self._tables:
             normalisation = {k: getattr(self, k) for k in self.params
-                             if k not in ("bits", "mixed_bits", "levels", "calibration")}
+                             if k not in ("bits", "value_bits", "mixed_bits", "levels", "calibration")}
 
             def fit():
                 x = calibration_tensor(self.calibration, layer, kind).to(device)  # fitted where it is used
@@ -353,8 +360,8 @@ class Quant(Method):
             return q.sub_(2 ** (bits - 1)).mul_(s)
         return torch.addcmul(zero_value(zero, scale).unsqueeze(dim), q, s)  # zero + q * s, one kernel
 
-    def _stored_bits(self, fields) -> int:
-        return int(fields["bits"][0]) if "bits" in fields else self.bits
+    def _stored_bits(self, fields, kind: str) -> int:
+        return int(fields["bits"][0]) if "bits" in fields else self.width(kind)
 
     def _decode(self, fields, shape, dtype, device, kind):
         n, h, seq, d = shape
@@ -367,12 +374,12 @@ class Quant(Method):
             r = self._rotation(kind, d, device)
             if codes.dim() == 1:  # still packed (_kernel_case): unpacked and dequantized in one pass
                 mid = kernels.unpack_dequantize(codes, fields["scale"], fields.get("zero"), (n, h, stop - start, d),
-                                                dtype, self._stored_bits(fields), self.group(kind),
+                                                dtype, self._stored_bits(fields, kind), self.group(kind),
                                                 self.axis(kind) == "channel")
             else:
                 padded = self._pad(codes, kind, 0)
                 groups, dim = self._groups(padded, kind)
-                mid = self._dequantize(groups, fields["scale"], fields.get("zero"), dim, self._stored_bits(fields),
+                mid = self._dequantize(groups, fields["scale"], fields.get("zero"), dim, self._stored_bits(fields, kind),
                                        fields.get("levels"))
                 mid = mid.reshape(padded.shape)[:, :, : stop - start]
                 # with a rotation the outliers were stored rotated: put back before rotating back
@@ -401,14 +408,14 @@ class Quant(Method):
 
     def _pack(self, fields, shape, kind):
         if "codes" in fields and fields["codes"].dim() != 1:  # 1-D: packed by the kernel already
-            fields = {**fields, "codes": pack_bits(fields["codes"], self._stored_bits(fields))}
+            fields = {**fields, "codes": pack_bits(fields["codes"], self._stored_bits(fields, kind))}
         return fields
 
     def _unpack(self, packed, shape, kind):
         n, h, seq, d = shape
         start, stop = self.window(seq)
         if stop > start:
-            n_codes, bits = n * h * (stop - start) * d, self._stored_bits(packed)
+            n_codes, bits = n * h * (stop - start) * d, self._stored_bits(packed, kind)
             if self._kernel_case(packed["codes"], kind, bits, stop - start, "levels" not in packed):
                 check_packed(packed["codes"], bits, n_codes)  # _decode unpacks in its one pass
                 for name in ("scale", "zero"):  # the kernel indexes them: a damaged file must not

@@ -51,17 +51,18 @@ class Rope:
         cos, sin = self.cos_sin(keys, start)
         return keys * cos - self.rotate_half(keys) * sin  # rotate back by -theta(pos)
 
-    def quantize(self, method, keys, start: int, layer: int | None = None):
+    def quantize(self, method, keys, start: int, layer: int | None = None, keep=None):
         cos, sin = self.cos_sin(keys, start)
-        q = method.fake(self.unrotate(keys, start), "key", layer=layer)
+        q = method.fake(self.unrotate(keys, start), "key", keep, layer=layer)
         return q * cos + self.rotate_half(q) * sin
 
 
-def fake_tensor(method, x, kind: str, layer: int, start: int = 0, rope: Rope | None = None):
-    """`method.fake` of one layer's keys or values (pre-RoPE for keys when `rope` is given)."""
+def fake_tensor(method, x, kind: str, layer: int, start: int = 0, rope: Rope | None = None, keep=None):
+    """`method.fake` of one layer's keys or values (pre-RoPE for keys when `rope` is given;
+    `keep`: an evict or compose method's mask)."""
     if kind == "key" and rope is not None:
-        return rope.quantize(method, x, start, layer)
-    return method.fake(x, kind, layer=layer)
+        return rope.quantize(method, x, start, layer, keep)
+    return method.fake(x, kind, keep, layer=layer)
 
 
 class CompressingLayer:

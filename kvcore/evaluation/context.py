@@ -74,7 +74,8 @@ def compress_context(method, prefilled: ContextPrefill, scorers: dict, options: 
         if mask is not None:  # evict: the kept tokens' vectors (quantized by a compose method), physically
             kept_k, kept_v = k, v
             if quantizes_kept:
-                kept_k, kept_v = dense = method.fake(k, "key", mask, layer=i), method.fake(v, "value", mask, layer=i)
+                kept_k, kept_v = dense = (fake_tensor(method, k, "key", i, 0, rope, mask),
+                                          method.fake(v, "value", mask, layer=i))
             k2, v2, hidden = gather_kept(kept_k, kept_v, mask)
             if hidden is not None:
                 out.hidden[i] = hidden

@@ -73,7 +73,8 @@ class Applied:
 
     def __init__(self, model, method, tokenizer, options: dict, pre_rope: bool):
         self.model, self.method, self.tokenizer, self.options = model, method, tokenizer, options
-        self.rope = _rope(model, pre_rope) if writes_compressed(method) else None
+        quantizes = writes_compressed(method) or method.family == "compose"
+        self.rope = _rope(model, pre_rope) if quantizes else None
         self.scorers = make_scorers([method], options, tokenizer)
         self.original = model.forward
         self.busy = False  # the prefill's own forwards (and kvzip's pass) run unwrapped
@@ -116,7 +117,7 @@ class Applied:
         self.busy = True
         try:
             pre = prefill_context(self.model, ids, self.scorers, self.options, self.tokenizer)
-            compressed = compress_context(self.method, pre, self.scorers, self.options)
+            compressed = compress_context(self.method, pre, self.scorers, self.options, rope=self.rope)
         finally:
             self.busy = False
         for layer, k, v in zip(cache.layers, compressed.keys, compressed.values):
@@ -133,7 +134,8 @@ def apply(model, method, spec: dict | None = None, *, tokenizer=None, options: d
     """Run every forward of `model` (and so `model.generate()`) with `method` inside the block.
 
     `tokenizer`: needed by the kvzip scorer (its reconstruction prompt); `options`: the
-    evaluator's (scorer options, seed; see evaluation.options)."""
+    evaluator's (scorer options, seed; see evaluation.options); `pre_rope`: quant and compose
+    methods quantize keys before RoPE."""
     m = as_method(method, spec)
     options = check_options(options)
     check_shapes(model, {m.name: m})

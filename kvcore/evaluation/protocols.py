@@ -92,8 +92,9 @@ def check_shapes(model, methods: dict) -> None:
 
 
 def method_ropes(model, methods: dict, pre_rope) -> dict:
-    """name -> Rope for the quant methods whose keys are quantized before RoPE (option pre_rope)."""
-    chosen = [n for n, m in methods.items() if getattr(m, "family", None) == "quant"
+    """name -> Rope for the quant and compose methods whose keys are quantized before RoPE (option
+    pre_rope; a compose method's kept keys are quantized before RoPE, at their own positions)."""
+    chosen = [n for n, m in methods.items() if getattr(m, "family", None) in ("quant", "compose")
               and (pre_rope is True or (not isinstance(pre_rope, bool) and n in pre_rope))]
     rope = Rope(model) if pre_rope else None
     return {n: rope if n in chosen else None for n in methods}
