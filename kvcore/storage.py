@@ -342,16 +342,12 @@ class _HeapTrimmer:
     """
 
     def __init__(self, budget: int):
-        import ctypes
-        import sys
+        from kvcore.memory import malloc_trim
 
-        self.budget, self.trim = budget, None
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError, AttributeError, ValueError):
-                trim = ctypes.CDLL(None).malloc_trim  # glibc only
-                self.page = os.sysconf("SC_PAGE_SIZE")
-                self.mark = self.rss()
-                self.trim = trim
+        self.budget, self.trim = budget, malloc_trim()
+        if self.trim is not None:
+            self.page = os.sysconf("SC_PAGE_SIZE")
+            self.mark = self.rss()
 
     def rss(self) -> int:
         with open("/proc/self/statm") as fh:

