@@ -342,12 +342,16 @@ class _HeapTrimmer:
     """
 
     def __init__(self, budget: int):
-        from kvcore.memory import malloc_trim
+        import ctypes
+        import sys
 
-        self.budget, self.trim = budget, malloc_trim()
-        if self.trim is not None:
-            self.page = os.sysconf("SC_PAGE_SIZE")
-            self.mark = self.rss()
+        self.budget, self.trim = budget, None
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                trim = ctypes.CDLL(None).malloc_trim  # glibc only
+                self.page = os.sysconf("SC_PAGE_SIZE")
+                self.mark = self.rss()
+                self.trim = trim
 
     def rss(self) -> int:
         with open("/proc/self/statm") as fh:

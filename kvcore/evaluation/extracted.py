@@ -51,7 +51,6 @@ def keep_masks(merged, method, model_dir, tokens, *, device: str = "auto", dtype
     import torch
 
     from kvcore.eviction import needs_model
-    from kvcore.memory import release_host_memory
     from kvcore.model import kv_shape, load_model
     from kvcore.progress import each
     from kvcore.tokens import read_sequences
@@ -79,8 +78,6 @@ def keep_masks(merged, method, model_dir, tokens, *, device: str = "auto", dtype
                              options=options, index=seq_id)
         for layer, keep in enumerate(keeps):
             masks[layer][i, :, :length] = keep[0].cpu()
-    del model
-    release_host_memory()  # the model's and the scoring's memory, before the compression's
     return masks, sum(lengths)
 
 
