@@ -114,10 +114,18 @@ def info(runs: list[RunFiles]) -> Query:
 
 def coordinate(runs: list[RunFiles], layer: int, head: int, token: int, seq: int = 0) -> Query:
     check_coordinate(runs, layer, head, token, seq)
-    return Query(f"""SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm, key, value
-FROM {seq_view(seq)}
-WHERE layer = ? AND head = ? AND seq_id = ? AND pos = ?
-ORDER BY model, dataset""", [layer, head, seq, token], vertical=True)
+    # The one file of that layer and sequence, listed in the query: a view per sequence would be
+    # bound (each of its files opened) the first time a sequence is asked for, and the token text
+    # is joined to the hit alone.
+    return Query(f"""WITH hit AS (
+  SELECT * FROM ({kv_parts_sql(runs, layer, seq)})
+  WHERE head = ? AND seq_id = ? AND pos = ?
+)
+SELECT h.model, h.dataset, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token, h.key_norm, h.value_norm,
+       h.key, h.value
+FROM hit h
+LEFT JOIN tokens t ON t.model = h.model AND t.dataset = h.dataset AND t.seq_id = h.seq_id AND t.pos = h.pos
+ORDER BY h.model, h.dataset""", [head, seq, token], vertical=True)
 
 
 def list_tokens(runs: list[RunFiles], seq: int | None = None) -> Query:

@@ -70,13 +70,16 @@ def vector_type(runs: list[RunFiles]) -> str:
 
 def kv_parts_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None,
                  norm: tuple[str, float, float] | None = None) -> str:
-    """The kv rows of every run (or of one layer, or of one sequence) without token text; with
+    """The kv rows of every run (or of one layer, one sequence, or both) without token text; with
     `norm` (kind, low, high) only the files whose recorded norm range overlaps [low, high]
     (RunFiles.norm_files), the filter itself still the query's."""
     vec = vector_type(runs)
     parts = []
     for r in runs:
-        files = r.layer_files(layer) if layer is not None else r.kv_files if seq is None else r.seq_files(seq)
+        files = r.layer_files(layer) if layer is not None else r.kv_files
+        if seq is not None:
+            in_shard = set(r.seq_files(seq))
+            files = [f for f in files if f in in_shard]
         if norm is not None:
             files = r.norm_files(files, *norm)
         if not files:
