@@ -369,7 +369,7 @@ def norm_variants(root: Path, run, naive: Path, con, args) -> dict:
     import pyarrow.parquet as pq
 
     from kvcore.query.verbs import Query
-    from kvcore.query.views import literal
+    from kvcore.query.views import kv_parts_sql, literal
     from kvcore.storage import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, parquet_options
 
     r = run.runs[0]
@@ -399,8 +399,9 @@ def norm_variants(root: Path, run, naive: Path, con, args) -> dict:
     before = Query("SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm FROM kv "
                    "WHERE key_norm BETWEEN ? AND ? ORDER BY model, dataset, layer, seq_id, pos, head", [0.5, 1.0])
     verb = run.query("search_norm", 0.5, 1.0, "key")
-    every_file = Query(verb.sql.replace(verb.sql[verb.sql.index("FROM (") + 5:verb.sql.index("\n  WHERE key_norm")],
-                                        "kv_rows"), verb.params)
+    pruned_parts = f"({kv_parts_sql(run.runs, norm=('key', 0.5, 1.0))})"  # the verb's FROM, as the verb builds it
+    assert pruned_parts in verb.sql
+    every_file = Query(verb.sql.replace(pruned_parts, "kv_rows"), verb.params)
     overlapping = r.norm_files(r.kv_files, "key", 0.5, 1.0)
     fns = {f"kvcore: the verb (the {len(overlapping)} files whose norm range overlaps, then tokens for the hits)":
            lambda: run.arrow(verb),
