@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kvcore.compress import parse_method
+from kvcore.errors import KvcoreError
 from kvcore.model import load_model
 from kvcore.tensorfile import SpooledTensorFile, save_tensors
 
@@ -106,8 +107,17 @@ def test_merged_shards_read_as_the_merged_file(tmp_path):
         assert run.metadata() == meta
         assert run.nbytes == (tmp_path / "merged.safetensors").stat().st_size
         assert run.header() == (tmp_path / "merged.safetensors").read_bytes()[:len(run.header())]
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for name, x in merged.items():
             assert torch.equal(run.get_tensor(name), x)
+            for device in devices:  # built on the device slice by slice, the same values
+                got = run.get_tensor(name, device)
+                assert got.device.type == device and torch.equal(got.cpu(), x)
+    # a shard of another dtype is refused, not cast
+    save_tensors({name: t.half() for name, t in parts[1].items()}, paths[1],
+                 metadata={"seq_ids": "[5, 6, 7]", "seq_lengths": "[7, 7, 7]", "seq_len": "7"})
+    with pytest.raises(KvcoreError, match="float16 but .* float32|F16 but .* F32"):
+        MergedShards(paths)
 
 
 def test_cache_only_scorers_load_no_model(tmp_path, monkeypatch):

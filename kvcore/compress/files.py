@@ -204,15 +204,17 @@ def _layers(path, names) -> list[int]:
     return sorted(found)
 
 
-def _get(f, path, tname) -> torch.Tensor:
+def _get(f, path, tname, device=None) -> torch.Tensor:
     try:
+        if isinstance(f, MergedShards):  # built on the device: no whole layer in host memory
+            return f.get_tensor(tname, device)
         return f.get_tensor(tname)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise KvcoreError(f"cannot read {tname} from {path}: {exc}") from None
 
 
 def _load(f, path, tname, device) -> torch.Tensor:
-    x = _get(f, path, tname)
+    x = _get(f, path, tname, device)
     if x.dim() != 4 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise KvcoreError(
             f"{path}: {tname} must be float32/float16/bfloat16 [n_seq, n_kv, seq, dim] "

@@ -38,6 +38,9 @@ class MergedShards:
                 raise KvcoreError(f"{path}: holds other tensors than {self.paths[0]}")
             if len(dtypes) > 1:
                 raise KvcoreError(f"{path}: its tensors have several dtypes ({', '.join(sorted(dtypes))})")
+            if self._shapes and dtypes and dtypes != {dtype}:
+                raise KvcoreError(f"{path}: its tensors are {dtypes.pop()} but {self.paths[0]}'s are {dtype}")
+            dtype = next(iter(dtypes), "float32")
             names = shard_names
             seq_ids += json.loads(meta.get("seq_ids", "[]"))
             lengths += json.loads(meta.get("seq_lengths", "[]"))
@@ -49,7 +52,7 @@ class MergedShards:
         self.n_seq = sum(shapes[names[0]][0] for shapes in self._shapes)
         self._metadata = {**meta, "seq_ids": json.dumps(seq_ids), "seq_lengths": json.dumps(lengths),
                           "seq_len": str(self.width)}
-        self._dtype = dtypes.pop() if dtypes else "float32"
+        self._dtype = dtype
 
     def metadata(self) -> dict:
         return dict(self._metadata)
@@ -57,17 +60,24 @@ class MergedShards:
     def keys(self) -> list[str]:
         return list(self._names)
 
-    def get_tensor(self, name: str):
-        """The merged tensor `name`: every shard's sequences, right-padded to the run's width."""
+    def get_tensor(self, name: str, device=None):
+        """The merged tensor `name`: every shard's sequences, right-padded to the run's width,
+        built on `device` (default the CPU) one shard's slice at a time, so host memory holds one
+        shard's part of the layer, not the parts, their padded copies and the merged tensor."""
         import torch
 
         from safetensors import safe_open
 
-        parts = []
+        merged, start = None, 0
         for path in self.paths:  # opened per tensor: the mapping goes with it, so the pages
             with safe_open(str(path), "pt") as f:  # read stay out of this process's RSS
-                parts.append(f.get_tensor(name))
-        return torch.cat([torch.nn.functional.pad(t, (0, 0, 0, self.width - t.shape[2])) for t in parts])
+                part = f.get_tensor(name)
+            if merged is None:  # zeros: the padding of sequences shorter than the run's width
+                merged = torch.zeros(self.shape(name), dtype=part.dtype, device=device)
+            merged[start:start + part.shape[0]].narrow(-2, 0, part.shape[-2]).copy_(part)
+            start += part.shape[0]
+            del part
+        return merged
 
     def shape(self, name: str) -> tuple[int, ...]:
         first = self._shapes[0][name]

@@ -98,8 +98,8 @@ def cache_keep_masks(merged, method, *, device: str = "auto", options: dict | No
     scores = [[] for _ in seq_ids]
     with torch.inference_mode():
         for layer in range(n_layers):
-            k = merged.get_tensor(f"layer_{layer}_key").to(dev)
-            v = merged.get_tensor(f"layer_{layer}_value").to(dev)
+            k = merged.get_tensor(f"layer_{layer}_key", dev)
+            v = merged.get_tensor(f"layer_{layer}_value", dev)
             for i, (seq_id, length) in enumerate(zip(seq_ids, lengths)):
                 scores[i].append(score_layer(scorer, layer, k[i:i + 1, :, :length], v[i:i + 1, :, :length],
                                              seq_id, options))
