@@ -115,8 +115,9 @@ def info(runs: list[RunFiles]) -> Query:
 def coordinate(runs: list[RunFiles], layer: int, head: int, token: int, seq: int = 0) -> Query:
     check_coordinate(runs, layer, head, token, seq)
     # The one file of that layer and sequence, listed in the query: a view per sequence would be
-    # bound (each of its files opened) the first time a sequence is asked for, and the token text
-    # is joined to the hit alone.
+    # bound (each of its files opened) the first time a sequence is asked for. The token text is
+    # that one position's, filtered in tokens.parquet itself (its row-group statistics skip the
+    # rest) rather than joined from the whole table.
     return Query(f"""WITH hit AS (
   SELECT * FROM ({kv_parts_sql(runs, layer, seq)})
   WHERE head = ? AND seq_id = ? AND pos = ?
@@ -124,8 +125,9 @@ def coordinate(runs: list[RunFiles], layer: int, head: int, token: int, seq: int
 SELECT h.model, h.dataset, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token, h.key_norm, h.value_norm,
        h.key, h.value
 FROM hit h
-LEFT JOIN tokens t ON t.model = h.model AND t.dataset = h.dataset AND t.seq_id = h.seq_id AND t.pos = h.pos
-ORDER BY h.model, h.dataset""", [head, seq, token], vertical=True)
+LEFT JOIN (SELECT model, dataset, token FROM tokens WHERE seq_id = ? AND pos = ?) t
+  ON t.model = h.model AND t.dataset = h.dataset
+ORDER BY h.model, h.dataset""", [head, seq, token, seq, token], vertical=True)
 
 
 def list_tokens(runs: list[RunFiles], seq: int | None = None) -> Query:
