@@ -405,7 +405,10 @@ def test_point_lookup_prunes_partitions_and_row_groups(tmp_path, monkeypatch):
     from kvcore import storage
     from kvcore.query.synthetic import write_synthetic_run
 
+    from kvcore import tokens
+
     monkeypatch.setattr(storage, "LAYER_ROW_GROUP_ROWS", 64)  # many row groups per layer file
+    monkeypatch.setattr(tokens, "TOKEN_ROW_GROUP_ROWS", 32)  # and per tokens.parquet
     layers = 4
     write_synthetic_run(tmp_path / "run", num_layers=layers, num_kv_heads=2, num_heads=4, head_dim=8,
                         n_sequences=6, seq_len=64, shard_size=2)
@@ -418,6 +421,10 @@ def test_point_lookup_prunes_partitions_and_row_groups(tmp_path, monkeypatch):
         assert scan["files_read"] == 1
         assert scan["filenames"] == [str((tmp_path / "run/kv/layer=2/data.parquet").resolve())]
         assert (scan["row_groups_scanned"], scan["row_groups_total"]) == (1, groups_per_file)
+        # and the hit's token text from one row group of tokens.parquet
+        (scan,) = [s for s in run.scans(run.query("coordinate", 2, 1, 40, seq=3)) if "token" in s["projections"]]
+        assert scan["filenames"][0].endswith("tokens.parquet")
+        assert (scan["row_groups_scanned"], scan["row_groups_total"]) == (1, 6 * 64 // 32)
         # a layer's verbs read only that layer's files
         scans = run.scans(run.query("head_summary", 3, 0))
         assert {f.split("/")[-2] for s in scans for f in s["filenames"] if "/kv/" in f} == {"layer=3"}

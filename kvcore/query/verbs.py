@@ -116,8 +116,8 @@ def coordinate(runs: list[RunFiles], layer: int, head: int, token: int, seq: int
     check_coordinate(runs, layer, head, token, seq)
     # The one file of that layer and sequence, listed in the query: a view per sequence would be
     # bound (each of its files opened) the first time a sequence is asked for. The token text is
-    # that one position's, filtered in tokens.parquet itself (its row-group statistics skip the
-    # rest) rather than joined from the whole table.
+    # filtered to that one position in tokens.parquet itself, so its row-group statistics skip the
+    # rest whatever join order DuckDB picks.
     return Query(f"""WITH hit AS (
   SELECT * FROM ({kv_parts_sql(runs, layer, seq)})
   WHERE head = ? AND seq_id = ? AND pos = ?
