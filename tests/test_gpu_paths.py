@@ -285,3 +285,14 @@ def test_importing_the_model_code_starts_no_cuda():
 
     assert devices_after("torch.cuda.is_available()") >= 1  # CUDA started first: the check can tell
     assert devices_after("import_model_code()") == 0
+
+
+@CUDA
+def test_cuda_headers_are_fresh_tensors():
+    """The header of a CUDA compress is a copy of one kept per shape: each packed form owns its own."""
+    method = parse_method("int4-g64")
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    a, b = method.compress(x, "key")["header"], method.compress(x, "key")["header"]
+    assert a.is_cuda and a.tolist() == [2, 3, 64, 64, 2] and a.data_ptr() != b.data_ptr()
+    a.zero_()
+    assert b.tolist() == [2, 3, 64, 64, 2] and method.compress(x, "key")["header"].tolist() == [2, 3, 64, 64, 2]

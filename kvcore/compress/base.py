@@ -14,6 +14,7 @@ Every packed form carries `header`: int64 [n_seq, n_kv, seq, dim, dtype code], s
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -36,12 +37,17 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 def make_header(x: torch.Tensor) -> torch.Tensor:
-    header = torch.tensor([*x.shape, dtype_code(x.dtype)], dtype=torch.int64)
+    values = (*x.shape, dtype_code(x.dtype))
     if x.device.type != "cuda":
-        return header.to(x.device)
-    # from pinned memory, asynchronously: a copy from pageable memory waits for the GPU's queue
-    # (a host round trip per compressed tensor)
-    return header.pin_memory().to(x.device, non_blocking=True)
+        return torch.tensor(values, dtype=torch.int64, device=x.device)
+    # a copy of one kept on the device: building it from host memory costs a pinned buffer and a
+    # host-to-device copy per compressed tensor, as much host time as the kernel's launch
+    return _device_header(values, x.device).clone()
+
+
+@functools.lru_cache(maxsize=256)
+def _device_header(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(device)
 
 
 def read_header(packed: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype, torch.device]:
