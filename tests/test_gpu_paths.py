@@ -118,6 +118,11 @@ def test_merged_shards_read_as_the_merged_file(tmp_path):
                  metadata={"seq_ids": "[5, 6, 7]", "seq_lengths": "[7, 7, 7]", "seq_len": "7"})
     with pytest.raises(KvcoreError, match="float16 but .* float32|F16 but .* F32"):
         MergedShards(paths)
+    # and one of another n_kv (a shard of another model) too
+    save_tensors({name: t[:, :1].contiguous() for name, t in parts[1].items()}, paths[1],
+                 metadata={"seq_ids": "[5, 6, 7]", "seq_lengths": "[7, 7, 7]", "seq_len": "7"})
+    with pytest.raises(KvcoreError, match=r"layer_0_key is \[3, 1, 7, 4\], not .*\(\[2, 2, 9, 4\]\)"):
+        MergedShards(paths)
 
 
 def test_cache_only_scorers_load_no_model(tmp_path, monkeypatch):

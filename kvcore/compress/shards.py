@@ -36,6 +36,11 @@ class MergedShards:
                 raise KvcoreError(f"{path}: not a readable extracted shard ({exc})") from None
             if names is not None and shard_names != names:
                 raise KvcoreError(f"{path}: holds other tensors than {self.paths[0]}")
+            for name, shape in shapes.items():  # shards differ only in sequences and width
+                first = self._shapes[0][name] if self._shapes else shape
+                if len(shape) != 4 or (shape[1], shape[3]) != (first[1], first[3]):
+                    raise KvcoreError(f"{path}: {name} is {list(shape)}, not [n_seq, n_kv, seq, dim] with the "
+                                      f"n_kv and dim of {self.paths[0]}'s ({list(first)})")
             if len(dtypes) > 1:
                 raise KvcoreError(f"{path}: its tensors have several dtypes ({', '.join(sorted(dtypes))})")
             if self._shapes and dtypes and dtypes != {dtype}:
