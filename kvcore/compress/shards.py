@@ -81,7 +81,7 @@ class MergedShards:
                 merged = torch.zeros(self.shape(name), dtype=part.dtype, device=device)
             merged[start:start + part.shape[0]].narrow(-2, 0, part.shape[-2]).copy_(part)
             start += part.shape[0]
-            del part
+            del part  # freed before the next shard's part is read
         return merged
 
     def shape(self, name: str) -> tuple[int, ...]:
