@@ -165,6 +165,7 @@ def test_search_norm(case, kind):
     edge = {c for c in want ^ got if min(abs(norm(ref.vector(kind, c[0], c[1], c[2], c[3])) - b)
                                          for b in (low, high)) < 1e-5}
     assert want ^ got == edge and len(want) > 10
+    assert list(df.token) == [ref.tokens[(s, p)] for s, p in zip(df.seq_id, df.pos)]  # each hit's own text
     filtered = run.search_norm(low, high, kind, layer=1, head=0)
     assert set(zip(filtered.seq_id, filtered.pos)) == {(s, p) for (la, h, s, p) in got if la == 1 and h == 0}
 

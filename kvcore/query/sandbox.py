@@ -16,6 +16,7 @@ Four locks, each DuckDB's own:
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -55,14 +56,22 @@ def connect(files: list[Path], views: list[tuple[str, str]], *, threads: int, me
 
 def statements(sql: str) -> list[str]:
     """The SQL split into statements, each checked to be read-only; raises QueryError otherwise."""
-    import duckdb
-
     if not isinstance(sql, str):
         raise QueryError(f"SQL must be text (got {type(sql).__name__})")
     try:
         sql.encode("utf-8")
     except UnicodeEncodeError as exc:  # argv or stdin bytes that are not UTF-8 arrive as surrogates
         raise QueryError(f"the SQL is not valid UTF-8 (at character {exc.start}); give it as UTF-8 text") from None
+    return list(_checked_statements(sql))
+
+
+@functools.lru_cache(maxsize=64)  # verb SQL lists files: up to ~100 kB a text
+def _checked_statements(sql: str) -> tuple[str, ...]:
+    """`statements` of text already known to be a str in UTF-8, kept per text: DuckDB's parse
+    and the checks cost half a millisecond, which a verb asked again (new parameters, the same
+    SQL) need not pay twice. A refused text raises each time (exceptions are not cached)."""
+    import duckdb
+
     try:
         parsed = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
@@ -71,7 +80,7 @@ def statements(sql: str) -> list[str]:
         raise QueryError("no SQL statement given")
     for st in parsed:
         _check(st)
-    return [st.query.strip().rstrip(";").rstrip() for st in parsed]
+    return tuple(st.query.strip().rstrip(";").rstrip() for st in parsed)
 
 
 def _check(st) -> None:
