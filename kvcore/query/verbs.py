@@ -310,9 +310,10 @@ def nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int = 10
     name, score, best = (("cosine_similarity", f"{fn}_cosine_similarity(c.{by}, q.v)", "max_by") if metric == "cosine"
                          else ("l2_distance", f"{fn}_distance(c.{by}, q.v)", "min_by"))
     order = "DESC" if metric == "cosine" else "ASC"
-    # max_by/min_by with a count keeps a k-heap per run: no sort of the whole (layer, head).
+    # max_by/min_by with a count keeps a k-heap per run: no sort of the whole (layer, head). The query
+    # vector is read as `coordinate` reads it: from the one file of that layer and sequence.
     return Query(f"""WITH q AS (
-  SELECT model, dataset, {by} AS v FROM {seq_view(seq)} WHERE layer = ? AND head = ? AND seq_id = ? AND pos = ?
+  SELECT model, dataset, {by} AS v FROM ({kv_parts_sql(runs, layer, seq)}) WHERE head = ? AND seq_id = ? AND pos = ?
 ), top AS (
   SELECT c.model, c.dataset,
          unnest({best}({{'seq_id': c.seq_id, 'pos': c.pos, 'token_id': c.token_id, 'norm': c.{by}_norm,
@@ -328,4 +329,4 @@ SELECT top.model, top.dataset,
        hit.score AS {name}, hit.norm AS {by}_norm
 FROM top
 LEFT JOIN tokens t ON t.model = top.model AND t.dataset = top.dataset AND t.seq_id = hit.seq_id AND t.pos = hit.pos
-ORDER BY top.model, top.dataset, rank""", [layer, head, seq, token, k, head, seq, token])
+ORDER BY top.model, top.dataset, rank""", [head, seq, token, k, head, seq, token])
