@@ -9,7 +9,8 @@ medians over repeats, warm (files in the page cache), side by side in one proces
 
   lookup     --coordinate (one row) via kvcore.open_run, vs plain duckdb on the naive file
              and plain duckdb on kvcore's files with the DESIGN.md glob query;
-  norm       --search-norm 0.5 1.0 key over every row (the result joined to token text);
+  norm       --search-norm 0.5 1.0 key over every row (the result joined to token text), and a
+             wide one: the key norms' 45th to 55th percentile (a tenth of the rows);
   layer      --layer-summary over one layer (norm and element statistics, reads the vectors);
   nearest    --k 10 over one (layer, head): the verb's SQL in DuckDB (what `kvcore query
              --nearest` runs), `Run.nearest` (numpy on the head's rows mapped in the shards'
@@ -126,7 +127,8 @@ def build(root: Path, rows: int, args) -> tuple[Path, Path, dict]:
         import kvcore
 
         with kvcore.open_run(run_dir, threads=args.threads) as run:
-            res["sharded"] = {"files": len(run.runs[0].kv_files), **measure(run, lookups(n_seq, args), args)}
+            res["sharded"] = {"files": len(run.runs[0].kv_files), **measure(run, lookups(n_seq, args), args,
+                                                                            {"norm": (0.5, 1.0)})}
         log(f"  sharded (before finalize): {res['sharded']}")
     t = time.perf_counter()
     finalize_run(run_dir, n_shards)
@@ -134,17 +136,20 @@ def build(root: Path, rows: int, args) -> tuple[Path, Path, dict]:
     return run_dir, naive, res
 
 
-def add_norm_ranges(run_dir: Path) -> None:
-    """A run built before finalize recorded each layer file's norm ranges gets them, as finalize
-    records them (`storage.norm_ranges`), so a reused run is timed as a new one would be."""
+def add_norm_files(run_dir: Path) -> None:
+    """A run built before finalize wrote the norm files gets them, as finalize writes them
+    (`storage.write_norm_files`), so a reused run is timed as a new one would be."""
     from kvcore.atomic import write_json
-    from kvcore.storage import norm_ranges
+    from kvcore.storage import write_norm_files
 
     meta = json.loads((run_dir / "metadata.json").read_text())
-    if "norm_ranges" not in meta:
-        meta["norm_ranges"] = {rel: norm_ranges(run_dir / rel) for rel in meta["files"]}
+    if "norm_files" not in meta:
+        t = time.perf_counter()
+        meta["norm_files"] = write_norm_files(run_dir, meta["files"])
+        size = sum((run_dir / rel).stat().st_size for rel in meta["norm_files"].values())
         write_json(run_dir / "metadata.json", meta)
-        log(f"  recorded the layer files' norm ranges in {run_dir / 'metadata.json'}")
+        log(f"  wrote the run's norm files ({time.perf_counter() - t:.1f} s, {size / 1e6:.0f} MB), listed in "
+            f"{run_dir / 'metadata.json'}")
 
 
 def write_naive(run_dir: Path, out: Path, group: int = 1 << 20) -> None:
@@ -181,11 +186,13 @@ def plain(threads: int | None):
     return duckdb.connect(config={"threads": threads} if threads else {})
 
 
-def measure(run, coords, args, naive: dict | None = None) -> dict:
-    """The verbs through kvcore.open_run, whatever the layout under it; `naive` {"norm": fn,
-    "layer": fn}: the naive file's same questions, timed side by side (norm_naive_s, ...)."""
+def measure(run, coords, args, searches: dict, naive: dict | None = None) -> dict:
+    """The verbs through kvcore.open_run, whatever the layout under it; `searches` {"norm": (low,
+    high), ...}: the key norm searches; `naive` {"norm": fn, ..., "layer": fn}: the naive file's
+    same questions, timed side by side (norm_naive_s, ...)."""
     res = {"lookup_ms": 1e3 * median_over(lambda la, h, p, s: run.coordinate(la, h, p, s, arrow=True), coords)}
-    for name, q in (("norm", run.query("search_norm", 0.5, 1.0, "key")), ("layer", run.query("layer_summary", 5))):
+    queries = {name: run.query("search_norm", *span, "key") for name, span in searches.items()}
+    for name, q in (*queries.items(), ("layer", run.query("layer_summary", 5))):
         if naive is None:
             res[f"{name}_s"] = timed(lambda: run.arrow(q), args.repeats)
         else:
@@ -206,7 +213,7 @@ def bench_size(root: Path, rows: int, args) -> dict:
     if args.reuse and (root / "run" / "metadata.json").is_file() and (root / "naive.parquet").is_file():
         log(f"reusing {root}")
         run_dir, naive, built = root / "run", root / "naive.parquet", {}
-        add_norm_ranges(run_dir)
+        add_norm_files(run_dir)
     else:
         log(f"building {rows:,} rows under {root}")
         run_dir, naive, built = build(root, rows, args)
@@ -226,12 +233,19 @@ def bench_size(root: Path, rows: int, args) -> dict:
     tokens = str(run_dir / "tokens.parquet")
 
     # the same questions of the naive file, checked to give the same answers
-    res["norm_hits"] = run.arrow(run.query("search_norm", 0.5, 1.0, "key")).num_rows
-    res["norm_files"] = f"{len(run.runs[0].norm_files(run.runs[0].kv_files, 'key', 0.5, 1.0))}/{res['files']}"
-    naive_norm = f"""SELECT k.layer, k.head, k.seq_id, k.pos, k.token_id, t.token, k.key_norm, k.value_norm
+    wide = con.execute(f"SELECT quantile_disc(key_norm, [0.45, 0.55]) FROM read_parquet('{naive}')").fetchall()[0][0]
+    searches = {"norm": (0.5, 1.0), "norm_wide": tuple(float(x) for x in wide)}
+    naive_fns = {}
+    for name, (low, high) in searches.items():
+        q = run.query("search_norm", low, high, "key")
+        res[f"{name}_hits"] = run.arrow(q).num_rows
+        res[f"{name}_groups"] = " / ".join(f"{s['row_groups_scanned']} of {s['row_groups_total']}"
+                                           for s in run.scans(q) if "token" not in s["projections"])
+        naive_sql = f"""SELECT k.layer, k.head, k.seq_id, k.pos, k.token_id, t.token, k.key_norm, k.value_norm
 FROM read_parquet('{naive}') k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id AND k.pos = t.pos
-WHERE k.key_norm BETWEEN 0.5 AND 1.0 ORDER BY k.layer, k.seq_id, k.pos, k.head"""
-    assert con.sql(naive_norm).to_arrow_table().num_rows == res["norm_hits"]
+WHERE k.key_norm BETWEEN {low!r} AND {high!r} ORDER BY k.layer, k.seq_id, k.pos, k.head"""
+        assert con.sql(naive_sql).to_arrow_table().num_rows == res[f"{name}_hits"]
+        naive_fns[name] = lambda sql=naive_sql: con.sql(sql).to_arrow_table()
     layer = 5
     naive_layer = f"""SELECT layer, head, {stats_columns()} FROM read_parquet('{naive}') WHERE layer = {layer}
 GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
@@ -240,17 +254,19 @@ GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
     assert np.allclose(want, got, rtol=1e-6), (want, got)
 
     # lookup, norm search and layer summary (side by side with the naive file), nearest in SQL
-    naive_fns = {"norm": lambda: con.sql(naive_norm).to_arrow_table(),
-                 "layer": lambda: con.sql(naive_layer).to_arrow_table()}
-    names = {"lookup_ms": "lookup_kvcore_ms", "norm_s": "norm_kvcore_s", "layer_s": "layer_kvcore_s"}
-    res.update({names.get(k, k): v for k, v in measure(run, coords, args, naive_fns).items()})
+    naive_fns["layer"] = lambda: con.sql(naive_layer).to_arrow_table()
+    names = {"lookup_ms": "lookup_kvcore_ms", "norm_s": "norm_kvcore_s", "norm_wide_s": "norm_wide_kvcore_s",
+             "layer_s": "layer_kvcore_s"}
+    res.update({names.get(k, k): v for k, v in measure(run, coords, args, searches, naive_fns).items()})
     layer_rows = n_rows // LAYERS
     for side in ("kvcore", "naive"):
-        res[f"norm_{side}_rows_per_s"] = n_rows / res[f"norm_{side}_s"]
-        res[f"norm_{side}_GBps"] = n_rows * NORM_BYTES / res[f"norm_{side}_s"] / 1e9
+        for q in searches:
+            res[f"{q}_{side}_rows_per_s"] = n_rows / res[f"{q}_{side}_s"]
+            res[f"{q}_{side}_GBps"] = n_rows * NORM_BYTES / res[f"{q}_{side}_s"] / 1e9
         res[f"layer_{side}_rows_per_s"] = layer_rows / res[f"layer_{side}_s"]
         res[f"layer_{side}_GBps"] = layer_rows * LAYER_BYTES / res[f"layer_{side}_s"] / 1e9
-    log(f"  norm: {res['norm_kvcore_s']:.3f} s kvcore, {res['norm_naive_s']:.3f} s naive")
+    log(f"  norm: {res['norm_kvcore_s']:.3f} s kvcore, {res['norm_naive_s']:.3f} s naive; wide: "
+        f"{res['norm_wide_kvcore_s']:.3f} s kvcore, {res['norm_wide_naive_s']:.3f} s naive")
     log(f"  layer: {res['layer_kvcore_s']:.3f} s kvcore, {res['layer_naive_s']:.3f} s naive")
 
     # lookup: the other ways
@@ -330,7 +346,7 @@ GROUP BY GROUPING SETS ((layer, head), (layer)) ORDER BY head NULLS LAST"""
     if args.layout:
         res["layout"] = layout_experiment(root, files, coords, args)
     if args.norm_variants and rows == min(args.size_list):
-        res["norm_variants"] = norm_variants(root, run, naive, con, args)
+        res["norm_variants"] = norm_variants(root, run, naive, con, args, searches)
     run.close()
     res["load_avg"] = f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     return res
@@ -362,68 +378,47 @@ def numpy_nearest(files, head, seq, pos, k):
     return top_k(keys, ids, seq, pos, k)
 
 
-def norm_variants(root: Path, run, naive: Path, con, args) -> dict:
-    """Where a norm search's time goes: the verb against the same question asked other ways,
-    all timed side by side (alternating), medians; the layer files rewritten with zstd on every
-    column (the codec before) and in 65,536-row groups, under `root`, removed after."""
-    import pyarrow.parquet as pq
+def norm_variants(root: Path, run, naive: Path, con, args, searches: dict) -> dict:
+    """Where a norm search's time goes: for each of `searches` and one matching every row, the
+    verb against the same question asked other ways, timed side by side (alternating), medians;
+    the norm file rewritten with other row-group sizes under `root`, removed after."""
+    import dataclasses
 
-    from kvcore.query.verbs import Query
-    from kvcore.query.views import kv_parts_sql, literal
-    from kvcore.storage import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, parquet_options
+    from kvcore.query.verbs import search_norm
+    from kvcore.storage import NORM_FILE_COLUMNS, NORM_FILE_ROW_GROUP_ROWS, PARQUET_COMPRESSION
 
     r = run.runs[0]
-    tokens = r.tokens
+    tokens, index = r.tokens, r.norm_files["key"]
     cols = "k.layer, k.head, k.seq_id, k.pos, k.token_id, t.token, k.key_norm, k.value_norm"
-    where = "WHERE k.key_norm BETWEEN 0.5 AND 1.0 ORDER BY k.layer, k.seq_id, k.pos, k.head"
-
-    def plain_sql(files, join=True):
-        src = f"read_parquet({literal([str(f) for f in files])}, hive_partitioning = true)"
-        if not join:
-            return f"SELECT {cols.replace(', t.token', '')} FROM {src} k {where}"
-        return (f"SELECT {cols} FROM {src} k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id "
-                f"AND k.pos = t.pos {where}")
-
     rewritten = {}
-    for name, group, codec in (("zstd on every column (before)", 16384, "zstd"), ("65,536-row groups", 65536, None)):
-        out = root / f"norm-variant-{group}-{codec}"
-        for f in r.kv_files:
-            table = pq.read_table(f)
-            opts = parquet_options(table.schema)
-            if codec:
-                opts.update(compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL)
-            dst = out / f.relative_to(r.path)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, dst, row_group_size=group, **opts)
-        rewritten[name] = sorted(out.rglob("*.parquet"))
-    before = Query("SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, value_norm FROM kv "
-                   "WHERE key_norm BETWEEN ? AND ? ORDER BY model, dataset, layer, seq_id, pos, head", [0.5, 1.0])
-    verb = run.query("search_norm", 0.5, 1.0, "key")
-    pruned_parts = f"({kv_parts_sql(run.runs, norm=('key', 0.5, 1.0))})"  # the verb's FROM, as the verb builds it
-    assert pruned_parts in verb.sql
-    every_file = Query(verb.sql.replace(pruned_parts, "kv_rows"), verb.params)
-    overlapping = r.norm_files(r.kv_files, "key", 0.5, 1.0)
-    fns = {f"kvcore: the verb (the {len(overlapping)} files whose norm range overlaps, then tokens for the hits)":
-           lambda: run.arrow(verb),
-           "kvcore: the verb before (kv_rows: all 30 files, then tokens for the hits)": lambda: run.arrow(every_file),
-           "kvcore: the verb's SQL before that (kv view, token join on every row)": lambda: run.arrow(before),
-           "plain duckdb, the 30 layer files in one read_parquet list + tokens": lambda: con.sql(
-               plain_sql(r.kv_files)).to_arrow_table(),
-           f"  the {len(overlapping)} overlapping layer files + tokens": lambda: con.sql(
-               plain_sql(overlapping)).to_arrow_table(),
-           "  the 30 layer files, no token join": lambda: con.sql(plain_sql(r.kv_files, join=False)).to_arrow_table()}
-    for name, files in rewritten.items():
-        fns[f"  the 30 layer files + tokens, rewritten with {name}"] = lambda s=plain_sql(files): con.sql(s).to_arrow_table()
-    fns["naive file + tokens (the baseline)"] = lambda: con.sql(
-        f"SELECT {cols} FROM read_parquet('{naive}') k JOIN read_parquet('{tokens}') t "
-        f"ON k.seq_id = t.seq_id AND k.pos = t.pos {where}").to_arrow_table()
-    fns["  the naive file, no token join"] = lambda: con.sql(f"SELECT {cols.replace(', t.token', '')} "
-                                                            f"FROM read_parquet('{naive}') k {where}").to_arrow_table()
-    times = side_by_side(list(fns.values()), args.repeats)
-    for out in {f.parents[2] for files in rewritten.values() for f in files}:
-        shutil.rmtree(out)
-    log(f"  norm variants: {dict(zip(fns, times))}")
-    return {name: t for name, t in zip(fns, times)}
+    for group in (16384, 262144):
+        out = root / f"norm-variant-{group}.parquet"
+        con.execute(f"COPY (SELECT {NORM_FILE_COLUMNS} FROM read_parquet('{index}') ORDER BY key_norm, layer, seq_id, "
+                    f"pos, head) TO '{out}' (FORMAT parquet, COMPRESSION {PARQUET_COMPRESSION}, ROW_GROUP_SIZE {group})"
+                    ).fetchall()
+        rewritten[group] = out
+    layer_files_only = [dataclasses.replace(r, norm_files={})]  # a run finalized before the norm files
+    out = {}
+    for label, (low, high) in {**searches, "every row": (0.0, float("inf"))}.items():
+        def plain_sql(src, low=low, high=high):
+            sql = (f"SELECT {cols} FROM {src} k JOIN read_parquet('{tokens}') t ON k.seq_id = t.seq_id "
+                   f"AND k.pos = t.pos WHERE k.key_norm BETWEEN ? AND ? ORDER BY k.layer, k.seq_id, k.pos, k.head")
+            return lambda: con.sql(sql, params=[low, high]).to_arrow_table()
+
+        verb, before = run.query("search_norm", low, high, "key"), search_norm(layer_files_only, low, high, "key")
+        fns = {"kvcore: the verb (norms/key.parquet, then tokens for the hits)": lambda q=verb: run.arrow(q),
+               "kvcore: the verb on the layer files (a run without norm files)": lambda q=before: run.arrow(q),
+               f"plain duckdb: norms/key.parquet ({NORM_FILE_ROW_GROUP_ROWS:,}-row groups) + tokens":
+                   plain_sql(f"read_parquet('{index}')")}
+        for group, path in rewritten.items():
+            fns[f"  the same rows in {group:,}-row groups + tokens"] = plain_sql(f"read_parquet('{path}')")
+        fns["naive file + tokens (the baseline)"] = plain_sql(f"read_parquet('{naive}')")
+        times = side_by_side(list(fns.values()), args.repeats)
+        out.update({f"{label}: {name}": t for name, t in zip(fns, times)})
+    for path in rewritten.values():
+        path.unlink()
+    log(f"  norm variants: {out}")
+    return out
 
 
 def layout_experiment(root: Path, files, coords, args) -> list[dict]:
@@ -467,10 +462,14 @@ ROWS = [  # (label, format, key) of the results table
     ("coordinate lookup, plain duckdb, naive file (ms)", "{:.1f}", "lookup_naive_ms"),
     ("coordinate lookup, plain duckdb, kvcore files via glob (ms)", "{:.1f}", "lookup_plain_glob_ms"),
     ("norm search 0.5-1.0 key: hits", "{:,}", "norm_hits"),
-    ("  files read (norm range recorded in metadata.json overlaps)", "{}", "norm_files"),
+    ("  row groups read of norms/key.parquet", "{}", "norm_groups"),
     ("  kvcore (s)", "{:.3f}", "norm_kvcore_s"), ("  naive (s)", "{:.3f}", "norm_naive_s"),
     ("  kvcore / naive", "{:.2f}x", "norm_ratio"),
     ("  kvcore Mrows/s, GB/s", "{}", "norm_kvcore_tp"), ("  naive Mrows/s, GB/s", "{}", "norm_naive_tp"),
+    ("norm search, key norms' 45th-55th percentile: hits", "{:,}", "norm_wide_hits"),
+    ("  row groups read of norms/key.parquet", "{}", "norm_wide_groups"),
+    ("  kvcore (s)", "{:.3f}", "norm_wide_kvcore_s"), ("  naive (s)", "{:.3f}", "norm_wide_naive_s"),
+    ("  kvcore / naive", "{:.2f}x", "norm_wide_ratio"),
     ("layer summary: rows in the layer", "{:,}", "layer_rows"),
     ("  kvcore (s)", "{:.3f}", "layer_kvcore_s"), ("  naive (s)", "{:.3f}", "layer_naive_s"),
     ("  kvcore / naive", "{:.2f}x", "layer_ratio"),
@@ -505,7 +504,7 @@ def report(results: list[dict]) -> str:
         r["lookup_scan"] = f"{r['lookup_files']} / {r['lookup_row_groups']}"
         r["nearest_first"] = f"{r['nearest_first_ms']:.1f}; {r['nearest_first_cpu_ms']:.1f}; {r['nearest_source']}"
         r["nearest_load_rank"] = f"{r['nearest_first_blocks_ms']:.1f} / {r['nearest_first_matrix_ms']:.1f}"
-        for q in ("norm", "layer"):
+        for q in ("norm", "norm_wide", "layer"):
             r[f"{q}_ratio"] = r[f"{q}_kvcore_s"] / r[f"{q}_naive_s"]
             for side in ("kvcore", "naive"):
                 r[f"{q}_{side}_tp"] = f"{r[f'{q}_{side}_rows_per_s'] / 1e6:.1f}, {r[f'{q}_{side}_GBps']:.2f}"
@@ -530,8 +529,8 @@ def main() -> int:
                    help="also time the verbs on the shard parts before finalize compacts them (not with --reuse)")
     p.add_argument("--layout", action="store_true", help="also time one layer at other row-group sizes")
     p.add_argument("--norm-variants", action="store_true",
-                   help="also time the norm search asked other ways (SQL, files, codecs), side by side, "
-                        "at the smallest size")
+                   help="also time the norm searches asked other ways (the layer files, other row groups, "
+                        "plain duckdb), side by side, at the smallest size")
     p.add_argument("--row-groups", default="4096,8192,16384,32768,131072")
     p.add_argument("--keep", action="store_true", help="keep the data under --dir")
     p.add_argument("--reuse", action="store_true", help="reuse (and keep) data left under --dir by an earlier --keep run")

@@ -21,7 +21,7 @@ from kvcore.errors import UsageError
 # Every file a run directory can hold, as kvcore.storage lays it out (paths relative to it;
 # fnmatch's * spans "/"): a shard being staged, and a killed writer's `.NAME.tmp-*` debris.
 RUN_FILES = ("metadata.json", "tokens.parquet", "predictions.parquet", "kv/part-*.safetensors",
-             "kv/layer=*/data.parquet", "kv/layer=*/part-*.parquet", "shards/kv-*.json",
+             "kv/layer=*/data.parquet", "kv/layer=*/part-*.parquet", "norms/*.parquet", "shards/kv-*.json",
              "shards/layer=*/part-*.parquet", "shards/predictions-*.parquet", ".staging/*",
              ".*.tmp-*", "*/.*.tmp-*")
 # Where those live: no output may land there (an extra file under kv/ would join the tables).

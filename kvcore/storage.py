@@ -9,8 +9,9 @@ A run directory holds, per shard of sequences:
 and, once every shard is done (`finalize_shards`, from the shards' files named one by one: a file
 of a shard this run does not have is never read):
   kv/layer={L}/data.parquet             each layer's parts compacted into one file, same order
-  predictions.parquet, metadata.json    the latter last; it lists the layer files and each
-                                        one's key_norm / value_norm range (`norm_ranges`)
+  norms/key.parquet, value.parquet      every row's ids and norms, sorted by that kind's norm: a
+                                        norm search reads only the row groups that can hold hits
+  predictions.parquet, metadata.json    the latter last; it lists the layer files and the norm files
 so a run holds one Parquet file per layer however many shards extracted it.
 """
 
@@ -768,32 +769,47 @@ def compact_layers(manifests: list[dict], run_dir: Path) -> list[str]:
     return [layer_file(layer) for layer in sorted(layers)]
 
 
-NORM_COLUMNS = ("key_norm", "value_norm")
+# norms/{kind}.parquet: the scalar columns of every layer file sorted by that kind's norm, so a
+# norm search reads the few row groups whose min/max can hold a hit instead of every layer file
+# (docs/query.md). 65,536-row groups, zstd: at 20M rows 16,384-row groups take twice as long to
+# search, 262,144 no less, and at 2M those prune too coarsely (query_bench.py --norm-variants).
+NORM_FILES = {kind: f"norms/{kind}.parquet" for kind in ("key", "value")}
+NORM_FILE_ROW_GROUP_ROWS = 65536
+NORM_FILE_COLUMNS = "CAST(layer AS SMALLINT) AS layer, head, seq_id, pos, token_id, key_norm, value_norm"
+NORM_SORT_MEMORY = "1GB"  # DuckDB spills the rest of the sort to a directory inside the run
 
 
-def norm_ranges(path: Path) -> dict[str, list[float]]:
-    """{"key_norm": [min, max], "value_norm": [min, max]} of one Parquet file, from its footer's
-    row-group statistics (what a query prunes whole files by). A column some row group has no
-    finite min/max for (a NULL column, NaNs) is left out: such a file is read by every search."""
-    import math
+def write_norm_files(run_dir: Path, layer_files: list[str]) -> dict[str, str]:
+    """NORM_FILES from these layer files (relative to `run_dir`), each under a temporary name
+    until complete; ties are broken by (layer, seq_id, pos, head), so the same rows always give the
+    same file. Returns {kind: file} relative to `run_dir` ({} when no layer has Parquet rows)."""
+    import tempfile
 
-    import pyarrow.parquet as pq
+    import duckdb
 
-    md = pq.ParquetFile(path).metadata
-    index = {md.schema.column(i).path: i for i in range(md.num_columns)}
-    out = {}
-    for name in NORM_COLUMNS:
-        stats = [md.row_group(g).column(index[name]).statistics for g in range(md.num_row_groups)]
-        if stats and all(s is not None and s.has_min_max and math.isfinite(s.min) and math.isfinite(s.max)
-                         for s in stats):
-            out[name] = [float(min(s.min for s in stats)), float(max(s.max for s in stats))]
-    return out
+    if not layer_files:
+        return {}
+    with tempfile.TemporaryDirectory(prefix=".norms.tmp-", dir=run_dir) as spill:
+        con = duckdb.connect(config={"memory_limit": NORM_SORT_MEMORY, "temp_directory": spill})
+        try:
+            rows = con.read_parquet([str(run_dir / rel) for rel in layer_files], hive_partitioning=True)
+            for kind, rel in NORM_FILES.items():
+                with atomic_path(run_dir / rel) as tmp:
+                    (rows.select(NORM_FILE_COLUMNS).order(f"{kind}_norm, layer, seq_id, pos, head")
+                     .write_parquet(str(tmp), compression=PARQUET_COMPRESSION,
+                                    row_group_size=NORM_FILE_ROW_GROUP_ROWS))
+        except duckdb.Error as exc:
+            raise KvcoreError(f"cannot write the run's norm files: {one_line(exc)}") from None
+        finally:
+            con.close()
+    return dict(NORM_FILES)
 
 
 def finalize_shards(manifests, predictions, metadata_out: str | Path, predictions_out: str | Path) -> dict:
-    """Write a run's layer files (kv/layer={L}/data.parquet, compacted from the shards' parts),
-    predictions.parquet and, last, metadata.json from exactly these shard manifests and
-    predictions files (the rule's inputs, in shard order); every one must exist."""
+    """Write a run's layer files (kv/layer={L}/data.parquet, compacted from the shards' parts), its
+    norm files (norms/{kind}.parquet), predictions.parquet and, last, metadata.json from exactly
+    these shard manifests and predictions files (the rule's inputs, in shard order); every one
+    must exist."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -811,7 +827,7 @@ def finalize_shards(manifests, predictions, metadata_out: str | Path, prediction
         meta["parquet"] = first["parquet"]
     run_dir = Path(metadata_out).parent
     meta["files"] = compact_layers(manifests, run_dir)
-    meta["norm_ranges"] = {rel: norm_ranges(run_dir / rel) for rel in meta["files"]}
+    meta["norm_files"] = write_norm_files(run_dir, meta["files"])
     with atomic_path(predictions_out) as tmp:
         pq.write_table(pa.concat_tables([pq.read_table(p) for p in predictions]), tmp)
     write_json(metadata_out, meta)

@@ -440,81 +440,97 @@ def test_point_lookup_prunes_partitions_and_row_groups(tmp_path, monkeypatch):
         assert files and not any(f.endswith("tokens.parquet") for f in files)
 
 
-# ---- norm search: only the files whose recorded norm range can hold a hit -----------------
+# ---- norm search: the norm file sorted by the searched norm, only its groups that can match ----
 
 @pytest.fixture
-def ranged_run(tmp_path):
-    """A finalized synthetic run of 4 layers, whose (layer, head) scales make the layers' norm
-    ranges differ, and its metadata.json's norm_ranges."""
+def normed_run(tmp_path, monkeypatch):
+    """A finalized synthetic run of 4 layers (random vectors, (layer, head) scales that make the
+    norms spread) whose norm files have 2,048-row groups (DuckDB's smallest)."""
+    from kvcore import storage
     from kvcore.query.synthetic import write_synthetic_run
 
+    monkeypatch.setattr(storage, "NORM_FILE_ROW_GROUP_ROWS", 2048)
     run_dir = tmp_path / "run"
-    meta = write_synthetic_run(run_dir, num_layers=4, num_kv_heads=1, num_heads=1, head_dim=16, n_sequences=4,
-                               seq_len=16, shard_size=2)
-    return run_dir, meta["norm_ranges"]
+    meta = write_synthetic_run(run_dir, num_layers=4, num_kv_heads=2, num_heads=2, head_dim=8, n_sequences=16,
+                               seq_len=128, shard_size=4)
+    return run_dir, meta
 
 
-def test_finalize_records_each_layer_files_norm_range(ranged_run):
-    run_dir, ranges = ranged_run
-    assert sorted(ranges) == [f"kv/layer={i}/data.parquet" for i in range(4)]
-    for rel, spans in ranges.items():
-        table = pq.read_table(run_dir / rel)
-        for kind in ("key_norm", "value_norm"):
-            col = table.column(kind).to_numpy()
-            assert spans[kind] == [float(col.min()), float(col.max())]
+def test_finalize_writes_each_kinds_norm_file_sorted_by_that_norm(normed_run):
+    import pyarrow as pa
+
+    from kvcore import storage
+
+    run_dir, meta = normed_run
+    assert meta["norm_files"] == storage.NORM_FILES == {"key": "norms/key.parquet", "value": "norms/value.parquet"}
+    layers = pa.concat_tables(
+        [pq.read_table(run_dir / rel).select(["head", "seq_id", "pos", "token_id", "key_norm", "value_norm"])
+         .append_column("layer", pa.array([int(rel.split("=")[1].split("/")[0])] * 16 * 128 * 2, pa.int16()))
+         for rel in meta["files"]])
+    columns = ["layer", "head", "seq_id", "pos", "token_id", "key_norm", "value_norm"]
+    for kind, rel in meta["norm_files"].items():
+        f = pq.ParquetFile(run_dir / rel)
+        assert f.metadata.num_row_groups == 4 * 16 * 128 * 2 // 2048
+        table = f.read()
+        assert table.column_names == columns
+        by_norm = np.lexsort([table.column(c).to_numpy() for c in ("head", "pos", "seq_id", "layer", f"{kind}_norm")])
+        assert (by_norm == np.arange(len(table))).all()  # sorted by the norm, ties by (layer, seq_id, pos, head)
+        order = ["layer", "seq_id", "pos", "head"]
+        assert table.sort_by([(c, "ascending") for c in order]).equals(
+            layers.select(columns).sort_by([(c, "ascending") for c in order]))  # every layer file's rows
 
 
-def _without_norm_ranges(run_dir):
+def _without_norm_files(run_dir):
     path = run_dir / "metadata.json"
     meta = json.loads(path.read_text())
-    del meta["norm_ranges"]  # as a run finalized before they were recorded
+    del meta["norm_files"]  # as a run finalized before they were written
     path.write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("kind", ["key", "value"])
-def test_search_norm_reads_only_files_that_can_match(ranged_run, kind):
-    """Ranges that hit no file, some files, all files, and one file's exact bounds: the same rows
-    as the unpruned kv view and as the same run without recorded ranges; the pruned files unread."""
+def test_search_norm_reads_only_the_norm_files_groups_that_can_match(normed_run, kind):
+    """Ranges that hit nothing, one row's exact norm, a few groups, every row: the same rows as the
+    kv view's unindexed SQL and as the same run searched in its layer files; only the norm file
+    read, and of it only the groups whose range overlaps."""
     import kvcore
 
-    run_dir, ranges = ranged_run
-    spans = {rel: r[f"{kind}_norm"] for rel, r in ranges.items()}
-    lows, highs = sorted(lo for lo, _ in spans.values()), sorted(hi for _, hi in spans.values())
-    first = min(spans, key=lambda rel: spans[rel][1])  # the file with the lowest maximum
-    cases = {"none": (highs[-1] + 1, highs[-1] + 2), "below all": (0.0, lows[0] / 2),
-             "some": (spans[first][1], spans[first][1]), "all": (0.0, float("inf")),
-             "one file's bounds": tuple(spans[first]), "between": (lows[1], highs[-2])}
-    want_files = {name: sum(lo <= high and hi >= low for lo, hi in spans.values())
-                  for name, (low, high) in cases.items()}
-    assert want_files["none"] == want_files["below all"] == 0 and want_files["all"] == 4
-    assert 0 < want_files["some"] < 4
+    run_dir, meta = normed_run
+    norms = np.sort(pq.read_table(run_dir / meta["norm_files"][kind]).column(f"{kind}_norm").to_numpy())
+    n = len(norms)
+    cases = {"none": (float(norms[-1]) + 1, float(norms[-1]) + 2), "below all": (0.0, float(norms[0]) / 2),
+             "one row's norm": (float(norms[n // 3]), float(norms[n // 3])),
+             "a few groups": (float(norms[n // 4]), float(norms[n // 4 + 3000])), "all": (0.0, float("inf"))}
     got = {}
     with kvcore.open_run(run_dir) as run:
         for name, (low, high) in cases.items():
             q = run.query("search_norm", low, high, kind)
             got[name] = run.sql(q)
-            unpruned = run.sql(f"SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, "
-                               f"value_norm FROM kv WHERE {kind}_norm BETWEEN ? AND ? "
-                               "ORDER BY model, dataset, layer, seq_id, pos, head", [low, high])
-            assert got[name].equals(unpruned), name
-            assert list(got[name].dtypes) == list(unpruned.dtypes), name
-            read = {f for s in run.scans(q) for f in s["filenames"] if "/kv/" in f}
-            assert len(read) == want_files[name], name
-        assert len(got["none"]) == 0 and len(got["all"]) == 4 * 16 * 4
-        assert len(got["one file's bounds"]) >= 2  # both bounds are rows of that file, both kept
-        # a layer's search: its one file, or none
-        layer = int(first.split("=")[1].split("/")[0])
-        low, high = cases["one file's bounds"]
-        by_layer = run.search_norm(low, high, kind, layer=layer, head=0)
-        assert by_layer.equals(got["one file's bounds"].query(f"layer == {layer} and head == 0")
-                               .reset_index(drop=True))
-        empty = run.search_norm(*cases["none"], kind, layer=layer)
+            unindexed = run.sql(f"SELECT model, dataset, layer, head, seq_id, pos, token_id, token, key_norm, "
+                                f"value_norm FROM kv WHERE {kind}_norm BETWEEN ? AND ? "
+                                "ORDER BY model, dataset, layer, seq_id, pos, head", [low, high])
+            assert got[name].equals(unindexed), name
+            assert list(got[name].dtypes) == list(unindexed.dtypes), name
+            # the norm file alone (DuckDB drops the scan when its statistics rule out every row)
+            scans = [s for s in run.scans(q) if "token" not in s["projections"]]
+            assert {f for s in scans for f in s["filenames"]} <= {str(run_dir / meta["norm_files"][kind])}
+            groups = int(np.ceil(np.searchsorted(norms, high, "right") / 2048)) - np.searchsorted(norms, low) // 2048
+            assert sum(s["row_groups_scanned"] for s in scans) <= max(groups, 0) + 1, name  # ties may straddle
+        assert len(got["none"]) == len(got["below all"]) == 0 and len(got["all"]) == n
+        assert len(got["one row's norm"]) >= 1 and len(got["a few groups"]) >= 3001
+        # a layer's, a head's search: those rows of the same search
+        low, high = cases["a few groups"]
+        by_layer = run.search_norm(low, high, kind, layer=2, head=1)
+        assert len(by_layer) and by_layer.equals(
+            got["a few groups"].query("layer == 2 and head == 1").reset_index(drop=True))
+        empty = run.search_norm(*cases["none"], kind, layer=2)
         assert len(empty) == 0 and list(empty.columns) == list(by_layer.columns)
-    _without_norm_ranges(run_dir)
+    _without_norm_files(run_dir)
     with kvcore.open_run(run_dir) as run:
-        assert not run.runs[0].norm_ranges
+        assert not run.runs[0].norm_files
         for name, (low, high) in cases.items():
             assert run.search_norm(low, high, kind).equals(got[name]), name
+        assert {f.split("/")[-2] for s in run.scans(run.query("search_norm", 0, 1e9, kind))
+                for f in s["filenames"] if "/kv/" in f} == {f"layer={i}" for i in range(4)}
 
 
 def test_search_norm_on_a_run_still_extracting_reads_every_part(tmp_path):
@@ -527,17 +543,17 @@ def test_search_norm_on_a_run_still_extracting_reads_every_part(tmp_path):
         assert len(run.search_norm(0, float("inf"), "key")) == 2 * 4 * 8
 
 
-@pytest.mark.parametrize("ranges", [[], {"kv/layer=0/data.parquet": {"key_norm": ["0", 1]}},
-                                    {"kv/layer=0/data.parquet": {"key_norm": [2.0, 1.0]}},
-                                    {"kv/layer=0/data.parquet": {"key": [0.0, 1.0]}},
-                                    {"kv/layer=0/data.parquet": [0.0, 1.0]}])
-def test_broken_norm_ranges_are_one_error_line(ranged_run, capsys, ranges):
-    run_dir, _ = ranged_run
+@pytest.mark.parametrize("entry,why", [([], "must map key and value"), ({"key": 3}, "must map key and value"),
+                                       ({"keys": "norms/key.parquet"}, "must map key and value"),
+                                       ({"key": "norms/gone.parquet"}, "lists norms/gone.parquet, which is missing"),
+                                       ({"key": "../../elsewhere.parquet"}, "leaves the run directory")])
+def test_broken_norm_files_entry_is_one_error_line(normed_run, capsys, entry, why):
+    run_dir, _ = normed_run
     path = run_dir / "metadata.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "norm_ranges": ranges}))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "norm_files": entry}))
     code, out, err = cli(capsys, run_dir, "--search-norm", "0", "1")
     assert (code, out) == (1, "") and err.count("\n") == 1, err
-    assert "metadata.json: 'norm_ranges' must map each layer file to" in err
+    assert why in err, err
 
 
 def test_explain_flag_shows_the_scan(grid, capsys):

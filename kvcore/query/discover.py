@@ -4,8 +4,8 @@ A run directory is what `kvcore extract` writes (kvcore/storage.py). Only shards
 manifest (`shards/kv-*.json`, written last) exists are read, so a query during an
 extraction sees complete shards only, never a half-written Parquet file; once metadata.json
 exists (written after the layer files), the compacted layer files it lists are read instead,
-and a norm search leaves out those whose recorded key_norm / value_norm range (`norm_ranges`,
-absent in runs finalized before it) cannot hold a hit.
+and a norm search reads the run's norm files (`norm_files`; a run finalized before them is
+searched in its layer files).
 A run in a bucket (s3://BUCKET/PREFIX) is read by the same code through a UPath
 (kvcore.query.remote).
 """
@@ -13,7 +13,6 @@ A run in a bucket (s3://BUCKET/PREFIX) is read by the same code through a UPath
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -47,12 +46,13 @@ class RunFiles:
     compress: list[Path] = field(default_factory=list)
     ppl: list[Path] = field(default_factory=list)
     result_keys: dict[Path, set[str]] = field(default_factory=dict)  # compress/ and ppl/ JSON -> its keys
-    norm_ranges: dict[Path, dict[str, list[float]]] = field(default_factory=dict)  # file -> {"key_norm": [lo, hi], ...}
+    norm_files: dict[str, Path] = field(default_factory=dict)  # "key"/"value" -> rows sorted by that norm
 
     @property
     def all_files(self) -> list[Path]:
         extra = [self.tokens] if self.tokens else []
-        return self.kv_files + extra + self.predictions + self.stats + self.compress + self.ppl
+        return self.kv_files + list(self.norm_files.values()) + extra + self.predictions + self.stats + \
+            self.compress + self.ppl
 
     def parquet_items(self, what: str) -> list[int]:
         """The layers or KV heads (`what`) that have Parquet rows: all, unless the extraction chose."""
@@ -66,17 +66,6 @@ class RunFiles:
     def seq_files(self, seq: int) -> list[Path]:
         """The Parquet files (one per layer) of the shard that holds sequence `seq`."""
         return self.shard_files.get(self.seq_shard.get(seq), [])
-
-    def norm_files(self, files: list[Path], kind: str, low: float, high: float) -> list[Path]:
-        """`files` less those whose recorded `{kind}_norm` range lies outside [low, high]. The range
-        is the file's row-group statistics' (storage.norm_ranges), so a file left out is one whose
-        every row group DuckDB's own statistics would skip: the same rows, NaN norms included. A
-        file with no recorded range is kept, and with a NaN bound every file."""
-        if math.isnan(low) or math.isnan(high):
-            return files
-        span = f"{kind}_norm"
-        return [f for f in files if span not in self.norm_ranges.get(f, {})
-                or (self.norm_ranges[f][span][0] <= high and self.norm_ranges[f][span][1] >= low)]
 
     @property
     def name(self) -> str:
@@ -167,28 +156,16 @@ def _string_list(where: Path, value) -> list[str]:
     return value
 
 
-def _is_span(x) -> bool:
-    """[min, max]: two finite numbers in order."""
-    numbers = isinstance(x, list) and len(x) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x)
-    return numbers and x[0] <= x[1]
-
-
-def _norm_ranges(where: Path, value, files: dict[str, Path]) -> dict[Path, dict[str, list[float]]]:
-    """metadata.json's `norm_ranges` ({layer file: {"key_norm": [min, max], "value_norm": [min, max]}}),
-    checked: a wrong one would leave out files a search needs, so it is an error, not a guess."""
-    if value is None:  # finalized before the ranges were recorded: every file is read
+def _norm_files(path: Path, meta_path: Path, value) -> dict[str, Path]:
+    """metadata.json's `norm_files` ({"key": "norms/key.parquet", "value": ...}), each file there:
+    a search would otherwise miss rows, so a wrong entry is an error, not a guess."""
+    if value is None:  # finalized before the norm files were written: searches read the layer files
         return {}
-    bad = [] if isinstance(value, dict) else ["not an object"]
-    for rel, spans in value.items() if not bad else ():
-        if not isinstance(spans, dict) or not all(
-                k in ("key_norm", "value_norm") and _is_span(v) for k, v in spans.items()):
-            bad.append(repr(rel))
-    if bad:
-        raise KvcoreError(f"{where}: 'norm_ranges' must map each layer file to "
-                          f'{{"key_norm": [min, max], "value_norm": [min, max]}} (bad: {", ".join(bad[:3])}); '
-                          "re-extract this run, or delete the key to read every file")
-    return {files[rel]: dict(spans) for rel, spans in value.items() if rel in files}  # others: never read
+    if not isinstance(value, dict) or not all(k in ("key", "value") and isinstance(v, str) and v.endswith(".parquet")
+                                              for k, v in value.items()):
+        raise KvcoreError(f"{meta_path}: 'norm_files' must map key and value to Parquet paths; re-extract this run, "
+                          "or delete the key to search the layer files")
+    return {kind: _listed_file(path, rel, "metadata.json") for kind, rel in value.items()}
 
 
 def _check_complete(path: Path, meta: dict, manifests: list[dict]) -> None:
@@ -243,13 +220,13 @@ def load_run(path: Path) -> RunFiles:
     missing = [k for k in ("num_layers", "num_kv_heads", "head_dim") if not isinstance(meta.get(k), int)]
     if missing:
         raise KvcoreError(f"{path}: shard manifest lacks {', '.join(missing)}; re-extract this run")
-    kv_files, seq_lengths, seq_shard, shard_files, tensor_files, norm_ranges = [], {}, {}, {}, {}, {}
+    kv_files, seq_lengths, seq_shard, shard_files, tensor_files, norm_files = [], {}, {}, {}, {}, {}
     # Finalized: metadata.json lists the compacted layer files, one per layer for every shard
     # (the shards' parts are gone); before that each complete shard's manifest lists its parts.
     layer_files = meta.get("files") if meta_path else None
     if layer_files is not None:
         kv_files = [_listed_file(path, rel, "metadata.json") for rel in _string_list(meta_path, layer_files)]
-        norm_ranges = _norm_ranges(meta_path, meta.get("norm_ranges"), dict(zip(layer_files, kv_files)))
+        norm_files = _norm_files(path, meta_path, meta.get("norm_files"))
     for m, rels in zip(manifests, files_of):
         for rel in rels:
             confined(path, rel)  # a listed path that leaves the run is refused, read or not
@@ -282,7 +259,7 @@ def load_run(path: Path) -> RunFiles:
                     tokens=confined(path, "tokens.parquet") if tokens.is_file() else None,
                     predictions=[confined(path, p.relative_to(path)) for p in preds],
                     stats=files("stats/*.parquet"), compress=compress, ppl=ppl, result_keys=result_keys,
-                    norm_ranges=norm_ranges)
+                    norm_files=norm_files)
 
 
 def load_runs(path: str | Path, model: str | None = None, dataset: str | None = None) -> list[RunFiles]:

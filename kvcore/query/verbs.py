@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kvcore.errors import UsageError
 from kvcore.query.discover import RunFiles
-from kvcore.query.views import kv_parts_sql, layer_view, literal, seq_view, tokens_sql, vector_type
+from kvcore.query.views import kv_parts_sql, layer_view, literal, norm_rows_sql, seq_view, tokens_sql, vector_type
 
 VERBS = ("info", "coordinate", "list_tokens", "token_search", "layer_summary", "head_summary", "token_summary",
          "search_norm", "nearest")
@@ -254,24 +254,22 @@ def search_norm(runs: list[RunFiles], low: float, high: float, kind: str = "key"
         raise UsageError(f"norm kind must be key or value (got {kind!r})")
     if low > high:
         raise UsageError(f"empty norm range: low {low} is above high {high}")
-    _, extra, params = _filters(runs, layer, head)
-    # The hits first, then their token text: kv's token join groups the whole tokens table on
-    # each query, so the scan reads the rows without it, and only the files (of the layer, if
-    # given) whose recorded norm range overlaps [low, high]: DuckDB pays for every file listed.
-    # Each run's hits take the text from that run's tokens on (seq_id, pos) alone: integer join
-    # keys, not the model and dataset strings too (4-9 % of a 2M-row search, docs/query.md).
-    texts = "\nUNION ALL\n".join(f"""SELECT h.model, h.dataset, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token,
+    _, extra, params = _filters(runs, layer, head, "h.")
+    # Each run's hits, then their token text from that run's tokens on (seq_id, pos) alone: kv's
+    # token join groups the whole tokens table on each query, and integer join keys, not the
+    # model and dataset strings too, take 4-9 % off a 2M-row search. The rows are sorted by the
+    # run's place in (model, dataset) order, an integer, and get the two names after the sort:
+    # sorting on them took 60 % of a search matching every row, carrying them 9 % (docs/query.md).
+    in_order = sorted(runs, key=lambda r: (r.model, r.dataset))  # code-point order, as DuckDB sorts UTF-8
+    per_run = "\nUNION ALL\n".join(f"""SELECT {i} AS run_order, h.layer, h.head, h.seq_id, h.pos, h.token_id, t.token,
        h.key_norm, h.value_norm
-FROM hits h
+FROM ({norm_rows_sql(r, kind, layer)}) h
 LEFT JOIN ({tokens_sql([r])}) t ON t.seq_id = h.seq_id AND t.pos = h.pos
-WHERE h.model = {literal(r.model)} AND h.dataset = {literal(r.dataset)}""" for r in runs)
-    return Query(f"""WITH hits AS (
-  SELECT model, dataset, layer, head, seq_id, pos, token_id, key_norm, value_norm
-  FROM ({kv_parts_sql(runs, layer, norm=(kind, low, high))})
-  WHERE {kind}_norm BETWEEN ? AND ?{extra}
-)
-{texts}
-ORDER BY model, dataset, layer, seq_id, pos, head""", [low, high] + params)
+WHERE h.{kind}_norm BETWEEN ? AND ?{extra}""" for i, r in enumerate(in_order))
+    models, datasets = literal([r.model for r in in_order]), literal([r.dataset for r in in_order])
+    return Query(f"""SELECT {models}[run_order + 1] AS model, {datasets}[run_order + 1] AS dataset,
+       layer, head, seq_id, pos, token_id, token, key_norm, value_norm
+FROM (SELECT * FROM ({per_run}) ORDER BY run_order, layer, seq_id, pos, head)""", ([low, high] + params) * len(runs))
 
 
 def check_nearest(runs: list[RunFiles], layer: int, head: int, token: int, k: int, seq: int, by: str,

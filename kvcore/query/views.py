@@ -68,11 +68,8 @@ def vector_type(runs: list[RunFiles]) -> str:
     return f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]"
 
 
-def kv_parts_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None,
-                 norm: tuple[str, float, float] | None = None) -> str:
-    """The kv rows of every run (or of one layer, one sequence, or both) without token text; with
-    `norm` (kind, low, high) only the files whose recorded norm range overlaps [low, high]
-    (RunFiles.norm_files), the filter itself still the query's."""
+def kv_parts_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None = None) -> str:
+    """The kv rows of every run (or of one layer, one sequence, or both) without token text."""
     vec = vector_type(runs)
     parts = []
     for r in runs:
@@ -80,8 +77,6 @@ def kv_parts_sql(runs: list[RunFiles], layer: int | None = None, seq: int | None
         if seq is not None:
             in_shard = set(r.seq_files(seq))
             files = [f for f in files if f in in_shard]
-        if norm is not None:
-            files = r.norm_files(files, *norm)
         if not files:
             continue
         if layer is not None:
@@ -131,6 +126,19 @@ SELECT p.model, p.dataset, p.layer, p.seq_id, p.pos, p.head, p.token_id, t.token
 FROM {parts or f"({kv_parts_sql(runs, layer, seq)})"} p
 LEFT JOIN (SELECT model, dataset, seq_id, pos, any_value(token) AS token FROM tokens GROUP BY ALL) t
   ON p.model = t.model AND p.dataset = t.dataset AND p.seq_id = t.seq_id AND p.pos = t.pos"""
+
+
+def norm_rows_sql(run: RunFiles, kind: str, layer: int | None = None) -> str:
+    """model, dataset, layer, head, seq_id, pos, token_id, key_norm, value_norm of a run's rows
+    (or one layer's), for a search on `kind`'s norm: from the run's norm file sorted by it, whose
+    row-group statistics let DuckDB skip all but the groups that can hold a hit; a run without
+    one (not finalized, or finalized before them) from its layer files."""
+    columns = "layer, head, seq_id, pos, token_id, key_norm, value_norm"
+    if kind not in run.norm_files:
+        return f"SELECT model, dataset, {columns} FROM ({kv_parts_sql([run], layer)})"
+    where = "" if layer is None else f" WHERE layer = {int(layer)}"
+    return (f"SELECT {_run_columns(run)}, CAST(layer AS INTEGER) AS layer, head, seq_id, pos, token_id, key_norm, "
+            f"value_norm FROM read_parquet({literal(str(run.norm_files[kind]))}){where}")
 
 
 def tokens_sql(runs: list[RunFiles]) -> str:

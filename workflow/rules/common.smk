@@ -160,6 +160,11 @@ def layer_outputs(layers):
     return [f"{RUN}/kv/layer={layer}/data.parquet" for layer in layers]
 
 
+def norm_outputs(layers):
+    """The run's norm files (kvcore.storage.NORM_FILES): finalize_extraction writes them when any layer has Parquet rows."""
+    return [f"{RUN}/norms/{kind}.parquet" for kind in ("key", "value")] if layers else []
+
+
 def shard_files(name):
     """One kind of extract output (safetensors, parquet, manifest, predictions) of every shard of the job's run."""
     return lambda wc: expand(
@@ -242,6 +247,7 @@ def all_outputs():
                 if name != "parquet":  # temporary parts, compacted into the layer files
                     outputs += expand(files, shard=shards(dataset), model=model, dataset=dataset)
             outputs += expand(layer_outputs(PARQUET_LAYERS[model]), model=model, dataset=dataset)
+            outputs += expand(norm_outputs(PARQUET_LAYERS[model]), model=model, dataset=dataset)
             outputs += [f"{run}/ppl/{method}.json" for method in METHODS]
             outputs += [f"{run}/compress/{method}.json" for method in COMPRESSIBLE]
     return outputs

@@ -82,6 +82,7 @@ for group, (layers, models) in enumerate(LAYER_GROUPS.items()):
             metadata=f"{RUN}/metadata.json",
             predictions=f"{RUN}/predictions.parquet",
             layers=layer_outputs(layers),
+            norms=norm_outputs(layers),
         log:
             "logs/finalize_extraction/{model}/{dataset}.log",
         benchmark:
