@@ -480,6 +480,21 @@ def test_finalize_writes_each_kinds_norm_file_sorted_by_that_norm(normed_run):
             layers.select(columns).sort_by([(c, "ascending") for c in order]))  # every layer file's rows
 
 
+def test_norm_files_from_an_unreadable_layer_file_are_one_error_and_nothing_written(normed_run):
+    from kvcore import storage
+    from kvcore.errors import KvcoreError
+
+    run_dir, meta = normed_run
+    for rel in meta["norm_files"].values():
+        (run_dir / rel).unlink()
+    layer = run_dir / meta["files"][1]
+    layer.write_bytes(layer.read_bytes()[:1000])
+    with pytest.raises(KvcoreError, match="cannot write the run's norm files") as err:
+        storage.write_norm_files(run_dir, meta["files"])
+    assert "\n" not in str(err.value)
+    assert not list((run_dir / "norms").iterdir()) and not list(run_dir.glob(".norms.tmp-*"))
+
+
 def _without_norm_files(run_dir):
     path = run_dir / "metadata.json"
     meta = json.loads(path.read_text())
